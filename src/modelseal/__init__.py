@@ -1,0 +1,55 @@
+"""modelseal: encrypt, sign and govern machine-learning model artifacts.
+
+The recipe API::
+
+    import modelseal
+    modelseal.seal("model/", "model.sealed", key="prod-kek", context={"env": "prod"})
+    with modelseal.open("model.sealed", member="config.json") as f:
+        config = f.read()
+"""
+
+from __future__ import annotations
+
+from .api import RewrapResult, SealResult, inspect, open, open_folder, reencrypt, rewrap, seal, unseal
+from .artifact import SealedReader
+from .errors import (
+    ArtifactError,
+    DecryptionError,
+    DestinationExists,
+    FormatError,
+    KeyDisabled,
+    KeyNotFound,
+    KeyProviderError,
+    KeystoreError,
+    ModelsealError,
+    PolicyDenied,
+    StorageError,
+)
+from .folder import SealedFolder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "DecryptionError",
+    "DestinationExists",
+    "FormatError",
+    "KeyDisabled",
+    "KeyNotFound",
+    "KeyProviderError",
+    "KeystoreError",
+    "ModelsealError",
+    "PolicyDenied",
+    "RewrapResult",
+    "SealResult",
+    "SealedFolder",
+    "SealedReader",
+    "StorageError",
+    "inspect",
+    "open",
+    "open_folder",
+    "reencrypt",
+    "rewrap",
+    "seal",
+    "unseal",
+]

@@ -1,0 +1,429 @@
+"""The recipes: seal, unseal, open, inspect, rewrap, reencrypt.
+
+Safe defaults and no algorithm knobs. This is the only layer that combines
+files, keys and the format; the CLI is a thin shell over it. Outputs are
+written to a temporary name beside the destination, fsynced and renamed, so a
+failure at any point leaves the destination (and the source) as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifact import (
+    RawArtifact,
+    SealedReader,
+    canonical_json,
+    open_keys,
+    parse_json_object,
+    read_raw,
+    write_sealed,
+    write_slot_in_place,
+)
+from .envelope import HeaderPlan, artifact_id, decrypt_metadata, new_dek, parse_slots
+from .errors import DecryptionError, FormatError, PolicyDenied, StorageError
+from .folder import BLOB_DIR, MANIFEST_NAME, MAX_MANIFEST, Entry, SealedFolder, encode_manifest, parse_manifest
+from .fsutil import atomic_output, fsync_dir, is_within, walk_folder
+from .header import DEFAULT_CHUNK_LOG2, DEFAULT_SLOT, KIND_BLOB, KIND_FILE, KIND_MANIFEST, Recipient, normalize_context
+from .keys import KeyService
+from .keystore import modelseal_home
+from .stream import Progress, ReadAt, fd_reader
+
+_OUT_WINDOW = 16 << 20
+_service: KeyService | None = None
+
+
+def key_service() -> KeyService:
+    global _service
+    if _service is None:
+        _service = KeyService()
+    return _service
+
+
+def _svc(keys: KeyService | None) -> KeyService:
+    return keys or key_service()
+
+
+@dataclass(frozen=True)
+class SealResult:
+    path: Path
+    artifact_id: str
+    files: int
+    bytes: int
+    recipients: tuple[str, ...]
+
+
+def _check_keys_apart(*paths: Path) -> None:
+    home = modelseal_home()
+    for p in paths:
+        if is_within(home, p):
+            raise PolicyDenied(f"the keystore ({home}) lies inside {p}: keys must never be stored beside the data")
+
+
+def _unwrapper(svc: KeyService, raw: RawArtifact, op: str = "unwrap") -> Callable[[Recipient], bytes]:
+    aid = artifact_id(raw.core.binding)
+    return lambda r: svc.unwrap(r, raw.core.context, aid, op=op)
+
+
+def _open_fd(path: Path, flags: int = os.O_RDONLY) -> int:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise StorageError(f"{path} does not exist") from None
+    except OSError as e:
+        raise StorageError(f"cannot open {path}: {e.strerror}") from None
+
+
+def _seal_stream(
+    read_at: ReadAt,
+    length: int,
+    dst: Path,
+    *,
+    kind: int,
+    dek: bytes,
+    context: tuple[tuple[str, str], ...],
+    metadata: Callable[[str], bytes],
+    recipients: Callable[[str], tuple[Recipient, ...]],
+    progress: Progress | None,
+) -> tuple[str, str, str]:
+    """Seal one plaintext into a new file ``dst``. Returns (artifact id, sha256 hex, header MAC hex)."""
+    plan = HeaderPlan(
+        dek=dek, kind=kind, chunk_log2=DEFAULT_CHUNK_LOG2, plaintext_length=length, context=context, slot_size=DEFAULT_SLOT
+    )
+    recips = recipients(plan.artifact_id) if kind != KIND_BLOB else ()
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        digest = write_sealed(read_at, fd, plan, metadata, len(metadata("0" * 64)), recips, progress)
+    finally:
+        os.close(fd)
+    return plan.artifact_id, digest, plan.mac.hex()
+
+
+FolderSource = Iterator[tuple[str, int, ReadAt]]
+
+
+def _write_folder(
+    tmp: Path, sources: FolderSource, dek: bytes, ctx: tuple[tuple[str, str], ...],
+    recipients: Callable[[str], tuple[Recipient, ...]], progress: Progress | None,
+) -> tuple[str, list[Entry]]:
+    """Seal each (path, length, reader) as an opaque blob, then the manifest naming them."""
+    (tmp / BLOB_DIR).mkdir(mode=0o700)
+    entries: list[Entry] = []
+    for rel, length, read_at in sources:
+        blob = secrets.token_hex(16)
+        _, digest, mac = _seal_stream(
+            read_at, length, tmp / BLOB_DIR / blob, kind=KIND_BLOB, dek=dek, context=ctx,
+            metadata=lambda _d: b"{}", recipients=lambda _a: (), progress=progress,
+        )
+        entries.append(Entry(rel, length, digest, blob, mac))
+    fsync_dir(tmp / BLOB_DIR)
+    manifest = encode_manifest(entries)
+    aid, _, _ = _seal_stream(
+        _bytes_reader(manifest), len(manifest), tmp / MANIFEST_NAME, kind=KIND_MANIFEST, dek=dek, context=ctx,
+        metadata=lambda d: canonical_json({"files": len(entries), "sha256": d}), recipients=recipients, progress=None,
+    )
+    return aid, entries
+
+
+def _wrap_all(svc: KeyService, key_uris: Sequence[str], dek: bytes, context: tuple[tuple[str, str], ...], op: str = "wrap") -> Callable[[str], tuple[Recipient, ...]]:
+    def wrap(aid: str) -> tuple[Recipient, ...]:
+        return tuple(svc.wrap(k, dek, context, aid, op=op) for k in key_uris)
+
+    return wrap
+
+
+def _as_list(key: str | Sequence[str]) -> list[str]:
+    keys = [key] if isinstance(key, str) else list(key)
+    if not keys:
+        raise ValueError("at least one key is needed")
+    return keys
+
+
+def seal(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    key: str | Sequence[str],
+    context: Mapping[str, str] | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    keys: KeyService | None = None,
+) -> SealResult:
+    """Seal a file or a model folder at ``src`` into ``dst`` under one or more KEKs."""
+    src_p, dst_p = Path(src), Path(dst)
+    svc, key_uris, ctx = _svc(keys), _as_list(key), normalize_context(context)
+    _check_keys_apart(src_p, dst_p)
+    if not src_p.exists():
+        raise StorageError(f"{src_p} does not exist")
+    if src_p.resolve() == dst_p.resolve() or is_within(dst_p, src_p):
+        raise PolicyDenied("the destination must not be the source or lie inside it")
+    dek = new_dek()
+    if src_p.is_dir():
+        return _seal_folder(src_p, dst_p, key_uris, ctx, dek, svc, force, progress)
+    fd = _open_fd(src_p)
+    try:
+        length = os.fstat(fd).st_size
+        with atomic_output(dst_p, force) as tmp:
+            name = src_p.name
+
+            def meta(digest: str) -> bytes:
+                return canonical_json({"name": name, "sha256": digest, "size": length})
+
+            aid, _, _ = _seal_stream(
+                fd_reader(fd), length, tmp, kind=KIND_FILE, dek=dek, context=ctx, metadata=meta,
+                recipients=_wrap_all(svc, key_uris, dek, ctx), progress=progress,
+            )
+    finally:
+        os.close(fd)
+    return SealResult(dst_p, aid, 1, length, tuple(key_uris))
+
+
+def _seal_folder(
+    src: Path, dst: Path, key_uris: list[str], ctx: tuple[tuple[str, str], ...], dek: bytes,
+    svc: KeyService, force: bool, progress: Progress | None,
+) -> SealResult:
+    files = walk_folder(src)
+
+    def sources() -> FolderSource:
+        for rel, real in files:
+            fd = _open_fd(real)
+            try:
+                yield rel, os.fstat(fd).st_size, fd_reader(fd)
+            finally:
+                os.close(fd)
+
+    with atomic_output(dst, force, is_dir=True) as tmp:
+        aid, entries = _write_folder(tmp, sources(), dek, ctx, _wrap_all(svc, key_uris, dek, ctx), progress)
+    return SealResult(dst, aid, len(entries), sum(e.size for e in entries), tuple(key_uris))
+
+
+def _bytes_reader(data: bytes) -> ReadAt:
+    view = memoryview(data)
+
+    def read_at(buf: memoryview, offset: int) -> None:
+        buf[:] = view[offset : offset + len(buf)]
+
+    return read_at
+
+
+def _open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[int, RawArtifact]:
+    fd = _open_fd(path, flags)
+    try:
+        return fd, read_raw(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open(path: str | os.PathLike[str], member: str | None = None, *, keys: KeyService | None = None) -> SealedReader:  # noqa: A001
+    """Open a sealed file (or one ``member`` of a sealed folder) for random-access reading."""
+    p = Path(path)
+    if p.is_dir():
+        if member is None:
+            raise FormatError(f"{p} is a sealed folder: name a member, or use open_folder()")
+        folder = open_folder(p, keys=keys)
+        return folder.open(member)
+    fd, raw = _open_raw(p)
+    try:
+        if raw.core.kind != KIND_FILE:
+            raise FormatError(f"{p} is part of a sealed folder, not a sealed file; open the folder")
+        opened = open_keys(raw, _unwrapper(_svc(keys), raw))
+        reader = SealedReader(fd, raw, opened.keys, name=str(p))
+        reader.recipients = opened.slot.recipients
+        return reader
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_folder(path: str | os.PathLike[str], *, keys: KeyService | None = None) -> SealedFolder:
+    root = Path(path)
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
+    fd, raw = _open_raw(manifest)
+    try:
+        if raw.core.kind != KIND_MANIFEST or raw.core.plaintext_length > MAX_MANIFEST:
+            raise DecryptionError()
+        opened = open_keys(raw, _unwrapper(_svc(keys), raw))
+        with SealedReader(fd, raw, opened.keys, owns_fd=False) as r:
+            entries = parse_manifest(r.readall())
+    finally:
+        os.close(fd)
+    return SealedFolder(root, raw, opened, entries)
+
+
+def _write_plain(reader: SealedReader, dst: Path, progress: Progress | None) -> None:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        buf = memoryview(bytearray(min(_OUT_WINDOW, max(reader.size, 1))))
+        off = 0
+        while off < reader.size:
+            n = reader.preadinto(off, buf)
+            view = buf[:n]
+            while view:
+                view = view[os.write(fd, view) :]
+            off += n
+            if progress is not None:
+                progress(n)
+        os.fsync(fd)
+    except OSError as e:
+        raise StorageError(f"write failed: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def unseal(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    keys: KeyService | None = None,
+) -> Path:
+    """Decrypt a sealed file or folder back to plaintext at ``dst`` (files mode 0600)."""
+    src_p, dst_p = Path(src), Path(dst)
+    if src_p.is_dir():
+        with open_folder(src_p, keys=keys) as folder, atomic_output(dst_p, force, is_dir=True) as tmp:
+            for e in folder.entries():
+                out = tmp / e.path
+                out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with folder.open(e.path) as r:
+                    _write_plain(r, out, progress)
+            for d in sorted({p for e in folder.entries() for p in (tmp / e.path).parents if is_within(p, tmp)}):
+                fsync_dir(d)
+        return dst_p
+    with open(src_p, keys=keys) as r, atomic_output(dst_p, force) as tmp:
+        _write_plain(r, tmp, progress)
+    return dst_p
+
+
+def _target(path: Path) -> Path:
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeyService | None = None) -> dict[str, Any]:
+    """Describe a sealed artifact from its public header. Never includes secrets.
+
+    With ``contents=True`` the data key is unwrapped and the encrypted
+    metadata (file names, sizes, digests) is added.
+    """
+    p = Path(path)
+    fd, raw = _open_raw(_target(p))
+    try:
+        core = raw.core
+        slots = parse_slots(raw.slots)
+        info: dict[str, Any] = {
+            "path": str(p),
+            "type": {KIND_FILE: "file", KIND_MANIFEST: "folder", KIND_BLOB: "folder-blob"}[core.kind],
+            "format_version": 1,
+            "suite": core.suite,
+            "artifact_id": artifact_id(core.binding),
+            "chunk_size": core.chunk_size,
+            "sealed_length": raw.layout.file_length,
+            "context": dict(core.context),
+            "slot_generation": slots[0][1].generation if slots else None,
+            "recipients": [
+                {"key": f"{r.scheme}:{r.key_id}", "version": r.key_version} for r in (slots[0][1].recipients if slots else ())
+            ],
+        }
+        if core.kind == KIND_FILE:
+            info["plaintext_length"] = core.plaintext_length
+        if core.kind == KIND_MANIFEST:
+            blob_dir = p / BLOB_DIR
+            info["blobs"] = len(list(blob_dir.iterdir())) if blob_dir.is_dir() else 0
+        if contents and core.kind != KIND_BLOB:
+            opened = open_keys(raw, _unwrapper(_svc(keys), raw))
+            info["metadata"] = parse_json_object(decrypt_metadata(core, opened.keys))
+            if core.kind == KIND_MANIFEST:
+                with SealedReader(fd, raw, opened.keys, owns_fd=False) as r:
+                    info["files"] = [
+                        {"path": e.path, "size": e.size, "sha256": e.sha256} for e in parse_manifest(r.readall())
+                    ]
+        return info
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class RewrapResult:
+    path: Path
+    recipients: tuple[str, ...]
+    generation: int
+
+
+def rewrap(
+    path: str | os.PathLike[str], key: str | Sequence[str] | None = None, *, keys: KeyService | None = None
+) -> RewrapResult:
+    """Re-wrap the data key under the newest version of its key(s), or under ``key``.
+
+    Only the header slot is rewritten; payload bytes are untouched, so the
+    cost does not depend on the artifact's size.
+    """
+    p = Path(path)
+    svc = _svc(keys)
+    fd, raw = _open_raw(_target(p), os.O_RDWR)
+    try:
+        if raw.core.kind == KIND_BLOB:
+            raise FormatError(f"{p} is part of a sealed folder; rewrap the folder")
+        opened = open_keys(raw, _unwrapper(svc, raw, op="rewrap"))
+        uris = _as_list(key) if key is not None else [f"{r.scheme}:{r.key_id}" for r in opened.slot.recipients]
+        _check_keys_apart(p)
+        recips = _wrap_all(svc, uris, opened.dek, raw.core.context, op="rewrap")(artifact_id(raw.core.binding))
+        generation = write_slot_in_place(fd, raw, opened, recips)
+        return RewrapResult(p, tuple(f"{r.scheme}:{r.key_id}#{r.key_version}" for r in recips), generation)
+    finally:
+        os.close(fd)
+
+
+def reencrypt(
+    path: str | os.PathLike[str], key: str | Sequence[str] | None = None, *, keys: KeyService | None = None,
+    progress: Progress | None = None,
+) -> SealResult:
+    """Re-seal under a fresh data key (for a DEK that may be exposed). Writes a new
+    artifact beside the old one and swaps it in atomically; the plaintext only
+    passes through memory."""
+    p = Path(path)
+    svc = _svc(keys)
+    dek = new_dek()
+    if p.is_dir():
+        with open_folder(p, keys=keys) as folder:
+            uris = _as_list(key) if key is not None else _uris(folder.recipients)
+            ctx = folder.raw_artifact.core.context
+
+            def sources() -> FolderSource:
+                for e in folder.entries():
+                    with folder.open(e.path) as r:
+                        yield e.path, r.size, _reader_at(r)
+
+            with atomic_output(p, force=True, is_dir=True) as tmp:
+                aid, entries = _write_folder(tmp, sources(), dek, ctx, _wrap_all(svc, uris, dek, ctx), progress)
+        return SealResult(p, aid, len(entries), sum(e.size for e in entries), tuple(uris))
+    with open(p, keys=keys) as r:
+        meta = r.metadata()
+        uris = _as_list(key) if key is not None else _uris(r.recipients)
+        ctx = r.raw_artifact.core.context
+        with atomic_output(p, force=True) as tmp:
+            aid, _, _ = _seal_stream(
+                _reader_at(r), r.size, tmp, kind=KIND_FILE, dek=dek, context=ctx,
+                metadata=lambda d: canonical_json({**meta, "sha256": d, "size": r.size}),
+                recipients=_wrap_all(svc, uris, dek, ctx), progress=progress,
+            )
+        return SealResult(p, aid, 1, r.size, tuple(uris))
+
+
+def _reader_at(r: SealedReader) -> ReadAt:
+    def read_at(buf: memoryview, offset: int) -> None:
+        if r.preadinto(offset, buf) != len(buf):
+            raise DecryptionError()
+
+    return read_at
+
+
+def _uris(recipients: tuple[Recipient, ...]) -> list[str]:
+    return [f"{r.scheme}:{r.key_id}" for r in recipients]

@@ -1,0 +1,233 @@
+"""One sealed file on disk: reading its header, random-access reading, writing, re-slotting.
+
+Owns the I/O of a single sealed file: pread of the header and slots, the
+length check (no truncation, no trailing data), ``SealedReader`` (a binary
+file-like object with ``pread``) and the in-place A/B slot update used by
+rewrap. Key unwrapping is handed in as a callable; format rules live in
+``header``, ``stream`` and ``envelope``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .envelope import FileKeys, HeaderPlan, Opened, decrypt_metadata, new_slot_bytes, open_envelope, parse_slots
+from .errors import DecryptionError, StorageError
+from .header import MAGIC, CoreHeader, Recipient, parse_core, peek_version
+from .stream import ChunkCipher, ChunkLayout, Progress, ReadAt, decrypt_into, encrypt_file_range
+
+_HEADER_READ = 160 * 1024  # bigger than the largest core header the bounds allow
+
+
+@dataclass(frozen=True)
+class RawArtifact:
+    core: CoreHeader
+    slots: tuple[bytes, bytes]
+    layout: ChunkLayout
+
+
+def read_raw(fd: int) -> RawArtifact:
+    """Parse the header of the sealed file open at ``fd`` and check its exact length."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, min(size, _HEADER_READ), 0)
+    if len(head) < len(MAGIC) + 2:
+        peek_version(head)
+    core = parse_core(head)
+    n = core.slot_size
+    raw_slots = os.pread(fd, 2 * n, len(core.raw)) if n else b""
+    if len(raw_slots) != 2 * n:
+        raise DecryptionError()
+    layout = ChunkLayout(core.chunk_size, core.plaintext_length, core.payload_offset)
+    if size != layout.file_length:
+        raise DecryptionError()  # truncated, or bytes appended
+    return RawArtifact(core, (raw_slots[:n], raw_slots[n:]), layout)
+
+
+def open_keys(raw: RawArtifact, unwrap: Callable[[Recipient], bytes]) -> Opened:
+    return open_envelope(raw.core, raw.slots, unwrap)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def parse_json_object(data: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise DecryptionError() from None
+    if not isinstance(obj, dict):
+        raise DecryptionError()
+    return obj
+
+
+class SealedReader(io.RawIOBase):
+    """Read-only, seekable view of a sealed file's plaintext.
+
+    ``pread``/``preadinto`` decrypt only the chunks a range spans, straight
+    into the caller's buffer, and are safe to call from several threads.
+    Small sequential reads go through a one-chunk cache.
+    """
+
+    def __init__(self, fd: int, raw: RawArtifact, keys: FileKeys, name: str | None = None, owns_fd: bool = True) -> None:
+        super().__init__()
+        self._fd = fd
+        self._owns_fd = owns_fd
+        self.raw_artifact = raw
+        self._cipher = ChunkCipher(keys.payload, raw.layout)
+        self._keys = keys
+        self._pos = 0
+        self._lock = threading.Lock()
+        self._cache_index = -1
+        self._cache = bytearray(raw.layout.chunk_size)
+        self.name = name
+        self.size = raw.core.plaintext_length
+        self.context = dict(raw.core.context)
+        self.recipients: tuple[Recipient, ...] = ()
+
+    def metadata(self) -> dict[str, Any]:
+        return parse_json_object(decrypt_metadata(self.raw_artifact.core, self._keys))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
+        if base is None:
+            raise ValueError("invalid whence")
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def preadinto(self, offset: int, buf: memoryview | bytearray) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        view = memoryview(buf).cast("B")
+        if offset < 0:
+            raise ValueError("negative offset")
+        n = max(0, min(len(view), self.size - offset))
+        if n == 0:
+            return 0
+        cs = self._cipher.layout.chunk_size
+        i = offset // cs
+        if (offset + n - 1) // cs == i and n < cs:
+            with self._lock:
+                if self._cache_index != i:
+                    self._cache_index = -1
+                    clen = self._cipher.layout.plain_len(i)
+                    decrypt_into(self._cipher, self._fd, i * cs, memoryview(self._cache)[:clen])
+                    self._cache_index = i
+                lo = offset - i * cs
+                view[:n] = self._cache[lo : lo + n]
+            return n
+        decrypt_into(self._cipher, self._fd, offset, view[:n])
+        return n
+
+    def pread(self, offset: int, size: int) -> bytes:
+        buf = bytearray(max(0, min(size, self.size - offset)))
+        self.preadinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, buf: Any) -> int:
+        n = self.preadinto(self._pos, buf)
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        out = bytearray(max(0, self.size - self._pos))
+        self.readinto(out)
+        return bytes(out)
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a sealed reader has no plaintext file descriptor")
+
+    def close(self) -> None:
+        if not self.closed:
+            self._cache[:] = bytes(len(self._cache))
+            self._cache_index = -1
+            if self._owns_fd:
+                os.close(self._fd)
+        super().close()
+
+
+def write_sealed(
+    read_at: ReadAt,
+    dst_fd: int,
+    plan: HeaderPlan,
+    metadata: Callable[[str], bytes],
+    metadata_len: int,
+    recipients: tuple[Recipient, ...],
+    progress: Progress | None = None,
+) -> str:
+    """Encrypt the plaintext from ``read_at`` into ``dst_fd`` in one pass; return the plaintext SHA-256 (hex).
+
+    The payload is written first at its final offset, the header last, once
+    the digest is known: the metadata's length does not depend on the digest.
+    """
+    header_len = plan.header_length(metadata_len)
+    layout = ChunkLayout(plan.chunk_size, plan.plaintext_length, header_len)
+    digest = hashlib.sha256()
+    encrypt_file_range(ChunkCipher(plan.keys.payload, layout), read_at, dst_fd, progress, digest.update)
+    hexdigest = digest.hexdigest()
+    header = plan.finish(metadata(hexdigest), recipients)
+    if len(header) != header_len:
+        raise AssertionError("header length changed between plan and finish")
+    _pwrite(dst_fd, header, 0)
+    try:
+        os.ftruncate(dst_fd, layout.file_length)
+        os.fsync(dst_fd)
+    except OSError as e:
+        raise StorageError(f"write failed: {e.strerror}") from None
+    return hexdigest
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as e:
+            raise StorageError(f"write failed: {e.strerror}") from None
+        view, offset = view[n:], offset + n
+
+
+def write_slot_in_place(fd: int, raw: RawArtifact, opened: Opened, recipients: tuple[Recipient, ...]) -> int:
+    """Rewrap without touching the payload: write the new recipients into the inactive
+    slot with a higher generation, fsync, then zero the old slot and fsync again.
+
+    A crash between the steps leaves both slots valid (readers prefer the
+    newer one); at no point is neither slot valid.
+    """
+    core = raw.core
+    generation = max(s.generation for _, s in parse_slots(raw.slots)) + 1
+    try:
+        slot = new_slot_bytes(core, opened.keys, generation, recipients)
+    except OverflowError:
+        raise StorageError(
+            f"the new recipients do not fit in this artifact's {core.slot_size}-byte header slot; use reencrypt"
+        ) from None
+    target = 1 - opened.slot_index
+    base = len(core.raw)
+    try:
+        _pwrite(fd, slot, base + target * core.slot_size)
+        os.fsync(fd)
+        # The other slot may hold a wrap under an exposed or retired KEK: erase it.
+        _pwrite(fd, bytes(core.slot_size), base + (1 - target) * core.slot_size)
+        os.fsync(fd)
+    except OSError as e:
+        raise StorageError(f"write failed: {e.strerror}") from None
+    return generation

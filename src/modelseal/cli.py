@@ -1,0 +1,245 @@
+"""The ``modelseal`` command line: a thin shell over the recipes in ``modelseal.api``.
+
+Every error is one line on stderr and a documented exit code (``errors.py``,
+docs/cli.md); no traceback unless ``MODELSEAL_DEBUG=1``. Progress goes to
+stderr, only when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import api, keystore
+from .errors import ModelsealError
+from .keys import KeyService
+from .providers import KeyInfo
+
+
+class ProgressBar:
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = max(total, 1), label, 0
+        self.enabled = sys.stderr.isatty()
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
+            self._last = now
+            frac = min(1.0, self.done / self.total)
+            rate = self.done / max(now - self._start, 1e-6) / 1e6
+            bar = "#" * int(frac * 30)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {rate:8.1f} MB/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            sys.stderr.write("\n")
+
+
+def _size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _context(pairs: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not k:
+            raise ValueError(f"--context takes KEY=VALUE, got {pair!r}")
+        if k in out:
+            raise ValueError(f"--context key {k!r} given twice")
+        out[k] = v
+    return out
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, sort_keys=True))
+        return
+    for k, v in obj.items():
+        print(f"{k:18} {v if not isinstance(v, dict | list) else json.dumps(v)}")
+
+
+def _fmt_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key_row(info: KeyInfo) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "key": info.uri,
+        "latest_version": info.latest,
+        "min_decryption_version": info.min_decryption_version,
+        "versions": [
+            {"version": v.version, "state": v.state, "created": _fmt_time(v.created), "age_days": round((now - v.created) / 86400, 1)}
+            for v in info.versions
+        ],
+    }
+
+
+def cmd_init(args: argparse.Namespace, svc: KeyService) -> int:
+    path = keystore.keystore_path()
+    ks = keystore.create(path, keystore.read_passphrase(confirm=True))
+    print(f"created keystore {ks.path}")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
+    if args.key_cmd == "list":
+        rows = [_key_row(i) for i in svc.list()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in rows if not args.json else []:
+            latest = r["versions"][-1]
+            print(f"{r['key']:32} v{r['latest_version']:<3} {latest['state']:9} age {latest['age_days']}d")
+        return 0
+    if args.key_cmd == "create":
+        info = svc.create(args.name)
+    elif args.key_cmd == "rotate":
+        info = svc.rotate(args.name)
+    elif args.key_cmd in ("disable", "enable"):
+        info = svc.set_state(args.name, args.version, "disabled" if args.key_cmd == "disable" else "active")
+    else:  # destroy
+        what = f"version {args.version} of {args.name}" if args.version else f"every version of {args.name}"
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ModelsealError(f"refusing to destroy {what} without --yes")
+            answer = input(f"destroy {what}? Artifacts sealed only to it become unreadable forever. Type the key name: ")
+            if answer.strip() != args.name:
+                raise ModelsealError("not confirmed; nothing destroyed")
+        info = svc.destroy(args.name, args.version)
+    _print(_key_row(info), args.json)
+    return 0
+
+
+def cmd_seal(args: argparse.Namespace, svc: KeyService) -> int:
+    bar = ProgressBar(_size_of(Path(args.src)), "seal")
+    try:
+        res = api.seal(args.src, args.dst, key=args.key, context=_context(args.context), force=args.force, progress=bar, keys=svc)
+    finally:
+        bar.close()
+    print(f"sealed {res.files} file(s), {res.bytes} bytes -> {res.path} (artifact {res.artifact_id[:16]})")
+    return 0
+
+
+def cmd_unseal(args: argparse.Namespace, svc: KeyService) -> int:
+    bar = ProgressBar(_size_of(Path(args.src)), "unseal")
+    try:
+        out = api.unseal(args.src, args.dst, force=args.force, progress=bar, keys=svc)
+    finally:
+        bar.close()
+    print(f"unsealed -> {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, svc: KeyService) -> int:
+    _print(api.inspect(args.path, contents=args.contents, keys=svc), args.json)
+    return 0
+
+
+def cmd_rewrap(args: argparse.Namespace, svc: KeyService) -> int:
+    for p in args.paths:
+        res = api.rewrap(p, key=args.key or None, keys=svc)
+        print(f"rewrapped {res.path} -> {', '.join(res.recipients)} (slot generation {res.generation})")
+    return 0
+
+
+def cmd_reencrypt(args: argparse.Namespace, svc: KeyService) -> int:
+    for p in args.paths:
+        res = api.reencrypt(p, key=args.key or None, keys=svc)
+        print(f"re-encrypted {res.path} under a fresh data key (artifact {res.artifact_id[:16]})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelseal", description="Encrypt and govern ML model artifacts.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("init", help="create the local keystore under $MODELSEAL_HOME").set_defaults(fn=cmd_init)
+
+    key = sub.add_parser("key", help="manage key-encryption keys")
+    ksub = key.add_subparsers(dest="key_cmd", required=True)
+    for name in ("create", "rotate"):
+        k = ksub.add_parser(name)
+        k.add_argument("name", help="key URI, e.g. prod-kek or local:prod-kek")
+        k.add_argument("--json", action="store_true")
+    for name in ("disable", "enable"):
+        k = ksub.add_parser(name)
+        k.add_argument("name")
+        k.add_argument("--version", type=int, required=True)
+        k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("destroy", help="crypto-shred a key version (or all versions); irreversible")
+    k.add_argument("name")
+    k.add_argument("--version", type=int)
+    k.add_argument("--yes", action="store_true", help="confirm without a prompt")
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("list")
+    k.add_argument("--json", action="store_true")
+    key.set_defaults(fn=cmd_key)
+
+    s = sub.add_parser("seal", help="seal a file or a model folder")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--key", action="append", required=True, help="key URI; repeat for several recipients")
+    s.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--force", action="store_true", help="replace an existing destination")
+    s.set_defaults(fn=cmd_seal)
+
+    u = sub.add_parser("unseal", help="decrypt a sealed file or folder to plaintext")
+    u.add_argument("src")
+    u.add_argument("dst")
+    u.add_argument("--force", action="store_true")
+    u.set_defaults(fn=cmd_unseal)
+
+    i = sub.add_parser("inspect", help="show a sealed artifact's public header")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--contents", action="store_true", help="also unwrap the key and show names, sizes, digests")
+    i.set_defaults(fn=cmd_inspect)
+
+    r = sub.add_parser("rewrap", help="re-wrap data keys under the newest KEK version (header only)")
+    r.add_argument("paths", nargs="+")
+    r.add_argument("--key", action="append", help="re-wrap to this key instead (repeatable)")
+    r.set_defaults(fn=cmd_rewrap)
+
+    e = sub.add_parser("reencrypt", help="re-seal under a fresh data key")
+    e.add_argument("paths", nargs="+")
+    e.add_argument("--key", action="append")
+    e.set_defaults(fn=cmd_reencrypt)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args, KeyService()))
+    except ModelsealError as e:
+        print(f"modelseal: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ValueError as e:
+        print(f"modelseal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelseal: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("MODELSEAL_DEBUG") == "1":
+            raise
+        print(f"modelseal: internal error ({type(e).__name__}); set MODELSEAL_DEBUG=1 for details", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The one error tree of modelseal, and the CLI exit code of each class.
+
+Artifact faults (the sealed bytes are wrong) and infrastructure faults (keys,
+keystore, storage) are separate branches. Every cryptographic failure while
+opening an artifact is the same ``DecryptionError``: it never says which check
+failed, so it cannot be used as an oracle.
+"""
+
+from __future__ import annotations
+
+
+class ModelsealError(Exception):
+    """Root of every error modelseal raises on purpose."""
+
+    exit_code = 1
+
+
+class ArtifactError(ModelsealError):
+    """The artifact itself is at fault."""
+
+    exit_code = 3
+
+
+class DecryptionError(ArtifactError):
+    """The artifact is corrupted, tampered with, or not openable with this key."""
+
+    exit_code = 3
+
+    def __init__(self, message: str = "artifact is corrupted, tampered with, or was sealed under another key") -> None:
+        super().__init__(message)
+
+
+class FormatError(ArtifactError):
+    """Not a sealed artifact, or a format version or suite this release does not know."""
+
+    exit_code = 4
+
+
+class KeyProviderError(ModelsealError):
+    """A key provider failed or refused (infrastructure fault)."""
+
+    exit_code = 5
+
+
+class KeyNotFound(KeyProviderError):
+    """No such key (or key version) in the provider."""
+
+    exit_code = 5
+
+
+class KeyDisabled(KeyProviderError):
+    """The key version is disabled, destroyed, or below the minimum decryption version."""
+
+    exit_code = 5
+
+
+class KeystoreError(ModelsealError):
+    """The local keystore is missing, locked (wrong passphrase) or damaged."""
+
+    exit_code = 6
+
+
+class StorageError(ModelsealError):
+    """Reading or writing files failed; nothing half-written was left behind."""
+
+    exit_code = 7
+
+
+class DestinationExists(StorageError):
+    """The destination exists and ``force`` was not given."""
+
+    exit_code = 7
+
+
+class PolicyDenied(ModelsealError):
+    """The request is refused by a safety rule (symlink escape, keys beside data)."""
+
+    exit_code = 8
+
+
+EXIT_CODES: dict[str, int] = {
+    "ok": 0,
+    "internal error": 1,
+    "usage error": 2,
+    "DecryptionError": DecryptionError.exit_code,
+    "FormatError": FormatError.exit_code,
+    "KeyProviderError / KeyNotFound / KeyDisabled": KeyProviderError.exit_code,
+    "KeystoreError": KeystoreError.exit_code,
+    "StorageError / DestinationExists": StorageError.exit_code,
+    "PolicyDenied": PolicyDenied.exit_code,
+}

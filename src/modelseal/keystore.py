@@ -1,0 +1,252 @@
+"""The embedded local keystore: one encrypted file under ``$MODELSEAL_HOME``.
+
+Owns the keystore file format (docs/format.md, section 9), the passphrase
+KDF (scrypt, parameters recorded in the file), locking, atomic updates and
+the in-process unlocked cache. It does not wrap data keys; ``providers.local``
+does that with the KEKs held here.
+
+Layout: a random 32-byte root key is wrapped under the passphrase-derived key;
+the key table (names, versions, states, KEK material) is one AES-256-GCM blob
+under the root key. A wrong passphrase fails the root unwrap, so it is told
+apart from a damaged body.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import fcntl
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from .errors import KeystoreError
+from .fsutil import write_atomic
+
+KEYSTORE_FORMAT = "modelseal-keystore/1"
+DEFAULT_SCRYPT_LOG2_N = 17  # 128 MiB, about 0.4 s here: paid once per process
+MIN_SCRYPT_LOG2_N = 14
+MAX_SCRYPT_LOG2_N = 22
+CACHE_TTL = 300.0
+_ROOT_AAD = b"modelseal/keystore/v1/root"
+_BODY_AAD = b"modelseal/keystore/v1/body"
+
+
+def modelseal_home() -> Path:
+    return Path(os.environ.get("MODELSEAL_HOME") or Path.home() / ".modelseal")
+
+
+def keystore_path(home: Path | None = None) -> Path:
+    return (home or modelseal_home()) / "keystore.json"
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: Any) -> bytes:
+    if not isinstance(s, str):
+        raise KeystoreError("keystore file is damaged")
+    try:
+        return base64.b64decode(s, validate=True)
+    except ValueError:
+        raise KeystoreError("keystore file is damaged") from None
+
+
+def read_passphrase(confirm: bool = False) -> bytes:
+    """The passphrase from ``MODELSEAL_PASSPHRASE`` or an interactive prompt."""
+    env = os.environ.get("MODELSEAL_PASSPHRASE")
+    if env:
+        return env.encode()
+    if not sys.stdin.isatty():
+        raise KeystoreError("no passphrase: set MODELSEAL_PASSPHRASE or run in a terminal")
+    first = getpass.getpass("modelseal keystore passphrase: ")
+    if confirm and getpass.getpass("repeat passphrase: ") != first:
+        raise KeystoreError("the passphrases do not match")
+    if not first:
+        raise KeystoreError("an empty passphrase is not allowed")
+    return first.encode()
+
+
+def _derive(passphrase: bytes, salt: bytes, log2_n: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=1 << log2_n, r=8, p=1).derive(passphrase)
+
+
+@dataclass
+class UnlockedKeystore:
+    """The decrypted key table plus what is needed to write it back."""
+
+    path: Path
+    root_key: bytes
+    header: dict[str, Any]  # format, kdf and wrapped root: re-written unchanged
+    keys: dict[str, Any]
+    signature: tuple[int, int, int]
+
+    def save(self) -> None:
+        body = json.dumps({"keys": self.keys}, sort_keys=True, separators=(",", ":")).encode()
+        nonce = os.urandom(12)
+        doc = dict(self.header)
+        doc["body"] = {"nonce": _b64(nonce), "ct": _b64(AESGCM(self.root_key).encrypt(nonce, body, _BODY_AAD))}
+        write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n", mode=0o600)
+        self.signature = _stat_signature(self.path)
+
+
+def _stat_signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def create(
+    path: Path,
+    passphrase: bytes,
+    *,
+    scrypt_log2_n: int = DEFAULT_SCRYPT_LOG2_N,
+    root_key: bytes | None = None,
+) -> UnlockedKeystore:
+    """Create a new, empty keystore at ``path`` (refuses to overwrite one)."""
+    if not MIN_SCRYPT_LOG2_N <= scrypt_log2_n <= MAX_SCRYPT_LOG2_N:
+        raise KeystoreError("scrypt cost out of range")
+    if not passphrase:
+        raise KeystoreError("an empty passphrase is not allowed")
+    if path.exists():
+        raise KeystoreError(f"a keystore already exists at {path}")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    salt, nonce = os.urandom(32), os.urandom(12)
+    root = root_key or os.urandom(32)
+    wrapped = AESGCM(_derive(passphrase, salt, scrypt_log2_n)).encrypt(nonce, root, _ROOT_AAD)
+    header = {
+        "format": KEYSTORE_FORMAT,
+        "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
+        "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
+    }
+    ks = UnlockedKeystore(path, root, header, {}, (0, 0, 0))
+    ks.save()
+    _CACHE[str(path)] = (ks, time.monotonic() + CACHE_TTL)
+    return ks
+
+
+def _load_doc(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise KeystoreError(f"no keystore at {path}: run 'modelseal init' first") from None
+    except OSError as e:
+        raise KeystoreError(f"cannot read keystore {path}: {e.strerror}") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise KeystoreError("keystore file is damaged") from None
+    if not isinstance(doc, dict) or doc.get("format") != KEYSTORE_FORMAT:
+        raise KeystoreError("keystore file is damaged or of an unknown format")
+    return doc
+
+
+def _open_body(doc: dict[str, Any], root: bytes) -> dict[str, Any]:
+    body = doc.get("body")
+    if not isinstance(body, dict):
+        raise KeystoreError("keystore file is damaged")
+    try:
+        plain = AESGCM(root).decrypt(_unb64(body.get("nonce")), _unb64(body.get("ct")), _BODY_AAD)
+        keys = json.loads(plain)["keys"]
+    except (InvalidTag, ValueError, KeyError, TypeError):
+        raise KeystoreError("keystore file is damaged") from None
+    if not isinstance(keys, dict):
+        raise KeystoreError("keystore file is damaged")
+    return keys
+
+
+def _unwrap_root(doc: dict[str, Any], passphrase: bytes) -> bytes:
+    kdf, root = doc.get("kdf"), doc.get("root")
+    if not isinstance(kdf, dict) or not isinstance(root, dict) or kdf.get("alg") != "scrypt":
+        raise KeystoreError("keystore file is damaged or uses an unknown KDF")
+    log2_n = kdf.get("log2_n")
+    if not isinstance(log2_n, int) or not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
+        raise KeystoreError("keystore KDF parameters out of range")
+    if kdf.get("r") != 8 or kdf.get("p") != 1:
+        raise KeystoreError("keystore KDF parameters out of range")
+    key = _derive(passphrase, _unb64(kdf.get("salt")), log2_n)
+    try:
+        return AESGCM(key).decrypt(_unb64(root.get("nonce")), _unb64(root.get("ct")), _ROOT_AAD)
+    except InvalidTag:
+        raise KeystoreError("wrong passphrase for the keystore") from None
+
+
+_CACHE: dict[str, tuple[UnlockedKeystore, float]] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def unlock(
+    path: Path | None = None,
+    passphrase: Callable[[], bytes] = read_passphrase,
+    now: Callable[[], float] = time.monotonic,
+) -> UnlockedKeystore:
+    """Return the unlocked keystore, paying the KDF at most once per process and TTL.
+
+    A cached copy is re-read (with the cached root key, no KDF) when the file
+    changed on disk, so several processes can share one keystore.
+    """
+    path = path or keystore_path()
+    hit = _CACHE.get(str(path))
+    if hit is not None and hit[1] > now():
+        ks = hit[0]
+        try:
+            sig = _stat_signature(path)
+        except FileNotFoundError:
+            raise KeystoreError(f"no keystore at {path}: run 'modelseal init' first") from None
+        if sig != ks.signature:
+            doc = _load_doc(path)
+            ks = UnlockedKeystore(path, ks.root_key, _header_of(doc), _open_body(doc, ks.root_key), sig)
+            _CACHE[str(path)] = (ks, hit[1])
+        return ks
+    doc = _load_doc(path)
+    _check_mode(path)
+    root = _unwrap_root(doc, passphrase())
+    ks = UnlockedKeystore(path, root, _header_of(doc), _open_body(doc, root), _stat_signature(path))
+    _CACHE[str(path)] = (ks, now() + CACHE_TTL)
+    return ks
+
+
+def _header_of(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc[k] for k in ("format", "kdf", "root") if k in doc}
+
+
+def _check_mode(path: Path) -> None:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KeystoreError(f"keystore {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+
+
+@contextlib.contextmanager
+def locked_update(
+    path: Path | None = None, passphrase: Callable[[], bytes] = read_passphrase
+) -> Iterator[UnlockedKeystore]:
+    """Hold the keystore's write lock, yield a fresh copy, save it on success."""
+    path = path or keystore_path()
+    unlock(path, passphrase)  # prompt (if needed) before taking the lock
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        base = unlock(path, passphrase)  # re-read under the lock
+        # Work on a copy: if the caller fails midway, the cached table is untouched.
+        work = UnlockedKeystore(path, base.root_key, dict(base.header), copy.deepcopy(base.keys), base.signature)
+        yield work
+        work.save()
+        _CACHE[str(path)] = (work, time.monotonic() + CACHE_TTL)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

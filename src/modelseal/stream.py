@@ -1,0 +1,272 @@
+"""The chunked AEAD payload layer (docs/format.md, section 6).
+
+This module owns chunk arithmetic (where chunk i lives, how long it is), the
+chunk nonces, and parallel encryption/decryption of chunk runs between file
+descriptors and buffers. It knows no keys beyond the one payload key it is
+handed, and no header fields beyond chunk size, length and payload offset.
+
+Chunk i is AES-256-GCM under the per-file payload key with nonce
+``i (11 bytes, big-endian) || last`` where ``last`` is 1 only on the final
+chunk, as in the STREAM construction used by age.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import DecryptionError, StorageError
+from .header import TAG_LEN
+
+Progress = Callable[[int], None]
+ReadAt = Callable[[memoryview, int], None]  # fill the whole buffer from plaintext offset
+
+
+def fd_reader(fd: int) -> ReadAt:
+    """A ``ReadAt`` over a plaintext file descriptor (pread, no shared position)."""
+
+    def read_at(buf: memoryview, offset: int) -> None:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n <= 0:
+                raise StorageError("source file changed size while it was being sealed")
+            got += n
+
+    return read_at
+
+
+def workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 16))
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    chunk_size: int
+    plaintext_length: int
+    payload_offset: int
+
+    @property
+    def count(self) -> int:
+        return max(1, -(-self.plaintext_length // self.chunk_size))
+
+    @property
+    def file_length(self) -> int:
+        return self.payload_offset + self.plaintext_length + TAG_LEN * self.count
+
+    def plain_len(self, i: int) -> int:
+        if i < self.count - 1:
+            return self.chunk_size
+        return self.plaintext_length - (self.count - 1) * self.chunk_size
+
+    def offset(self, i: int) -> int:
+        return self.payload_offset + i * (self.chunk_size + TAG_LEN)
+
+    def nonce(self, i: int) -> bytes:
+        return i.to_bytes(11, "big") + (b"\x01" if i == self.count - 1 else b"\x00")
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n <= 0:
+            raise DecryptionError()  # the file ends early: truncated
+        got += n
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        try:
+            done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as e:
+            raise StorageError(f"write failed: {e.strerror}") from None
+
+
+class ChunkCipher:
+    """Encrypts and decrypts single chunks of one file."""
+
+    def __init__(self, payload_key: bytes, layout: ChunkLayout) -> None:
+        self._aead = AESGCM(payload_key)
+        self.layout = layout
+
+    def encrypt_chunk(self, i: int, plain: memoryview, out: memoryview) -> None:
+        self._aead.encrypt_into(self.layout.nonce(i), plain, None, out)
+
+    def decrypt_chunk(self, i: int, ct: memoryview, out: memoryview) -> None:
+        """Decrypt chunk i into ``out``; on failure ``out`` is zeroed, never left holding
+        unauthenticated plaintext."""
+        try:
+            self._aead.decrypt_into(self.layout.nonce(i), ct, None, out)
+        except InvalidTag:
+            out[:] = bytes(len(out))
+            raise DecryptionError() from None
+
+    def read_chunk(self, fd: int, i: int, scratch: memoryview, out: memoryview) -> None:
+        """pread chunk i's ciphertext into ``scratch`` and decrypt into ``out``."""
+        ct = scratch[: self.layout.plain_len(i) + TAG_LEN]
+        _pread_exact(fd, ct, self.layout.offset(i))
+        self.decrypt_chunk(i, ct, out)
+
+
+def _stripes(first: int, last: int, n: int) -> Iterator[range]:
+    """Split chunk indices [first, last) into n interleaved-free contiguous runs."""
+    total = last - first
+    step = -(-total // n) if total else 0
+    for k in range(n):
+        lo = first + k * step
+        hi = min(last, lo + step)
+        if lo < hi:
+            yield range(lo, hi)
+
+
+def _run_parallel(job: Callable[[range], None], first: int, last: int) -> None:
+    n = min(workers(), max(1, last - first))
+    if n == 1:
+        job(range(first, last))
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="modelseal") as pool:
+        for fut in [pool.submit(job, r) for r in _stripes(first, last, n)]:
+            fut.result()
+
+
+def encrypt_file_range(
+    cipher: ChunkCipher,
+    read_at: ReadAt,
+    dst_fd: int,
+    progress: Progress | None = None,
+    digest_update: Callable[[memoryview], None] | None = None,
+) -> None:
+    """Encrypt the whole plaintext given by ``read_at`` into ``dst_fd`` at the layout's offsets.
+
+    Each worker owns one plaintext and one ciphertext buffer, so memory is
+    constant (2 chunks per worker) whatever the file size. When
+    ``digest_update`` is given the chunks are fed to it in order from a
+    dedicated thread of the pipeline (hashing releases the GIL too).
+    """
+    layout = cipher.layout
+    lock = threading.Lock()
+    if digest_update is not None:
+        _encrypt_with_digest(cipher, read_at, dst_fd, progress, digest_update)
+        return
+
+    def job(run: range) -> None:
+        plain = memoryview(bytearray(layout.chunk_size))
+        out = memoryview(bytearray(layout.chunk_size + TAG_LEN))
+        for i in run:
+            n = layout.plain_len(i)
+            read_at(plain[:n], i * layout.chunk_size)
+            cipher.encrypt_chunk(i, plain[:n], out[: n + TAG_LEN])
+            _pwrite_all(dst_fd, out[: n + TAG_LEN], layout.offset(i))
+            if progress is not None:
+                with lock:
+                    progress(n)
+
+    _run_parallel(job, 0, layout.count)
+
+
+def _encrypt_with_digest(
+    cipher: ChunkCipher,
+    read_at: ReadAt,
+    dst_fd: int,
+    progress: Progress | None,
+    digest_update: Callable[[memoryview], None],
+) -> None:
+    """Sequential windows of ``workers()`` chunks: read them, then hash the window in
+    one thread while the others encrypt it. Reads once, hashes in order."""
+    layout = cipher.layout
+    w = workers()
+    plains = [memoryview(bytearray(layout.chunk_size)) for _ in range(w)]
+    outs = [memoryview(bytearray(layout.chunk_size + TAG_LEN)) for _ in range(w)]
+    with ThreadPoolExecutor(w + 1, thread_name_prefix="modelseal") as pool:
+        for base in range(0, layout.count, w):
+            idx = list(range(base, min(base + w, layout.count)))
+
+            def load(k: int) -> None:
+                i = idx[k]
+                read_at(plains[k][: layout.plain_len(i)], i * layout.chunk_size)
+
+            list(pool.map(load, range(len(idx))))
+
+            def hash_window() -> None:
+                for k, i in enumerate(idx):
+                    digest_update(plains[k][: layout.plain_len(i)])
+
+            def seal(k: int) -> None:
+                i = idx[k]
+                n = layout.plain_len(i)
+                cipher.encrypt_chunk(i, plains[k][:n], outs[k][: n + TAG_LEN])
+                _pwrite_all(dst_fd, outs[k][: n + TAG_LEN], layout.offset(i))
+
+            hashing = pool.submit(hash_window)
+            list(pool.map(seal, range(len(idx))))
+            hashing.result()
+            if progress is not None:
+                progress(sum(layout.plain_len(i) for i in idx))
+
+
+def decrypt_into(cipher: ChunkCipher, fd: int, offset: int, out: memoryview) -> None:
+    """Decrypt plaintext bytes [offset, offset+len(out)) straight into ``out``.
+
+    Whole chunks are decrypted directly into the caller's buffer; only the
+    partial chunks at either end go through a scratch buffer. Runs in
+    parallel when the range spans several chunks. On any failure the whole of
+    ``out`` is zeroed before DecryptionError is raised.
+    """
+    layout = cipher.layout
+    size = len(out)
+    if size == 0:
+        return
+    cs = layout.chunk_size
+    first, last = offset // cs, (offset + size - 1) // cs + 1
+
+    def job(run: range) -> None:
+        scratch = memoryview(bytearray(cs + TAG_LEN))
+        tmp: memoryview | None = None
+        for i in run:
+            c0 = i * cs
+            n = layout.plain_len(i)
+            lo, hi = max(offset, c0), min(offset + size, c0 + n)
+            dst = out[lo - offset : hi - offset]
+            if lo == c0 and hi == c0 + n:
+                cipher.read_chunk(fd, i, scratch, dst)
+            else:
+                if tmp is None:
+                    tmp = memoryview(bytearray(cs))
+                cipher.read_chunk(fd, i, scratch, tmp[:n])
+                dst[:] = tmp[lo - c0 : hi - c0]
+                tmp[:n] = bytes(n)
+
+    try:
+        if last - first <= 2:
+            job(range(first, last))
+        else:
+            _run_parallel(job, first, last)
+    except BaseException:
+        out[:] = bytes(size)
+        raise
+
+
+def verify_all(cipher: ChunkCipher, fd: int, progress: Progress | None = None) -> None:
+    """Authenticate every chunk without keeping plaintext (constant memory)."""
+    layout = cipher.layout
+    lock = threading.Lock()
+
+    def job(run: range) -> None:
+        scratch = memoryview(bytearray(layout.chunk_size + TAG_LEN))
+        plain = memoryview(bytearray(layout.chunk_size))
+        for i in run:
+            n = layout.plain_len(i)
+            cipher.read_chunk(fd, i, scratch, plain[:n])
+            if progress is not None:
+                with lock:
+                    progress(n)
+
+    _run_parallel(job, 0, layout.count)
