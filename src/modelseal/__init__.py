@@ -10,7 +10,7 @@ The recipe API::
 
 from __future__ import annotations
 
-from .api import RewrapResult, SealResult, inspect, open, open_folder, reencrypt, rewrap, seal, unseal
+from .api import RewrapResult, SealResult, inspect, open, open_folder, reencrypt, rewrap, seal, unseal  # noqa: A004
 from .artifact import SealedReader
 from .errors import (
     ArtifactError,

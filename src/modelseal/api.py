@@ -93,7 +93,12 @@ def _seal_stream(
 ) -> tuple[str, str, str]:
     """Seal one plaintext into a new file ``dst``. Returns (artifact id, sha256 hex, header MAC hex)."""
     plan = HeaderPlan(
-        dek=dek, kind=kind, chunk_log2=DEFAULT_CHUNK_LOG2, plaintext_length=length, context=context, slot_size=DEFAULT_SLOT
+        dek=dek,
+        kind=kind,
+        chunk_log2=DEFAULT_CHUNK_LOG2,
+        plaintext_length=length,
+        context=context,
+        slot_size=DEFAULT_SLOT,
     )
     recips = recipients(plan.artifact_id) if kind != KIND_BLOB else ()
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -108,8 +113,12 @@ FolderSource = Iterator[tuple[str, int, ReadAt]]
 
 
 def _write_folder(
-    tmp: Path, sources: FolderSource, dek: bytes, ctx: tuple[tuple[str, str], ...],
-    recipients: Callable[[str], tuple[Recipient, ...]], progress: Progress | None,
+    tmp: Path,
+    sources: FolderSource,
+    dek: bytes,
+    ctx: tuple[tuple[str, str], ...],
+    recipients: Callable[[str], tuple[Recipient, ...]],
+    progress: Progress | None,
 ) -> tuple[str, list[Entry]]:
     """Seal each (path, length, reader) as an opaque blob, then the manifest naming them."""
     (tmp / BLOB_DIR).mkdir(mode=0o700)
@@ -117,20 +126,36 @@ def _write_folder(
     for rel, length, read_at in sources:
         blob = secrets.token_hex(16)
         _, digest, mac = _seal_stream(
-            read_at, length, tmp / BLOB_DIR / blob, kind=KIND_BLOB, dek=dek, context=ctx,
-            metadata=lambda _d: b"{}", recipients=lambda _a: (), progress=progress,
+            read_at,
+            length,
+            tmp / BLOB_DIR / blob,
+            kind=KIND_BLOB,
+            dek=dek,
+            context=ctx,
+            metadata=lambda _d: b"{}",
+            recipients=lambda _a: (),
+            progress=progress,
         )
         entries.append(Entry(rel, length, digest, blob, mac))
     fsync_dir(tmp / BLOB_DIR)
     manifest = encode_manifest(entries)
     aid, _, _ = _seal_stream(
-        _bytes_reader(manifest), len(manifest), tmp / MANIFEST_NAME, kind=KIND_MANIFEST, dek=dek, context=ctx,
-        metadata=lambda d: canonical_json({"files": len(entries), "sha256": d}), recipients=recipients, progress=None,
+        _bytes_reader(manifest),
+        len(manifest),
+        tmp / MANIFEST_NAME,
+        kind=KIND_MANIFEST,
+        dek=dek,
+        context=ctx,
+        metadata=lambda d: canonical_json({"files": len(entries), "sha256": d}),
+        recipients=recipients,
+        progress=None,
     )
     return aid, entries
 
 
-def _wrap_all(svc: KeyService, key_uris: Sequence[str], dek: bytes, context: tuple[tuple[str, str], ...], op: str = "wrap") -> Callable[[str], tuple[Recipient, ...]]:
+def _wrap_all(
+    svc: KeyService, key_uris: Sequence[str], dek: bytes, context: tuple[tuple[str, str], ...], op: str = "wrap"
+) -> Callable[[str], tuple[Recipient, ...]]:
     def wrap(aid: str) -> tuple[Recipient, ...]:
         return tuple(svc.wrap(k, dek, context, aid, op=op) for k in key_uris)
 
@@ -175,8 +200,15 @@ def seal(
                 return canonical_json({"name": name, "sha256": digest, "size": length})
 
             aid, _, _ = _seal_stream(
-                fd_reader(fd), length, tmp, kind=KIND_FILE, dek=dek, context=ctx, metadata=meta,
-                recipients=_wrap_all(svc, key_uris, dek, ctx), progress=progress,
+                fd_reader(fd),
+                length,
+                tmp,
+                kind=KIND_FILE,
+                dek=dek,
+                context=ctx,
+                metadata=meta,
+                recipients=_wrap_all(svc, key_uris, dek, ctx),
+                progress=progress,
             )
     finally:
         os.close(fd)
@@ -184,8 +216,14 @@ def seal(
 
 
 def _seal_folder(
-    src: Path, dst: Path, key_uris: list[str], ctx: tuple[tuple[str, str], ...], dek: bytes,
-    svc: KeyService, force: bool, progress: Progress | None,
+    src: Path,
+    dst: Path,
+    key_uris: list[str],
+    ctx: tuple[tuple[str, str], ...],
+    dek: bytes,
+    svc: KeyService,
+    force: bool,
+    progress: Progress | None,
 ) -> SealResult:
     files = walk_folder(src)
 
@@ -329,9 +367,21 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
             "context": dict(core.context),
             "slot_generation": slots[0][1].generation if slots else None,
             "recipients": [
-                {"key": f"{r.scheme}:{r.key_id}", "version": r.key_version} for r in (slots[0][1].recipients if slots else ())
+                {"key": f"{r.scheme}:{r.key_id}", "version": r.key_version}
+                for r in (slots[0][1].recipients if slots else ())
             ],
         }
+        if core.slot_size:
+            # Rewrap writes the inactive slot; a torn write (or tampering) there is
+            # skipped by readers but worth a look.
+            states = [("empty" if not any(s) else "present") for s in raw.slots]
+            used = {idx for idx, _ in slots}
+            inactive = [i for i in (0, 1) if i != (slots[0][0] if slots else -1)]
+            info["inactive_slot"] = (
+                "empty"
+                if all(states[i] == "empty" for i in inactive)
+                else ("present" if all(i in used for i in inactive if states[i] != "empty") else "damaged")
+            )
         if core.kind == KIND_FILE:
             info["plaintext_length"] = core.plaintext_length
         if core.kind == KIND_MANIFEST:
@@ -382,7 +432,10 @@ def rewrap(
 
 
 def reencrypt(
-    path: str | os.PathLike[str], key: str | Sequence[str] | None = None, *, keys: KeyService | None = None,
+    path: str | os.PathLike[str],
+    key: str | Sequence[str] | None = None,
+    *,
+    keys: KeyService | None = None,
     progress: Progress | None = None,
 ) -> SealResult:
     """Re-seal under a fresh data key (for a DEK that may be exposed). Writes a new
@@ -410,9 +463,15 @@ def reencrypt(
         ctx = r.raw_artifact.core.context
         with atomic_output(p, force=True) as tmp:
             aid, _, _ = _seal_stream(
-                _reader_at(r), r.size, tmp, kind=KIND_FILE, dek=dek, context=ctx,
+                _reader_at(r),
+                r.size,
+                tmp,
+                kind=KIND_FILE,
+                dek=dek,
+                context=ctx,
                 metadata=lambda d: canonical_json({**meta, "sha256": d, "size": r.size}),
-                recipients=_wrap_all(svc, uris, dek, ctx), progress=progress,
+                recipients=_wrap_all(svc, uris, dek, ctx),
+                progress=progress,
             )
         return SealResult(p, aid, 1, r.size, tuple(uris))
 

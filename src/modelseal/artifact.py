@@ -9,6 +9,7 @@ rewrap. Key unwrapping is handed in as a callable; format rules live in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -76,7 +77,9 @@ class SealedReader(io.RawIOBase):
     Small sequential reads go through a one-chunk cache.
     """
 
-    def __init__(self, fd: int, raw: RawArtifact, keys: FileKeys, name: str | None = None, owns_fd: bool = True) -> None:
+    def __init__(
+        self, fd: int, raw: RawArtifact, keys: FileKeys, name: str | None = None, owns_fd: bool = True
+    ) -> None:
         super().__init__()
         self._fd = fd
         self._owns_fd = owns_fd
@@ -180,6 +183,13 @@ def write_sealed(
     """
     header_len = plan.header_length(metadata_len)
     layout = ChunkLayout(plan.chunk_size, plan.plaintext_length, header_len)
+    try:
+        # Reserve the space up front: a full disk fails here, before any work,
+        # and extent allocation is cheaper in one go than page by page.
+        os.posix_fallocate(dst_fd, 0, layout.file_length)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise StorageError(f"cannot reserve {layout.file_length} bytes for the output: {e.strerror}") from None
     digest = hashlib.sha256()
     encrypt_file_range(ChunkCipher(plan.keys.payload, layout), read_at, dst_fd, progress, digest.update)
     hexdigest = digest.hexdigest()

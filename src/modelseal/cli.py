@@ -83,7 +83,12 @@ def _key_row(info: KeyInfo) -> dict[str, Any]:
         "latest_version": info.latest,
         "min_decryption_version": info.min_decryption_version,
         "versions": [
-            {"version": v.version, "state": v.state, "created": _fmt_time(v.created), "age_days": round((now - v.created) / 86400, 1)}
+            {
+                "version": v.version,
+                "state": v.state,
+                "created": _fmt_time(v.created),
+                "age_days": round((now - v.created) / 86400, 1),
+            }
             for v in info.versions
         ],
     }
@@ -116,7 +121,9 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
         if not args.yes:
             if not sys.stdin.isatty():
                 raise ModelsealError(f"refusing to destroy {what} without --yes")
-            answer = input(f"destroy {what}? Artifacts sealed only to it become unreadable forever. Type the key name: ")
+            answer = input(
+                f"destroy {what}? Artifacts sealed only to it become unreadable forever. Type the key name: "
+            )
             if answer.strip() != args.name:
                 raise ModelsealError("not confirmed; nothing destroyed")
         info = svc.destroy(args.name, args.version)
@@ -127,7 +134,9 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
 def cmd_seal(args: argparse.Namespace, svc: KeyService) -> int:
     bar = ProgressBar(_size_of(Path(args.src)), "seal")
     try:
-        res = api.seal(args.src, args.dst, key=args.key, context=_context(args.context), force=args.force, progress=bar, keys=svc)
+        res = api.seal(
+            args.src, args.dst, key=args.key, context=_context(args.context), force=args.force, progress=bar, keys=svc
+        )
     finally:
         bar.close()
     print(f"sealed {res.files} file(s), {res.bytes} bytes -> {res.path} (artifact {res.artifact_id[:16]})")

@@ -39,7 +39,13 @@ class Entry:
     header_mac: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"blob": self.blob, "header_mac": self.header_mac, "path": self.path, "sha256": self.sha256, "size": self.size}
+        return {
+            "blob": self.blob,
+            "header_mac": self.header_mac,
+            "path": self.path,
+            "sha256": self.sha256,
+            "size": self.size,
+        }
 
 
 def is_safe_relpath(path: str) -> bool:
@@ -71,7 +77,9 @@ def parse_manifest(data: bytes) -> list[Entry]:
             raise DecryptionError()
         if not (isinstance(blob, str) and _HEX32.fullmatch(blob)) or blob in seen_blobs:
             raise DecryptionError()
-        if not (isinstance(mac, str) and _HEX64.fullmatch(mac) and isinstance(digest, str) and _HEX64.fullmatch(digest)):
+        if not (
+            isinstance(mac, str) and _HEX64.fullmatch(mac) and isinstance(digest, str) and _HEX64.fullmatch(digest)
+        ):
             raise DecryptionError()
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise DecryptionError()

@@ -50,7 +50,9 @@ class KeyService:
             raise KeyProviderError(f"the {scheme}: provider does not manage key lifecycle here")
         return p
 
-    def _call(self, op: str, key: str, fn: Callable[[], T], version: int | None = None, artifact: str | None = None) -> T:
+    def _call(
+        self, op: str, key: str, fn: Callable[[], T], version: int | None = None, artifact: str | None = None
+    ) -> T:
         try:
             result = fn()
         except ModelsealError as e:
@@ -65,12 +67,25 @@ class KeyService:
         return result
 
     def wrap(
-        self, key_uri: str, dek: bytes, context: tuple[tuple[str, str], ...], artifact: str | None = None, op: str = "wrap"
+        self,
+        key_uri: str,
+        dek: bytes,
+        context: tuple[tuple[str, str], ...],
+        artifact: str | None = None,
+        op: str = "wrap",
     ) -> Recipient:
         ref = parse_key_uri(key_uri)
-        return self._call(op, ref.uri, lambda: self.provider(ref.scheme).wrap(ref.name, dek, context), artifact=artifact)
+        return self._call(
+            op, ref.uri, lambda: self.provider(ref.scheme).wrap(ref.name, dek, context), artifact=artifact
+        )
 
-    def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...], artifact: str | None = None, op: str = "unwrap") -> bytes:
+    def unwrap(
+        self,
+        recipient: Recipient,
+        context: tuple[tuple[str, str], ...],
+        artifact: str | None = None,
+        op: str = "unwrap",
+    ) -> bytes:
         uri = f"{recipient.scheme}:{recipient.key_id}"
         return self._call(
             op, uri, lambda: self.provider(recipient.scheme).unwrap(recipient, context), recipient.key_version, artifact
@@ -88,7 +103,9 @@ class KeyService:
     def set_state(self, key_uri: str, version: int, state: str) -> KeyInfo:
         ref = parse_key_uri(key_uri)
         op = "disable" if state == "disabled" else "enable"
-        return self._call(op, ref.uri, lambda: self.admin(ref.scheme).set_version_state(ref.name, version, state), version)
+        return self._call(
+            op, ref.uri, lambda: self.admin(ref.scheme).set_version_state(ref.name, version, state), version
+        )
 
     def destroy(self, key_uri: str, version: int | None) -> KeyInfo:
         ref = parse_key_uri(key_uri)

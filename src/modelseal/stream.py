@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -146,70 +147,57 @@ def encrypt_file_range(
 ) -> None:
     """Encrypt the whole plaintext given by ``read_at`` into ``dst_fd`` at the layout's offsets.
 
-    Each worker owns one plaintext and one ciphertext buffer, so memory is
-    constant (2 chunks per worker) whatever the file size. When
-    ``digest_update`` is given the chunks are fed to it in order from a
-    dedicated thread of the pipeline (hashing releases the GIL too).
+    A pipeline over a fixed ring of buffers (so memory is constant whatever
+    the size): the calling thread reads chunk i, ``workers()`` threads encrypt
+    and pwrite chunks, and when ``digest_update`` is given one more thread
+    feeds the plaintext chunks to it strictly in order. A buffer is reused
+    only once both its encryption and its hashing are done. Each plaintext
+    byte is read once.
     """
     layout = cipher.layout
-    lock = threading.Lock()
-    if digest_update is not None:
-        _encrypt_with_digest(cipher, read_at, dst_fd, progress, digest_update)
-        return
-
-    def job(run: range) -> None:
-        plain = memoryview(bytearray(layout.chunk_size))
-        out = memoryview(bytearray(layout.chunk_size + TAG_LEN))
-        for i in run:
-            n = layout.plain_len(i)
-            read_at(plain[:n], i * layout.chunk_size)
-            cipher.encrypt_chunk(i, plain[:n], out[: n + TAG_LEN])
-            _pwrite_all(dst_fd, out[: n + TAG_LEN], layout.offset(i))
-            if progress is not None:
-                with lock:
-                    progress(n)
-
-    _run_parallel(job, 0, layout.count)
-
-
-def _encrypt_with_digest(
-    cipher: ChunkCipher,
-    read_at: ReadAt,
-    dst_fd: int,
-    progress: Progress | None,
-    digest_update: Callable[[memoryview], None],
-) -> None:
-    """Sequential windows of ``workers()`` chunks: read them, then hash the window in
-    one thread while the others encrypt it. Reads once, hashes in order."""
-    layout = cipher.layout
     w = workers()
-    plains = [memoryview(bytearray(layout.chunk_size)) for _ in range(w)]
-    outs = [memoryview(bytearray(layout.chunk_size + TAG_LEN)) for _ in range(w)]
-    with ThreadPoolExecutor(w + 1, thread_name_prefix="modelseal") as pool:
-        for base in range(0, layout.count, w):
-            idx = list(range(base, min(base + w, layout.count)))
+    ring = 2 * w + 2
+    plains = [memoryview(bytearray(layout.chunk_size)) for _ in range(ring)]
+    outs = [memoryview(bytearray(layout.chunk_size + TAG_LEN)) for _ in range(ring)]
 
-            def load(k: int) -> None:
-                i = idx[k]
-                read_at(plains[k][: layout.plain_len(i)], i * layout.chunk_size)
+    def seal(k: int, i: int) -> int:
+        n = layout.plain_len(i)
+        cipher.encrypt_chunk(i, plains[k][:n], outs[k][: n + TAG_LEN])
+        _pwrite_all(dst_fd, outs[k][: n + TAG_LEN], layout.offset(i))
+        return n
 
-            list(pool.map(load, range(len(idx))))
+    pending: deque[tuple[Future[int], Future[None] | None]] = deque()
 
-            def hash_window() -> None:
-                for k, i in enumerate(idx):
-                    digest_update(plains[k][: layout.plain_len(i)])
+    def retire() -> None:
+        enc, hashed = pending.popleft()
+        n = enc.result()
+        if hashed is not None:
+            hashed.result()
+        if progress is not None:
+            progress(n)
 
-            def seal(k: int) -> None:
-                i = idx[k]
-                n = layout.plain_len(i)
-                cipher.encrypt_chunk(i, plains[k][:n], outs[k][: n + TAG_LEN])
-                _pwrite_all(dst_fd, outs[k][: n + TAG_LEN], layout.offset(i))
-
-            hashing = pool.submit(hash_window)
-            list(pool.map(seal, range(len(idx))))
-            hashing.result()
-            if progress is not None:
-                progress(sum(layout.plain_len(i) for i in idx))
+    with (
+        ThreadPoolExecutor(w, thread_name_prefix="modelseal-enc") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="modelseal-hash") as hasher,
+    ):
+        try:
+            for i in range(layout.count):
+                if len(pending) == ring:
+                    retire()
+                k = i % ring
+                view = plains[k][: layout.plain_len(i)]
+                read_at(view, i * layout.chunk_size)
+                enc = pool.submit(seal, k, i)
+                hashed = hasher.submit(digest_update, view) if digest_update is not None else None
+                pending.append((enc, hashed))
+            while pending:
+                retire()
+        except BaseException:
+            for enc, hashed in pending:
+                enc.cancel()
+                if hashed is not None:
+                    hashed.cancel()
+            raise
 
 
 def decrypt_into(cipher: ChunkCipher, fd: int, offset: int, out: memoryview) -> None:

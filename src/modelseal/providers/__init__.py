@@ -105,5 +105,7 @@ def provider_for(scheme: str, cache: Mapping[str, KeyProvider] | None = None) ->
     try:
         factory = _FACTORIES[scheme]
     except KeyError:
-        raise KeyProviderError(f"no key provider for scheme {scheme!r} (known: {', '.join(sorted(_FACTORIES))})") from None
+        raise KeyProviderError(
+            f"no key provider for scheme {scheme!r} (known: {', '.join(sorted(_FACTORIES))})"
+        ) from None
     return factory()

@@ -29,7 +29,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _aad(name: str, version: int, context: tuple[tuple[str, str], ...]) -> bytes:
-    return b"modelseal/local-wrap/v1\x00" + name.encode() + b"\x00" + struct.pack(">I", version) + encode_context(context)
+    return (
+        b"modelseal/local-wrap/v1\x00" + name.encode() + b"\x00" + struct.pack(">I", version) + encode_context(context)
+    )
 
 
 def _info(name: str, entry: dict[str, Any]) -> KeyInfo:

@@ -1,0 +1,172 @@
+"""Throughput of the sealed format against plain reads and age, measured in one run.
+
+    python benchmarks/throughput.py [--size-mib 1024] [--rss-gib 4]
+
+Prints GB/s and ratios against (a) reading the plaintext file with readinto
+and (b) age 1.x doing the same work, all on page-cached files in one run.
+Peak RSS of a seal is measured in a child process on a --rss-gib file.
+Figures, not pass/fail: see docs/benchmarks.md for the latest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import modelseal
+from modelseal import keystore
+from modelseal.audit import MemorySink
+from modelseal.keys import KeyService
+from modelseal.providers.local import LocalProvider
+
+GB = 1e9
+MIB = 1 << 20
+
+
+def best_of(n: int, fn) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def make_file(path: Path, size: int) -> None:
+    block = os.urandom(16 * MIB)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, len(block))
+            f.write(block[:n])
+            left -= n
+
+
+def plain_readinto(path: Path, buf: bytearray) -> None:
+    with open(path, "rb", buffering=0) as f:
+        view = memoryview(buf)
+        while view:
+            n = f.readinto(view)
+            if not n:
+                break
+            view = view[n:]
+
+
+def child_seal_rss(src: Path, dst: Path, home: Path) -> int:
+    code = (
+        "import resource, modelseal, sys\n"
+        "from modelseal.keys import KeyService\n"
+        "from modelseal.audit import MemorySink\n"
+        "modelseal.seal(sys.argv[1], sys.argv[2], key='bench', keys=KeyService(sink=MemorySink()))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    env = dict(os.environ, MODELSEAL_HOME=str(home))
+    out = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], env=env, check=True, capture_output=True, text=True)
+    return int(out.stdout.strip()) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rss-gib", type=int, default=4)
+    ap.add_argument("--dir", default=None, help="work folder (default: a temp folder under /tmp)")
+    args = ap.parse_args()
+    size = args.size_mib * MIB
+    work = Path(tempfile.mkdtemp(prefix="msbench-", dir=args.dir))
+    home = work / "home"
+    os.environ["MODELSEAL_HOME"] = str(home)
+    os.environ.setdefault("MODELSEAL_PASSPHRASE", "benchmark-passphrase")
+    try:
+        keystore.create(keystore.keystore_path(home), os.environ["MODELSEAL_PASSPHRASE"].encode())
+        svc = KeyService(sink=MemorySink(), providers={"local": LocalProvider()})
+        svc.create("bench")
+        src, sealed = work / "plain.bin", work / "plain.sealed"
+        make_file(src, size)
+        buf = bytearray(size)
+        print(f"cores: {os.cpu_count()}  file: {size / MIB:.0f} MiB (page-cached)")
+
+        t_plain = best_of(3, lambda: plain_readinto(src, buf))
+        r_plain = size / t_plain / GB
+        print(f"plain readinto            {r_plain:6.2f} GB/s   (reference)")
+
+        def do_seal() -> None:
+            modelseal.seal(src, sealed, key="bench", force=True, keys=svc)
+
+        t_seal = best_of(3, do_seal)
+        r_seal = size / t_seal / GB
+
+        def do_unseal() -> None:
+            with modelseal.open(sealed, keys=svc) as r:
+                r.readinto(buf)
+
+        t_open = best_of(3, do_unseal)
+        r_open = size / t_open / GB
+
+        lat = []
+        rng = random.Random(1)
+        with modelseal.open(sealed, keys=svc) as r:
+            one = bytearray(MIB)
+            for _ in range(200):
+                off = rng.randrange(0, size - MIB)
+                t = time.perf_counter()
+                r.preadinto(off, one)
+                lat.append(time.perf_counter() - t)
+        lat.sort()
+
+        t_rewrap = best_of(5, lambda: modelseal.rewrap(sealed, keys=svc))
+
+        print(f"seal                      {r_seal:6.2f} GB/s   {r_seal / r_plain:5.2f}x plain read")
+        print(f"unseal to memory          {r_open:6.2f} GB/s   {r_open / r_plain:5.2f}x plain read")
+        print(f"1 MiB pread, random       median {statistics.median(lat) * 1e3:.2f} ms, p95 {lat[int(len(lat) * 0.95)] * 1e3:.2f} ms")
+        print(f"rewrap of {size / MIB:.0f} MiB          {t_rewrap * 1e3:.2f} ms")
+
+        age = shutil.which("age")
+        if age:
+            ident = work / "age.key"
+            subprocess.run(["age-keygen", "-o", str(ident)], check=True, capture_output=True)
+            recipient = subprocess.run(["age-keygen", "-y", str(ident)], check=True, capture_output=True, text=True).stdout.strip()
+            aged = work / "plain.age"
+            t_age_enc = best_of(
+                3, lambda: subprocess.run([age, "-r", recipient, "-o", str(aged), str(src)], check=True)
+            )
+
+            def age_dec() -> None:
+                with subprocess.Popen([age, "-d", "-i", str(ident), str(aged)], stdout=subprocess.PIPE) as p:
+                    assert p.stdout is not None
+                    view = memoryview(buf)
+                    while view:
+                        n = p.stdout.readinto(view)  # type: ignore[attr-defined]
+                        if not n:
+                            break
+                        view = view[n:]
+
+            t_age_dec = best_of(3, age_dec)
+            r_age_enc, r_age_dec = size / t_age_enc / GB, size / t_age_dec / GB
+            print(f"age -r (encrypt to file)  {r_age_enc:6.2f} GB/s   seal is {r_seal / r_age_enc:5.2f}x age")
+            print(f"age -d (decrypt to memory){r_age_dec:6.2f} GB/s   unseal is {r_open / r_age_dec:5.2f}x age")
+        else:
+            print("age: not installed (apt-get install age) - comparison skipped")
+
+        del buf
+        if args.rss_gib:
+            big, big_sealed = work / "big.bin", work / "big.sealed"
+            src.unlink()
+            sealed.unlink()
+            make_file(big, args.rss_gib << 30)
+            rss = child_seal_rss(big, big_sealed, home)
+            print(f"peak RSS sealing {args.rss_gib} GiB    {rss / MIB:6.1f} MiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
