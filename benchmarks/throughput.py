@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -70,7 +69,9 @@ def child_seal_rss(src: Path, dst: Path, home: Path) -> int:
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     env = dict(os.environ, MODELSEAL_HOME=str(home))
-    out = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(dst)], env=env, check=True, capture_output=True, text=True
+    )
     return int(out.stdout.strip()) * 1024
 
 
@@ -126,14 +127,18 @@ def main() -> None:
 
         print(f"seal                      {r_seal:6.2f} GB/s   {r_seal / r_plain:5.2f}x plain read")
         print(f"unseal to memory          {r_open:6.2f} GB/s   {r_open / r_plain:5.2f}x plain read")
-        print(f"1 MiB pread, random       median {statistics.median(lat) * 1e3:.2f} ms, p95 {lat[int(len(lat) * 0.95)] * 1e3:.2f} ms")
+        print(
+            f"1 MiB pread, random       median {statistics.median(lat) * 1e3:.2f} ms, p95 {lat[int(len(lat) * 0.95)] * 1e3:.2f} ms"
+        )
         print(f"rewrap of {size / MIB:.0f} MiB          {t_rewrap * 1e3:.2f} ms")
 
         age = shutil.which("age")
         if age:
             ident = work / "age.key"
             subprocess.run(["age-keygen", "-o", str(ident)], check=True, capture_output=True)
-            recipient = subprocess.run(["age-keygen", "-y", str(ident)], check=True, capture_output=True, text=True).stdout.strip()
+            recipient = subprocess.run(
+                ["age-keygen", "-y", str(ident)], check=True, capture_output=True, text=True
+            ).stdout.strip()
             aged = work / "plain.age"
             t_age_enc = best_of(
                 3, lambda: subprocess.run([age, "-r", recipient, "-o", str(aged), str(src)], check=True)

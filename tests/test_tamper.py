@@ -245,7 +245,7 @@ def test_folder_blob_swap_and_cross_folder_manifest(env: Env) -> None:
 
 def test_wrong_passphrase_and_wrong_key(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     from modelseal import keystore
-    from modelseal.errors import KeystoreError, KeyNotFound
+    from modelseal.errors import KeyNotFound, KeystoreError
 
     sealed = _seal(env, "w", b"secret weights")
     keystore.clear_cache()
