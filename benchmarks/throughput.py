@@ -128,7 +128,8 @@ def main() -> None:
         print(f"seal                      {r_seal:6.2f} GB/s   {r_seal / r_plain:5.2f}x plain read")
         print(f"unseal to memory          {r_open:6.2f} GB/s   {r_open / r_plain:5.2f}x plain read")
         print(
-            f"1 MiB pread, random       median {statistics.median(lat) * 1e3:.2f} ms, p95 {lat[int(len(lat) * 0.95)] * 1e3:.2f} ms"
+            f"1 MiB pread, random       median {statistics.median(lat) * 1e3:.2f} ms,"
+            f" p95 {lat[int(len(lat) * 0.95)] * 1e3:.2f} ms"
         )
         print(f"rewrap of {size / MIB:.0f} MiB          {t_rewrap * 1e3:.2f} ms")
 
@@ -161,7 +162,6 @@ def main() -> None:
         else:
             print("age: not installed (apt-get install age) - comparison skipped")
 
-        del buf
         if args.rss_gib:
             big, big_sealed = work / "big.bin", work / "big.sealed"
             src.unlink()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,11 +69,11 @@ def test_versions_record_creation_time(env: Env) -> None:
 
 def test_rotate_then_rewrap_uses_newest_version_and_keeps_payload(env: Env) -> None:
     sealed = _seal(env, os.urandom(3 << 20))
-    before = open(sealed, "rb").read()
+    before = Path(sealed).read_bytes()
     env.svc.rotate("test-kek")
     res = modelseal.rewrap(sealed, keys=env.svc)
     assert res.recipients == ("local:test-kek#2",)
-    after = open(sealed, "rb").read()
+    after = Path(sealed).read_bytes()
     info = modelseal.inspect(sealed)
     assert info["recipients"] == [{"key": "local:test-kek", "version": 2}]
     off = len(before) - (3 << 20) - 16 * 3
@@ -199,10 +201,8 @@ def test_jsonl_audit_sink_under_home(env: Env) -> None:
 
     svc = KeyService()  # default sink: $MODELSEAL_HOME/audit.jsonl
     svc.create("audited")
-    try:
+    with contextlib.suppress(KeyProviderError):
         svc.create("audited")
-    except KeyProviderError:
-        pass
     lines = [json.loads(x) for x in (env.home / "audit.jsonl").read_text().splitlines()]
     assert [(x["operation"], x["result"]) for x in lines] == [("create", "ok"), ("create", "KeyProviderError")]
     assert stat.S_IMODE((env.home / "audit.jsonl").stat().st_mode) == 0o600
