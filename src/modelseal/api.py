@@ -363,7 +363,7 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
             "suite": core.suite,
             "artifact_id": artifact_id(core.binding),
             "chunk_size": core.chunk_size,
-            "sealed_length": raw.layout.file_length,
+            ("sealed_length" if core.kind == KIND_FILE else "manifest_length"): raw.layout.file_length,
             "context": dict(core.context),
             "slot_generation": slots[0][1].generation if slots else None,
             "recipients": [

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One command: install modelseal into .venv and run a short demo on the embedded
+# defaults (local keystore, local files). Everything it makes goes under ./demo-out.
+set -euo pipefail
+. "$(dirname "$0")/setup.sh"
+MS="$VENV/bin/modelseal"
+OUT="$ROOT/demo-out"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+export MODELSEAL_HOME="$OUT/home"
+# A throwaway passphrase for the demo, passed by environment (never on argv).
+MODELSEAL_PASSPHRASE="$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+export MODELSEAL_PASSPHRASE
+
+echo "== a sample Hugging Face-style model folder"
+"$VENV/bin/python" - "$OUT/model" <<'PY'
+import json, os, sys, pathlib
+root = pathlib.Path(sys.argv[1]); (root / "tokenizer").mkdir(parents=True)
+(root / "config.json").write_text(json.dumps({"model_type": "demo", "hidden_size": 64}))
+(root / "model.safetensors").write_bytes(os.urandom(3 * 1024 * 1024))
+(root / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": {"hello": 1}}))
+PY
+find "$OUT/model" -type f | sed "s|$OUT/||"
+
+echo "== modelseal init; modelseal key create demo-kek"
+"$MS" init
+"$MS" key create demo-kek >/dev/null
+echo "== modelseal seal model -> model.sealed (file names are not visible)"
+"$MS" seal "$OUT/model" "$OUT/model.sealed" --key demo-kek --context env=dev --context artifact=demo
+find "$OUT/model.sealed" -type f | sed "s|$OUT/||"
+echo "== modelseal inspect model.sealed"
+"$MS" inspect "$OUT/model.sealed"
+echo "== open it back: one member read straight into memory, then the whole folder"
+"$VENV/bin/python" - "$OUT/model.sealed" <<'PY'
+import sys, modelseal
+with modelseal.open(sys.argv[1], member="config.json") as f:
+    print("config.json ->", f.read().decode())
+PY
+"$MS" unseal "$OUT/model.sealed" "$OUT/restored"
+diff -r "$OUT/model" "$OUT/restored" && echo "restored folder is identical to the original"
+echo "== rotate the key and rewrap (header only)"
+"$MS" key rotate demo-kek >/dev/null
+"$MS" rewrap "$OUT/model.sealed"
+echo "demo OK (outputs in demo-out/)"
