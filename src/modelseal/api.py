@@ -32,7 +32,7 @@ from .fsutil import atomic_output, fsync_dir, is_within, walk_folder
 from .header import DEFAULT_CHUNK_LOG2, DEFAULT_SLOT, KIND_BLOB, KIND_FILE, KIND_MANIFEST, Recipient, normalize_context
 from .keys import KeyService
 from .keystore import modelseal_home
-from .stream import Progress, ReadAt, fd_reader
+from .stream import Progress, ReadAt, WritebackHint, fd_reader
 
 _OUT_WINDOW = 16 << 20
 _service: KeyService | None = None
@@ -301,12 +301,14 @@ def _write_plain(reader: SealedReader, dst: Path, progress: Progress | None) -> 
     try:
         buf = memoryview(bytearray(min(_OUT_WINDOW, max(reader.size, 1))))
         off = 0
+        writeback = WritebackHint(fd)
         while off < reader.size:
             n = reader.preadinto(off, buf)
             view = buf[:n]
             while view:
                 view = view[os.write(fd, view) :]
             off += n
+            writeback.advance(off)
             if progress is not None:
                 progress(n)
         os.fsync(fd)
