@@ -39,10 +39,10 @@ def test_seal_write_failure_keeps_existing_destination(
     dst = env.work / "w.sealed"
     modelseal.seal(src, dst, key="test-kek", keys=env.svc)
     before = _snapshot(env.work)
-    monkeypatch.setattr(stream.os, "pwrite", _FailAfter(os.pwrite, fail_after))
-    with pytest.raises(StorageError, match="No space left"):
-        modelseal.seal(src, dst, key="test-kek", keys=env.svc, force=True)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(stream.os, "pwrite", _FailAfter(os.pwrite, fail_after))
+        with pytest.raises(StorageError, match="No space left"):
+            modelseal.seal(src, dst, key="test-kek", keys=env.svc, force=True)
     assert _snapshot(env.work) == before  # no temp file, old artifact intact
     assert modelseal.open(dst, keys=env.svc).read() == src.read_bytes()
 
@@ -50,10 +50,10 @@ def test_seal_write_failure_keeps_existing_destination(
 def test_folder_seal_failure_midway_leaves_nothing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model_folder(env.work / "model")
     before = _snapshot(env.work)
-    monkeypatch.setattr(stream.os, "pwrite", _FailAfter(os.pwrite, 4))
-    with pytest.raises(StorageError):
-        modelseal.seal(model, env.work / "model.sealed", key="test-kek", keys=env.svc)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(stream.os, "pwrite", _FailAfter(os.pwrite, 4))
+        with pytest.raises(StorageError):
+            modelseal.seal(model, env.work / "model.sealed", key="test-kek", keys=env.svc)
     assert _snapshot(env.work) == before
     assert sorted(p.name for p in env.work.iterdir()) == ["model"]
 
@@ -68,10 +68,10 @@ def test_unseal_write_failure_keeps_existing_output(env: Env, monkeypatch: pytes
     before = _snapshot(env.work)
     from modelseal import api
 
-    monkeypatch.setattr(api.os, "write", _FailAfter(os.write, 2))
-    with pytest.raises(StorageError):
-        modelseal.unseal(sealed, out, keys=env.svc, force=True)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(api.os, "write", _FailAfter(os.write, 2))
+        with pytest.raises(StorageError):
+            modelseal.unseal(sealed, out, keys=env.svc, force=True)
     assert _snapshot(env.work) == before
 
 
@@ -85,10 +85,10 @@ def test_rewrap_failure_leaves_artifact_openable(env: Env, monkeypatch: pytest.M
 
     # Fail while writing the new slot, and (separately) while erasing the old one.
     for n in (0, 1):
-        monkeypatch.setattr(artifact.os, "pwrite", _FailAfter(os.pwrite, n))
-        with pytest.raises(StorageError):
-            modelseal.rewrap(dst, keys=env.svc)
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr(artifact.os, "pwrite", _FailAfter(os.pwrite, n))
+            with pytest.raises(StorageError):
+                modelseal.rewrap(dst, keys=env.svc)
         assert modelseal.open(dst, keys=env.svc).read() == src.read_bytes()
     modelseal.rewrap(dst, keys=env.svc)
     assert modelseal.inspect(dst)["recipients"][0]["version"] == 2

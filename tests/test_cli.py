@@ -149,3 +149,20 @@ def test_unseal_of_folder_member_paths_are_safe(env: Env) -> None:
     assert {p.as_posix() for p in (env.work / "o").rglob("*")} >= {
         (env.work / "o" / "nested/deeper/adapter.bin").as_posix()
     }
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelseal import cli
+
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: False)
+    bar = cli.ProgressBar(100, "seal")
+    bar(100)
+    bar.close()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True)
+    bar = cli.ProgressBar(100, "seal")
+    bar(50)
+    bar(50)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "seal [" in err and "100.0%" in err

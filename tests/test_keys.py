@@ -227,3 +227,44 @@ def test_reencrypt_changes_data_key(env: Env) -> None:
     modelseal.reencrypt(sealed, keys=env.svc)
     assert modelseal.inspect(sealed)["artifact_id"] != old_id
     assert modelseal.open(sealed, keys=env.svc).read() == data
+
+
+def test_keystore_update_failure_keeps_old_keystore(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelseal import fsutil
+
+    path = keystore.keystore_path(env.home)
+    before = path.read_bytes()
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(fsutil.os, "replace", broken_replace)
+        with pytest.raises(modelseal.StorageError):
+            LocalProvider().create("will-not-exist")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in env.home.iterdir() if p.name.startswith(".")) == []
+    keystore.clear_cache()
+    names = {i.uri for i in LocalProvider().list()}
+    assert names == {"local:test-kek"}
+
+
+def test_backend_exceptions_are_normalised_without_their_message(env: Env) -> None:
+    from modelseal.audit import MemorySink
+    from modelseal.keys import KeyService
+
+    class Leaky:
+        scheme = "leaky"
+
+        def wrap(self, name: str, dek: bytes, context: tuple[tuple[str, str], ...]) -> Recipient:
+            raise RuntimeError("token=s3cr3t-token-value")
+
+        def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> bytes:
+            raise RuntimeError("token=s3cr3t-token-value")
+
+    sink = MemorySink()
+    svc = KeyService(sink=sink, providers={"leaky": Leaky()})
+    with pytest.raises(KeyProviderError) as ei:
+        svc.wrap("leaky:k", b"\x00" * 32, ())
+    assert "s3cr3t" not in str(ei.value) and ei.value.__cause__ is None
+    assert sink.events[-1].result == "KeyProviderError" and "s3cr3t" not in sink.events[-1].to_json()
