@@ -11,6 +11,7 @@ import pytest
 import modelseal
 from modelseal import stream
 from modelseal.errors import StorageError
+from modelseal.source import FdSource
 
 from .conftest import Env, make_model_folder, tree_bytes
 
@@ -107,7 +108,7 @@ def test_torn_slot_write_is_survivable(env: Env) -> None:
     modelseal.rewrap(dst, keys=env.svc)  # the new wrap sits in slot B now, slot A is zero
     rewrapped = dst.read_bytes()
     fd = os.open(dst, os.O_RDONLY)
-    raw = read_raw(fd)
+    raw = read_raw(FdSource(fd, owns=False))
     os.close(fd)
     a = len(raw.core.raw)
     s = raw.core.slot_size

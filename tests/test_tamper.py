@@ -12,6 +12,7 @@ import modelseal
 from modelseal.artifact import read_raw
 from modelseal.errors import ArtifactError, DecryptionError, FormatError, KeyProviderError
 from modelseal.header import MAGIC, TAG_LEN
+from modelseal.source import FdSource
 
 from .conftest import Env, make_model_folder
 
@@ -34,7 +35,7 @@ def _read_all(env: Env, path: Path) -> bytes:
 def _layout(path: Path) -> tuple[int, int, int]:
     fd = os.open(path, os.O_RDONLY)
     try:
-        raw = read_raw(fd)
+        raw = read_raw(FdSource(fd, owns=False))
     finally:
         os.close(fd)
     return len(raw.core.raw), raw.core.payload_offset, raw.core.slot_size

@@ -17,6 +17,7 @@ from modelseal.audit import MemorySink
 from modelseal.envelope import verify_with_dek
 from modelseal.errors import DecryptionError, FormatError
 from modelseal.keys import KeyService
+from modelseal.source import FdSource
 
 VECTORS = Path(__file__).parent / "vectors"
 INDEX = json.loads((VECTORS / "index.json").read_text())
@@ -55,9 +56,10 @@ def test_vector(vec: dict[str, object], vector_keys: KeyService) -> None:
         assert r.metadata()["sha256"] == vec["plaintext_sha256"]
         # The recorded DEK opens it without any provider (format-level check).
         fd = os.open(path, os.O_RDONLY)
-        raw = read_raw(fd)
+        src = FdSource(fd)
+        raw = read_raw(src)
         keys = verify_with_dek(raw.core, bytes.fromhex(str(vec["dek"])))
-        with SealedReader(fd, raw, keys) as direct:
+        with SealedReader(src, raw, keys) as direct:
             assert direct.read() == data
 
 

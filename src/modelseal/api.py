@@ -32,6 +32,7 @@ from .fsutil import atomic_output, fsync_dir, is_within, walk_folder
 from .header import DEFAULT_CHUNK_LOG2, DEFAULT_SLOT, KIND_BLOB, KIND_FILE, KIND_MANIFEST, Recipient, normalize_context
 from .keys import KeyService
 from .keystore import modelseal_home
+from .source import FdSource
 from .stream import Progress, ReadAt, WritebackHint, fd_reader
 
 _OUT_WINDOW = 16 << 20
@@ -249,12 +250,12 @@ def _bytes_reader(data: bytes) -> ReadAt:
     return read_at
 
 
-def _open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[int, RawArtifact]:
-    fd = _open_fd(path, flags)
+def _open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[FdSource, RawArtifact]:
+    src = FdSource(_open_fd(path, flags))
     try:
-        return fd, read_raw(fd)
+        return src, read_raw(src)
     except BaseException:
-        os.close(fd)
+        src.close()
         raise
 
 
@@ -266,16 +267,16 @@ def open(path: str | os.PathLike[str], member: str | None = None, *, keys: KeySe
             raise FormatError(f"{p} is a sealed folder: name a member, or use open_folder()")
         folder = open_folder(p, keys=keys)
         return folder.open(member)
-    fd, raw = _open_raw(p)
+    src, raw = _open_raw(p)
     try:
         if raw.core.kind != KIND_FILE:
             raise FormatError(f"{p} is part of a sealed folder, not a sealed file; open the folder")
         opened = open_keys(raw, _unwrapper(_svc(keys), raw))
-        reader = SealedReader(fd, raw, opened.keys, name=str(p))
+        reader = SealedReader(src, raw, opened.keys, name=str(p))
         reader.recipients = opened.slot.recipients
         return reader
     except BaseException:
-        os.close(fd)
+        src.close()
         raise
 
 
@@ -284,15 +285,15 @@ def open_folder(path: str | os.PathLike[str], *, keys: KeyService | None = None)
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
-    fd, raw = _open_raw(manifest)
+    src, raw = _open_raw(manifest)
     try:
         if raw.core.kind != KIND_MANIFEST or raw.core.plaintext_length > MAX_MANIFEST:
             raise DecryptionError()
         opened = open_keys(raw, _unwrapper(_svc(keys), raw))
-        with SealedReader(fd, raw, opened.keys, owns_fd=False) as r:
+        with SealedReader(src, raw, opened.keys, owns_src=False) as r:
             entries = parse_manifest(r.readall())
     finally:
-        os.close(fd)
+        src.close()
     return SealedFolder(root, raw, opened, entries)
 
 
@@ -354,7 +355,7 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
     metadata (file names, sizes, digests) is added.
     """
     p = Path(path)
-    fd, raw = _open_raw(_target(p))
+    src, raw = _open_raw(_target(p))
     try:
         core = raw.core
         slots = parse_slots(raw.slots)
@@ -393,13 +394,13 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
             opened = open_keys(raw, _unwrapper(_svc(keys), raw))
             info["metadata"] = parse_json_object(decrypt_metadata(core, opened.keys))
             if core.kind == KIND_MANIFEST:
-                with SealedReader(fd, raw, opened.keys, owns_fd=False) as r:
+                with SealedReader(src, raw, opened.keys, owns_src=False) as r:
                     info["files"] = [
                         {"path": e.path, "size": e.size, "sha256": e.sha256} for e in parse_manifest(r.readall())
                     ]
         return info
     finally:
-        os.close(fd)
+        src.close()
 
 
 @dataclass(frozen=True)
@@ -419,7 +420,7 @@ def rewrap(
     """
     p = Path(path)
     svc = _svc(keys)
-    fd, raw = _open_raw(_target(p), os.O_RDWR)
+    src, raw = _open_raw(_target(p), os.O_RDWR)
     try:
         if raw.core.kind == KIND_BLOB:
             raise FormatError(f"{p} is part of a sealed folder; rewrap the folder")
@@ -427,10 +428,10 @@ def rewrap(
         uris = _as_list(key) if key is not None else [f"{r.scheme}:{r.key_id}" for r in opened.slot.recipients]
         _check_keys_apart(p)
         recips = _wrap_all(svc, uris, opened.dek, raw.core.context, op="rewrap")(artifact_id(raw.core.binding))
-        generation = write_slot_in_place(fd, raw, opened, recips)
+        generation = write_slot_in_place(src.fd, raw, opened, recips)
         return RewrapResult(p, tuple(f"{r.scheme}:{r.key_id}#{r.key_version}" for r in recips), generation)
     finally:
-        os.close(fd)
+        src.close()
 
 
 def reencrypt(

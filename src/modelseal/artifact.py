@@ -22,6 +22,7 @@ from typing import Any
 from .envelope import FileKeys, HeaderPlan, Opened, decrypt_metadata, new_slot_bytes, open_envelope, parse_slots
 from .errors import DecryptionError, StorageError
 from .header import MAGIC, CoreHeader, Recipient, parse_core, peek_version
+from .source import CipherSource
 from .stream import ChunkCipher, ChunkLayout, Progress, ReadAt, decrypt_into, encrypt_file_range
 
 _HEADER_READ = 160 * 1024  # bigger than the largest core header the bounds allow
@@ -34,15 +35,21 @@ class RawArtifact:
     layout: ChunkLayout
 
 
-def read_raw(fd: int) -> RawArtifact:
-    """Parse the header of the sealed file open at ``fd`` and check its exact length."""
-    size = os.fstat(fd).st_size
-    head = os.pread(fd, min(size, _HEADER_READ), 0)
+def _pread(src: CipherSource, size: int, offset: int) -> bytes:
+    buf = bytearray(size)
+    n = src.readinto_at(memoryview(buf), offset)
+    return bytes(buf[:n])
+
+
+def read_raw(src: CipherSource) -> RawArtifact:
+    """Parse the header of the sealed file in ``src`` and check its exact length."""
+    size = src.size
+    head = _pread(src, min(size, _HEADER_READ), 0)
     if len(head) < len(MAGIC) + 2:
         peek_version(head)
     core = parse_core(head)
     n = core.slot_size
-    raw_slots = os.pread(fd, 2 * n, len(core.raw)) if n else b""
+    raw_slots = _pread(src, 2 * n, len(core.raw)) if n else b""
     if len(raw_slots) != 2 * n:
         raise DecryptionError()
     layout = ChunkLayout(core.chunk_size, core.plaintext_length, core.payload_offset)
@@ -78,11 +85,11 @@ class SealedReader(io.RawIOBase):
     """
 
     def __init__(
-        self, fd: int, raw: RawArtifact, keys: FileKeys, name: str | None = None, owns_fd: bool = True
+        self, src: CipherSource, raw: RawArtifact, keys: FileKeys, name: str | None = None, owns_src: bool = True
     ) -> None:
         super().__init__()
-        self._fd = fd
-        self._owns_fd = owns_fd
+        self._src = src
+        self._owns_src = owns_src
         self.raw_artifact = raw
         self._cipher = ChunkCipher(keys.payload, raw.layout)
         self._keys = keys
@@ -132,12 +139,12 @@ class SealedReader(io.RawIOBase):
                 if self._cache_index != i:
                     self._cache_index = -1
                     clen = self._cipher.layout.plain_len(i)
-                    decrypt_into(self._cipher, self._fd, i * cs, memoryview(self._cache)[:clen])
+                    decrypt_into(self._cipher, self._src, i * cs, memoryview(self._cache)[:clen])
                     self._cache_index = i
                 lo = offset - i * cs
                 view[:n] = self._cache[lo : lo + n]
             return n
-        decrypt_into(self._cipher, self._fd, offset, view[:n])
+        decrypt_into(self._cipher, self._src, offset, view[:n])
         return n
 
     def pread(self, offset: int, size: int) -> bytes:
@@ -162,8 +169,8 @@ class SealedReader(io.RawIOBase):
         if not self.closed:
             self._cache[:] = bytes(len(self._cache))
             self._cache_index = -1
-            if self._owns_fd:
-                os.close(self._fd)
+            if self._owns_src:
+                self._src.close()
         super().close()
 
 

@@ -20,6 +20,7 @@ from .artifact import RawArtifact, SealedReader, canonical_json, parse_json_obje
 from .envelope import Opened, verify_with_dek
 from .errors import DecryptionError, FormatError, StorageError
 from .header import KIND_BLOB
+from .source import FdSource
 
 MANIFEST_NAME = "manifest.mseal"
 BLOB_DIR = "blobs"
@@ -136,17 +137,18 @@ class SealedFolder:
             raise DecryptionError() from None  # the manifest names a blob that is gone
         except OSError as err:
             raise StorageError(f"cannot read {self.root}: {err.strerror}") from None
+        src = FdSource(fd)
         try:
-            raw = read_raw(fd)
+            raw = read_raw(src)
             core = raw.core
             if core.kind != KIND_BLOB or core.context != self.raw_artifact.core.context:
                 raise DecryptionError()
             keys = verify_with_dek(core, self._opened.dek)
             if not hmac.compare_digest(core.mac.hex(), e.header_mac) or core.plaintext_length != e.size:
                 raise DecryptionError()  # a blob swapped in from elsewhere in the folder
-            return SealedReader(fd, raw, keys, name=path)
+            return SealedReader(src, raw, keys, name=path)
         except BaseException:
-            os.close(fd)
+            src.close()
             raise
 
     def read(self, path: str) -> bytes:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import DecryptionError, StorageError
 from .header import TAG_LEN
+from .source import CipherSource
 
 Progress = Callable[[int], None]
 ReadAt = Callable[[memoryview, int], None]  # fill the whole buffer from plaintext offset
@@ -74,13 +75,9 @@ class ChunkLayout:
         return i.to_bytes(11, "big") + (b"\x01" if i == self.count - 1 else b"\x00")
 
 
-def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
-        if n <= 0:
-            raise DecryptionError()  # the file ends early: truncated
-        got += n
+def _read_exact(src: CipherSource, buf: memoryview, offset: int) -> None:
+    if src.readinto_at(buf, offset) != len(buf):
+        raise DecryptionError()  # the ciphertext ends early: truncated
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -135,10 +132,10 @@ class ChunkCipher:
             out[:] = bytes(len(out))
             raise DecryptionError() from None
 
-    def read_chunk(self, fd: int, i: int, scratch: memoryview, out: memoryview) -> None:
-        """pread chunk i's ciphertext into ``scratch`` and decrypt into ``out``."""
+    def read_chunk(self, src: CipherSource, i: int, scratch: memoryview, out: memoryview) -> None:
+        """Read chunk i's ciphertext into ``scratch`` and decrypt it into ``out``."""
         ct = scratch[: self.layout.plain_len(i) + TAG_LEN]
-        _pread_exact(fd, ct, self.layout.offset(i))
+        _read_exact(src, ct, self.layout.offset(i))
         self.decrypt_chunk(i, ct, out)
 
 
@@ -227,7 +224,7 @@ def encrypt_file_range(
             raise
 
 
-def decrypt_into(cipher: ChunkCipher, fd: int, offset: int, out: memoryview) -> None:
+def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memoryview) -> None:
     """Decrypt plaintext bytes [offset, offset+len(out)) straight into ``out``.
 
     Whole chunks are decrypted directly into the caller's buffer; only the
@@ -251,11 +248,11 @@ def decrypt_into(cipher: ChunkCipher, fd: int, offset: int, out: memoryview) -> 
             lo, hi = max(offset, c0), min(offset + size, c0 + n)
             dst = out[lo - offset : hi - offset]
             if lo == c0 and hi == c0 + n:
-                cipher.read_chunk(fd, i, scratch, dst)
+                cipher.read_chunk(src, i, scratch, dst)
             else:
                 if tmp is None:
                     tmp = memoryview(bytearray(cs))
-                cipher.read_chunk(fd, i, scratch, tmp[:n])
+                cipher.read_chunk(src, i, scratch, tmp[:n])
                 dst[:] = tmp[lo - c0 : hi - c0]
                 tmp[:n] = bytes(n)
 
@@ -269,7 +266,7 @@ def decrypt_into(cipher: ChunkCipher, fd: int, offset: int, out: memoryview) -> 
         raise
 
 
-def verify_all(cipher: ChunkCipher, fd: int, progress: Progress | None = None) -> None:
+def verify_all(cipher: ChunkCipher, src: CipherSource, progress: Progress | None = None) -> None:
     """Authenticate every chunk without keeping plaintext (constant memory)."""
     layout = cipher.layout
     lock = threading.Lock()
@@ -279,7 +276,7 @@ def verify_all(cipher: ChunkCipher, fd: int, progress: Progress | None = None) -
         plain = memoryview(bytearray(layout.chunk_size))
         for i in run:
             n = layout.plain_len(i)
-            cipher.read_chunk(fd, i, scratch, plain[:n])
+            cipher.read_chunk(src, i, scratch, plain[:n])
             if progress is not None:
                 with lock:
                     progress(n)

@@ -1,0 +1,82 @@
+"""Random-access byte sources that sealed ciphertext is read from.
+
+A ``CipherSource`` is what the reader layers need from storage: a size and a
+positioned read that does not disturb other readers. ``FdSource`` uses
+``os.preadv`` on a file descriptor (thread-safe, releases the GIL);
+``FileObjSource`` adapts any seekable binary file object (an fsspec file on
+S3 or in memory, for instance) behind a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import BinaryIO, Protocol
+
+
+class CipherSource(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    def readinto_at(self, buf: memoryview, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; return how many bytes were read (short only at EOF)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FdSource:
+    def __init__(self, fd: int, owns: bool = True) -> None:
+        self.fd = fd
+        self._owns = owns
+        self._size = os.fstat(fd).st_size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readinto_at(self, buf: memoryview, offset: int) -> int:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self.fd, [buf[got:]], offset + got)
+            if n <= 0:
+                break
+            got += n
+        return got
+
+    def close(self) -> None:
+        if self._owns and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FileObjSource:
+    """Positioned reads over a seekable file object; one read at a time."""
+
+    def __init__(self, fileobj: BinaryIO, size: int | None = None, owns: bool = True) -> None:
+        self._f = fileobj
+        self._owns = owns
+        self._lock = threading.Lock()
+        if size is None:
+            size = fileobj.seek(0, os.SEEK_END)
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readinto_at(self, buf: memoryview, offset: int) -> int:
+        with self._lock:
+            self._f.seek(offset)
+            got = 0
+            while got < len(buf):
+                chunk = self._f.read(len(buf) - got)
+                if not chunk:
+                    break
+                buf[got : got + len(chunk)] = chunk
+                got += len(chunk)
+            return got
+
+    def close(self) -> None:
+        if self._owns:
+            self._f.close()
