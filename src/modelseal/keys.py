@@ -9,6 +9,9 @@ directly.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -28,10 +31,35 @@ def default_sink() -> AuditSink:
     return JsonLinesSink(Path(home) / "audit.jsonl")
 
 
+UNWRAP_CACHE_TTL = 300.0
+UNWRAP_CACHE_SIZE = 256
+
+
 class KeyService:
-    def __init__(self, sink: AuditSink | None = None, providers: dict[str, KeyProvider] | None = None) -> None:
+    """Calls providers; caches unwrapped data keys so a KMS round trip (or a keystore
+    unlock) is paid once per artifact per process, not once per tensor or file.
+
+    The cache is keyed by the exact recipient (scheme, key id, version, wrapped
+    bytes) and context, lives ``UNWRAP_CACHE_TTL`` seconds, and is emptied by
+    any disable, enable, rotate or destroy made through this service. Cache hits
+    emit no audit event: only provider calls do.
+    """
+
+    def __init__(
+        self,
+        sink: AuditSink | None = None,
+        providers: dict[str, KeyProvider] | None = None,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._sink = sink
         self._providers: dict[str, KeyProvider] = dict(providers or {})
+        self._now = now
+        self._unwrapped: OrderedDict[tuple[object, ...], tuple[bytes, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def forget_unwrapped(self) -> None:
+        with self._lock:
+            self._unwrapped.clear()
 
     @property
     def sink(self) -> AuditSink:
@@ -87,20 +115,33 @@ class KeyService:
         op: str = "unwrap",
     ) -> bytes:
         uri = f"{recipient.scheme}:{recipient.key_id}"
-        return self._call(
+        cache_key = (recipient.scheme, recipient.key_id, recipient.key_version, recipient.wrapped, context)
+        with self._lock:
+            hit = self._unwrapped.get(cache_key)
+            if hit is not None and hit[1] > self._now() and op == "unwrap":
+                self._unwrapped.move_to_end(cache_key)
+                return hit[0]
+        dek = self._call(
             op, uri, lambda: self.provider(recipient.scheme).unwrap(recipient, context), recipient.key_version, artifact
         )
+        with self._lock:
+            self._unwrapped[cache_key] = (dek, self._now() + UNWRAP_CACHE_TTL)
+            while len(self._unwrapped) > UNWRAP_CACHE_SIZE:
+                self._unwrapped.popitem(last=False)
+        return dek
 
     def create(self, key_uri: str) -> KeyInfo:
         ref = parse_key_uri(key_uri)
         return self._call("create", ref.uri, lambda: self.admin(ref.scheme).create(ref.name), 1)
 
     def rotate(self, key_uri: str) -> KeyInfo:
+        self.forget_unwrapped()
         ref = parse_key_uri(key_uri)
         info = self._call("rotate", ref.uri, lambda: self.admin(ref.scheme).rotate(ref.name))
         return info
 
     def set_state(self, key_uri: str, version: int, state: str) -> KeyInfo:
+        self.forget_unwrapped()
         ref = parse_key_uri(key_uri)
         op = "disable" if state == "disabled" else "enable"
         return self._call(
@@ -108,6 +149,7 @@ class KeyService:
         )
 
     def destroy(self, key_uri: str, version: int | None) -> KeyInfo:
+        self.forget_unwrapped()
         ref = parse_key_uri(key_uri)
         return self._call("destroy", ref.uri, lambda: self.admin(ref.scheme).destroy(ref.name, version), version)
 
