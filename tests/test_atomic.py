@@ -110,7 +110,7 @@ def test_torn_slot_write_is_survivable(env: Env) -> None:
     fd = os.open(dst, os.O_RDONLY)
     raw = read_raw(FdSource(fd, owns=False))
     os.close(fd)
-    a = len(raw.core.raw)
+    a = raw.core.slots_offset
     s = raw.core.slot_size
     torn = bytearray(good)  # old slot A intact, slot B half written
     torn[a + s : a + s + s // 2] = rewrapped[a + s : a + s + s // 2]

@@ -32,6 +32,14 @@ def _read_all(env: Env, path: Path) -> bytes:
         return r.read()
 
 
+def _slots_at(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_raw(FdSource(fd, owns=False)).core.slots_offset
+    finally:
+        os.close(fd)
+
+
 def _layout(path: Path) -> tuple[int, int, int]:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -65,7 +73,12 @@ def test_every_header_bit_flip_fails(env: Env) -> None:
     # recipient's scheme, key id or version shows as "key unavailable"; anywhere else
     # (generation, wrapped key, slot MAC, padding) as a decryption failure.
     outcomes = set()
-    for off in range(core_len, core_len + slot, 3):
+    slots = _slots_at(sealed)
+    for off in range(core_len, slots, 97):  # zero alignment padding before the slots
+        _flip(sealed, off, target)
+        with pytest.raises(DecryptionError):
+            _read_all(env, target)
+    for off in range(slots, slots + slot, 3):
         _flip(sealed, off, target)
         try:
             _read_all(env, target)
@@ -76,7 +89,7 @@ def test_every_header_bit_flip_fails(env: Env) -> None:
         else:
             raise AssertionError(f"a flip at {off} went unnoticed")
     assert outcomes == {"decryption", "key"}
-    assert payload_off == core_len + 2 * slot
+    assert payload_off == slots + 2 * slot and slots % 4096 == 0
 
 
 def test_inactive_slot_damage_is_ignored_but_reported(env: Env) -> None:
@@ -85,10 +98,11 @@ def test_inactive_slot_damage_is_ignored_but_reported(env: Env) -> None:
     and ``inspect`` reports it."""
     data = os.urandom(3000)
     sealed = _seal(env, "b", data)
-    core_len, _, slot = _layout(sealed)
+    _, _, slot = _layout(sealed)
+    base = _slots_at(sealed)
     assert modelseal.inspect(sealed)["inactive_slot"] == "empty"
     target = env.work / "t.sealed"
-    for off in (core_len + slot, core_len + slot + 9, core_len + 2 * slot - 1):
+    for off in (base + slot, base + slot + 9, base + 2 * slot - 1):
         _flip(sealed, off, target)
         assert _read_all(env, target) == data
         assert modelseal.inspect(target)["inactive_slot"] == "damaged"

@@ -49,9 +49,11 @@ def read_raw(src: CipherSource) -> RawArtifact:
         peek_version(head)
     core = parse_core(head)
     n = core.slot_size
-    raw_slots = _pread(src, 2 * n, len(core.raw)) if n else b""
-    if len(raw_slots) != 2 * n:
-        raise DecryptionError()
+    gap = core.slots_offset - len(core.raw)
+    tail = _pread(src, gap + 2 * n, len(core.raw)) if n else b""
+    if len(tail) != gap + 2 * n or any(tail[:gap]):
+        raise DecryptionError()  # truncated, or non-zero alignment padding
+    raw_slots = tail[gap:]
     layout = ChunkLayout(core.chunk_size, core.plaintext_length, core.payload_offset)
     if size != layout.file_length:
         raise DecryptionError()  # truncated, or bytes appended
@@ -238,7 +240,7 @@ def write_slot_in_place(fd: int, raw: RawArtifact, opened: Opened, recipients: t
             f"the new recipients do not fit in this artifact's {core.slot_size}-byte header slot; use reencrypt"
         ) from None
     target = 1 - opened.slot_index
-    base = len(core.raw)
+    base = core.slots_offset
     try:
         _pwrite(fd, slot, base + target * core.slot_size)
         os.fsync(fd)

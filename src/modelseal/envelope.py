@@ -35,6 +35,7 @@ from .header import (
     encode_slot,
     finish_core,
     parse_slot,
+    slots_offset,
 )
 
 DEK_LEN = 32
@@ -108,7 +109,7 @@ class HeaderPlan:
 
     def header_length(self, metadata_len: int) -> int:
         core = len(self.binding) + 4 + metadata_len + TAG_LEN + MAC_LEN + 2 + MAC_LEN
-        return core + 2 * self.slot_size
+        return slots_offset(core, self.slot_size) + 2 * self.slot_size
 
     def finish(self, metadata: bytes, recipients: tuple[Recipient, ...] = ()) -> bytes:
         """The complete header: core, then slot A (generation 1) and an empty slot B."""
@@ -119,7 +120,9 @@ class HeaderPlan:
             return pre + mac
         body = encode_recipients(1, recipients)
         slot_a = encode_slot(body, slot_mac(self.keys, mac, body), self.slot_size)
-        return pre + mac + slot_a + bytes(self.slot_size)
+        core = pre + mac
+        pad = bytes(slots_offset(len(core), self.slot_size) - len(core))
+        return core + pad + slot_a + bytes(self.slot_size)
 
 
 def verify_with_dek(core: CoreHeader, dek: bytes) -> FileKeys:

@@ -43,6 +43,12 @@ MAX_RECIPIENTS = 16
 MAX_KEY_ID = 512
 MAX_WRAPPED = 2048
 MAX_HEADER = 1 << 20
+SLOT_ALIGN = 4096  # slots start on a 4 KiB boundary so a torn sector never spans both
+
+
+def slots_offset(core_len: int, slot_size: int) -> int:
+    """Where slot A starts: the core header's end rounded up to ``SLOT_ALIGN`` (blobs: no slots)."""
+    return core_len if slot_size == 0 else -(-core_len // SLOT_ALIGN) * SLOT_ALIGN
 
 _CONTEXT_KEY = re.compile(rb"[a-z0-9][a-z0-9._-]{0,63}")
 _SCHEME = re.compile(rb"[a-z][a-z0-9]{0,15}")
@@ -85,8 +91,12 @@ class CoreHeader:
         return 1 << self.chunk_log2
 
     @property
+    def slots_offset(self) -> int:
+        return slots_offset(len(self.raw), self.slot_size)
+
+    @property
     def payload_offset(self) -> int:
-        return len(self.raw) + 2 * self.slot_size
+        return self.slots_offset + 2 * self.slot_size
 
     @property
     def binding(self) -> bytes:
