@@ -125,3 +125,65 @@ def test_source_is_never_modified(env: Env) -> None:
     with pytest.raises(modelseal.PolicyDenied):
         modelseal.seal(model, model / "inside.sealed", key="test-kek", keys=env.svc)
     assert tree_bytes(model) == before
+
+
+def test_concurrent_rewraps_and_reencrypt_never_lose_the_key(env: Env) -> None:
+    """Rewrap updates slots in place under an exclusive lock: many concurrent rewraps
+    (and a reencrypt replacing the file) must leave an artifact that opens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom(50_000)
+    src = env.work / "c.bin"
+    src.write_bytes(data)
+    dst = env.work / "c.sealed"
+    modelseal.seal(src, dst, key="test-kek", keys=env.svc)
+
+    def work(i: int) -> None:
+        if i == 7:
+            modelseal.reencrypt(dst, keys=env.svc)
+        else:
+            modelseal.rewrap(dst, keys=env.svc)
+
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(work, range(24)))
+    assert modelseal.open(dst, keys=env.svc).read() == data
+    info = modelseal.inspect(dst)
+    assert info["inactive_slot"] == "empty"
+
+
+def test_force_replaces_across_file_and_folder_kinds(env: Env) -> None:
+    model = make_model_folder(env.work / "model", big=10)
+    f = env.work / "f.bin"
+    f.write_bytes(b"x")
+    dst = env.work / "dst"
+    dst.write_bytes(b"an old file")
+    modelseal.seal(model, dst, key="test-kek", keys=env.svc, force=True)
+    assert (dst / "manifest.mseal").exists()
+    modelseal.seal(f, dst, key="test-kek", keys=env.svc, force=True)
+    assert dst.is_file() and modelseal.open(dst, keys=env.svc).read() == b"x"
+    assert sorted(p.name for p in env.work.iterdir()) == ["dst", "f.bin", "model"]
+
+
+def test_folder_replace_failure_restores_the_original(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelseal import fsutil
+
+    model = make_model_folder(env.work / "model", big=10)
+    dst = env.work / "s"
+    modelseal.seal(model, dst, key="test-kek", keys=env.svc)
+    before = _snapshot(dst)
+    real_rename = os.rename
+    calls = []
+
+    def flaky_rename(a: object, b: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the old folder has been moved aside; moving the new one in fails
+            raise OSError(errno.EIO, "I/O error")
+        real_rename(a, b)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(fsutil.os, "rename", flaky_rename)
+        with pytest.raises(StorageError):
+            modelseal.reencrypt(dst, keys=env.svc)
+    assert _snapshot(dst) == before
+    assert sorted(p.name for p in env.work.iterdir()) == ["model", "s"]
+    assert modelseal.open_folder(dst, keys=env.svc).read("config.json") == (model / "config.json").read_bytes()

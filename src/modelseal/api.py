@@ -8,6 +8,7 @@ failure at any point leaves the destination (and the source) as they were.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,9 +28,28 @@ from .artifact import (
 )
 from .envelope import HeaderPlan, artifact_id, decrypt_metadata, new_dek, parse_slots
 from .errors import DecryptionError, FormatError, PolicyDenied, StorageError
-from .folder import BLOB_DIR, MANIFEST_NAME, MAX_MANIFEST, Entry, SealedFolder, encode_manifest, parse_manifest
-from .fsutil import atomic_output, fsync_dir, is_within, walk_folder
-from .header import DEFAULT_CHUNK_LOG2, DEFAULT_SLOT, KIND_BLOB, KIND_FILE, KIND_MANIFEST, Recipient, normalize_context
+from .folder import (
+    BLOB_DIR,
+    MANIFEST_NAME,
+    MAX_ENTRIES,
+    MAX_MANIFEST,
+    Entry,
+    SealedFolder,
+    encode_manifest,
+    is_safe_relpath,
+    parse_manifest,
+)
+from .fsutil import atomic_output, fsync_dir, is_within, open_regular, open_walked, walk_folder
+from .header import (
+    DEFAULT_CHUNK_LOG2,
+    DEFAULT_SLOT,
+    KIND_BLOB,
+    KIND_FILE,
+    KIND_MANIFEST,
+    Recipient,
+    Slot,
+    normalize_context,
+)
 from .keys import KeyService
 from .keystore import modelseal_home
 from .source import FdSource
@@ -72,12 +92,7 @@ def _unwrapper(svc: KeyService, raw: RawArtifact, op: str = "unwrap") -> Callabl
 
 
 def _open_fd(path: Path, flags: int = os.O_RDONLY) -> int:
-    try:
-        return os.open(path, flags | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise StorageError(f"{path} does not exist") from None
-    except OSError as e:
-        raise StorageError(f"cannot open {path}: {e.strerror}") from None
+    return open_regular(path, flags)
 
 
 def _seal_stream(
@@ -216,6 +231,18 @@ def seal(
     return SealResult(dst_p, aid, 1, length, tuple(key_uris))
 
 
+def _check_sealable(paths: list[str]) -> None:
+    """Refuse, before writing anything, a folder that readers would refuse to open."""
+    for rel in paths:
+        if not is_safe_relpath(rel):
+            raise PolicyDenied(f"the file name {rel!r} cannot be sealed (backslash or not UTF-8)")
+    if len(paths) > MAX_ENTRIES:
+        raise PolicyDenied(f"a sealed folder holds at most {MAX_ENTRIES} files; this one has {len(paths)}")
+    probe = encode_manifest([Entry(rel, 2**63, "0" * 64, "0" * 32, "0" * 64) for rel in paths])
+    if len(probe) > MAX_MANIFEST:
+        raise PolicyDenied("the folder's manifest would exceed 64 MiB; split it into several artifacts")
+
+
 def _seal_folder(
     src: Path,
     dst: Path,
@@ -227,10 +254,11 @@ def _seal_folder(
     progress: Progress | None,
 ) -> SealResult:
     files = walk_folder(src)
+    _check_sealable([rel for rel, _, _ in files])
 
     def sources() -> FolderSource:
-        for rel, real in files:
-            fd = _open_fd(real)
+        for rel, real, file_id in files:
+            fd = open_walked(real, file_id)
             try:
                 yield rel, os.fstat(fd).st_size, fd_reader(fd)
             finally:
@@ -248,6 +276,31 @@ def _bytes_reader(data: bytes) -> ReadAt:
         buf[:] = view[offset : offset + len(buf)]
 
     return read_at
+
+
+def _open_locked(path: Path) -> tuple[FdSource, RawArtifact]:
+    """Open a sealed file for an in-place update under an exclusive ``flock``.
+
+    The lock is taken before the header is read, and the path is re-checked to
+    still name the locked file (a concurrent reencrypt may have replaced it).
+    It is released when the returned source is closed.
+    """
+    for _ in range(5):
+        src = FdSource(_open_fd(path, os.O_RDWR))
+        try:
+            fcntl.flock(src.fd, fcntl.LOCK_EX)
+            st = os.fstat(src.fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return src, read_raw(src)
+        except BaseException:
+            src.close()
+            raise
+        src.close()
+    raise StorageError(f"{path} keeps being replaced while it is being updated; try again")
 
 
 def _open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[FdSource, RawArtifact]:
@@ -271,7 +324,7 @@ def open(path: str | os.PathLike[str], member: str | None = None, *, keys: KeySe
     try:
         if raw.core.kind != KIND_FILE:
             raise FormatError(f"{p} is part of a sealed folder, not a sealed file; open the folder")
-        opened = open_keys(raw, _unwrapper(_svc(keys), raw))
+        opened = open_keys(raw, _unwrapper(_svc(keys), raw), src)
         reader = SealedReader(src, raw, opened.keys, name=str(p))
         reader.recipients = opened.slot.recipients
         return reader
@@ -289,7 +342,7 @@ def open_folder(path: str | os.PathLike[str], *, keys: KeyService | None = None)
     try:
         if raw.core.kind != KIND_MANIFEST or raw.core.plaintext_length > MAX_MANIFEST:
             raise DecryptionError()
-        opened = open_keys(raw, _unwrapper(_svc(keys), raw))
+        opened = open_keys(raw, _unwrapper(_svc(keys), raw), src)
         with SealedReader(src, raw, opened.keys, owns_src=False) as r:
             entries = parse_manifest(r.readall())
     finally:
@@ -329,6 +382,9 @@ def unseal(
 ) -> Path:
     """Decrypt a sealed file or folder back to plaintext at ``dst`` (files mode 0600)."""
     src_p, dst_p = Path(src), Path(dst)
+    _check_keys_apart(dst_p)
+    if is_within(src_p, dst_p):
+        raise PolicyDenied("the destination must not contain the source")
     if src_p.is_dir():
         with open_folder(src_p, keys=keys) as folder, atomic_output(dst_p, force, is_dir=True) as tmp:
             for e in folder.entries():
@@ -368,30 +424,21 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
             "chunk_size": core.chunk_size,
             ("sealed_length" if core.kind == KIND_FILE else "manifest_length"): raw.layout.file_length,
             "context": dict(core.context),
-            "slot_generation": slots[0][1].generation if slots else None,
-            "recipients": [
-                {"key": f"{r.scheme}:{r.key_id}", "version": r.key_version}
-                for r in (slots[0][1].recipients if slots else ())
-            ],
         }
+        active = slots[0] if slots else None  # newest well-formed slot: not yet authenticated
+        authenticated = False
+        opened = None
+        if contents and core.kind != KIND_BLOB:
+            opened = open_keys(raw, _unwrapper(_svc(keys), raw), src)
+            active, authenticated = (opened.slot_index, opened.slot), True
         if core.slot_size:
-            # Rewrap writes the inactive slot; a torn write (or tampering) there is
-            # skipped by readers but worth a look.
-            states = [("empty" if not any(s) else "present") for s in raw.slots]
-            used = {idx for idx, _ in slots}
-            inactive = [i for i in (0, 1) if i != (slots[0][0] if slots else -1)]
-            info["inactive_slot"] = (
-                "empty"
-                if all(states[i] == "empty" for i in inactive)
-                else ("present" if all(i in used for i in inactive if states[i] != "empty") else "damaged")
-            )
+            info.update(_slot_report(raw, active, authenticated))
         if core.kind == KIND_FILE:
             info["plaintext_length"] = core.plaintext_length
         if core.kind == KIND_MANIFEST:
             blob_dir = p / BLOB_DIR
             info["blobs"] = len(list(blob_dir.iterdir())) if blob_dir.is_dir() else 0
-        if contents and core.kind != KIND_BLOB:
-            opened = open_keys(raw, _unwrapper(_svc(keys), raw))
+        if opened is not None:
             info["metadata"] = parse_json_object(decrypt_metadata(core, opened.keys))
             if core.kind == KIND_MANIFEST:
                 with SealedReader(src, raw, opened.keys, owns_src=False) as r:
@@ -401,6 +448,35 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
         return info
     finally:
         src.close()
+
+
+def _slot_report(raw: RawArtifact, active: tuple[int, Slot] | None, authenticated: bool) -> dict[str, Any]:
+    """Describe both recipient slots. Without a key nothing in them is authenticated:
+    the recipients shown are those of the newest well-formed slot, and say so."""
+    well_formed = {idx: slot for idx, slot in parse_slots(raw.slots)}
+
+    def state(i: int) -> str:
+        if not any(raw.slots[i]):
+            return "empty"
+        return "well-formed" if i in well_formed else "damaged"
+
+    out: dict[str, Any] = {
+        "slots": [
+            {"slot": "AB"[i], "state": state(i), "generation": well_formed[i].generation if i in well_formed else None}
+            for i in (0, 1)
+        ],
+        "recipients_authenticated": authenticated,
+        "recipients": [],
+        "slot_generation": None,
+    }
+    if active is not None:
+        idx, slot = active
+        out["active_slot"] = "AB"[idx]
+        out["slot_generation"] = slot.generation
+        out["recipients"] = [{"key": f"{r.scheme}:{r.key_id}", "version": r.key_version} for r in slot.recipients]
+        other = state(1 - idx)
+        out["inactive_slot"] = "present" if other == "well-formed" else other
+    return out
 
 
 @dataclass(frozen=True)
@@ -420,7 +496,7 @@ def rewrap(
     """
     p = Path(path)
     svc = _svc(keys)
-    src, raw = _open_raw(_target(p), os.O_RDWR)
+    src, raw = _open_locked(_target(p))
     try:
         if raw.core.kind == KIND_BLOB:
             raise FormatError(f"{p} is part of a sealed folder; rewrap the folder")
@@ -447,8 +523,21 @@ def reencrypt(
     p = Path(path)
     svc = _svc(keys)
     dek = new_dek()
+    _check_keys_apart(p)
+    # Hold the artifact's update lock (the manifest's, for a folder) until the new
+    # artifact has replaced it, so a concurrent rewrap waits and then sees the new one.
+    lock, _ = _open_locked(_target(p))
+    try:
+        return _reencrypt_locked(p, key, svc, dek, progress)
+    finally:
+        lock.close()
+
+
+def _reencrypt_locked(
+    p: Path, key: str | Sequence[str] | None, svc: KeyService, dek: bytes, progress: Progress | None
+) -> SealResult:
     if p.is_dir():
-        with open_folder(p, keys=keys) as folder:
+        with open_folder(p, keys=svc) as folder:
             uris = _as_list(key) if key is not None else _uris(folder.recipients)
             ctx = folder.raw_artifact.core.context
 
@@ -460,7 +549,7 @@ def reencrypt(
             with atomic_output(p, force=True, is_dir=True) as tmp:
                 aid, entries = _write_folder(tmp, sources(), dek, ctx, _wrap_all(svc, uris, dek, ctx), progress)
         return SealResult(p, aid, len(entries), sum(e.size for e in entries), tuple(uris))
-    with open(p, keys=keys) as r:
+    with open(p, keys=svc) as r:
         meta = r.metadata()
         uris = _as_list(key) if key is not None else _uris(r.recipients)
         ctx = r.raw_artifact.core.context

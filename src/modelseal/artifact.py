@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .envelope import FileKeys, HeaderPlan, Opened, decrypt_metadata, new_slot_bytes, open_envelope, parse_slots
+from .envelope import FileKeys, HeaderPlan, Opened, decrypt_metadata, new_slot_bytes, open_envelope
 from .errors import DecryptionError, StorageError
 from .header import MAGIC, CoreHeader, Recipient, parse_core, peek_version
 from .source import CipherSource
@@ -60,8 +60,20 @@ def read_raw(src: CipherSource) -> RawArtifact:
     return RawArtifact(core, (raw_slots[:n], raw_slots[n:]), layout)
 
 
-def open_keys(raw: RawArtifact, unwrap: Callable[[Recipient], bytes]) -> Opened:
-    return open_envelope(raw.core, raw.slots, unwrap)
+def open_keys(raw: RawArtifact, unwrap: Callable[[Recipient], bytes], src: CipherSource | None = None) -> Opened:
+    """Open the envelope. With ``src``, a failure is retried once on freshly read slots:
+    a reader racing a rewrap may have copied one slot before and one after the
+    writer's two steps, and seen neither valid."""
+    try:
+        return open_envelope(raw.core, raw.slots, unwrap)
+    except DecryptionError:
+        if src is None or not raw.core.slot_size:
+            raise
+        again = _pread(src, 2 * raw.core.slot_size, raw.core.slots_offset)
+        n = raw.core.slot_size
+        if again == raw.slots[0] + raw.slots[1] or len(again) != 2 * n:
+            raise
+        return open_envelope(raw.core, (again[:n], again[n:]), unwrap)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -229,10 +241,14 @@ def write_slot_in_place(fd: int, raw: RawArtifact, opened: Opened, recipients: t
     slot with a higher generation, fsync, then zero the old slot and fsync again.
 
     A crash between the steps leaves both slots valid (readers prefer the
-    newer one); at no point is neither slot valid.
+    newer one); at no point is neither slot valid. The caller holds an
+    exclusive lock on the artifact, so two rewraps cannot interleave. The new
+    generation follows the *authenticated* slot's, never an unverified one.
     """
     core = raw.core
-    generation = max(s.generation for _, s in parse_slots(raw.slots)) + 1
+    generation = opened.slot.generation + 1
+    if generation >= 1 << 64:
+        raise StorageError("the header slot generation counter is exhausted; use reencrypt")
     try:
         slot = new_slot_bytes(core, opened.keys, generation, recipients)
     except OverflowError:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, ModelsealError
+from .errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, KeystoreError, ModelsealError
 from .header import (
     KIND_BLOB,
     MAC_LEN,
@@ -164,7 +164,8 @@ def parse_slots(raw_slots: tuple[bytes, bytes]) -> list[tuple[int, Slot]]:
     return found
 
 
-_INFRA_RANK: dict[type[ModelsealError], int] = {KeyDisabled: 3, KeyNotFound: 2, KeyProviderError: 1}
+# Which infrastructure error to report when no recipient opens: the most actionable.
+_INFRA_RANK: dict[type[ModelsealError], int] = {KeystoreError: 4, KeyDisabled: 3, KeyNotFound: 2, KeyProviderError: 1}
 
 
 def open_envelope(
@@ -174,10 +175,11 @@ def open_envelope(
 ) -> Opened:
     """Find a slot and a recipient that yield the data key, and verify everything.
 
-    Infrastructure errors for one recipient (key not here, disabled) fall
-    through to the next; if no recipient works, a decryption failure wins
-    over them (the artifact is wrong), else the most telling of them is raised.
-    Keystore errors (a wrong passphrase) propagate at once.
+    Infrastructure errors for one recipient (key not here, disabled, no local
+    keystore or a wrong passphrase) fall through to the next recipient, so a
+    host holding any one of the KEKs can open the artifact. If none works, a
+    decryption failure wins (the artifact is wrong), else the most actionable
+    infrastructure error is raised.
     """
     infra: ModelsealError | None = None
     failed = False
@@ -192,7 +194,7 @@ def open_envelope(
             except DecryptionError:
                 failed = True
                 continue
-            except KeyProviderError as e:
+            except (KeyProviderError, KeystoreError) as e:
                 rank = max((v for k, v in _INFRA_RANK.items() if isinstance(e, k)), default=0)
                 best = max((v for k, v in _INFRA_RANK.items() if isinstance(infra, k)), default=-1)
                 if rank > best:

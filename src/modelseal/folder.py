@@ -9,7 +9,6 @@ Owns the manifest schema (docs/format.md, section 8), its strict validation
 from __future__ import annotations
 
 import hmac
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from typing import Any
 
 from .artifact import RawArtifact, SealedReader, canonical_json, parse_json_object, read_raw
 from .envelope import Opened, verify_with_dek
-from .errors import DecryptionError, FormatError, StorageError
+from .errors import DecryptionError, FormatError
+from .fsutil import open_regular
 from .header import KIND_BLOB
 from .source import FdSource
 
@@ -52,6 +52,10 @@ class Entry:
 def is_safe_relpath(path: str) -> bool:
     if not path or "\x00" in path or "\\" in path or path.startswith("/"):
         return False
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a non-UTF-8 file name (surrogate-escaped by os.walk)
+        return False
     parts = PurePosixPath(path).parts
     return all(p not in ("", ".", "..") for p in parts) and "/".join(parts) == path
 
@@ -64,6 +68,8 @@ def parse_manifest(data: bytes) -> list[Entry]:
     """Strictly validate a decrypted manifest. Any defect is a DecryptionError: the
     manifest is authenticated, so a bad one means a bad (or malicious) sealer."""
     doc = parse_json_object(data)
+    if set(doc) != {"files", "format"} or canonical_json(doc) != data:
+        raise DecryptionError()  # only the one canonical encoding is accepted
     files = doc.get("files")
     if doc.get("format") != MANIFEST_FORMAT or not isinstance(files, list) or len(files) > MAX_ENTRIES:
         raise DecryptionError()
@@ -84,6 +90,8 @@ def parse_manifest(data: bytes) -> list[Entry]:
             raise DecryptionError()
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise DecryptionError()
+        if out and path.encode() <= out[-1].path.encode():
+            raise DecryptionError()  # entries must be sorted by path bytes
         seen_paths.add(path)
         seen_blobs.add(blob)
         out.append(Entry(path, size, digest, blob, mac))
@@ -131,12 +139,10 @@ class SealedFolder:
 
     def open(self, path: str) -> SealedReader:
         e = self.entry(path)
-        try:
-            fd = os.open(self.root / BLOB_DIR / e.blob, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise DecryptionError() from None  # the manifest names a blob that is gone
-        except OSError as err:
-            raise StorageError(f"cannot read {self.root}: {err.strerror}") from None
+        blob = self.root / BLOB_DIR / e.blob
+        if not blob.exists():
+            raise DecryptionError()  # the manifest names a blob that is gone
+        fd = open_regular(blob)
         src = FdSource(fd)
         try:
             raw = read_raw(src)

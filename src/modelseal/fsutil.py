@@ -60,30 +60,50 @@ def atomic_output(dst: Path, force: bool, is_dir: bool = False) -> Iterator[Path
         yield tmp
         if is_dir:
             fsync_dir(tmp)
-        replace(tmp, dst)
+        replace(tmp, dst, force)
     except BaseException:
         remove_path(tmp)
         raise
 
 
-def replace(tmp: Path, dst: Path) -> None:
+def replace(tmp: Path, dst: Path, force: bool = True) -> None:
     """Move ``tmp`` over ``dst``. A folder destination is swapped out then removed."""
     try:
-        if dst.is_dir() and not dst.is_symlink():
+        existing_dir = dst.is_dir() and not dst.is_symlink()
+        if force and (existing_dir or (tmp.is_dir() and (dst.exists() or dst.is_symlink()))):
+            # A folder cannot be replaced in one rename: move the old one aside first.
             old = temp_sibling(dst, "old")
             os.rename(dst, old)
-            os.rename(tmp, dst)
+            try:
+                os.rename(tmp, dst)
+            except OSError:
+                os.rename(old, dst)  # put the original back
+                raise
             fsync_dir(dst.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
+        elif tmp.is_dir():
+            os.rename(tmp, dst)  # fails if dst appeared as a non-empty folder meanwhile
+            fsync_dir(dst.parent)
+        elif not force:
+            # link() never replaces: a destination created since the check is kept.
+            os.link(tmp, dst)
+            os.unlink(tmp)
+            fsync_dir(dst.parent)
         else:
             os.replace(tmp, dst)
             fsync_dir(dst.parent)
+    except FileExistsError:
+        raise DestinationExists(f"{dst} already exists (use --force to replace it)") from None
     except OSError as e:
         raise StorageError(f"cannot move output into place at {dst}: {e.strerror}") from None
 
 
-def write_atomic(dst: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a small file atomically (temp, fsync, rename, fsync folder)."""
+def write_atomic(dst: Path, data: bytes, mode: int = 0o600, exclusive: bool = False) -> None:
+    """Write a small file atomically (temp, fsync, rename, fsync folder).
+
+    With ``exclusive`` the file is linked into place instead, which fails with
+    FileExistsError rather than replace a file that exists (or appeared meanwhile).
+    """
     tmp = temp_sibling(dst)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -94,12 +114,50 @@ def write_atomic(dst: Path, data: bytes, mode: int = 0o600) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, dst)
+        if exclusive:
+            os.link(tmp, dst)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, dst)
         fsync_dir(dst.parent)
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise StorageError(f"cannot write {dst}: {e.strerror}") from None
+
+
+def open_walked(real: Path, file_id: FileId) -> int:
+    """Open a file found by ``walk_folder`` and check it is still that same regular
+    file: a symlink swapped in after the walk (to a file outside) is refused."""
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise PolicyDenied(f"{real} changed while it was being sealed ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != file_id:
+        os.close(fd)
+        raise PolicyDenied(f"{real} changed while it was being sealed")
+    return fd
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """Open an existing regular file (never blocks on a FIFO or device)."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise StorageError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise StorageError(f"{path} is a folder, not a file") from None
+    except OSError as e:
+        raise StorageError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StorageError(f"{path} is not a regular file")
+    return fd
 
 
 def is_within(child: Path, parent: Path) -> bool:
@@ -110,14 +168,17 @@ def is_within(child: Path, parent: Path) -> bool:
     return True
 
 
-def walk_folder(root: Path) -> list[tuple[str, Path]]:
-    """List the regular files under ``root`` as (POSIX relative path, real path), sorted.
+FileId = tuple[int, int]  # (st_dev, st_ino)
+
+
+def walk_folder(root: Path) -> list[tuple[str, Path, FileId]]:
+    """List the regular files under ``root`` as (POSIX relative path, real path, file id), sorted.
 
     Symlinks are followed only when they stay inside ``root``; one that leaves
     it (or dangles) is refused, as are special files.
     """
     root_real = root.resolve()
-    out: list[tuple[str, Path]] = []
+    out: list[tuple[str, Path, FileId]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         for name in list(dirnames):
@@ -131,8 +192,9 @@ def walk_folder(root: Path) -> list[tuple[str, Path]]:
             real = p.resolve()
             if p.is_symlink() and (not real.exists() or not is_within(real, root_real)):
                 raise PolicyDenied(f"symlink {rel} points outside the folder being sealed")
-            if not stat.S_ISREG(real.stat().st_mode):
+            st = real.stat()
+            if not stat.S_ISREG(st.st_mode):
                 raise PolicyDenied(f"{rel} is not a regular file")
-            out.append((rel, real))
+            out.append((rel, real, (st.st_dev, st.st_ino)))
     out.sort(key=lambda item: item[0].encode())
     return out

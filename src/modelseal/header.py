@@ -50,6 +50,7 @@ def slots_offset(core_len: int, slot_size: int) -> int:
     """Where slot A starts: the core header's end rounded up to ``SLOT_ALIGN`` (blobs: no slots)."""
     return core_len if slot_size == 0 else -(-core_len // SLOT_ALIGN) * SLOT_ALIGN
 
+
 _CONTEXT_KEY = re.compile(rb"[a-z0-9][a-z0-9._-]{0,63}")
 _SCHEME = re.compile(rb"[a-z][a-z0-9]{0,15}")
 

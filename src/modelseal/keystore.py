@@ -18,6 +18,7 @@ import contextlib
 import copy
 import fcntl
 import getpass
+import hashlib
 import json
 import os
 import sys
@@ -91,20 +92,16 @@ class UnlockedKeystore:
     root_key: bytes
     header: dict[str, Any]  # format, kdf and wrapped root: re-written unchanged
     keys: dict[str, Any]
-    signature: tuple[int, int, int]
+    signature: bytes  # SHA-256 of the file as last read or written
 
-    def save(self) -> None:
+    def save(self, exclusive: bool = False) -> None:
         body = json.dumps({"keys": self.keys}, sort_keys=True, separators=(",", ":")).encode()
         nonce = os.urandom(12)
         doc = dict(self.header)
         doc["body"] = {"nonce": _b64(nonce), "ct": _b64(AESGCM(self.root_key).encrypt(nonce, body, _BODY_AAD))}
-        write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n", mode=0o600)
-        self.signature = _stat_signature(self.path)
-
-
-def _stat_signature(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+        raw = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+        write_atomic(self.path, raw, mode=0o600, exclusive=exclusive)
+        self.signature = hashlib.sha256(raw).digest()
 
 
 def create(
@@ -119,8 +116,6 @@ def create(
         raise KeystoreError("scrypt cost out of range")
     if not passphrase:
         raise KeystoreError("an empty passphrase is not allowed")
-    if path.exists():
-        raise KeystoreError(f"a keystore already exists at {path}")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     salt, nonce = os.urandom(32), os.urandom(12)
     root = root_key or os.urandom(32)
@@ -130,19 +125,24 @@ def create(
         "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
         "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
     }
-    ks = UnlockedKeystore(path, root, header, {}, (0, 0, 0))
-    ks.save()
-    _CACHE[str(path)] = (ks, time.monotonic() + CACHE_TTL)
+    ks = UnlockedKeystore(path, root, header, {}, b"")
+    try:
+        ks.save(exclusive=True)  # never replaces a keystore, even one created concurrently
+    except FileExistsError:
+        raise KeystoreError(f"a keystore already exists at {path}") from None
     return ks
 
 
-def _load_doc(path: Path) -> dict[str, Any]:
+def _read_file(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise KeystoreError(f"no keystore at {path}: run 'modelseal init' first") from None
     except OSError as e:
         raise KeystoreError(f"cannot read keystore {path}: {e.strerror}") from None
+
+
+def _parse_doc(raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except ValueError:
@@ -152,12 +152,19 @@ def _load_doc(path: Path) -> dict[str, Any]:
     return doc
 
 
+def _field(obj: dict[str, Any], name: str, length: int) -> bytes:
+    value = _unb64(obj.get(name))
+    if len(value) != length:
+        raise KeystoreError("keystore file is damaged")
+    return value
+
+
 def _open_body(doc: dict[str, Any], root: bytes) -> dict[str, Any]:
     body = doc.get("body")
     if not isinstance(body, dict):
         raise KeystoreError("keystore file is damaged")
     try:
-        plain = AESGCM(root).decrypt(_unb64(body.get("nonce")), _unb64(body.get("ct")), _BODY_AAD)
+        plain = AESGCM(root).decrypt(_field(body, "nonce", 12), _unb64(body.get("ct")), _BODY_AAD)
         keys = json.loads(plain)["keys"]
     except (InvalidTag, ValueError, KeyError, TypeError):
         raise KeystoreError("keystore file is damaged") from None
@@ -175,14 +182,16 @@ def _unwrap_root(doc: dict[str, Any], passphrase: bytes) -> bytes:
         raise KeystoreError("keystore KDF parameters out of range")
     if kdf.get("r") != 8 or kdf.get("p") != 1:
         raise KeystoreError("keystore KDF parameters out of range")
-    key = _derive(passphrase, _unb64(kdf.get("salt")), log2_n)
+    salt, nonce, ct = _field(kdf, "salt", 32), _field(root, "nonce", 12), _field(root, "ct", 32 + 16)
+    key = _derive(passphrase, salt, log2_n)
     try:
-        return AESGCM(key).decrypt(_unb64(root.get("nonce")), _unb64(root.get("ct")), _ROOT_AAD)
+        return AESGCM(key).decrypt(nonce, ct, _ROOT_AAD)
     except InvalidTag:
+        # Indistinguishable by design from a flipped bit in the wrapped root key.
         raise KeystoreError("wrong passphrase for the keystore") from None
 
 
-_CACHE: dict[str, tuple[UnlockedKeystore, float]] = {}
+_CACHE: dict[str, tuple[UnlockedKeystore, float, Callable[[], bytes]]] = {}
 
 
 def clear_cache() -> None:
@@ -196,27 +205,27 @@ def unlock(
 ) -> UnlockedKeystore:
     """Return the unlocked keystore, paying the KDF at most once per process and TTL.
 
-    A cached copy is re-read (with the cached root key, no KDF) when the file
-    changed on disk, so several processes can share one keystore.
+    The file is re-read on every call (it is small) and compared by hash with
+    the cached copy; a changed file is re-parsed with the cached root key, no
+    KDF. A different passphrase source than the one that unlocked the cache
+    is checked with the KDF again, never trusted.
     """
     path = path or keystore_path()
+    raw = _read_file(path)
+    sig = hashlib.sha256(raw).digest()
     hit = _CACHE.get(str(path))
-    if hit is not None and hit[1] > now():
+    if hit is not None and hit[1] > now() and hit[2] is passphrase:
         ks = hit[0]
-        try:
-            sig = _stat_signature(path)
-        except FileNotFoundError:
-            raise KeystoreError(f"no keystore at {path}: run 'modelseal init' first") from None
         if sig != ks.signature:
-            doc = _load_doc(path)
+            doc = _parse_doc(raw)
             ks = UnlockedKeystore(path, ks.root_key, _header_of(doc), _open_body(doc, ks.root_key), sig)
-            _CACHE[str(path)] = (ks, hit[1])
+            _CACHE[str(path)] = (ks, hit[1], passphrase)
         return ks
-    doc = _load_doc(path)
+    doc = _parse_doc(raw)
     _check_mode(path)
     root = _unwrap_root(doc, passphrase())
-    ks = UnlockedKeystore(path, root, _header_of(doc), _open_body(doc, root), _stat_signature(path))
-    _CACHE[str(path)] = (ks, now() + CACHE_TTL)
+    ks = UnlockedKeystore(path, root, _header_of(doc), _open_body(doc, root), sig)
+    _CACHE[str(path)] = (ks, now() + CACHE_TTL, passphrase)
     return ks
 
 
@@ -246,7 +255,7 @@ def locked_update(
         work = UnlockedKeystore(path, base.root_key, dict(base.header), copy.deepcopy(base.keys), base.signature)
         yield work
         work.save()
-        _CACHE[str(path)] = (work, time.monotonic() + CACHE_TTL)
+        _CACHE[str(path)] = (work, time.monotonic() + CACHE_TTL, passphrase)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
