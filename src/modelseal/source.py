@@ -53,13 +53,13 @@ class FdSource:
 class FileObjSource:
     """Positioned reads over a seekable file object; one read at a time."""
 
-    def __init__(self, fileobj: BinaryIO, size: int | None = None, owns: bool = True) -> None:
+    def __init__(self, fileobj: BinaryIO, owns: bool = True) -> None:
         self._f = fileobj
         self._owns = owns
         self._lock = threading.Lock()
-        if size is None:
-            size = fileobj.seek(0, os.SEEK_END)
-        self._size = size
+        # The size comes from the object itself, never from a caller's claim, so the
+        # exact-length check of the format still catches trailing data.
+        self._size = fileobj.seek(0, os.SEEK_END)
 
     @property
     def size(self) -> int:

@@ -227,10 +227,10 @@ def encrypt_file_range(
 def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memoryview) -> None:
     """Decrypt plaintext bytes [offset, offset+len(out)) straight into ``out``.
 
-    Whole chunks are decrypted directly into the caller's buffer; only the
-    partial chunks at either end go through a scratch buffer. Runs in
-    parallel when the range spans several chunks. On any failure the whole of
-    ``out`` is zeroed before DecryptionError is raised.
+    Each chunk is decrypted into a per-thread scratch buffer and copied into
+    ``out`` only after its tag verified, so no unauthenticated byte ever reaches
+    the caller's memory. Runs in parallel when the range spans several chunks.
+    On any failure the whole of ``out`` is zeroed before DecryptionError is raised.
     """
     layout = cipher.layout
     size = len(out)
@@ -241,20 +241,16 @@ def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memor
 
     def job(run: range) -> None:
         scratch = memoryview(bytearray(cs + TAG_LEN))
-        tmp: memoryview | None = None
+        plain = memoryview(bytearray(cs))
         for i in run:
             c0 = i * cs
             n = layout.plain_len(i)
             lo, hi = max(offset, c0), min(offset + size, c0 + n)
-            dst = out[lo - offset : hi - offset]
-            if lo == c0 and hi == c0 + n:
-                cipher.read_chunk(src, i, scratch, dst)
-            else:
-                if tmp is None:
-                    tmp = memoryview(bytearray(cs))
-                cipher.read_chunk(src, i, scratch, tmp[:n])
-                dst[:] = tmp[lo - c0 : hi - c0]
-                tmp[:n] = bytes(n)
+            # Decrypt into private scratch and copy only once the tag has verified:
+            # the caller's buffer (maybe shared memory) never holds unverified bytes.
+            cipher.read_chunk(src, i, scratch, plain[:n])
+            out[lo - offset : hi - offset] = plain[lo - c0 : hi - c0]
+        plain[:] = bytes(cs)
 
     try:
         if last - first <= 2:
