@@ -1,0 +1,100 @@
+"""``modelseal.onnx.inference_session``: ONNX Runtime sessions from sealed models.
+
+The model protobuf is decrypted into memory and passed to
+``onnxruntime.InferenceSession`` as bytes. Models with external data (any
+model over 2 GB) keep their weights in separate files; those are decrypted
+into memory too and handed over with
+``SessionOptions.add_external_initializers_from_files_in_memory``, so no
+plaintext file is ever needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import FormatError
+from .keys import KeyService
+from .loading import open_folder_any, read_member, split_member, wipe
+
+
+def _external_locations(model: bytes | bytearray) -> list[str]:
+    """The external-data file names a model refers to (needs the ``onnx`` package)."""
+    try:
+        import onnx
+    except ImportError:  # without onnx we cannot see them; ORT will say if any are missing
+        return []
+    proto = onnx.ModelProto()
+    proto.ParseFromString(bytes(model))  # parsing alone never opens external files
+    found: set[str] = set()
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        tensors.extend(a.t for a in node.attribute if a.HasField("t"))
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    found.add(entry.value)
+    return sorted(found)
+
+
+def inference_session(
+    path: str | os.PathLike[str],
+    *,
+    member: str | None = None,
+    sess_options: Any = None,
+    providers: list[str] | None = None,
+    allow_plaintext: bool = False,
+    keys: KeyService | None = None,
+    **kwargs: Any,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` for a sealed ``.onnx`` file or sealed model folder."""
+    import onnxruntime as ort
+
+    p, implied = split_member(Path(path))
+    member = member or implied
+    so = sess_options if sess_options is not None else ort.SessionOptions()
+    buffers: list[bytearray] = []
+    if p.is_dir():
+        with open_folder_any(p, allow_plaintext=allow_plaintext, keys=keys) as folder:
+            if member is None:
+                models = [m for m in folder if m.endswith(".onnx")]
+                if len(models) != 1:
+                    raise FormatError(f"{p} holds {len(models)} .onnx files; name the one to load with member=")
+                member = models[0]
+            model = _read(folder, member)
+            base = PurePosixPath(member).parent
+            names, bufs = [], []
+            for loc in _external_locations(model):
+                rel = (base / loc).as_posix()
+                if rel not in folder:
+                    raise FormatError(f"the model's external data {loc!r} is not in the sealed folder")
+                data = _read(folder, rel)
+                buffers.append(data)
+                names.append(loc)
+                bufs.append(data)
+            if names:
+                so.add_external_initializers_from_files_in_memory(names, bufs, [len(b) for b in bufs])
+    else:
+        model = read_member(p, member, allow_plaintext=allow_plaintext, keys=keys)
+    try:
+        return ort.InferenceSession(
+            bytes(model), sess_options=so, providers=providers or ["CPUExecutionProvider"], **kwargs
+        )
+    finally:
+        # ORT has copied what it needs during session creation.
+        for b in buffers:
+            wipe(b)
+        if isinstance(model, bytearray):
+            wipe(model)
+
+
+def _read(folder: Any, rel: str) -> bytearray:
+    reader = folder.open(rel)
+    try:
+        buf = bytearray(reader.size)
+        reader.preadinto(0, buf)
+        return buf
+    finally:
+        reader.close()
