@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from modelseal import keystore
+from modelseal import api, keystore
 from modelseal.audit import MemorySink
 from modelseal.keys import KeyService
 
@@ -32,6 +32,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.setenv("MODELSEAL_HOME", str(home))
     monkeypatch.setenv("MODELSEAL_PASSPHRASE", PASSPHRASE)
     keystore.clear_cache()
+    monkeypatch.setattr(api, "_service", None)  # the process-wide default KeyService
     # The smallest scrypt cost the keystore accepts keeps tests fast; the CLI's init uses 2^17.
     keystore.create(keystore.keystore_path(home), PASSPHRASE.encode(), scrypt_log2_n=14)
     sink = MemorySink()

@@ -43,9 +43,8 @@ def pipeline(
 
     make: Any = transformers.pipeline  # its overloads are per task; ours takes any task
     with memfd_view(sealed_dir, keys=keys, allow_plaintext=allow_plaintext) as view:
-        model_kwargs = dict(kwargs.pop("model_kwargs", None) or {})
-        model_kwargs.setdefault("local_files_only", True)
-        return make(task, model=str(view), model_kwargs=model_kwargs, **kwargs)
+        # A local folder: transformers does not consult a hub for it.
+        return make(task, model=str(view), **kwargs)
 
 
 def sentence_transformer(

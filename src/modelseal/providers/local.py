@@ -55,9 +55,14 @@ class LocalProvider:
         passphrase: Callable[[], bytes] = keystore.read_passphrase,
         now: Callable[[], float] = time.time,
     ) -> None:
-        self.path = path or keystore.keystore_path()
+        self._path = path
         self._passphrase = passphrase
         self._now = now
+
+    @property
+    def path(self) -> Path:
+        """The keystore file: the one given, else ``$MODELSEAL_HOME``'s as of now."""
+        return self._path or keystore.keystore_path()
 
     # -- wrap / unwrap -------------------------------------------------
     def _entry(self, keys: dict[str, Any], name: str) -> dict[str, Any]:
