@@ -47,7 +47,7 @@ def test_random_access_reads_over_local(env: Env) -> None:
 
 
 def test_pandas_reads_sealed_training_data(env: Env) -> None:
-    plain, sealed = _sealed_csv(env)
+    _plain, sealed = _sealed_csv(env)
     df = pd.read_csv(f"sealed::file://{sealed}")
     assert len(df) == 20_000 and df["label"].sum() == sum(i % 3 for i in range(20_000))
     with fsspec.open(f"sealed::file://{sealed}", "rt") as f:

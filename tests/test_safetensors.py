@@ -133,7 +133,7 @@ def test_data_key_unwrapped_once_per_artifact(env: Env) -> None:
     env.sink.events.clear()
     for _ in range(3):
         with mst.safe_open(sealed, keys=env.svc) as f:
-            for k in f.keys():
+            for k in f:
                 f.get_tensor(k)
     assert [e.operation for e in env.sink.events] == ["unwrap"]
 

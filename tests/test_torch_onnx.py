@@ -78,7 +78,7 @@ def _onnx_model() -> tuple[onnx.ModelProto, np.ndarray]:
 
 
 def test_onnx_single_file(env: Env) -> None:
-    model, w = _onnx_model()
+    model, _w = _onnx_model()
     plain = env.work / "tiny.onnx"
     onnx.save_model(model, plain)
     x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
