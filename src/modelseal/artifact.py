@@ -137,7 +137,14 @@ class SealedReader(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def preadinto(self, offset: int, buf: memoryview | bytearray) -> int:
+    def preadinto(self, offset: int, buf: memoryview | bytearray, *, private: bool = False) -> int:
+        """Decrypt plaintext at ``offset`` into ``buf``; returns the byte count.
+
+        ``private=True`` promises that ``buf`` is fresh memory no other thread or
+        process can see until this returns (a tensor being loaded): whole chunks
+        are then decrypted in place, skipping a copy. Either way a failure zeroes
+        the range and raises DecryptionError.
+        """
         if self.closed:
             raise ValueError("I/O operation on closed file")
         view = memoryview(buf).cast("B")
@@ -153,12 +160,12 @@ class SealedReader(io.RawIOBase):
                 if self._cache_index != i:
                     self._cache_index = -1
                     clen = self._cipher.layout.plain_len(i)
-                    decrypt_into(self._cipher, self._src, i * cs, memoryview(self._cache)[:clen])
+                    decrypt_into(self._cipher, self._src, i * cs, memoryview(self._cache)[:clen], private=True)
                     self._cache_index = i
                 lo = offset - i * cs
                 view[:n] = self._cache[lo : lo + n]
             return n
-        decrypt_into(self._cipher, self._src, offset, view[:n])
+        decrypt_into(self._cipher, self._src, offset, view[:n], private=private)
         return n
 
     def pread(self, offset: int, size: int) -> bytes:

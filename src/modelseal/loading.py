@@ -38,7 +38,7 @@ class RandomAccess(Protocol):
 
     size: int
 
-    def preadinto(self, offset: int, buf: memoryview | bytearray) -> int: ...
+    def preadinto(self, offset: int, buf: memoryview | bytearray, *, private: bool = False) -> int: ...
 
     def close(self) -> None: ...
 
@@ -53,7 +53,7 @@ class PlainReader(io.RawIOBase):
         self.name = str(path)
         self._pos = 0
 
-    def preadinto(self, offset: int, buf: memoryview | bytearray) -> int:
+    def preadinto(self, offset: int, buf: memoryview | bytearray, *, private: bool = False) -> int:
         view = memoryview(buf).cast("B")
         return self._src.readinto_at(view[: max(0, min(len(view), self.size - offset))], offset)
 
@@ -141,7 +141,7 @@ def open_member(
 def read_into_memory(reader: RandomAccess) -> bytearray:
     """The whole plaintext in one fresh buffer, decrypted straight into it."""
     buf = bytearray(reader.size)
-    reader.preadinto(0, buf)
+    reader.preadinto(0, buf, private=True)
     return buf
 
 
@@ -176,7 +176,7 @@ def _memfd_from(reader: RandomAccess, name: str) -> int:
         if reader.size:
             os.ftruncate(fd, reader.size)
             with mmap.mmap(fd, reader.size) as mm:
-                reader.preadinto(0, memoryview(mm))
+                reader.preadinto(0, memoryview(mm), private=True)
         # Freeze the content: nobody can change what the library then reads.
         fcntl.fcntl(
             fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL

@@ -94,7 +94,7 @@ def _read(folder: Any, rel: str) -> bytearray:
     reader = folder.open(rel)
     try:
         buf = bytearray(reader.size)
-        reader.preadinto(0, buf)
+        reader.preadinto(0, buf, private=True)
         return buf
     finally:
         reader.close()

@@ -165,7 +165,7 @@ class _Shard:
     def read(self, info: TensorInfo, framework: str) -> Any:
         tensor, view = _alloc(info, framework)
         if info.nbytes:
-            self.reader.preadinto(info.begin, view)
+            self.reader.preadinto(info.begin, view, private=True)  # a fresh tensor nobody sees yet
         return tensor
 
 
@@ -207,7 +207,7 @@ class TensorSlice:
         )
         tensor, view = _alloc(part, self._framework)
         if part.nbytes:
-            self._shard.reader.preadinto(part.begin, view)
+            self._shard.reader.preadinto(part.begin, view, private=True)
         return _to_device(tensor[rest], self._framework, self._device)
 
 

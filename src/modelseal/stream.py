@@ -133,10 +133,17 @@ class ChunkCipher:
             raise DecryptionError() from None
 
     def read_chunk(self, src: CipherSource, i: int, scratch: memoryview, out: memoryview) -> None:
-        """Read chunk i's ciphertext into ``scratch`` and decrypt it into ``out``."""
-        ct = scratch[: self.layout.plain_len(i) + TAG_LEN]
-        _read_exact(src, ct, self.layout.offset(i))
-        self.decrypt_chunk(i, ct, out)
+        """Decrypt chunk i into ``out``, straight from the source's mapping when it
+        has one, else through ``scratch``."""
+        n, off = self.layout.plain_len(i) + TAG_LEN, self.layout.offset(i)
+        ct = src.view(off, n)
+        if ct is None:
+            ct = scratch[:n]
+            _read_exact(src, ct, off)
+        try:
+            self.decrypt_chunk(i, ct, out)
+        finally:
+            src.release(off, n)
 
 
 def _stripes(first: int, last: int, n: int) -> Iterator[range]:
@@ -150,14 +157,38 @@ def _stripes(first: int, last: int, n: int) -> Iterator[range]:
             yield range(lo, hi)
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_IN_POOL = threading.local()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(workers(), thread_name_prefix="modelseal", initializer=_mark_pool_thread)
+        return _POOL
+
+
+def _mark_pool_thread() -> None:
+    _IN_POOL.active = True
+
+
 def _run_parallel(job: Callable[[range], None], first: int, last: int) -> None:
+    """Run ``job`` over contiguous runs of [first, last) on the shared decryption pool.
+
+    The pool lives for the process (no thread start-up per read). A call made
+    from one of its own threads runs inline, so nested use cannot deadlock.
+    """
     n = min(workers(), max(1, last - first))
-    if n == 1:
+    if n == 1 or getattr(_IN_POOL, "active", False):
         job(range(first, last))
         return
-    with ThreadPoolExecutor(n, thread_name_prefix="modelseal") as pool:
-        for fut in [pool.submit(job, r) for r in _stripes(first, last, n)]:
-            fut.result()
+    futures = [_pool().submit(job, r) for r in _stripes(first, last, n)]
+    errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 def encrypt_file_range(
@@ -224,13 +255,16 @@ def encrypt_file_range(
             raise
 
 
-def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memoryview) -> None:
+def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memoryview, private: bool = False) -> None:
     """Decrypt plaintext bytes [offset, offset+len(out)) straight into ``out``.
 
     Each chunk is decrypted into a per-thread scratch buffer and copied into
     ``out`` only after its tag verified, so no unauthenticated byte ever reaches
-    the caller's memory. Runs in parallel when the range spans several chunks.
-    On any failure the whole of ``out`` is zeroed before DecryptionError is raised.
+    the caller's memory. With ``private=True`` (for a buffer modelseal has just
+    allocated and nobody else can see yet, such as a tensor being loaded) whole
+    chunks are decrypted straight into ``out``, saving that copy. Runs in
+    parallel when the range spans several chunks. On any failure the whole of
+    ``out`` is zeroed before DecryptionError is raised.
     """
     layout = cipher.layout
     size = len(out)
@@ -246,6 +280,9 @@ def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memor
             c0 = i * cs
             n = layout.plain_len(i)
             lo, hi = max(offset, c0), min(offset + size, c0 + n)
+            if private and lo == c0 and hi == c0 + n:
+                cipher.read_chunk(src, i, scratch, out[lo - offset : hi - offset])
+                continue
             # Decrypt into private scratch and copy only once the tag has verified:
             # the caller's buffer (maybe shared memory) never holds unverified bytes.
             cipher.read_chunk(src, i, scratch, plain[:n])

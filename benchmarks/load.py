@@ -1,0 +1,168 @@
+"""Loading sealed safetensors against plaintext safetensors and the encrypted competitors.
+
+    python benchmarks/load.py [--tensors 64] [--elements 4194304]
+
+Makes a 1 GiB safetensors file (64 float32 tensors of 4M elements, fixed seed),
+seals it, and reports in one run, everything page-cached:
+- a full load, plaintext ``safetensors.{numpy,torch}.load_file`` vs
+  ``modelseal.safetensors.load_file``, every tensor materialised in memory;
+- one lazy 16 MiB ``get_tensor`` on an already open file vs plaintext ``safe_open``;
+- peak RSS (VmHWM) of a child process doing the full torch load;
+- CryptoTensors and tensorizer with encryption, where they are installed.
+Figures, not pass/fail: see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import competitors
+
+import modelseal
+import modelseal.safetensors as mst
+from modelseal import keystore
+from modelseal.audit import MemorySink
+from modelseal.keys import KeyService
+
+MIB = 1 << 20
+
+
+def touch(tensors: dict[str, Any]) -> None:
+    """Materialise: read one value per 4 KiB page of every tensor."""
+    for t in tensors.values():
+        a = t.numpy() if hasattr(t, "numpy") else t
+        flat = a.reshape(-1).view(np.uint8)
+        int(flat[::4096].sum())
+
+
+def best_of(n: int, fn: Callable[[], Any]) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+        del out
+    return min(times)
+
+
+def median_of(n: int, fn: Callable[[], Any]) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def child_rss(code: str, env: dict[str, str]) -> int:
+    code += "\nprint([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tensors", type=int, default=64)
+    ap.add_argument("--elements", type=int, default=4 * MIB)
+    args = ap.parse_args()
+    import safetensors.numpy
+    import safetensors.torch
+    import torch
+    from safetensors import safe_open
+
+    work = Path(tempfile.mkdtemp(prefix="msload-"))
+    home = work / "home"
+    os.environ["MODELSEAL_HOME"] = str(home)
+    os.environ.setdefault("MODELSEAL_PASSPHRASE", "benchmark-passphrase")
+    try:
+        keystore.create(keystore.keystore_path(home), os.environ["MODELSEAL_PASSPHRASE"].encode(), scrypt_log2_n=14)
+        svc = KeyService(sink=MemorySink())
+        svc.create("bench")
+        rng = np.random.default_rng(0)
+        tensors = {f"layer.{i}.weight": rng.random(args.elements, dtype=np.float32) for i in range(args.tensors)}
+        size = sum(t.nbytes for t in tensors.values())
+        plain, sealed = work / "model.safetensors", work / "model.sealed"
+        safetensors.numpy.save_file(tensors, str(plain))
+        del tensors
+        modelseal.seal(plain, sealed, key="bench", keys=svc)
+        for p in (plain, sealed):  # page-cache both
+            with open(p, "rb") as f:
+                while f.read(64 * MIB):
+                    pass
+        print(f"model: {args.tensors} float32 tensors, {size / MIB:.0f} MiB; cores: {os.cpu_count()}")
+
+        rows = []
+
+        def full(name: str, plain_fn: Callable[[], Any], sealed_fn: Callable[[], Any]) -> None:
+            tp = best_of(3, lambda: touch(plain_fn()))
+            ts = best_of(3, lambda: touch(sealed_fn()))
+            rows.append((name, tp, ts))
+            print(
+                f"full load {name:5}  plaintext {size / tp / 1e9:5.2f} GB/s   sealed {size / ts / 1e9:5.2f} GB/s"
+                f"   ratio {ts / tp:4.2f}x"
+            )
+
+        full("numpy", lambda: safetensors.numpy.load_file(str(plain)), lambda: mst.load_file(sealed, "np", keys=svc))
+        full("torch", lambda: safetensors.torch.load_file(str(plain)), lambda: mst.load_file(sealed, "pt", keys=svc))
+
+        name = f"layer.{args.tensors // 2}.weight"
+        with safe_open(str(plain), framework="pt") as fp, mst.safe_open(sealed, framework="pt", keys=svc) as fs:
+            tp = median_of(21, lambda: touch({name: fp.get_tensor(name)}))
+            ts = median_of(21, lambda: touch({name: fs.get_tensor(name)}))
+        print(
+            f"lazy get_tensor 16 MiB  plaintext {tp * 1e3:6.2f} ms   sealed {ts * 1e3:6.2f} ms   ratio {ts / tp:4.2f}x"
+        )
+
+        env = dict(os.environ)
+        rss_plain = child_rss(f"import safetensors.torch as s; t = s.load_file({str(plain)!r})", env)
+        rss_sealed = child_rss(
+            "import modelseal.safetensors as m\n"
+            "from modelseal.keys import KeyService\nfrom modelseal.audit import MemorySink\n"
+            f"t = m.load_file({str(sealed)!r}, 'pt', keys=KeyService(sink=MemorySink()))",
+            env,
+        )
+        print(
+            f"peak RSS full torch load  plaintext {rss_plain / MIB:6.0f} MiB   sealed {rss_sealed / MIB:6.0f} MiB"
+            f"   ({rss_sealed / size:4.2f}x the model size)"
+        )
+
+        with safe_open(str(plain), framework="pt") as fp:
+            ref = {k: fp.get_tensor(k) for k in fp.keys()}  # noqa: SIM118
+        for comp in competitors.available():
+            try:
+                path = str(work / f"model.{comp.name}")
+                comp.save(ref, path)
+                tc = best_of(3, lambda c=comp, p=path: touch(c.load_all(p)))  # type: ignore[misc]
+                got = comp.load_all(path)
+                assert all(torch.equal(got[k], ref[k]) for k in ref)
+                tp = rows[1][1]
+                print(
+                    f"{comp.name:12} full load (encrypted) {size / tc / 1e9:5.2f} GB/s   {tc / tp:4.2f}x plaintext;"
+                    f" modelseal is {tc / rows[1][2]:4.2f}x faster   names in clear: {comp.names_in_clear(path, ref)}"
+                )
+                if comp.load_one is not None:
+                    tl = median_of(11, lambda c=comp, p=path: touch({name: c.load_one(p, name)}))  # type: ignore[misc]
+                    print(f"{comp.name:12} lazy one tensor {tl * 1e3:6.2f} ms")
+            except Exception as e:  # a competitor failing must not hide our figures
+                print(f"{comp.name}: failed ({type(e).__name__}: {str(e)[:120]})")
+        for missing in competitors.missing():
+            print(f"{missing}: not installed, skipped")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
