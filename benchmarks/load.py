@@ -67,10 +67,13 @@ def median_of(n: int, fn: Callable[[], Any]) -> float:
     return statistics.median(times)
 
 
-def child_rss(code: str, env: dict[str, str]) -> int:
-    code += "\nprint([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+def child_rss(setup: str, load: str, env: dict[str, str]) -> tuple[int, int]:
+    """(peak RSS, RSS after imports) of a child that runs ``setup`` then ``load``."""
+    status = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith({!r})][0]"
+    code = f"{setup}\nbase = {status.format('VmRSS')}\n{load}\nprint(base, {status.format('VmHWM')})\n"
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024
+    base, peak = out.stdout.strip().splitlines()[-1].split()
+    return int(peak) * 1024, int(base) * 1024
 
 
 def main() -> None:

@@ -9,10 +9,7 @@ S3 or in memory, for instance) behind a lock.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
-import stat
 import threading
 from typing import BinaryIO, Protocol
 
@@ -20,14 +17,6 @@ from typing import BinaryIO, Protocol
 class CipherSource(Protocol):
     @property
     def size(self) -> int: ...
-
-    def view(self, offset: int, size: int) -> memoryview | None:
-        """Zero-copy access to ``size`` bytes at ``offset``, or None (then use readinto_at)."""
-        ...
-
-    def release(self, offset: int, size: int) -> None:
-        """Hint that a range obtained by ``view`` is no longer needed."""
-        ...
 
     def readinto_at(self, buf: memoryview, offset: int) -> int:
         """Fill ``buf`` from ``offset``; return how many bytes were read (short only at EOF)."""
@@ -37,50 +26,21 @@ class CipherSource(Protocol):
 
 
 class FdSource:
-    """A file descriptor; large regular files are also mapped read-only for zero-copy reads.
+    """Positioned reads on a file descriptor: ``os.preadv``, thread-safe, GIL released.
 
-    Decrypting straight from the page cache saves one copy of every ciphertext
-    byte (measured here: about 1.2x faster loads on this VM, whose memory
-    bandwidth is the bottleneck). Pages are dropped from the mapping after use
-    (``release``), so the process's RSS does not grow by the ciphertext size.
-    As with any mmap reader (safetensors too), a file truncated by someone else
-    while it is being read raises SIGBUS; sealed files are replaced by rename,
-    never truncated, by modelseal itself.
+    (A read-only mmap was tried for zero-copy ciphertext access: no faster here
+    once page faults are counted, and a file truncated under the mapping would
+    crash the process with SIGBUS; so plain preads it is.)
     """
 
-    MAP_MIN = 4 << 20
-
-    def __init__(self, fd: int, owns: bool = True, map_file: bool = True) -> None:
+    def __init__(self, fd: int, owns: bool = True) -> None:
         self.fd = fd
         self._owns = owns
-        st = os.fstat(fd)
-        self._size = st.st_size
-        self._map: mmap.mmap | None = None
-        self._mv: memoryview | None = None
-        if map_file and stat.S_ISREG(st.st_mode) and self._size >= self.MAP_MIN:
-            try:
-                self._map = mmap.mmap(fd, self._size, prot=mmap.PROT_READ)
-                self._mv = memoryview(self._map)
-            except (OSError, ValueError):
-                self._map = None
+        self._size = os.fstat(fd).st_size
 
     @property
     def size(self) -> int:
         return self._size
-
-    def view(self, offset: int, size: int) -> memoryview | None:
-        if self._mv is None or offset < 0 or offset + size > self._size:
-            return None
-        return self._mv[offset : offset + size]
-
-    def release(self, offset: int, size: int) -> None:
-        if self._map is None:
-            return
-        lo = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = (offset + size) // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo:
-            with contextlib.suppress(OSError, ValueError):
-                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def readinto_at(self, buf: memoryview, offset: int) -> int:
         got = 0
@@ -92,13 +52,6 @@ class FdSource:
         return got
 
     def close(self) -> None:
-        if self._mv is not None:
-            self._mv.release()
-            self._mv = None
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a view still exported: GC unmaps it later
-                self._map.close()
-            self._map = None
         if self._owns and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -118,12 +71,6 @@ class FileObjSource:
     @property
     def size(self) -> int:
         return self._size
-
-    def view(self, offset: int, size: int) -> memoryview | None:
-        return None
-
-    def release(self, offset: int, size: int) -> None:
-        pass
 
     def readinto_at(self, buf: memoryview, offset: int) -> int:
         with self._lock:

@@ -133,17 +133,10 @@ class ChunkCipher:
             raise DecryptionError() from None
 
     def read_chunk(self, src: CipherSource, i: int, scratch: memoryview, out: memoryview) -> None:
-        """Decrypt chunk i into ``out``, straight from the source's mapping when it
-        has one, else through ``scratch``."""
-        n, off = self.layout.plain_len(i) + TAG_LEN, self.layout.offset(i)
-        ct = src.view(off, n)
-        if ct is None:
-            ct = scratch[:n]
-            _read_exact(src, ct, off)
-        try:
-            self.decrypt_chunk(i, ct, out)
-        finally:
-            src.release(off, n)
+        """Read chunk i's ciphertext into ``scratch`` and decrypt it into ``out``."""
+        ct = scratch[: self.layout.plain_len(i) + TAG_LEN]
+        _read_exact(src, ct, self.layout.offset(i))
+        self.decrypt_chunk(i, ct, out)
 
 
 def _stripes(first: int, last: int, n: int) -> Iterator[range]:
