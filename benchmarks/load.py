@@ -130,16 +130,16 @@ def main() -> None:
         )
 
         env = dict(os.environ)
-        rss_plain = child_rss(f"import safetensors.torch as s; t = s.load_file({str(plain)!r})", env)
-        rss_sealed = child_rss(
-            "import modelseal.safetensors as m\n"
+        peak, base = child_rss(
+            "import torch, modelseal.safetensors as m\n"
             "from modelseal.keys import KeyService\nfrom modelseal.audit import MemorySink\n"
-            f"t = m.load_file({str(sealed)!r}, 'pt', keys=KeyService(sink=MemorySink()))",
+            "svc = KeyService(sink=MemorySink())",
+            f"t = m.load_file({str(sealed)!r}, 'pt', keys=svc)",
             env,
         )
         print(
-            f"peak RSS full torch load  plaintext {rss_plain / MIB:6.0f} MiB   sealed {rss_sealed / MIB:6.0f} MiB"
-            f"   ({rss_sealed / size:4.2f}x the model size)"
+            f"peak RSS, sealed full torch load: {peak / MIB:6.0f} MiB, of which {base / MIB:4.0f} MiB is the"
+            f" interpreter and torch before loading: {(peak - base) / size:4.2f}x the model size"
         )
 
         with safe_open(str(plain), framework="pt") as fp:

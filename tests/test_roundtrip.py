@@ -174,3 +174,40 @@ def test_paths_accept_str_and_pathlike(env: Env) -> None:
     src.write_bytes(b"abc")
     modelseal.seal(str(src), str(env.work / "s.sealed"), key="test-kek", keys=env.svc)
     assert modelseal.open(Path(env.work / "s.sealed"), keys=env.svc).read() == b"abc"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    start=st.integers(min_value=0, max_value=C + 5),
+    cuts=st.lists(st.integers(min_value=0, max_value=3 * C), min_size=0, max_size=6),
+    private=st.booleans(),
+)
+def test_property_scatter_into_consecutive_buffers(env: Env, start: int, cuts: list[int], private: bool) -> None:
+    """``preadinto_many`` (used to load every tensor in one pass) equals plain slicing,
+    whatever the buffer boundaries are relative to chunk boundaries."""
+    src = env.work / "scatter.bin"
+    sealed = env.work / "scatter.sealed"
+    if not sealed.exists():
+        src.write_bytes(os.urandom(3 * C + 777))
+        modelseal.seal(src, sealed, key="test-kek", keys=env.svc)
+    data = src.read_bytes()
+    end = len(data)
+    bounds = sorted({start, end, *[min(end, max(start, c)) for c in cuts]})
+    bufs = [memoryview(bytearray(b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    with modelseal.open(sealed, keys=env.svc) as r:
+        r.preadinto_many(start, bufs, private=private)
+    assert b"".join(bytes(b) for b in bufs) == data[start:]
+
+
+def test_scatter_failure_zeroes_every_buffer(env: Env) -> None:
+    src = env.work / "z.bin"
+    src.write_bytes(os.urandom(3 * C))
+    sealed = env.work / "z.sealed"
+    modelseal.seal(src, sealed, key="test-kek", keys=env.svc)
+    raw = bytearray(sealed.read_bytes())
+    raw[-100] ^= 1  # last chunk
+    sealed.write_bytes(bytes(raw))
+    bufs = [memoryview(bytearray(b"\xaa" * C)) for _ in range(3)]
+    with modelseal.open(sealed, keys=env.svc) as r, pytest.raises(modelseal.DecryptionError):
+        r.preadinto_many(0, bufs, private=True)
+    assert all(not any(b) for b in bufs)

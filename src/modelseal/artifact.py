@@ -23,7 +23,7 @@ from .envelope import FileKeys, HeaderPlan, Opened, decrypt_metadata, new_slot_b
 from .errors import DecryptionError, StorageError
 from .header import MAGIC, CoreHeader, Recipient, parse_core, peek_version
 from .source import CipherSource
-from .stream import ChunkCipher, ChunkLayout, Progress, ReadAt, decrypt_into, encrypt_file_range
+from .stream import ChunkCipher, ChunkLayout, Progress, ReadAt, decrypt_into, decrypt_scatter, encrypt_file_range
 
 _HEADER_READ = 160 * 1024  # bigger than the largest core header the bounds allow
 
@@ -167,6 +167,15 @@ class SealedReader(io.RawIOBase):
             return n
         decrypt_into(self._cipher, self._src, offset, view[:n], private=private)
         return n
+
+    def preadinto_many(self, offset: int, bufs: list[memoryview], *, private: bool = False) -> None:
+        """Fill consecutive buffers from plaintext ``offset`` in one parallel pass
+        (e.g. every tensor of a model). The range must lie inside the plaintext."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        if offset < 0 or offset + sum(len(b) for b in bufs) > self.size:
+            raise ValueError("range outside the plaintext")
+        decrypt_scatter(self._cipher, self._src, offset, [memoryview(b).cast("B") for b in bufs], private=private)
 
     def pread(self, offset: int, size: int) -> bytes:
         buf = bytearray(max(0, min(size, self.size - offset)))

@@ -12,11 +12,12 @@ chunk, as in the STREAM construction used by age.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -249,22 +250,35 @@ def encrypt_file_range(
 
 
 def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memoryview, private: bool = False) -> None:
-    """Decrypt plaintext bytes [offset, offset+len(out)) straight into ``out``.
+    """Decrypt plaintext bytes [offset, offset+len(out)) into ``out`` (see ``decrypt_scatter``)."""
+    decrypt_scatter(cipher, src, offset, [out], private)
 
-    Each chunk is decrypted into a per-thread scratch buffer and copied into
-    ``out`` only after its tag verified, so no unauthenticated byte ever reaches
-    the caller's memory. With ``private=True`` (for a buffer modelseal has just
-    allocated and nobody else can see yet, such as a tensor being loaded) whole
-    chunks are decrypted straight into ``out``, saving that copy. Runs in
-    parallel when the range spans several chunks. On any failure the whole of
-    ``out`` is zeroed before DecryptionError is raised.
+
+def decrypt_scatter(
+    cipher: ChunkCipher, src: CipherSource, offset: int, outs: Sequence[memoryview], private: bool = False
+) -> None:
+    """Decrypt the plaintext range starting at ``offset`` into consecutive buffers ``outs``.
+
+    The buffers tile the range in order (a model's tensors, say), so one
+    parallel pass over the chunks fills them all, without a barrier per buffer.
+    Each chunk is decrypted into a per-thread scratch buffer and copied out only
+    after its tag verified, so no unauthenticated byte ever reaches the caller's
+    memory. With ``private=True`` (buffers modelseal has just allocated and that
+    nobody else can see yet, such as tensors being loaded) a chunk lying wholly
+    inside one buffer is decrypted straight into it, saving that copy. On any
+    failure every buffer is zeroed before DecryptionError is raised.
     """
     layout = cipher.layout
-    size = len(out)
-    if size == 0:
+    starts: list[int] = []
+    pos = offset
+    for o in outs:
+        starts.append(pos)
+        pos += len(o)
+    end = pos
+    if end == offset:
         return
     cs = layout.chunk_size
-    first, last = offset // cs, (offset + size - 1) // cs + 1
+    first, last = offset // cs, (end - 1) // cs + 1
 
     def job(run: range) -> None:
         scratch = memoryview(bytearray(cs + TAG_LEN))
@@ -272,14 +286,20 @@ def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memor
         for i in run:
             c0 = i * cs
             n = layout.plain_len(i)
-            lo, hi = max(offset, c0), min(offset + size, c0 + n)
-            if private and lo == c0 and hi == c0 + n:
-                cipher.read_chunk(src, i, scratch, out[lo - offset : hi - offset])
+            lo, hi = max(offset, c0), min(end, c0 + n)
+            k = bisect.bisect_right(starts, lo) - 1
+            if private and lo == c0 and hi == c0 + n and hi <= starts[k] + len(outs[k]):
+                cipher.read_chunk(src, i, scratch, outs[k][lo - starts[k] : hi - starts[k]])
                 continue
             # Decrypt into private scratch and copy only once the tag has verified:
             # the caller's buffer (maybe shared memory) never holds unverified bytes.
             cipher.read_chunk(src, i, scratch, plain[:n])
-            out[lo - offset : hi - offset] = plain[lo - c0 : hi - c0]
+            while lo < hi:
+                while k < len(outs) and starts[k] + len(outs[k]) <= lo:
+                    k += 1
+                take = min(hi, starts[k] + len(outs[k])) - lo
+                outs[k][lo - starts[k] : lo - starts[k] + take] = plain[lo - c0 : lo - c0 + take]
+                lo += take
         plain[:] = bytes(cs)
 
     try:
@@ -288,7 +308,8 @@ def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memor
         else:
             _run_parallel(job, first, last)
     except BaseException:
-        out[:] = bytes(size)
+        for o in outs:
+            o[:] = bytes(len(o))
         raise
 
 
