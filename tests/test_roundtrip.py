@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def test_property_scatter_into_consecutive_buffers(env: Env, start: int, cuts: l
     data = src.read_bytes()
     end = len(data)
     bounds = sorted({start, end, *[min(end, max(start, c)) for c in cuts]})
-    bufs = [memoryview(bytearray(b - a)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    bufs = [memoryview(bytearray(b - a)) for a, b in itertools.pairwise(bounds)]
     with modelseal.open(sealed, keys=env.svc) as r:
         r.preadinto_many(start, bufs, private=private)
     assert b"".join(bytes(b) for b in bufs) == data[start:]
