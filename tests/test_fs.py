@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 
 import fsspec
 import pandas as pd
@@ -72,3 +73,30 @@ def test_chains_over_the_memory_filesystem(env: Env) -> None:
         f.read()
     names = [os.path.basename(e["name"]) for e in fsspec.filesystem("sealed", target_protocol="memory").ls("/bucket")]
     assert sorted(names) == ["bad.sealed", "train.csv.sealed"]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from .services import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("s3")) as endpoint:
+        yield endpoint
+
+
+def test_chains_over_s3_on_a_real_seaweedfs(env: Env, s3_endpoint: str) -> None:
+    """SeaweedFS is a real S3 server, started on 127.0.0.1 for this test."""
+    plain, sealed = _sealed_csv(env, rows=3000)
+    opts = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    s3 = fsspec.filesystem("s3", **opts)
+    s3.mkdir("models")
+    s3.put(sealed, "models/train.csv.sealed")
+    url = "sealed::s3://models/train.csv.sealed"
+    with fsspec.open(url, "rb", s3=opts) as f:
+        f.seek(1234)
+        assert f.read(100) == plain[1234:1334]
+    df = pd.read_csv(url, storage_options={"s3": opts})
+    assert len(df) == 3000
+    fs = fsspec.filesystem("sealed", target_protocol="s3", target_options=opts)
+    assert fs.info("models/train.csv.sealed")["size"] == len(plain)
+    # Only ciphertext is stored in the bucket.
+    assert b"sample 1" not in s3.cat("models/train.csv.sealed")

