@@ -132,3 +132,31 @@ def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
         yield addr, token
     finally:
         _stop(proc)
+
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@contextmanager
+def softhsm_token(workdir: Path, label: str, pin: str) -> Iterator[str]:
+    """A fresh SoftHSM2 token in its own SOFTHSM2_CONF; yields the module path."""
+    if not Path(SOFTHSM_MODULE).exists() or shutil.which("softhsm2-util") is None:
+        raise RuntimeError("SoftHSM2 is not installed (Debian package softhsm2)")
+    tokens = workdir / "tokens"
+    tokens.mkdir()
+    conf = workdir / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    try:
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", pin + "-so"],
+            check=True,
+            capture_output=True,
+        )
+        yield SOFTHSM_MODULE
+    finally:
+        if old is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = old

@@ -98,7 +98,13 @@ def _transit() -> KeyProvider:
     return TransitProvider()
 
 
-_FACTORIES: dict[str, ProviderFactory] = {"local": _local, "transit": _transit}
+def _pkcs11() -> KeyProvider:
+    from .pkcs11 import Pkcs11Provider
+
+    return Pkcs11Provider()
+
+
+_FACTORIES: dict[str, ProviderFactory] = {"local": _local, "transit": _transit, "pkcs11": _pkcs11}
 
 
 def register(scheme: str, factory: ProviderFactory) -> None:

@@ -1,0 +1,119 @@
+"""The pkcs11: provider against a real SoftHSM2 token (Debian softhsm2), initialised per run."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+import modelseal
+from modelseal.audit import MemorySink
+from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
+from modelseal.header import normalize_context
+from modelseal.keys import KeyService
+from modelseal.providers.pkcs11 import Pkcs11Provider, parse_uri
+
+from .conftest import Env
+from .services import softhsm_token
+
+PIN = "4711-modelseal"
+LABEL = f"ms-{secrets.token_hex(4)}"
+OTHER = f"ms-other-{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="module")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import subprocess
+
+    with softhsm_token(tmp_path_factory.mktemp("hsm"), LABEL, PIN) as module:
+        # A second token, made before the module is loaded (SoftHSM lists tokens at start-up).
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", OTHER, "--pin", PIN, "--so-pin", "so-pin-1"],
+            check=True,
+            capture_output=True,
+        )
+        yield module
+
+
+@pytest.fixture
+def provider(hsm: str, monkeypatch: pytest.MonkeyPatch) -> Pkcs11Provider:
+    monkeypatch.setenv("MODELSEAL_PKCS11_MODULE", hsm)
+    monkeypatch.setenv("MODELSEAL_PKCS11_PIN", PIN)
+    return Pkcs11Provider()
+
+
+def uri(obj: str) -> str:
+    return f"token={LABEL};object={obj}"
+
+
+def test_rfc7512_uri_parsing() -> None:
+    u = parse_uri("token=My%20HSM;object=prod-kek?module-path=/usr/lib/x.so&pin-source=file:/run/pin")
+    assert (u.token, u.object, u.module, u.pin_source) == ("My HSM", "prod-kek", "/usr/lib/x.so", "file:/run/pin")
+    assert u.key_id == "token=My HSM;object=prod-kek"
+    with pytest.raises(KeyProviderError):
+        parse_uri("object=only")
+
+
+def test_key_is_generated_in_the_token_non_extractable(provider: Pkcs11Provider, hsm: str) -> None:
+    import pkcs11
+    from pkcs11 import Attribute
+
+    provider.create(uri("hsm-kek"))
+    lib = pkcs11.lib(hsm)
+    with lib.get_token(token_label=LABEL).open() as s:  # the provider's pooled session is logged in
+        key = s.get_key(label="hsm-kek")
+        assert key[Attribute.SENSITIVE] and not key[Attribute.EXTRACTABLE]
+        with pytest.raises(pkcs11.exceptions.AttributeSensitive):
+            key[Attribute.VALUE]
+
+
+def test_wrap_bound_to_context_and_version(provider: Pkcs11Provider) -> None:
+    provider.create(uri("ctx-kek"))
+    dek = os.urandom(32)
+    prod = normalize_context({"env": "prod"})
+    r = provider.wrap(uri("ctx-kek"), dek, prod)
+    assert (r.scheme, r.key_id, r.key_version) == ("pkcs11", uri("ctx-kek"), 1)
+    assert provider.unwrap(r, prod) == dek
+    with pytest.raises(DecryptionError):
+        provider.unwrap(r, normalize_context({"env": "dev"}))
+
+
+def test_seal_rotate_rewrap_disable_destroy(env: Env, provider: Pkcs11Provider) -> None:
+    svc = KeyService(sink=MemorySink(), providers={"pkcs11": provider})
+    key = f"pkcs11:{uri('model-kek')}"
+    svc.create(key)
+    src = env.work / "w.bin"
+    src.write_bytes(os.urandom(200_000))
+    sealed = env.work / "w.sealed"
+    modelseal.seal(src, sealed, key=key, context={"env": "prod"}, keys=svc)
+    assert modelseal.open(sealed, keys=svc).read() == src.read_bytes()
+    svc.rotate(key)
+    modelseal.rewrap(sealed, keys=svc)
+    assert modelseal.inspect(sealed)["recipients"] == [{"key": key, "version": 2}]
+    svc.destroy(key, 1)  # the old version is gone from the token; the artifact still opens
+    assert modelseal.open(sealed, keys=svc).read() == src.read_bytes()
+    svc.set_state(key, 2, "disabled")
+    with pytest.raises(KeyDisabled):
+        modelseal.open(sealed, keys=svc)
+    svc.set_state(key, 2, "active")
+    svc.destroy(key, None)
+    with pytest.raises(KeyNotFound):
+        modelseal.open(sealed, keys=svc)
+
+
+def test_wrong_pin_and_missing_key(
+    hsm: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    monkeypatch.setenv("MODELSEAL_PKCS11_MODULE", hsm)
+    monkeypatch.setenv("MODELSEAL_PKCS11_PIN", PIN)
+    with pytest.raises(KeyNotFound):
+        Pkcs11Provider().wrap(uri("no-such-kek"), os.urandom(32), ())
+    with pytest.raises(KeyNotFound, match="no token"):
+        Pkcs11Provider().wrap("token=absent;object=k", os.urandom(32), ())
+    # The second token, reached through a URI with pin-source= naming a wrong PIN.
+    pin_file = tmp_path_factory.mktemp("pin") / "pin"
+    pin_file.write_text("0000-wrong")
+    with pytest.raises(KeyProviderError, match="wrong PIN"):
+        Pkcs11Provider().wrap(f"token={OTHER};object=k?pin-source=file:{pin_file}", os.urandom(32), ())
