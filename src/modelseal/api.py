@@ -169,11 +169,29 @@ def _write_folder(
     return aid, entries
 
 
+def _new_data_key(
+    svc: KeyService, key_uris: list[str], context: tuple[tuple[str, str], ...]
+) -> tuple[bytes, tuple[Recipient, ...]]:
+    """A fresh DEK: from the first recipient's provider if it makes data keys (AWS KMS
+    GenerateDataKey), else from the OS CSPRNG. Returns it with that first wrap, if any."""
+    made = svc.generate(key_uris[0], context)
+    if made is None:
+        return new_dek(), ()
+    return made[0], (made[1],)
+
+
 def _wrap_all(
-    svc: KeyService, key_uris: Sequence[str], dek: bytes, context: tuple[tuple[str, str], ...], op: str = "wrap"
+    svc: KeyService,
+    key_uris: Sequence[str],
+    dek: bytes,
+    context: tuple[tuple[str, str], ...],
+    op: str = "wrap",
+    made: tuple[Recipient, ...] = (),
 ) -> Callable[[str], tuple[Recipient, ...]]:
+    """Wrap ``dek`` for every key, reusing the wraps already ``made`` (by GenerateDataKey)."""
+
     def wrap(aid: str) -> tuple[Recipient, ...]:
-        return tuple(svc.wrap(k, dek, context, aid, op=op) for k in key_uris)
+        return made + tuple(svc.wrap(k, dek, context, aid, op=op) for k in key_uris[len(made) :])
 
     return wrap
 
@@ -203,9 +221,10 @@ def seal(
         raise StorageError(f"{src_p} does not exist")
     if src_p.resolve() == dst_p.resolve() or is_within(dst_p, src_p):
         raise PolicyDenied("the destination must not be the source or lie inside it")
-    dek = new_dek()
+    dek, made = _new_data_key(svc, key_uris, ctx)
+    wrap = _wrap_all(svc, key_uris, dek, ctx, made=made)
     if src_p.is_dir():
-        return _seal_folder(src_p, dst_p, key_uris, ctx, dek, svc, force, progress)
+        return _seal_folder(src_p, dst_p, key_uris, ctx, dek, wrap, force, progress)
     fd = _open_fd(src_p)
     try:
         length = os.fstat(fd).st_size
@@ -223,7 +242,7 @@ def seal(
                 dek=dek,
                 context=ctx,
                 metadata=meta,
-                recipients=_wrap_all(svc, key_uris, dek, ctx),
+                recipients=wrap,
                 progress=progress,
             )
     finally:
@@ -249,7 +268,7 @@ def _seal_folder(
     key_uris: list[str],
     ctx: tuple[tuple[str, str], ...],
     dek: bytes,
-    svc: KeyService,
+    wrap: Callable[[str], tuple[Recipient, ...]],
     force: bool,
     progress: Progress | None,
 ) -> SealResult:
@@ -265,7 +284,7 @@ def _seal_folder(
                 os.close(fd)
 
     with atomic_output(dst, force, is_dir=True) as tmp:
-        aid, entries = _write_folder(tmp, sources(), dek, ctx, _wrap_all(svc, key_uris, dek, ctx), progress)
+        aid, entries = _write_folder(tmp, sources(), dek, ctx, wrap, progress)
     return SealResult(dst, aid, len(entries), sum(e.size for e in entries), tuple(key_uris))
 
 

@@ -20,7 +20,7 @@ from .audit import AuditEvent, AuditSink, JsonLinesSink
 from .errors import KeyProviderError, ModelsealError
 from .header import Recipient
 from .keystore import modelseal_home
-from .providers import KeyAdmin, KeyInfo, KeyProvider, parse_key_uri, provider_for
+from .providers import DataKeyGenerator, KeyAdmin, KeyInfo, KeyProvider, parse_key_uri, provider_for
 
 T = TypeVar("T")
 
@@ -91,6 +91,8 @@ class KeyService:
             raise KeyProviderError(f"key provider failed during {op} of {key} ({type(e).__name__})") from None
         if isinstance(result, Recipient):
             version = result.key_version
+        elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Recipient):
+            version = result[1].key_version
         self.sink.emit(AuditEvent(op, key, "ok", version, artifact))
         return result
 
@@ -106,6 +108,14 @@ class KeyService:
         return self._call(
             op, ref.uri, lambda: self.provider(ref.scheme).wrap(ref.name, dek, context), artifact=artifact
         )
+
+    def generate(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient] | None:
+        """A data key made by the provider, if it makes them (else None: use a local CSPRNG)."""
+        ref = parse_key_uri(key_uri)
+        p = self.provider(ref.scheme)
+        if not isinstance(p, DataKeyGenerator):
+            return None
+        return self._call("generate", ref.uri, lambda: p.generate(ref.name, context))
 
     def unwrap(
         self,

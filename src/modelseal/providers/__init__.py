@@ -69,6 +69,13 @@ class KeyProvider(Protocol):
 
 
 @runtime_checkable
+class DataKeyGenerator(Protocol):
+    """Providers that make data keys themselves (AWS KMS ``GenerateDataKey``)."""
+
+    def generate(self, name: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient]: ...
+
+
+@runtime_checkable
 class KeyAdmin(Protocol):
     """Key lifecycle, for providers that manage their own keys."""
 
@@ -104,7 +111,13 @@ def _pkcs11() -> KeyProvider:
     return Pkcs11Provider()
 
 
-_FACTORIES: dict[str, ProviderFactory] = {"local": _local, "transit": _transit, "pkcs11": _pkcs11}
+def _awskms() -> KeyProvider:
+    from .awskms import AwsKmsProvider
+
+    return AwsKmsProvider()
+
+
+_FACTORIES: dict[str, ProviderFactory] = {"local": _local, "transit": _transit, "pkcs11": _pkcs11, "awskms": _awskms}
 
 
 def register(scheme: str, factory: ProviderFactory) -> None:
