@@ -20,6 +20,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_with_grpc() -> int:
+    """A free port p whose p+10000 is free too: SeaweedFS puts each gRPC port there."""
+    import random
+
+    for _ in range(200):
+        p = random.randint(20000, 45000)  # noqa: S311 - picking a test port, not a secret
+        if _port_is_free(p) and _port_is_free(p + 10000):
+            return p
+    raise RuntimeError("no free port pair found")
+
+
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     import urllib.request
 
