@@ -62,7 +62,7 @@ def test_second_recipient_uses_encrypt(env: Env, kms: Any) -> None:
     stub.add_response(
         "encrypt",
         {"CiphertextBlob": b"wrapped-by-kms", "KeyId": KEY},
-        {"KeyId": KEY, "Plaintext": ANY, "EncryptionContext": {"modelseal": "v1"}},
+        {"KeyId": KEY, "Plaintext": ANY, "EncryptionContext": {"modelseal": "v1", "env": "dev"}},  # env: the default
     )
     svc = KeyService(sink=MemorySink(), providers={"awskms": AwsKmsProvider(lambda: client)})
     src = env.work / "m.bin"

@@ -203,19 +203,45 @@ def _as_list(key: str | Sequence[str]) -> list[str]:
     return keys
 
 
+def resolve_context(
+    svc: KeyService, context: Mapping[str, str] | None, env: str | None, project: str | None
+) -> dict[str, str]:
+    """The encryption context, which always carries ``env`` (the config's default if not given)."""
+    ctx = dict(context or {})
+    for name, value in (("env", env), ("project", project)):
+        if value is not None:
+            if ctx.get(name, value) != value:
+                raise ValueError(f"{name}={value} disagrees with the context's {name}={ctx[name]}")
+            ctx[name] = value
+    ctx.setdefault("env", svc.config.default_env)
+    return ctx
+
+
 def seal(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    key: str | Sequence[str],
+    key: str | Sequence[str] | None = None,
     context: Mapping[str, str] | None = None,
     *,
+    env: str | None = None,
+    project: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
     keys: KeyService | None = None,
 ) -> SealResult:
-    """Seal a file or a model folder at ``src`` into ``dst`` under one or more KEKs."""
+    """Seal a file or a model folder at ``src`` into ``dst`` under one or more KEKs.
+
+    The encryption context always carries ``env``. Without ``key``, the keys are
+    those config.toml lists for the environment (and project).
+    """
     src_p, dst_p = Path(src), Path(dst)
-    svc, key_uris, ctx = _svc(keys), _as_list(key), normalize_context(context)
+    svc = _svc(keys)
+    full_ctx = resolve_context(svc, context, env, project)
+    if key is None:
+        key = svc.config.keys_for(full_ctx["env"], full_ctx.get("project"))
+        if not key:
+            raise ValueError(f"no key given, and config.toml lists no keys for env={full_ctx['env']}")
+    key_uris, ctx = _as_list(key), normalize_context(full_ctx)
     _check_keys_apart(src_p, dst_p)
     if not src_p.exists():
         raise StorageError(f"{src_p} does not exist")

@@ -76,10 +76,19 @@ def _fmt_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _key_row(info: KeyInfo) -> dict[str, Any]:
+def _key_row(info: KeyInfo, svc: KeyService | None = None) -> dict[str, Any]:
     now = time.time()
+    envs = sorted(svc.config.environments_of(info.uri)) if svc is not None else []
+    policy = min((svc.config.rotation_days(e) for e in envs), default=None) if svc is not None else None
+    if svc is not None and policy is None:
+        policy = svc.config.rotate_after_days
+    newest = max(info.versions, key=lambda v: v.version)
+    age = (now - newest.created) / 86400 if newest.created else None
     return {
         "key": info.uri,
+        "environments": envs,
+        "rotate_after_days": policy,
+        "rotation_due": bool(policy is not None and age is not None and age > policy),
         "latest_version": info.latest,
         "min_decryption_version": info.min_decryption_version,
         "versions": [
@@ -103,12 +112,18 @@ def cmd_init(args: argparse.Namespace, svc: KeyService) -> int:
 
 def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
     if args.key_cmd == "list":
-        rows = [_key_row(i) for i in svc.list()]
+        infos = svc.list(args.scheme) if not args.name else [svc.info(args.name)]
+        rows = [_key_row(i, svc) for i in infos]
         if args.json:
             print(json.dumps(rows, indent=2))
         for r in rows if not args.json else []:
             latest = r["versions"][-1]
-            print(f"{r['key']:32} v{r['latest_version']:<3} {latest['state']:9} age {latest['age_days']}d")
+            due = "ROTATE" if r["rotation_due"] else "ok"
+            envs = ",".join(r["environments"]) or "-"
+            print(
+                f"{r['key']:40} v{r['latest_version']:<3} {latest['state']:9} env {envs:10} "
+                f"age {latest['age_days']}d / policy {r['rotate_after_days']}d {due}"
+            )
         return 0
     if args.key_cmd == "create":
         info = svc.create(args.name)
@@ -127,7 +142,7 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
             if answer.strip() != args.name:
                 raise ModelsealError("not confirmed; nothing destroyed")
         info = svc.destroy(args.name, args.version)
-    _print(_key_row(info), args.json)
+    _print(_key_row(info, svc), args.json)
     return 0
 
 
@@ -193,14 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--version", type=int)
     k.add_argument("--yes", action="store_true", help="confirm without a prompt")
     k.add_argument("--json", action="store_true")
-    k = ksub.add_parser("list")
+    k = ksub.add_parser("list", help="keys with versions, environments and age against the rotation policy")
+    k.add_argument("name", nargs="?", help="one key URI (needed for pkcs11:)")
+    k.add_argument("--scheme", default="local", help="provider to list (local, transit)")
     k.add_argument("--json", action="store_true")
     key.set_defaults(fn=cmd_key)
 
     s = sub.add_parser("seal", help="seal a file or a model folder")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--key", action="append", required=True, help="key URI; repeat for several recipients")
+    s.add_argument("--key", action="append", help="key URI; repeat for several recipients (default: from config.toml)")
+    s.add_argument("--env", help="environment (default: config.toml's default_env, else dev); goes into the context")
+    s.add_argument("--project", help="project name; goes into the context and selects config.toml's project keys")
     s.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--force", action="store_true", help="replace an existing destination")
     s.set_defaults(fn=cmd_seal)

@@ -14,10 +14,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .audit import AuditEvent, AuditSink, JsonLinesSink
-from .errors import KeyProviderError, ModelsealError
+from .config import Config
+from .config import load as load_config
+from .errors import KeyProviderError, ModelsealError, PolicyDenied
 from .header import Recipient
 from .keystore import modelseal_home
 from .providers import DataKeyGenerator, KeyAdmin, KeyInfo, KeyProvider, parse_key_uri, provider_for
@@ -50,12 +52,30 @@ class KeyService:
         sink: AuditSink | None = None,
         providers: dict[str, KeyProvider] | None = None,
         now: Callable[[], float] = time.monotonic,
+        config: Config | None = None,
     ) -> None:
+        self._config = config
         self._sink = sink
         self._providers: dict[str, KeyProvider] = dict(providers or {})
         self._now = now
         self._unwrapped: OrderedDict[tuple[object, ...], tuple[bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config()
+        return self._config
+
+    def check_environment(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> None:
+        """A key listed under some environments serves only contexts of those environments."""
+        bound = self.config.environments_of(key_uri)
+        env = dict(context).get("env")
+        if bound and env not in bound:
+            raise PolicyDenied(
+                f"key {key_uri} belongs to environment {', '.join(sorted(bound))}; "
+                f"refusing it for env={env if env is not None else '(none)'}"
+            )
 
     def forget_unwrapped(self) -> None:
         with self._lock:
@@ -105,9 +125,12 @@ class KeyService:
         op: str = "wrap",
     ) -> Recipient:
         ref = parse_key_uri(key_uri)
-        return self._call(
-            op, ref.uri, lambda: self.provider(ref.scheme).wrap(ref.name, dek, context), artifact=artifact
-        )
+
+        def wrap() -> Recipient:
+            self.check_environment(ref.uri, context)
+            return self.provider(ref.scheme).wrap(ref.name, dek, context)
+
+        return self._call(op, ref.uri, wrap, artifact=artifact)
 
     def generate(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient] | None:
         """A data key made by the provider, if it makes them (else None: use a local CSPRNG)."""
@@ -115,7 +138,12 @@ class KeyService:
         p = self.provider(ref.scheme)
         if not isinstance(p, DataKeyGenerator):
             return None
-        return self._call("generate", ref.uri, lambda: p.generate(ref.name, context))
+
+        def generate() -> tuple[bytes, Recipient]:
+            self.check_environment(ref.uri, context)
+            return p.generate(ref.name, context)
+
+        return self._call("generate", ref.uri, generate)
 
     def unwrap(
         self,
@@ -131,9 +159,12 @@ class KeyService:
             if hit is not None and hit[1] > self._now() and op == "unwrap":
                 self._unwrapped.move_to_end(cache_key)
                 return hit[0]
-        dek = self._call(
-            op, uri, lambda: self.provider(recipient.scheme).unwrap(recipient, context), recipient.key_version, artifact
-        )
+
+        def unwrap() -> bytes:
+            self.check_environment(uri, context)
+            return self.provider(recipient.scheme).unwrap(recipient, context)
+
+        dek = self._call(op, uri, unwrap, recipient.key_version, artifact)
         with self._lock:
             self._unwrapped[cache_key] = (dek, self._now() + UNWRAP_CACHE_TTL)
             while len(self._unwrapped) > UNWRAP_CACHE_SIZE:
@@ -165,3 +196,10 @@ class KeyService:
 
     def list(self, scheme: str = "local") -> list[KeyInfo]:
         return self.admin(scheme).list()
+
+    def info(self, key_uri: str) -> KeyInfo:
+        ref = parse_key_uri(key_uri)
+        admin: Any = self.admin(ref.scheme)
+        if not hasattr(admin, "info"):
+            raise KeyProviderError(f"the {ref.scheme}: provider cannot describe a key")
+        return admin.info(ref.name)  # type: ignore[no-any-return]
