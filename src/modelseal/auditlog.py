@@ -1,0 +1,274 @@
+"""The tamper-evident audit log: SQLite, an RFC 9162 Merkle tree, signed tree heads.
+
+Every event (canonical JSON: actor, operation, key URI and version, artifact id,
+result, time; never a secret) is a leaf ``SHA-256(0x00 || event)``. Each row also
+stores the tree head after it and an Ed25519 signature over ``(seq, head)`` by the
+audit key, a key kept apart from every data key (``$MODELSEAL_HOME/audit-signing.key``,
+0600). ``verify`` recomputes every head from the events and names the first entry
+whose head or signature does not match: an edited, deleted, inserted or reordered
+row. Someone holding the audit key could rewrite the whole log, so signed
+checkpoints are also exported to a witness folder kept elsewhere (another mount,
+WORM storage, another team); ``verify`` against it detects a rollback or a
+rewrite of anything the checkpoint covers (a consistency check of the heads).
+SQLite triggers refuse UPDATE and DELETE as a guard against mistakes, not as
+the security boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import merkle
+from .audit import AuditEvent
+from .errors import ModelsealError, StorageError
+from .fsutil import write_atomic
+
+_SIG_LABEL = b"modelseal/audit/v1\x00"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq   INTEGER PRIMARY KEY,
+    event TEXT NOT NULL,
+    leaf  BLOB NOT NULL,
+    head  BLOB NOT NULL,
+    sig   BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+class AuditLogError(ModelsealError):
+    """The audit log does not verify: tampered with, rolled back, or unreadable."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class Verification:
+    size: int
+    head: bytes
+    first_bad: int | None = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None and not self.reason
+
+
+def _signed_message(seq: int, head: bytes) -> bytes:
+    return _SIG_LABEL + struct.pack(">Q", seq) + head
+
+
+def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        try:
+            write_atomic(path, pem, mode=0o600, exclusive=True)
+        except FileExistsError:
+            return load_or_create_signing_key(path)  # another process made it first
+        return key
+    loaded = serialization.load_pem_private_key(raw, password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise AuditLogError(f"{path} is not an Ed25519 key")
+    return loaded
+
+
+def public_key_hex(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+class MerkleAuditLog:
+    """An ``AuditSink`` that appends to the tamper-evident log."""
+
+    def __init__(self, path: Path, key_path: Path | None = None, now: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._key_path = key_path or path.with_name("audit-signing.key")
+        self._now = now
+        self._lock = threading.Lock()
+        self._frontier: merkle.Frontier | None = None
+        self._key: Ed25519PrivateKey | None = None
+
+    # -- storage --------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            new = not self.path.exists()
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            if new:
+                os.chmod(self.path, 0o600)
+            db.executescript(_SCHEMA)
+            return db
+        except sqlite3.Error as e:
+            raise StorageError(f"cannot open the audit log {self.path}: {e}") from None
+
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            self._key = load_or_create_signing_key(self._key_path)
+        return self._key
+
+    def emit(self, event: AuditEvent) -> None:
+        if not event.time:
+            event = AuditEvent(**{**asdict(event), "time": self._now()})
+        body = event.to_json()
+        with self._lock:
+            db = self._connect()
+            try:
+                db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+                size = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+                frontier = self._frontier if self._frontier is not None and self._frontier.size == size else None
+                if frontier is None:
+                    frontier = merkle.Frontier()
+                    for (leaf,) in db.execute("SELECT leaf FROM events ORDER BY seq"):
+                        frontier.append(bytes(leaf))
+                leaf = merkle.leaf_hash(body.encode())
+                head = frontier.append(leaf)
+                sig = self.signing_key.sign(_signed_message(size + 1, head))
+                db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (size + 1, body, leaf, head, sig))
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('public_key', ?)", (public_key_hex(self.signing_key.public_key()),)
+                )
+                db.execute("COMMIT")
+                self._frontier = frontier
+            except sqlite3.Error as e:
+                self._frontier = None
+                raise StorageError(f"cannot append to the audit log {self.path}: {e}") from None
+            finally:
+                db.close()
+
+    def _rows(self, db: sqlite3.Connection) -> Iterator[tuple[int, str, bytes, bytes, bytes]]:
+        for seq, body, leaf, head, sig in db.execute("SELECT seq, event, leaf, head, sig FROM events ORDER BY seq"):
+            yield int(seq), str(body), bytes(leaf), bytes(head), bytes(sig)
+
+    def _public_key(self, db: sqlite3.Connection) -> Ed25519PublicKey | None:
+        row = db.execute("SELECT v FROM meta WHERE k = 'public_key'").fetchone()
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(row[0])) if row else None
+
+    # -- verification ----------------------------------------------------
+    def verify(self, public_key: Ed25519PublicKey | None = None) -> Verification:
+        """Recompute every leaf and tree head; name the first entry that does not match."""
+        db = self._connect()
+        try:
+            key = public_key or self._public_key(db)
+            frontier = merkle.Frontier()
+            expected = 1
+            for seq, body, _leaf, head, sig in self._rows(db):
+                if seq != expected:
+                    return Verification(frontier.size, frontier.root(), expected, f"entry {expected} is missing")
+                recomputed = frontier.append(merkle.leaf_hash(body.encode()))
+                if recomputed != head:
+                    return Verification(frontier.size, recomputed, seq, f"entry {seq} was changed, moved or inserted")
+                try:
+                    if key is None:
+                        raise InvalidSignature
+                    key.verify(sig, _signed_message(seq, head))
+                except InvalidSignature:
+                    return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature")
+                expected += 1
+            return Verification(frontier.size, frontier.root())
+        finally:
+            db.close()
+
+    def leaves(self) -> list[bytes]:
+        db = self._connect()
+        try:
+            return [merkle.leaf_hash(body.encode()) for _, body, _, _, _ in self._rows(db)]
+        finally:
+            db.close()
+
+    def prove(self, n: int) -> dict[str, Any]:
+        """An inclusion proof of entry ``n`` (1-based) in the current tree."""
+        db = self._connect()
+        try:
+            rows = list(self._rows(db))
+        finally:
+            db.close()
+        if not 1 <= n <= len(rows):
+            raise AuditLogError(f"there is no entry {n} (the log has {len(rows)})")
+        leaves = [merkle.leaf_hash(body.encode()) for _, body, _, _, _ in rows]
+        return {
+            "entry": n,
+            "event": json.loads(rows[n - 1][1]),
+            "leaf_hash": leaves[n - 1].hex(),
+            "tree_size": len(rows),
+            "tree_head": rows[-1][3].hex(),
+            "tree_head_signature": rows[-1][4].hex(),
+            "inclusion_proof": [h.hex() for h in merkle.inclusion_proof(n - 1, leaves)],
+        }
+
+    def checkpoint(self, witness: Path) -> dict[str, Any]:
+        """Export the latest signed tree head to a witness folder (kept elsewhere)."""
+        v = self.verify()
+        if not v.ok:
+            raise AuditLogError(f"the audit log does not verify: {v.reason}")
+        db = self._connect()
+        try:
+            row = db.execute("SELECT seq, head, sig FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            key = self._public_key(db)
+        finally:
+            db.close()
+        if row is None or key is None:
+            raise AuditLogError("the audit log is empty: nothing to checkpoint")
+        cp = {"size": int(row[0]), "head": bytes(row[1]).hex(), "signature": bytes(row[2]).hex(),
+              "public_key": public_key_hex(key), "time": self._now()}
+        witness.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(cp, sort_keys=True, indent=1).encode() + b"\n"
+        write_atomic(witness / f"checkpoint-{cp['size']:012d}.json", data, mode=0o644)
+        write_atomic(witness / "latest.json", data, mode=0o644)
+        return cp
+
+    def verify_against(self, checkpoint: dict[str, Any]) -> Verification:
+        """Verify the log, then that it still contains, unchanged, what ``checkpoint`` signed."""
+        try:
+            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(checkpoint["public_key"]))
+            size, head = int(checkpoint["size"]), bytes.fromhex(checkpoint["head"])
+            key.verify(bytes.fromhex(checkpoint["signature"]), _signed_message(size, head))
+        except (KeyError, ValueError, TypeError, InvalidSignature):
+            return Verification(0, b"", None, "the checkpoint itself is invalid or not signed by the audit key")
+        v = self.verify(public_key=key)
+        if not v.ok:
+            return v
+        if v.size < size:
+            return Verification(v.size, v.head, v.size + 1, f"the log was rolled back: it has {v.size} entries, "
+                                f"the checkpoint {size}")
+        leaves = self.leaves()
+        if merkle.root(leaves[:size]) != head:
+            return Verification(v.size, v.head, None, f"the first {size} entries differ from the signed checkpoint")
+        if v.size > size:
+            proof = merkle.consistency_proof(size, leaves)
+            if not merkle.verify_consistency(size, v.size, proof, head, v.head):
+                return Verification(v.size, v.head, None, "the log is not an extension of the checkpoint")
+        return v
+
+    def events(self, key: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+        db = self._connect()
+        try:
+            out = []
+            for seq, body, *_ in self._rows(db):
+                e = json.loads(body)
+                if key is not None and e.get("key") != key:
+                    continue
+                if since is not None and float(e.get("time", 0)) < since:
+                    continue
+                out.append({"entry": seq, **e})
+            return out
+        finally:
+            db.close()
