@@ -51,9 +51,43 @@ def uri(obj: str) -> str:
 def test_rfc7512_uri_parsing() -> None:
     u = parse_uri("token=My%20HSM;object=prod-kek?module-path=/usr/lib/x.so&pin-source=file:/run/pin")
     assert (u.token, u.object, u.module, u.pin_source) == ("My HSM", "prod-kek", "/usr/lib/x.so", "file:/run/pin")
-    assert u.key_id == "token=My HSM;object=prod-kek"
+    assert u.key_id == "token=My%20HSM;object=prod-kek"
+    assert parse_uri(u.key_id, from_artifact=True).token == "My HSM"
     with pytest.raises(KeyProviderError):
         parse_uri("object=only")
+    # A label containing ';' cannot re-parse as another token or object.
+    tricky = parse_uri("token=a%3Bobject%3Dx;object=k")
+    assert parse_uri(tricky.key_id, from_artifact=True) == parse_uri("token=a%3Bobject%3Dx;object=k")
+
+
+def test_an_artifact_cannot_choose_the_module_or_the_pin(env: Env, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Regression: a recipient's key_id once reached module-path= (code loading) and pin-source=."""
+    from modelseal.header import Recipient
+
+    marker = tmp_path_factory.mktemp("evil") / "loaded"
+    for key_id in (
+        f"token=t;object=o?module-path={marker}.so",
+        "token=t;object=o?pin-source=file:/dev/zero",
+        "token=t;object=o;module-path=/tmp/evil.so",
+    ):
+        with pytest.raises(DecryptionError):
+            Pkcs11Provider().unwrap(Recipient("pkcs11", key_id, 1, b"x" * 60), ())
+    assert not marker.exists()
+
+
+def test_concurrent_use_from_threads(provider: Pkcs11Provider) -> None:
+    """Regression: python-pkcs11 calls into the module without its locking; calls are serialised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    provider.create(uri("thread-kek"))
+    ctx = normalize_context({"env": "prod"})
+
+    def work(i: int) -> bool:
+        dek = os.urandom(32)
+        return provider.unwrap(provider.wrap(uri("thread-kek"), dek, ctx), ctx) == dek
+
+    with ThreadPoolExecutor(8) as ex:
+        assert all(ex.map(work, range(400)))
 
 
 def test_key_is_generated_in_the_token_non_extractable(provider: Pkcs11Provider, hsm: str) -> None:
@@ -117,3 +151,5 @@ def test_wrong_pin_and_missing_key(
     pin_file.write_text("0000-wrong")
     with pytest.raises(KeyProviderError, match="wrong PIN"):
         Pkcs11Provider().wrap(f"token={OTHER};object=k?pin-source=file:{pin_file}", os.urandom(32), ())
+    # The failed login is not remembered: the right PIN works at once.
+    Pkcs11Provider().create(f"token={OTHER};object=k")

@@ -80,7 +80,9 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
         raw = path.read_bytes()
     except FileNotFoundError:
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         try:
             write_atomic(path, pem, mode=0o600, exclusive=True)
         except FileExistsError:
@@ -144,7 +146,8 @@ class MerkleAuditLog:
                 sig = self.signing_key.sign(_signed_message(size + 1, head))
                 db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (size + 1, body, leaf, head, sig))
                 db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('public_key', ?)", (public_key_hex(self.signing_key.public_key()),)
+                    "INSERT OR IGNORE INTO meta VALUES ('public_key', ?)",
+                    (public_key_hex(self.signing_key.public_key()),),
                 )
                 db.execute("COMMIT")
                 self._frontier = frontier
@@ -227,8 +230,13 @@ class MerkleAuditLog:
             db.close()
         if row is None or key is None:
             raise AuditLogError("the audit log is empty: nothing to checkpoint")
-        cp = {"size": int(row[0]), "head": bytes(row[1]).hex(), "signature": bytes(row[2]).hex(),
-              "public_key": public_key_hex(key), "time": self._now()}
+        cp = {
+            "size": int(row[0]),
+            "head": bytes(row[1]).hex(),
+            "signature": bytes(row[2]).hex(),
+            "public_key": public_key_hex(key),
+            "time": self._now(),
+        }
         witness.mkdir(parents=True, exist_ok=True)
         data = json.dumps(cp, sort_keys=True, indent=1).encode() + b"\n"
         write_atomic(witness / f"checkpoint-{cp['size']:012d}.json", data, mode=0o644)
@@ -247,8 +255,9 @@ class MerkleAuditLog:
         if not v.ok:
             return v
         if v.size < size:
-            return Verification(v.size, v.head, v.size + 1, f"the log was rolled back: it has {v.size} entries, "
-                                f"the checkpoint {size}")
+            return Verification(
+                v.size, v.head, v.size + 1, f"the log was rolled back: it has {v.size} entries, the checkpoint {size}"
+            )
         leaves = self.leaves()
         if merkle.root(leaves[:size]) != head:
             return Verification(v.size, v.head, None, f"the first {size} entries differ from the signed checkpoint")

@@ -17,21 +17,19 @@ costs about 0.7 ms, a wrap about 30 us on SoftHSM).
 from __future__ import annotations
 
 import os
-import queue
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from ..errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
 from ..header import Recipient, encode_context
 from . import KeyInfo, KeyVersionInfo
-
-POOL_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -43,29 +41,44 @@ class Pkcs11Uri:
 
     @property
     def key_id(self) -> str:
-        return f"token={self.token};object={self.object}"
+        """What a recipient records: token and object only, percent-encoded (RFC 7512)."""
+        return f"token={quote(self.token, safe='')};object={quote(self.object, safe='')}"
 
 
-def parse_uri(name: str) -> Pkcs11Uri:
-    """Parse the part after ``pkcs11:`` (RFC 7512 path and query attributes)."""
-    path, _, query = name.partition("?")
+def parse_uri(name: str, *, from_artifact: bool = False) -> Pkcs11Uri:
+    """Parse the part after ``pkcs11:`` (RFC 7512 path and query attributes).
+
+    ``from_artifact=True`` is for a recipient read from an artifact, which is
+    untrusted until a key opens it: only ``token`` and ``object`` are accepted
+    there. The module to load and the PIN come from the operator (environment or
+    the key URI typed on the command line), never from an artifact.
+    """
+    path, sep, query = name.partition("?")
+    if from_artifact and sep:
+        raise DecryptionError()
     attrs: dict[str, str] = {}
     for part in [p for p in path.split(";") if p] + [q for q in query.split("&") if q]:
-        k, sep, v = part.partition("=")
-        if not sep:
+        k, eq, v = part.partition("=")
+        k = k.strip().lower()
+        if not eq or k in attrs:
             raise KeyProviderError(f"invalid pkcs11 URI attribute {part!r}")
-        attrs[k.strip().lower()] = unquote(v)
-    if "token" not in attrs or "object" not in attrs:
-        raise KeyProviderError("a pkcs11 key URI needs token= and object= (RFC 7512)")
+        attrs[k] = unquote(v)
+    allowed = {"token", "object"} if from_artifact else {"token", "object", "module-path", "pin-source"}
+    if "token" not in attrs or "object" not in attrs or set(attrs) - allowed:
+        if from_artifact:
+            raise DecryptionError()
+        raise KeyProviderError("a pkcs11 key URI needs token= and object=, and may add ?module-path=&pin-source=")
     return Pkcs11Uri(attrs["token"], attrs["object"], attrs.get("module-path"), attrs.get("pin-source"))
 
 
 def _pin(uri: Pkcs11Uri) -> str:
     if uri.pin_source:
-        src = uri.pin_source.removeprefix("file:")
-        with open(src, encoding="utf-8") as f:
-            return f.read().strip()
-    pin = os.environ.get("MODELSEAL_PKCS11_PIN")
+        src = Path(uri.pin_source.removeprefix("file:"))
+        if not src.is_file():
+            raise KeyProviderError("pkcs11: pin-source must name a regular file")
+        pin = src.read_text(encoding="utf-8")[:256].strip()
+    else:
+        pin = os.environ.get("MODELSEAL_PKCS11_PIN", "")
     if not pin:
         raise KeyProviderError("pkcs11: no PIN: set MODELSEAL_PKCS11_PIN or pin-source= in the key URI")
     return pin
@@ -81,50 +94,45 @@ def _aad(uri: Pkcs11Uri, version: int, context: tuple[tuple[str, str], ...]) -> 
     )
 
 
-class _SessionPool:
-    """Logged-in read/write sessions on one token, reused across calls and threads."""
+class _Token:
+    """One logged-in session on one token, used by one thread at a time.
 
-    def __init__(self, module: str, token_label: str, pin: str) -> None:
+    python-pkcs11 initialises modules without the OS-locking flag (it tells the
+    module it will not be called from several threads) and releases the GIL on
+    every call, so concurrent calls into a module crash some modules (SoftHSM
+    segfaults, measured). Every call therefore holds its module's lock; HSM
+    operations are short (a SoftHSM wrap takes about 30 us). The session stays
+    open (and logged in) for the life of the process: closing the session that
+    logged in would log the whole application out.
+    """
+
+    def __init__(self, module: str, token_label: str, pin: str, lock: threading.Lock) -> None:
         import pkcs11
+
+        self._lock = lock
 
         try:
             self._token = pkcs11.lib(module).get_token(token_label=token_label)
         except pkcs11.exceptions.NoSuchToken:
             raise KeyNotFound(f"pkcs11: no token labelled {token_label!r}") from None
-        self._pin = pin
-        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._count = 0
-        self._lock = threading.Lock()
+        try:
+            self._session = self._token.open(rw=True, user_pin=pin)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            self._session = self._token.open(rw=True)  # login is per application: share it
+        except pkcs11.exceptions.PinIncorrect:
+            raise KeyProviderError("pkcs11: wrong PIN for the token") from None
+        except pkcs11.exceptions.PinLocked:
+            raise KeyProviderError("pkcs11: the token's PIN is locked") from None
 
     @contextmanager
     def session(self) -> Iterator[Any]:
-        import pkcs11
-
-        try:
-            s = self._idle.get_nowait()
-        except queue.Empty:
-            try:
-                s = self._token.open(rw=True, user_pin=self._pin)
-            except pkcs11.exceptions.UserAlreadyLoggedIn:
-                # PKCS#11 login is per application: a new session shares it.
-                s = self._token.open(rw=True)
-            except pkcs11.exceptions.PinIncorrect:
-                raise KeyProviderError("pkcs11: wrong PIN for the token") from None
-            except pkcs11.exceptions.PinLocked:
-                raise KeyProviderError("pkcs11: the token's PIN is locked") from None
-        try:
-            yield s
-        except BaseException:
-            s.close()  # a session in an unknown state is not returned to the pool
-            raise
-        if self._idle.qsize() < POOL_SIZE:
-            self._idle.put(s)
-        else:
-            s.close()
+        with self._lock:
+            yield self._session
 
 
-_POOLS: dict[tuple[str, str], _SessionPool] = {}
-_POOLS_LOCK = threading.Lock()
+_TOKENS: dict[tuple[str, str, str], _Token] = {}
+_MODULE_LOCKS: dict[str, threading.Lock] = {}
+_TOKENS_LOCK = threading.Lock()
 
 
 class Pkcs11Provider:
@@ -133,15 +141,20 @@ class Pkcs11Provider:
     def __init__(self, now: Callable[[], float] = time.time) -> None:
         self._now = now
 
-    def _pool(self, uri: Pkcs11Uri) -> _SessionPool:
+    def _pool(self, uri: Pkcs11Uri) -> _Token:
         module = uri.module or os.environ.get("MODELSEAL_PKCS11_MODULE")
         if not module:
             raise KeyProviderError("pkcs11: no module: set MODELSEAL_PKCS11_MODULE or module-path= in the key URI")
-        with _POOLS_LOCK:
-            pool = _POOLS.get((module, uri.token))
-            if pool is None:
-                pool = _POOLS[(module, uri.token)] = _SessionPool(module, uri.token, _pin(uri))
-            return pool
+        pin_origin = uri.pin_source or "env"
+        with _TOKENS_LOCK:
+            tok = _TOKENS.get((module, uri.token, pin_origin))
+            if tok is None:
+                # Stored only once the login worked: a wrong PIN is not remembered.
+                lock = _MODULE_LOCKS.setdefault(module, threading.Lock())
+                with lock:
+                    tok = _Token(module, uri.token, _pin(uri), lock)
+                _TOKENS[(module, uri.token, pin_origin)] = tok
+            return tok
 
     @staticmethod
     def _versions(session: Any, uri: Pkcs11Uri) -> dict[int, Any]:
@@ -158,7 +171,7 @@ class Pkcs11Provider:
 
     # -- wrap / unwrap -------------------------------------------------
     def wrap(self, name: str, dek: bytes, context: tuple[tuple[str, str], ...]) -> Recipient:
-        from pkcs11 import Attribute, Mechanism
+        from pkcs11 import Attribute, KeyType, Mechanism
         from pkcs11.mechanisms import GCMParams
 
         uri = parse_uri(name)
@@ -166,6 +179,8 @@ class Pkcs11Provider:
             versions = self._versions(s, uri)
             version = max(versions)
             key = versions[version]
+            if key[Attribute.EXTRACTABLE] or not key[Attribute.SENSITIVE] or key[Attribute.KEY_TYPE] != KeyType.AES:
+                raise KeyProviderError(f"pkcs11:{uri.key_id} must be a sensitive, non-extractable AES key")
             if not key[Attribute.ENCRYPT]:
                 raise KeyDisabled(f"newest version {version} of pkcs11:{uri.key_id} is disabled; rotate the key first")
             iv = os.urandom(12)
@@ -179,7 +194,7 @@ class Pkcs11Provider:
         from pkcs11 import Attribute, Mechanism
         from pkcs11.mechanisms import GCMParams
 
-        uri = parse_uri(recipient.key_id)
+        uri = parse_uri(recipient.key_id, from_artifact=True)
         w = recipient.wrapped
         if len(w) != 12 + 32 + 16:
             raise DecryptionError()
