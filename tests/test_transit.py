@@ -138,3 +138,39 @@ def test_approle_login(env: Env, bao: tuple[str, str], monkeypatch: pytest.Monke
     p = TransitProvider()
     dek = os.urandom(32)
     assert p.unwrap(p.wrap("approle-kek", dek, ()), ()) == dek
+
+
+def test_review_regressions(
+    env: Env, bao: tuple[str, str], transit: TransitProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Findings of the provider review: path steering, upsert, non-derived keys, versions, proxies."""
+    from modelseal.header import Recipient
+
+    root = hvac.Client(url=bao[0], token=bao[1])
+    # An artifact cannot steer the reader's token to another path or mount.
+    for key_id in ("cubbyhole/x", "sys/../auth/token/x", "transit/../sys/x", "a b"):
+        with pytest.raises(KeyProviderError):
+            transit.unwrap(Recipient("transit", key_id, 1, b"vault:v1:AAAA"), ())
+    assert "x" not in (root.list("cubbyhole") or {}).get("data", {}).get("keys", [])
+    # A missing key is never created by a wrap, even after it existed once.
+    transit.create("gone-kek")
+    transit.wrap("gone-kek", os.urandom(32), ())
+    root.secrets.transit.update_key_configuration("gone-kek", deletion_allowed=True)
+    root.secrets.transit.delete_key("gone-kek")
+    with pytest.raises(KeyNotFound):
+        transit.wrap("gone-kek", os.urandom(32), ())
+    with pytest.raises(hvac.exceptions.InvalidPath):
+        root.secrets.transit.read_key("gone-kek")
+    # A key made outside modelseal without derivation would ignore the context: refused.
+    root.secrets.transit.create_key("plain-kek")
+    with pytest.raises(KeyProviderError, match="derived"):
+        transit.wrap("plain-kek", os.urandom(32), normalize_context({"env": "prod"}))
+    # The version recorded in a recipient must be the one in the ciphertext.
+    transit.create("ver-kek")
+    r = transit.wrap("ver-kek", os.urandom(32), ())
+    with pytest.raises(DecryptionError):
+        transit.unwrap(Recipient("transit", "ver-kek", 7, r.wrapped), ())
+    # Proxies from the environment are ignored (they would see the token).
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    p = TransitProvider()
+    assert p.unwrap(p.wrap("ver-kek", b"k" * 32, ()), ()) == b"k" * 32

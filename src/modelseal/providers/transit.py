@@ -47,11 +47,33 @@ def derivation_context(context: tuple[tuple[str, str], ...]) -> str:
     return base64.b64encode(b"modelseal/transit/v1\x00" + encode_context(context)).decode()
 
 
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def allowed_mounts() -> set[str]:
+    """Transit mounts modelseal will talk to: ``transit`` plus ``MODELSEAL_TRANSIT_MOUNTS``.
+
+    A recipient read from an artifact names its mount; without this list an
+    artifact could steer the reader's token to any OpenBao path.
+    """
+    extra = os.environ.get("MODELSEAL_TRANSIT_MOUNTS", "")
+    return {"transit", *(m.strip().strip("/") for m in extra.split(",") if m.strip())}
+
+
 def _split(name: str) -> tuple[str, str]:
-    mount, sep, key = name.rpartition("/")
-    if not key or (sep and not mount):
-        raise KeyProviderError(f"invalid transit key name {name!r}: use NAME or MOUNT/NAME")
-    return (mount or "transit"), key
+    mount, _, key = name.rpartition("/")
+    mount = mount or "transit"
+    segments = [*mount.split("/"), key]
+    if not all(_SEGMENT.fullmatch(x) and x not in (".", "..") for x in segments):
+        raise KeyProviderError(f"invalid transit key name {name!r}: use NAME or MOUNT/NAME of [A-Za-z0-9_.-]")
+    if mount not in allowed_mounts():
+        raise KeyProviderError(f"transit mount {mount!r} is not allowed; list it in MODELSEAL_TRANSIT_MOUNTS")
+    return mount, key
+
+
+def canonical_name(name: str) -> str:
+    mount, key = _split(name)
+    return f"{mount}/{key}"
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -72,7 +94,7 @@ class TransitProvider:
         self._factory = client_factory or self._client_from_env
         self._client: Any = None
         self._sleep = sleep
-        self._known: set[str] = set()
+        self._checked: dict[str, float] = {}
 
     # -- connection ----------------------------------------------------
     def _client_from_env(self) -> Any:
@@ -86,6 +108,9 @@ class TransitProvider:
             raise KeyProviderError("transit: plain http is allowed only to a loopback address; use https")
         verify: bool | str = _env("BAO_CACERT", "VAULT_CACERT") or True
         client = hvac.Client(url=addr, verify=verify, timeout=10)
+        # No HTTP(S)_PROXY from the environment: a proxy would see the token (and, over
+        # loopback http, wrapped keys) and defeat the loopback-only rule.
+        client.session.trust_env = False
         token = _env("BAO_TOKEN", "VAULT_TOKEN")
         if token:
             client.token = token
@@ -105,7 +130,7 @@ class TransitProvider:
             raise KeyProviderError("transit: no credentials: set BAO_TOKEN, or BAO_ROLE_ID and BAO_SECRET_ID")
         client.auth.approle.login(role_id=role, secret_id=secret)
 
-    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+    def _call(self, what: str, fn: Callable[[Any], Any], idempotent: bool = True) -> Any:
         """Run one request: retry transient failures with backoff, re-login once on an
         expired AppRole token, and map server answers onto the modelseal errors."""
         import hvac.exceptions as hx
@@ -118,8 +143,16 @@ class TransitProvider:
                 if self._client is None:
                     self._client = self._factory()
                 return fn(self._client)
-            except (requests.ConnectionError, requests.Timeout, hx.VaultDown, hx.InternalServerError):
-                if attempt == RETRIES - 1:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                hx.VaultDown,
+                hx.InternalServerError,
+                hx.BadGateway,
+                hx.RateLimitExceeded,
+            ):
+                # A request that changes state (rotate, create) may have happened: never repeat it.
+                if attempt == RETRIES - 1 or not idempotent:
                     raise KeyProviderError(f"transit: the server is unreachable during {what}") from None
                 self._sleep(delay)
                 delay *= 2
@@ -152,11 +185,7 @@ class TransitProvider:
     # -- wrap / unwrap -------------------------------------------------
     def wrap(self, name: str, dek: bytes, context: tuple[tuple[str, str], ...]) -> Recipient:
         mount, key = _split(name)
-        if name not in self._known:
-            # Transit's encrypt would silently *create* a missing key (upsert): a typo in a
-            # key name must fail instead, so check that the key exists first.
-            self.info(name)
-            self._known.add(name)
+        self._check_key(name, fresh=True)
         resp = self._call(
             f"wrap with transit:{name}",
             lambda c: c.secrets.transit.encrypt_data(
@@ -166,6 +195,27 @@ class TransitProvider:
         ct = resp["data"]["ciphertext"]
         return Recipient("transit", name, self._version(ct), ct.encode())
 
+    def _check_key(self, name: str, fresh: bool = False) -> None:
+        """The key must exist and be a derived, non-exportable aes256-gcm96 key.
+
+        Checked right before every wrap: Transit's encrypt would otherwise *create*
+        a missing key (upsert), and a non-derived key would ignore the context.
+        For unwraps the answer is cached for a minute (derivation cannot be
+        turned off once on). The token's policy should also deny ``create`` on
+        ``<mount>/encrypt/*`` so the server itself refuses to make keys.
+        """
+        now = time.monotonic()
+        if not fresh and self._checked.get(name, 0.0) > now:
+            return
+        mount, key = _split(name)
+        data = self._call(f"read transit:{name}", lambda c: c.secrets.transit.read_key(key, mount_point=mount))["data"]
+        if not data.get("derived") or data.get("type") != "aes256-gcm96" or data.get("exportable"):
+            raise KeyProviderError(
+                f"transit:{name} must be a derived, non-exportable aes256-gcm96 key"
+                " (create it with modelseal key create)"
+            )
+        self._checked[name] = now + 60.0
+
     def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> bytes:
         return self.unwrap_many([recipient], context)[0]
 
@@ -174,7 +224,13 @@ class TransitProvider:
         out: list[bytes] = []
         if not recipients:
             return out
-        mount, key = _split(recipients[0].key_id)
+        name = recipients[0].key_id
+        mount, key = _split(name)
+        if any(
+            r.key_id != name or self._version(r.wrapped.decode("ascii", "replace")) != r.key_version for r in recipients
+        ):
+            raise DecryptionError()  # the recorded version must be the one inside the ciphertext
+        self._check_key(name)
         dctx = derivation_context(context)
         for i in range(0, len(recipients), BATCH):
             part = recipients[i : i + BATCH]
@@ -199,6 +255,9 @@ class TransitProvider:
             return out
         name = recipients[0].key_id
         mount, key = _split(name)
+        if any(r.key_id != name for r in recipients):
+            raise KeyProviderError("rewrap_many takes recipients of one key")
+        self._check_key(name, fresh=True)  # rewrap, like encrypt, must not create a key
         dctx = derivation_context(context)
         for i in range(0, len(recipients), BATCH):
             batch = [
@@ -221,7 +280,7 @@ class TransitProvider:
     def _version(ciphertext: str) -> int:
         m = _VERSION.match(ciphertext)
         if not m:
-            raise KeyProviderError("transit: unexpected ciphertext format from the server")
+            raise DecryptionError()  # not a Transit ciphertext
         return int(m.group(1))
 
     # -- lifecycle -----------------------------------------------------
@@ -237,7 +296,9 @@ class TransitProvider:
 
     def rotate(self, name: str) -> KeyInfo:
         mount, key = _split(name)
-        self._call(f"rotate transit:{name}", lambda c: c.secrets.transit.rotate_key(key, mount_point=mount))
+        self._call(
+            f"rotate transit:{name}", lambda c: c.secrets.transit.rotate_key(key, mount_point=mount), idempotent=False
+        )
         return self.info(name)
 
     def set_version_state(self, name: str, version: int, state: str) -> KeyInfo:
