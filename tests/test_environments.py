@@ -121,3 +121,34 @@ def test_cli_key_list_shows_environment_and_rotation_due(configured: Env) -> Non
         text=True,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_binding_compares_canonical_key_identities(env: Env) -> None:
+    from modelseal.config import parse
+    from modelseal.header import normalize_context
+
+    cfg = parse(
+        {
+            "environments": {
+                "prod": {"keys": ["transit:transit/prod-kek", "pkcs11:token=HSM;object=k?module-path=/x.so"]}
+            }
+        }
+    )
+    svc = KeyService(sink=MemorySink(), config=cfg)
+    dev = normalize_context({"env": "dev"})
+    for spelling in (
+        "transit:prod-kek",
+        "transit:transit/prod-kek",
+        "pkcs11:token=HSM;object=k",
+        "pkcs11:object=k;token=HSM",
+    ):
+        with pytest.raises(PolicyDenied):
+            svc.check_environment(spelling, dev)
+        svc.check_environment(spelling, normalize_context({"env": "prod"}))
+
+
+def test_reserved_context_key() -> None:
+    from modelseal.header import normalize_context
+
+    with pytest.raises(ValueError, match="reserved"):
+        normalize_context({"modelseal": "v1"})

@@ -32,7 +32,7 @@ from typing import Any
 
 from .errors import ModelsealError
 from .keystore import modelseal_home
-from .providers import parse_key_uri
+from .providers import canonical_key, parse_key_uri
 
 CONFIG_NAME = "config.toml"
 DEFAULT_ENV = "dev"
@@ -63,10 +63,10 @@ class Config:
 
     def environments_of(self, key_uri: str) -> set[str]:
         """Every environment a key is listed under (directly or through a project)."""
-        uri = parse_key_uri(key_uri).uri
-        found = {env for env, keys in self.environments.items() if uri in {parse_key_uri(k).uri for k in keys}}
+        uri = canonical_key(key_uri)
+        found = {env for env, keys in self.environments.items() if uri in {canonical_key(k) for k in keys}}
         for per_env in self.projects.values():
-            found |= {env for env, keys in per_env.items() if uri in {parse_key_uri(k).uri for k in keys}}
+            found |= {env for env, keys in per_env.items() if uri in {canonical_key(k) for k in keys}}
         return found
 
     def rotation_days(self, env: str | None) -> int:

@@ -51,6 +51,7 @@ def slots_offset(core_len: int, slot_size: int) -> int:
     return core_len if slot_size == 0 else -(-core_len // SLOT_ALIGN) * SLOT_ALIGN
 
 
+RESERVED_CONTEXT_KEYS = frozenset({"modelseal"})  # awskms adds modelseal=v1 to every EncryptionContext
 _CONTEXT_KEY = re.compile(rb"[a-z0-9][a-z0-9._-]{0,63}")
 _SCHEME = re.compile(rb"[a-z][a-z0-9]{0,15}")
 
@@ -148,6 +149,8 @@ def normalize_context(context: Mapping[str, str] | None) -> tuple[tuple[str, str
     for k, v in items:
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError("encryption context keys and values must be strings")
+        if k in RESERVED_CONTEXT_KEYS:
+            raise ValueError(f"the context key {k!r} is reserved")
         if not _CONTEXT_KEY.fullmatch(k.encode()):
             raise ValueError(f"invalid context key {k!r}: use 1-64 of [a-z0-9._-], starting with a letter or digit")
         if len(v.encode()) > MAX_CONTEXT_VALUE:

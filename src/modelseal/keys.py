@@ -34,6 +34,8 @@ def default_sink() -> AuditSink:
 
 
 UNWRAP_CACHE_TTL = 300.0
+# A key disabled in a KMS/HSM by someone else is honoured by this process within this time.
+REMOTE_CACHE_TTL = 60.0
 UNWRAP_CACHE_SIZE = 256
 
 
@@ -60,6 +62,7 @@ class KeyService:
         self._now = now
         self._unwrapped: OrderedDict[tuple[object, ...], tuple[bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._generation = 0  # bumped by every lifecycle change: an in-flight unwrap cannot re-fill the cache
 
     @property
     def config(self) -> Config:
@@ -68,7 +71,11 @@ class KeyService:
         return self._config
 
     def check_environment(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> None:
-        """A key listed under some environments serves only contexts of those environments."""
+        """A key listed under some environments serves only contexts of those environments.
+
+        Keys are compared by canonical identity (``transit:k`` is ``transit:transit/k``;
+        a pkcs11 key is its token and object), so a spelling cannot escape the binding.
+        """
         bound = self.config.environments_of(key_uri)
         env = dict(context).get("env")
         if bound and env not in bound:
@@ -80,6 +87,7 @@ class KeyService:
     def forget_unwrapped(self) -> None:
         with self._lock:
             self._unwrapped.clear()
+            self._generation += 1
 
     @property
     def sink(self) -> AuditSink:
@@ -156,19 +164,25 @@ class KeyService:
         cache_key = (recipient.scheme, recipient.key_id, recipient.key_version, recipient.wrapped, context)
         with self._lock:
             hit = self._unwrapped.get(cache_key)
-            if hit is not None and hit[1] > self._now() and op == "unwrap":
-                self._unwrapped.move_to_end(cache_key)
-                return hit[0]
+            generation = self._generation
+        if hit is not None and hit[1] > self._now() and op == "unwrap":
+            self.check_environment(uri, context)  # the configuration may have changed since
+            with self._lock:
+                if cache_key in self._unwrapped:
+                    self._unwrapped.move_to_end(cache_key)
+            return hit[0]
 
         def unwrap() -> bytes:
             self.check_environment(uri, context)
             return self.provider(recipient.scheme).unwrap(recipient, context)
 
         dek = self._call(op, uri, unwrap, recipient.key_version, artifact)
+        ttl = UNWRAP_CACHE_TTL if recipient.scheme == "local" else REMOTE_CACHE_TTL
         with self._lock:
-            self._unwrapped[cache_key] = (dek, self._now() + UNWRAP_CACHE_TTL)
-            while len(self._unwrapped) > UNWRAP_CACHE_SIZE:
-                self._unwrapped.popitem(last=False)
+            if generation == self._generation:
+                self._unwrapped[cache_key] = (dek, self._now() + ttl)
+                while len(self._unwrapped) > UNWRAP_CACHE_SIZE:
+                    self._unwrapped.popitem(last=False)
         return dek
 
     def create(self, key_uri: str) -> KeyInfo:

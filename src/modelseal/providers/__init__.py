@@ -30,6 +30,20 @@ class KeyRef:
         return f"{self.scheme}:{self.name}"
 
 
+def canonical_key(uri: str) -> str:
+    """One spelling per key: the transit mount filled in, a pkcs11 key as token and object."""
+    ref = parse_key_uri(uri)
+    if ref.scheme == "transit":
+        from .transit import canonical_name
+
+        return f"transit:{canonical_name(ref.name)}"
+    if ref.scheme == "pkcs11":
+        from .pkcs11 import parse_uri
+
+        return f"pkcs11:{parse_uri(ref.name).key_id}"
+    return ref.uri
+
+
 def parse_key_uri(uri: str) -> KeyRef:
     scheme, sep, name = uri.partition(":")
     if not sep:

@@ -68,14 +68,15 @@ class AwsKmsProvider:
         dek = bytes(resp["Plaintext"])
         if len(dek) != 32:
             raise KeyProviderError("awskms: GenerateDataKey returned a key of the wrong size")
-        return dek, Recipient("awskms", name, 1, bytes(resp["CiphertextBlob"]))
+        # Record the key's ARN, not an alias: an alias can later point at another key.
+        return dek, Recipient("awskms", str(resp.get("KeyId") or name), 1, bytes(resp["CiphertextBlob"]))
 
     def wrap(self, name: str, dek: bytes, context: tuple[tuple[str, str], ...]) -> Recipient:
         resp = self._call(
             f"wrap with awskms:{name}",
             lambda c: c.encrypt(KeyId=name, Plaintext=dek, EncryptionContext=encryption_context(context)),
         )
-        return Recipient("awskms", name, 1, bytes(resp["CiphertextBlob"]))
+        return Recipient("awskms", str(resp.get("KeyId") or name), 1, bytes(resp["CiphertextBlob"]))
 
     def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> bytes:
         resp = self._call(
