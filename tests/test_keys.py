@@ -196,10 +196,11 @@ def test_audit_events_for_every_key_operation_and_no_secrets(env: Env) -> None:
     assert all(e.result == "ok" for e in env.sink.events)
 
 
-def test_jsonl_audit_sink_under_home(env: Env) -> None:
+def test_jsonl_audit_sink(env: Env) -> None:
+    from modelseal.audit import JsonLinesSink
     from modelseal.keys import KeyService
 
-    svc = KeyService()  # default sink: $MODELSEAL_HOME/audit.jsonl
+    svc = KeyService(sink=JsonLinesSink(env.home / "audit.jsonl"))
     svc.create("audited")
     with contextlib.suppress(KeyProviderError):
         svc.create("audited")

@@ -187,6 +187,44 @@ def cmd_reencrypt(args: argparse.Namespace, svc: KeyService) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
+    from .auditlog import AuditLogError, MerkleAuditLog
+
+    log = MerkleAuditLog(keystore.modelseal_home() / "audit.db")
+    if args.audit_cmd == "verify":
+        if args.witness:
+            try:
+                checkpoint = json.loads((Path(args.witness) / "latest.json").read_text())
+            except (OSError, ValueError):
+                raise AuditLogError(f"no readable checkpoint in {args.witness}") from None
+            v = log.verify_against(checkpoint)
+        else:
+            v = log.verify()
+        if not v.ok:
+            raise AuditLogError(f"audit log does NOT verify: {v.reason}")
+        print(f"audit log verifies: {v.size} entries, tree head {v.head.hex()}")
+        return 0
+    if args.audit_cmd == "prove":
+        print(json.dumps(log.prove(args.entry), indent=2, sort_keys=True))
+        return 0
+    if args.audit_cmd == "checkpoint":
+        cp = log.checkpoint(Path(args.witness))
+        print(f"checkpoint of {cp['size']} entries written to {args.witness}")
+        return 0
+    since = datetime.fromisoformat(args.since).timestamp() if args.since else None
+    for e in log.events(key=args.key, since=since):
+        if args.json:
+            print(json.dumps(e, sort_keys=True))
+        else:
+            version = f" v{e['version']}" if e.get("version") is not None else ""
+            art = f" artifact {e['artifact'][:16]}" if e.get("artifact") else ""
+            print(
+                f"{e['entry']:>6} {_fmt_time(e['time'])} {e['actor']:10} {e['operation']:8} {e['key']}{version}"
+                f"{art} -> {e['result']}"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelseal", description="Encrypt and govern ML model artifacts.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -240,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("paths", nargs="+")
     r.add_argument("--key", action="append", help="re-wrap to this key instead (repeatable)")
     r.set_defaults(fn=cmd_rewrap)
+
+    a = sub.add_parser("audit", help="the tamper-evident audit log of key operations")
+    asub = a.add_subparsers(dest="audit_cmd", required=True)
+    av = asub.add_parser("verify", help="recompute the log; name the first bad entry")
+    av.add_argument("--witness", help="also check against the latest checkpoint saved in this folder")
+    ap = asub.add_parser("prove", help="an inclusion proof for one entry")
+    ap.add_argument("entry", type=int)
+    ac = asub.add_parser("checkpoint", help="export a signed checkpoint to a witness folder")
+    ac.add_argument("--witness", required=True)
+    al = asub.add_parser("log", help="list events")
+    al.add_argument("--key", help="only this key URI")
+    al.add_argument("--since", help="ISO time, e.g. 2026-11-01T00:00:00+00:00")
+    al.add_argument("--json", action="store_true")
+    a.set_defaults(fn=cmd_audit)
 
     e = sub.add_parser("reencrypt", help="re-seal under a fresh data key")
     e.add_argument("paths", nargs="+")

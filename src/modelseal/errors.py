@@ -88,4 +88,5 @@ EXIT_CODES: dict[str, int] = {
     "KeystoreError": KeystoreError.exit_code,
     "StorageError / DestinationExists": StorageError.exit_code,
     "PolicyDenied": PolicyDenied.exit_code,
+    "AuditLogError": 9,
 }

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .audit import AuditEvent, AuditSink, JsonLinesSink
+from .audit import AuditEvent, AuditSink
 from .config import Config
 from .config import load as load_config
 from .errors import KeyProviderError, ModelsealError, PolicyDenied
@@ -28,9 +28,12 @@ T = TypeVar("T")
 
 
 def default_sink() -> AuditSink:
+    """The tamper-evident audit log under ``$MODELSEAL_HOME`` (``audit.db``)."""
+    from .auditlog import MerkleAuditLog
+
     home = modelseal_home()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return JsonLinesSink(Path(home) / "audit.jsonl")
+    return MerkleAuditLog(Path(home) / "audit.db")
 
 
 UNWRAP_CACHE_TTL = 300.0
