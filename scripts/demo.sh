@@ -41,4 +41,7 @@ diff -r "$OUT/model" "$OUT/restored" && echo "restored folder is identical to th
 echo "== rotate the key and rewrap (header only)"
 "$MS" key rotate demo-kek >/dev/null
 "$MS" rewrap "$OUT/model.sealed"
+echo "== every key operation is in the tamper-evident audit log"
+"$MS" audit log | tail -4
+"$MS" audit verify
 echo "demo OK (outputs in demo-out/)"
