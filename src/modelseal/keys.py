@@ -124,6 +124,8 @@ class KeyService:
             version = result.key_version
         elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Recipient):
             version = result[1].key_version
+        elif isinstance(result, KeyInfo) and version is None and result.versions:
+            version = result.latest  # rotate: the version it made
         self.sink.emit(AuditEvent(op, key, "ok", version, artifact))
         return result
 
