@@ -225,6 +225,39 @@ def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
     return 0
 
 
+def _days(text: str) -> float:
+    units = {"d": 1.0, "h": 1 / 24, "w": 7.0}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except ValueError:
+        raise ValueError(f"--older-than takes a duration like 90d, 12h or 2w, got {text!r}") from None
+
+
+def cmd_rotate(args: argparse.Namespace, svc: KeyService) -> int:
+    from .rotation import rotate
+
+    older = _days(args.older_than) if args.older_than else None
+    report = rotate(
+        args.key,
+        [Path(p) for p in args.paths],
+        older_than_days=older,
+        force=args.force,
+        keys=svc,
+        progress=lambda name: print(f"rewrapped {name}", file=sys.stderr) if sys.stderr.isatty() else None,
+    )
+    what = "rotated to" if report.rotated else "not due; newest is"
+    print(
+        f"{report.key}: {what} v{report.latest_version}; rewrapped {len(report.rewrapped)}, "
+        f"already current {len(report.up_to_date)}, not using the key {report.not_using_key}, "
+        f"failed {len(report.failed)}"
+    )
+    for name, why in report.failed:
+        print(f"failed: {name}: {why}", file=sys.stderr)
+    if report.failed:
+        raise ModelsealError(f"{len(report.failed)} artifact(s) were not rewrapped (they still open); run rotate again")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelseal", description="Encrypt and govern ML model artifacts.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("paths", nargs="+")
     r.add_argument("--key", action="append", help="re-wrap to this key instead (repeatable)")
     r.set_defaults(fn=cmd_rewrap)
+
+    ro = sub.add_parser("rotate", help="rotate a KEK when due and rewrap every artifact under PATHs (resumable)")
+    ro.add_argument("paths", nargs="+")
+    ro.add_argument("--key", required=True)
+    ro.add_argument(
+        "--older-than", help="rotate if the newest version is older than this (90d, 12h); default: the policy"
+    )
+    ro.add_argument("--force", action="store_true", help="rotate now whatever the age")
+    ro.set_defaults(fn=cmd_rotate)
 
     a = sub.add_parser("audit", help="the tamper-evident audit log of key operations")
     asub = a.add_subparsers(dest="audit_cmd", required=True)

@@ -1,0 +1,124 @@
+"""Rotation at scale: rotate a KEK when it is due, then re-wrap every affected artifact.
+
+Owns ``rotate``: decide whether the key's newest version is older than the
+policy, rotate it, find the sealed files and folders under the given paths
+whose recipients use an older version of that key, and rewrap each one (header
+only, atomic per artifact through the A/B slots). It is resumable by design:
+an artifact already on the newest version is skipped, so re-running after a
+crash or an outage finishes the job; an artifact is never left half-rewrapped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import api
+from .artifact import read_raw
+from .envelope import parse_slots
+from .errors import ArtifactError, ModelsealError
+from .folder import MANIFEST_NAME
+from .header import MAGIC
+from .keys import KeyService
+from .providers import canonical_key, parse_key_uri
+from .source import FdSource
+
+
+@dataclass
+class RotationReport:
+    key: str
+    rotated: bool
+    latest_version: int
+    rewrapped: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    not_using_key: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_artifacts(paths: list[Path]) -> Iterator[Path]:
+    """Sealed files and sealed folders under ``paths`` (blobs inside folders are not listed)."""
+    for root in paths:
+        if (root / MANIFEST_NAME).is_file():
+            yield root
+            continue
+        if root.is_file():
+            yield root
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            d = Path(dirpath)
+            for name in list(dirnames):
+                if (d / name / MANIFEST_NAME).is_file():
+                    yield d / name
+                    dirnames.remove(name)
+            for name in sorted(filenames):
+                p = d / name
+                try:
+                    with open(p, "rb") as f:
+                        if f.read(len(MAGIC)) == MAGIC:
+                            yield p
+                except OSError:
+                    continue
+
+
+def _versions_of(path: Path, key: str) -> list[int]:
+    """Versions of ``key`` in the artifact's newest slot (unauthenticated: only used to pick work)."""
+    target = path / MANIFEST_NAME if path.is_dir() else path
+    src = FdSource(os.open(target, os.O_RDONLY | os.O_CLOEXEC))
+    try:
+        raw = read_raw(src)
+    finally:
+        src.close()
+    slots = parse_slots(raw.slots)
+    if not slots:
+        return []
+    return [r.key_version for r in slots[0][1].recipients if canonical_key(f"{r.scheme}:{r.key_id}") == key]
+
+
+def rotate(
+    key: str,
+    paths: list[Path],
+    *,
+    older_than_days: float | None = None,
+    force: bool = False,
+    keys: KeyService | None = None,
+    now: Callable[[], float] = time.time,
+    progress: Callable[[str], None] | None = None,
+) -> RotationReport:
+    """Rotate ``key`` if its newest version is older than the policy (or ``force``), then
+    rewrap every artifact under ``paths`` that uses an older version of it."""
+    svc = keys or api.key_service()
+    uri = parse_key_uri(key).uri
+    canon = canonical_key(uri)
+    info = svc.info(uri)
+    newest = max(info.versions, key=lambda v: v.version)
+    if older_than_days is None:
+        envs = svc.config.environments_of(uri)
+        older_than_days = min((svc.config.rotation_days(e) for e in envs), default=svc.config.rotate_after_days)
+    rotated = False
+    if force or (newest.created and now() - newest.created > older_than_days * 86400):
+        info = svc.rotate(uri)
+        rotated = True
+    report = RotationReport(uri, rotated, info.latest)
+    for artifact in find_artifacts(paths):
+        name = str(artifact)
+        try:
+            versions = _versions_of(artifact, canon)
+            if not versions:
+                report.not_using_key += 1
+                continue
+            if min(versions) >= info.latest:
+                report.up_to_date.append(name)
+                continue
+            api.rewrap(artifact, keys=svc)
+            report.rewrapped.append(name)
+            if progress is not None:
+                progress(name)
+        except (ModelsealError, OSError) as e:
+            if isinstance(e, ArtifactError | OSError):
+                report.failed.append((name, type(e).__name__))
+            else:
+                report.failed.append((name, str(e)[:200]))
+    return report
