@@ -258,6 +258,27 @@ def cmd_rotate(args: argparse.Namespace, svc: KeyService) -> int:
     return 0
 
 
+def cmd_recovery(args: argparse.Namespace, svc: KeyService) -> int:
+    if args.recovery_cmd == "split":
+        shares = keystore.split_root(args.shares, args.threshold)
+        out = Path(args.out)
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for i, share in enumerate(shares, 1):
+            # Each share is a secret: written 0600, never printed. Hand each to its custodian.
+            from .fsutil import write_atomic
+
+            write_atomic(out / f"share-{i}-of-{len(shares)}.txt", (share + "\n").encode(), mode=0o600)
+        print(f"wrote {len(shares)} shares to {out}; any {args.threshold} restore the keystore")
+        return 0
+    mnemonics: list[str] = []
+    for f in args.share_files:
+        text = sys.stdin.read() if f == "-" else Path(f).read_text(encoding="utf-8")
+        mnemonics += [line.strip() for line in text.splitlines() if line.strip()]
+    keystore.recover_root(mnemonics, keystore.read_passphrase(confirm=True))
+    print("keystore restored; it now opens with the new passphrase")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelseal", description="Encrypt and govern ML model artifacts.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -320,6 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ro.add_argument("--force", action="store_true", help="rotate now whatever the age")
     ro.set_defaults(fn=cmd_rotate)
+
+    rc = sub.add_parser("recovery", help="k-of-n recovery of the local keystore (Shamir shares)")
+    rsub = rc.add_subparsers(dest="recovery_cmd", required=True)
+    rs = rsub.add_parser("split", help="split the keystore's root key into shares")
+    rs.add_argument("--shares", type=int, required=True)
+    rs.add_argument("--threshold", type=int, required=True)
+    rs.add_argument("--out", required=True, help="folder for the share files (0600); move each to its custodian")
+    rcm = rsub.add_parser("combine", help="restore access from shares and set a new passphrase")
+    rcm.add_argument("share_files", nargs="+", help="files holding shares, one per line ('-' for stdin)")
+    rc.set_defaults(fn=cmd_recovery)
 
     a = sub.add_parser("audit", help="the tamper-evident audit log of key operations")
     asub = a.add_subparsers(dest="audit_cmd", required=True)

@@ -259,3 +259,54 @@ def locked_update(
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+# -- k-of-n recovery of the root key (SLIP-0039 Shamir shares) ----------------
+
+
+def split_root(
+    shares: int, threshold: int, path: Path | None = None, passphrase: Callable[[], bytes] = read_passphrase
+) -> list[str]:
+    """Split the keystore's root key into ``shares`` printable shares, any ``threshold`` of
+    which restore it (Shamir over GF(256) with an RS1024 checksum per share, SLIP-0039,
+    through the maintained ``shamir-mnemonic`` package)."""
+    import shamir_mnemonic
+
+    if not 1 <= threshold <= shares <= 16 or (threshold == 1 and shares > 1):
+        raise KeystoreError("choose 1 <= threshold <= shares <= 16 (and a threshold of at least 2 for several shares)")
+    ks = unlock(path or keystore_path(), passphrase)
+    groups = shamir_mnemonic.generate_mnemonics(1, [(threshold, shares)], ks.root_key, b"", extendable=True)
+    return list(groups[0])
+
+
+def recover_root(
+    mnemonics: list[str], new_passphrase: bytes, path: Path | None = None, *, scrypt_log2_n: int = DEFAULT_SCRYPT_LOG2_N
+) -> None:
+    """Restore access with ``threshold`` shares: the root they rebuild must open the key
+    table; it is then wrapped under ``new_passphrase`` (fresh salt) and saved atomically."""
+    import shamir_mnemonic
+
+    path = path or keystore_path()
+    if not new_passphrase:
+        raise KeystoreError("an empty passphrase is not allowed")
+    if len(set(mnemonics)) != len(mnemonics):
+        raise KeystoreError("the same share was given twice")
+    try:
+        root = shamir_mnemonic.combine_mnemonics(mnemonics, b"")
+    except (shamir_mnemonic.MnemonicError, ValueError) as e:
+        raise KeystoreError(f"the shares do not combine: {str(e)[:160]}") from None
+    doc = _parse_doc(_read_file(path))
+    try:
+        keys = _open_body(doc, root)
+    except KeystoreError:
+        raise KeystoreError("the shares combine, but not to this keystore's root key") from None
+    salt, nonce = os.urandom(32), os.urandom(12)
+    wrapped = AESGCM(_derive(new_passphrase, salt, scrypt_log2_n)).encrypt(nonce, root, _ROOT_AAD)
+    header = {
+        "format": KEYSTORE_FORMAT,
+        "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
+        "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
+    }
+    ks = UnlockedKeystore(path, root, header, keys, b"")
+    ks.save()
+    _CACHE.pop(str(path), None)
