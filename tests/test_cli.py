@@ -137,7 +137,14 @@ def test_force_replaces_and_destroy_needs_confirmation(env: Env) -> None:
     assert (env.work / "a.out").read_bytes() == b"two"
     r = run("key", "destroy", "test-kek")
     assert r.returncode == 1 and "without --yes" in r.stderr
-    assert run("key", "destroy", "test-kek", "--version", "1", "--yes").returncode == 0
+    r = run("key", "destroy", "test-kek", "--version", "1", "--yes")  # scheduled: 7 days by default
+    assert r.returncode == 0 and "will be erased after" in r.stdout
+    r = run("unseal", str(dst), str(env.work / "b.out"))
+    assert r.returncode == 5 and "pending-destroy" in r.stderr  # unusable at once
+    assert run("key", "cancel-destroy", "test-kek", "--version", "1").returncode == 0
+    assert run("key", "enable", "test-kek", "--version", "1").returncode == 0
+    assert run("unseal", str(dst), str(env.work / "c.out")).returncode == 0
+    assert run("key", "destroy", "test-kek", "--version", "1", "--yes", "--now").returncode == 0
     r = run("unseal", str(dst), str(env.work / "b.out"))
     assert r.returncode == 5 and "destroyed" in r.stderr
 

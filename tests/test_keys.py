@@ -15,6 +15,7 @@ import modelseal
 from modelseal import keystore
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, KeystoreError, PolicyDenied
 from modelseal.header import Recipient, normalize_context
+from modelseal.keys import KeyService
 from modelseal.providers.local import LocalProvider
 
 from .conftest import PASSPHRASE, Env, make_model_folder
@@ -198,7 +199,6 @@ def test_audit_events_for_every_key_operation_and_no_secrets(env: Env) -> None:
 
 def test_jsonl_audit_sink(env: Env) -> None:
     from modelseal.audit import JsonLinesSink
-    from modelseal.keys import KeyService
 
     svc = KeyService(sink=JsonLinesSink(env.home / "audit.jsonl"))
     svc.create("audited")
@@ -252,7 +252,6 @@ def test_keystore_update_failure_keeps_old_keystore(env: Env, monkeypatch: pytes
 
 def test_backend_exceptions_are_normalised_without_their_message(env: Env) -> None:
     from modelseal.audit import MemorySink
-    from modelseal.keys import KeyService
 
     class Leaky:
         scheme = "leaky"
@@ -269,3 +268,20 @@ def test_backend_exceptions_are_normalised_without_their_message(env: Env) -> No
         svc.wrap("leaky:k", b"\x00" * 32, ())
     assert "s3cr3t" not in str(ei.value) and ei.value.__cause__ is None
     assert sink.events[-1].result == "KeyProviderError" and "s3cr3t" not in sink.events[-1].to_json()
+
+
+def test_scheduled_destruction_is_purged_after_the_waiting_period(env: Env) -> None:
+    sealed = _seal(env)
+    clock = [1_800_000_000.0]
+    p = LocalProvider(now=lambda: clock[0])
+    p.destroy("test-kek", None, after=7 * 86400)
+    keystore.clear_cache()
+    with pytest.raises(KeyDisabled, match="pending-destroy"):
+        modelseal.open(sealed, keys=KeyService())
+    assert p.purge() == []  # not yet
+    clock[0] += 7 * 86400 + 1
+    assert p.purge() == ["test-kek#1"]
+    doc = keystore.unlock(keystore.keystore_path(env.home)).keys["test-kek"]
+    assert doc["versions"]["1"]["material"] is None and doc["versions"]["1"]["state"] == "destroyed"
+    with pytest.raises(KeyDisabled):
+        p.set_version_state("test-kek", 1, "active")  # destroyed for good

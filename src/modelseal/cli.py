@@ -131,6 +131,14 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
         info = svc.rotate(args.name)
     elif args.key_cmd in ("disable", "enable"):
         info = svc.set_state(args.name, args.version, "disabled" if args.key_cmd == "disable" else "active")
+    elif args.key_cmd == "cancel-destroy":
+        info = svc.cancel_destroy(args.name, args.version)
+    elif args.key_cmd == "purge":
+        from .providers.local import LocalProvider
+
+        done = LocalProvider().purge()
+        print(f"erased {len(done)} key version(s) whose waiting period was over: {', '.join(done) or '-'}")
+        return 0
     else:  # destroy
         what = f"version {args.version} of {args.name}" if args.version else f"every version of {args.name}"
         if not args.yes:
@@ -141,7 +149,11 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
             )
             if answer.strip() != args.name:
                 raise ModelsealError("not confirmed; nothing destroyed")
-        info = svc.destroy(args.name, args.version)
+        after = 0.0 if args.now else _days(args.after) * 86400
+        info = svc.destroy(args.name, args.version, after=after)
+        if after:
+            when = _fmt_time(time.time() + after)
+            print(f"{what} stops working now and will be erased after {when} (key cancel-destroy undoes it)")
     _print(_key_row(info, svc), args.json)
     return 0
 
@@ -295,11 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("name")
         k.add_argument("--version", type=int, required=True)
         k.add_argument("--json", action="store_true")
-    k = ksub.add_parser("destroy", help="crypto-shred a key version (or all versions); irreversible")
+    k = ksub.add_parser("destroy", help="crypto-shred a key version (or all); after a waiting period unless --now")
     k.add_argument("name")
     k.add_argument("--version", type=int)
     k.add_argument("--yes", action="store_true", help="confirm without a prompt")
+    k.add_argument("--after", default="7d", help="waiting period before the material is erased (default 7d)")
+    k.add_argument("--now", action="store_true", help="erase at once (a compromised key)")
     k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("cancel-destroy", help="undo a scheduled destruction (versions come back disabled)")
+    k.add_argument("name")
+    k.add_argument("--version", type=int)
+    k.add_argument("--json", action="store_true")
+    ksub.add_parser("purge", help="erase local key versions whose waiting period is over")
     k = ksub.add_parser("list", help="keys with versions, environments and age against the rotation policy")
     k.add_argument("name", nargs="?", help="one key URI (needed for pkcs11:)")
     k.add_argument("--scheme", default="local", help="provider to list (local, transit)")

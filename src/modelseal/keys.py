@@ -208,10 +208,30 @@ class KeyService:
             op, ref.uri, lambda: self.admin(ref.scheme).set_version_state(ref.name, version, state), version
         )
 
-    def destroy(self, key_uri: str, version: int | None) -> KeyInfo:
+    def destroy(self, key_uri: str, version: int | None, after: float = 0.0) -> KeyInfo:
+        """Destroy now (``after`` = 0) or schedule it ``after`` seconds ahead (local keys)."""
         self.forget_unwrapped()
         ref = parse_key_uri(key_uri)
-        return self._call("destroy", ref.uri, lambda: self.admin(ref.scheme).destroy(ref.name, version), version)
+        admin: Any = self.admin(ref.scheme)
+        if after > 0:
+            if not hasattr(admin, "cancel_destroy"):
+                raise KeyProviderError(f"the {ref.scheme}: provider destroys at once; schedule it there instead")
+            scheduled: KeyInfo = self._call(
+                "schedule-destroy", ref.uri, lambda: admin.destroy(ref.name, version, after), version
+            )
+            return scheduled
+        destroyed: KeyInfo = self._call("destroy", ref.uri, lambda: admin.destroy(ref.name, version), version)
+        return destroyed
+
+    def cancel_destroy(self, key_uri: str, version: int | None) -> KeyInfo:
+        ref = parse_key_uri(key_uri)
+        admin: Any = self.admin(ref.scheme)
+        if not hasattr(admin, "cancel_destroy"):
+            raise KeyProviderError(f"the {ref.scheme}: provider has no scheduled destruction")
+        cancelled: KeyInfo = self._call(
+            "cancel-destroy", ref.uri, lambda: admin.cancel_destroy(ref.name, version), version
+        )
+        return cancelled
 
     def list(self, scheme: str = "local") -> list[KeyInfo]:
         return self.admin(scheme).list()

@@ -125,8 +125,12 @@ class LocalProvider:
             data = entry["versions"].get(str(version))
             if data is None:
                 raise KeyNotFound(f"local:{name} has no version {version}")
-            if data["state"] == "destroyed":
-                raise KeyDisabled(f"version {version} of local:{name} is destroyed and cannot be changed")
+            if data["state"] in ("destroyed", "pending-destroy"):
+                raise KeyDisabled(
+                    f"version {version} of local:{name} is {data['state']}; cancel the destruction first"
+                    if data["state"] == "pending-destroy"
+                    else f"version {version} of local:{name} is destroyed and cannot be changed"
+                )
             data["state"] = state
             return _info(name, entry)
 
@@ -138,8 +142,14 @@ class LocalProvider:
             entry["min_decryption_version"] = version
             return _info(name, entry)
 
-    def destroy(self, name: str, version: int | None) -> KeyInfo:
-        """Crypto-shred: the KEK material is erased from the keystore for good."""
+    def destroy(self, name: str, version: int | None, after: float = 0.0) -> KeyInfo:
+        """Crypto-shred: erase the KEK material from the keystore for good.
+
+        With ``after`` > 0 the versions are only scheduled: they stop working at
+        once (state ``pending-destroy``) and are erased by the first keystore
+        update after ``after`` seconds (``purge``); ``cancel_destroy`` undoes the
+        schedule until then. With ``after`` = 0 they are erased now.
+        """
         with keystore.locked_update(self.path, self._passphrase) as ks:
             entry = self._entry(ks.keys, name)
             targets = [str(version)] if version is not None else list(entry["versions"])
@@ -147,8 +157,42 @@ class LocalProvider:
                 data = entry["versions"].get(v)
                 if data is None:
                     raise KeyNotFound(f"local:{name} has no version {v}")
-                data["state"], data["material"] = "destroyed", None
+                if data["state"] == "destroyed":
+                    continue
+                if after > 0:
+                    data["state"], data["destroy_after"] = "pending-destroy", self._now() + after
+                else:
+                    data["state"], data["material"] = "destroyed", None
+                    data.pop("destroy_after", None)
+            self._purge(ks.keys)
             return _info(name, entry)
+
+    def cancel_destroy(self, name: str, version: int | None) -> KeyInfo:
+        """Undo a scheduled destruction; the versions come back disabled (enable them explicitly)."""
+        with keystore.locked_update(self.path, self._passphrase) as ks:
+            entry = self._entry(ks.keys, name)
+            targets = [str(version)] if version is not None else list(entry["versions"])
+            for v in targets:
+                data = entry["versions"].get(v)
+                if data is not None and data["state"] == "pending-destroy":
+                    data["state"] = "disabled"
+                    data.pop("destroy_after", None)
+            return _info(name, entry)
+
+    def purge(self) -> list[str]:
+        """Erase every version whose waiting period is over; returns ``name#version`` of each."""
+        with keystore.locked_update(self.path, self._passphrase) as ks:
+            return self._purge(ks.keys)
+
+    def _purge(self, keys: dict[str, Any]) -> list[str]:
+        done = []
+        for name, entry in keys.items():
+            for v, data in entry["versions"].items():
+                if data["state"] == "pending-destroy" and float(data.get("destroy_after", 0)) <= self._now():
+                    data["state"], data["material"] = "destroyed", None
+                    data.pop("destroy_after", None)
+                    done.append(f"{name}#{v}")
+        return done
 
     def list(self) -> list[KeyInfo]:
         keys = keystore.unlock(self.path, self._passphrase).keys
