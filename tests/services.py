@@ -201,3 +201,43 @@ def softhsm_token(workdir: Path, label: str, pin: str) -> Iterator[str]:
             os.environ.pop("SOFTHSM2_CONF", None)
         else:
             os.environ["SOFTHSM2_CONF"] = old
+
+
+@contextmanager
+def postgres() -> Iterator[str]:
+    """PostgreSQL 15 from this machine image (Debian cluster 15/main), started with
+    pg_ctlcluster, reached on 127.0.0.1 with a throwaway role and database; the cluster
+    is stopped again (by its postmaster PID) if this function started it."""
+    import secrets
+
+    if shutil.which("pg_ctlcluster") is None:
+        raise RuntimeError("PostgreSQL (pg_ctlcluster) is not installed")
+    pidfile = Path("/var/lib/postgresql/15/main/postmaster.pid")
+    started = not pidfile.exists()
+    if started:
+        subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=True, capture_output=True)
+    name = f"ms_{secrets.token_hex(4)}"
+    password = secrets.token_hex(16)
+
+    def psql(sql: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-c", sql], check=True, capture_output=True)
+
+    try:
+        psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        psql(f"CREATE DATABASE {name} OWNER {name}")
+        yield f"postgresql://{name}:{password}@127.0.0.1:5432/{name}"
+    finally:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", "psql", "-q", "-c", f"DROP DATABASE IF EXISTS {name}"],
+            capture_output=True,
+        )
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", "psql", "-q", "-c", f"DROP ROLE IF EXISTS {name}"], capture_output=True
+        )
+        if started and pidfile.exists():
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)  # smart shutdown of the postmaster we started
+            for _ in range(100):
+                if not pidfile.exists():
+                    break
+                time.sleep(0.1)

@@ -150,3 +150,40 @@ def test_inclusion_proof_verifies(env: Env) -> None:
         [sys.executable, "-m", "modelseal.cli", "audit", "log", "--json"], capture_output=True, text=True
     )
     assert r.returncode == 0 and len(r.stdout.splitlines()) == log.verify().size
+
+
+def test_postgresql_backend(env: Env, tmp_path: Path) -> None:
+    """The same log in a real PostgreSQL 15 (started with pg_ctlcluster on this machine)."""
+    import psycopg
+
+    from modelseal.audit import AuditEvent
+
+    from .services import postgres
+
+    with postgres() as url:
+        log = MerkleAuditLog(url, key_path=tmp_path / "audit.key")
+        for i in range(12):
+            log.emit(AuditEvent("wrap", "local:pg-kek", "ok", 1, f"{i:064x}"))
+        v = log.verify()
+        assert v.ok and v.size == 12
+        cp = log.checkpoint(tmp_path / "witness")
+        proof = log.prove(5)
+        assert merkle.verify_inclusion(
+            4,
+            12,
+            bytes.fromhex(proof["leaf_hash"]),
+            [bytes.fromhex(h) for h in proof["inclusion_proof"]],
+            bytes.fromhex(proof["tree_head"]),
+        )
+        with psycopg.connect(url) as conn:
+            with pytest.raises(psycopg.errors.RaiseException):
+                conn.execute("UPDATE modelseal_audit_events SET event = 'x' WHERE seq = 3")
+            conn.rollback()
+            conn.execute("ALTER TABLE modelseal_audit_events DISABLE TRIGGER modelseal_audit_no_change")
+            conn.execute(
+                "UPDATE modelseal_audit_events SET event = replace(event, '\"ok\"', '\"denied\"') WHERE seq = 6"
+            )
+            conn.commit()
+        v = log.verify()
+        assert not v.ok and v.first_bad == 6
+        assert not log.verify_against(cp).ok

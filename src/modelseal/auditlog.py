@@ -1,4 +1,4 @@
-"""The tamper-evident audit log: SQLite, an RFC 9162 Merkle tree, signed tree heads.
+"""The tamper-evident audit log: an RFC 9162 Merkle tree with signed tree heads (SQLite or PostgreSQL).
 
 Every event (canonical JSON: actor, operation, key URI and version, artifact id,
 result, time; never a secret) is a leaf ``SHA-256(0x00 || event)``. Each row also
@@ -17,12 +17,10 @@ the security boundary.
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,24 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import merkle
 from .audit import AuditEvent
-from .errors import ModelsealError, StorageError
+from .auditstore import Row, SqliteStore, open_store
+from .errors import ModelsealError
 from .fsutil import write_atomic
+from .keystore import modelseal_home
 
 _SIG_LABEL = b"modelseal/audit/v1\x00"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq   INTEGER PRIMARY KEY,
-    event TEXT NOT NULL,
-    leaf  BLOB NOT NULL,
-    head  BLOB NOT NULL,
-    sig   BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
 
 
 class AuditLogError(ModelsealError):
@@ -101,25 +87,16 @@ def public_key_hex(key: Ed25519PublicKey) -> str:
 class MerkleAuditLog:
     """An ``AuditSink`` that appends to the tamper-evident log."""
 
-    def __init__(self, path: Path, key_path: Path | None = None, now: Callable[[], float] = time.time) -> None:
-        self.path = path
-        self._key_path = key_path or path.with_name("audit-signing.key")
+    def __init__(self, target: Path | str, key_path: Path | None = None, now: Callable[[], float] = time.time) -> None:
+        self.store = open_store(target)
+        local = isinstance(self.store, SqliteStore)
+        self._key_path = key_path or (
+            Path(target).with_name("audit-signing.key") if local else modelseal_home() / "audit-signing.key"
+        )
         self._now = now
         self._lock = threading.Lock()
         self._frontier: merkle.Frontier | None = None
         self._key: Ed25519PrivateKey | None = None
-
-    # -- storage --------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            new = not self.path.exists()
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            if new:
-                os.chmod(self.path, 0o600)
-            db.executescript(_SCHEMA)
-            return db
-        except sqlite3.Error as e:
-            raise StorageError(f"cannot open the audit log {self.path}: {e}") from None
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:
@@ -132,78 +109,57 @@ class MerkleAuditLog:
             event = AuditEvent(**{**asdict(event), "time": self._now()})
         body = event.to_json()
         with self._lock:
-            db = self._connect()
             try:
-                db.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
-                size = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-                frontier = self._frontier if self._frontier is not None and self._frontier.size == size else None
-                if frontier is None:
-                    frontier = merkle.Frontier()
-                    for (leaf,) in db.execute("SELECT leaf FROM events ORDER BY seq"):
-                        frontier.append(bytes(leaf))
-                leaf = merkle.leaf_hash(body.encode())
-                head = frontier.append(leaf)
-                sig = self.signing_key.sign(_signed_message(size + 1, head))
-                db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (size + 1, body, leaf, head, sig))
-                db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('public_key', ?)",
-                    (public_key_hex(self.signing_key.public_key()),),
-                )
-                db.execute("COMMIT")
+                with self.store.transaction() as tx:
+                    size = tx.size()
+                    frontier = self._frontier if self._frontier is not None and self._frontier.size == size else None
+                    if frontier is None:
+                        frontier = merkle.Frontier()
+                        for old in tx.leaves():
+                            frontier.append(old)
+                    leaf = merkle.leaf_hash(body.encode())
+                    head = frontier.append(leaf)
+                    sig = self.signing_key.sign(_signed_message(size + 1, head))
+                    tx.insert((size + 1, body, leaf, head, sig), public_key_hex(self.signing_key.public_key()))
                 self._frontier = frontier
-            except sqlite3.Error as e:
+            except BaseException:
                 self._frontier = None
-                raise StorageError(f"cannot append to the audit log {self.path}: {e}") from None
-            finally:
-                db.close()
+                raise
 
-    def _rows(self, db: sqlite3.Connection) -> Iterator[tuple[int, str, bytes, bytes, bytes]]:
-        for seq, body, leaf, head, sig in db.execute("SELECT seq, event, leaf, head, sig FROM events ORDER BY seq"):
-            yield int(seq), str(body), bytes(leaf), bytes(head), bytes(sig)
+    def _rows(self) -> list[Row]:
+        return self.store.rows()
 
-    def _public_key(self, db: sqlite3.Connection) -> Ed25519PublicKey | None:
-        row = db.execute("SELECT v FROM meta WHERE k = 'public_key'").fetchone()
-        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(row[0])) if row else None
+    def _public_key(self) -> Ed25519PublicKey | None:
+        hexkey = self.store.public_key()
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hexkey)) if hexkey else None
 
     # -- verification ----------------------------------------------------
     def verify(self, public_key: Ed25519PublicKey | None = None) -> Verification:
         """Recompute every leaf and tree head; name the first entry that does not match."""
-        db = self._connect()
-        try:
-            key = public_key or self._public_key(db)
-            frontier = merkle.Frontier()
-            expected = 1
-            for seq, body, _leaf, head, sig in self._rows(db):
-                if seq != expected:
-                    return Verification(frontier.size, frontier.root(), expected, f"entry {expected} is missing")
-                recomputed = frontier.append(merkle.leaf_hash(body.encode()))
-                if recomputed != head:
-                    return Verification(frontier.size, recomputed, seq, f"entry {seq} was changed, moved or inserted")
-                try:
-                    if key is None:
-                        raise InvalidSignature
-                    key.verify(sig, _signed_message(seq, head))
-                except InvalidSignature:
-                    return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature")
-                expected += 1
-            return Verification(frontier.size, frontier.root())
-        finally:
-            db.close()
+        key = public_key or self._public_key()
+        frontier = merkle.Frontier()
+        expected = 1
+        for seq, body, _leaf, head, sig in self._rows():
+            if seq != expected:
+                return Verification(frontier.size, frontier.root(), expected, f"entry {expected} is missing")
+            recomputed = frontier.append(merkle.leaf_hash(body.encode()))
+            if recomputed != head:
+                return Verification(frontier.size, recomputed, seq, f"entry {seq} was changed, moved or inserted")
+            try:
+                if key is None:
+                    raise InvalidSignature
+                key.verify(sig, _signed_message(seq, head))
+            except InvalidSignature:
+                return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature")
+            expected += 1
+        return Verification(frontier.size, frontier.root())
 
     def leaves(self) -> list[bytes]:
-        db = self._connect()
-        try:
-            return [merkle.leaf_hash(body.encode()) for _, body, _, _, _ in self._rows(db)]
-        finally:
-            db.close()
+        return [merkle.leaf_hash(body.encode()) for _, body, _, _, _ in self._rows()]
 
     def prove(self, n: int) -> dict[str, Any]:
         """An inclusion proof of entry ``n`` (1-based) in the current tree."""
-        db = self._connect()
-        try:
-            rows = list(self._rows(db))
-        finally:
-            db.close()
+        rows = self._rows()
         if not 1 <= n <= len(rows):
             raise AuditLogError(f"there is no entry {n} (the log has {len(rows)})")
         leaves = [merkle.leaf_hash(body.encode()) for _, body, _, _, _ in rows]
@@ -222,12 +178,9 @@ class MerkleAuditLog:
         v = self.verify()
         if not v.ok:
             raise AuditLogError(f"the audit log does not verify: {v.reason}")
-        db = self._connect()
-        try:
-            row = db.execute("SELECT seq, head, sig FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-            key = self._public_key(db)
-        finally:
-            db.close()
+        rows = self._rows()
+        key = self._public_key()
+        row = (rows[-1][0], rows[-1][3], rows[-1][4]) if rows else None
         if row is None or key is None:
             raise AuditLogError("the audit log is empty: nothing to checkpoint")
         cp = {
@@ -268,16 +221,12 @@ class MerkleAuditLog:
         return v
 
     def events(self, key: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
-        db = self._connect()
-        try:
-            out = []
-            for seq, body, *_ in self._rows(db):
-                e = json.loads(body)
-                if key is not None and e.get("key") != key:
-                    continue
-                if since is not None and float(e.get("time", 0)) < since:
-                    continue
-                out.append({"entry": seq, **e})
-            return out
-        finally:
-            db.close()
+        out = []
+        for seq, body, *_ in self._rows():
+            e = json.loads(body)
+            if key is not None and e.get("key") != key:
+                continue
+            if since is not None and float(e.get("time", 0)) < since:
+                continue
+            out.append({"entry": seq, **e})
+        return out

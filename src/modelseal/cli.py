@@ -202,7 +202,7 @@ def cmd_reencrypt(args: argparse.Namespace, svc: KeyService) -> int:
 def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
     from .auditlog import AuditLogError, MerkleAuditLog
 
-    log = MerkleAuditLog(keystore.modelseal_home() / "audit.db")
+    log = MerkleAuditLog(os.environ.get("MODELSEAL_AUDIT_URL") or keystore.modelseal_home() / "audit.db")
     if args.audit_cmd == "verify":
         if args.witness:
             try:

@@ -9,6 +9,7 @@ directly.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -33,7 +34,8 @@ def default_sink() -> AuditSink:
 
     home = modelseal_home()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return MerkleAuditLog(Path(home) / "audit.db")
+    # MODELSEAL_AUDIT_URL=postgresql://... keeps the log in PostgreSQL (the registry's).
+    return MerkleAuditLog(os.environ.get("MODELSEAL_AUDIT_URL") or Path(home) / "audit.db")
 
 
 UNWRAP_CACHE_TTL = 300.0
