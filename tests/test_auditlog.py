@@ -116,9 +116,10 @@ def test_rollback_is_detected_against_a_saved_checkpoint(env: Env, tmp_path: Pat
     # Later events extend the checkpoint consistently.
     KeyService().rotate("audited-kek")
     assert log.verify_against(cp).ok
-    # Roll the log back to the old copy: it verifies on its own, but not against the witness.
+    # Roll the log back to the old copy: this host notices (it remembers what it wrote),
+    # and so does the witness checkpoint, which works on any other machine too.
     shutil.copy(early, env.home / "audit.db")
-    assert log.verify().ok
+    assert "rolled back" in log.verify().reason
     v = log.verify_against(cp)
     assert not v.ok and "rolled back" in v.reason
     r = subprocess.run(
@@ -187,3 +188,49 @@ def test_postgresql_backend(env: Env, tmp_path: Path) -> None:
         v = log.verify()
         assert not v.ok and v.first_bad == 6
         assert not log.verify_against(cp).ok
+
+
+def test_resigned_log_and_truncation_are_caught(env: Env) -> None:
+    """Review findings: someone who can write the database but lacks the audit key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from modelseal.auditlog import _signed_message, public_key_hex
+
+    log = _fill(env)
+    db = _raw(env)
+    rows = db.execute("SELECT seq, event FROM events ORDER BY seq").fetchall()
+    # 1. Drop an entry, rebuild every head and re-sign with a key of one's own.
+    forger = Ed25519PrivateKey.generate()
+    db.execute("DELETE FROM events")
+    frontier = merkle.Frontier()
+    for new_seq, (_, body) in enumerate([r for r in rows if r[0] != 3], start=1):
+        leaf = merkle.leaf_hash(body.encode())
+        head = frontier.append(leaf)
+        db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+            (new_seq, body, leaf, head, forger.sign(_signed_message(new_seq, head))),
+        )
+    db.execute("UPDATE meta SET v = ? WHERE k = 'public_key'", (public_key_hex(forger.public_key()),))
+    db.close()
+    v = log.verify()
+    assert not v.ok and "another audit key" in v.reason
+    # 2. Truncate the tail: the next legitimate append refuses to build on it.
+    shutil.copy(env.home / "audit.db", env.home / "forged.db")
+    log2 = _fill_fresh(env)
+    db = _raw(env)
+    last = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+    db.execute("DELETE FROM events WHERE seq = ?", (last,))
+    db.close()
+    with pytest.raises(AuditLogError, match="truncated or rewritten"):
+        KeyService().rotate("audited-kek")
+    assert "rolled back" in log2.verify().reason
+
+
+def _fill_fresh(env: Env) -> MerkleAuditLog:
+    """Start a new, honest log (the forged one from the first half is set aside)."""
+    (env.home / "audit.db").unlink()
+    (env.home / "audit-signing.key.state").unlink()
+    svc = KeyService()
+    svc.rotate("audited-kek")
+    svc.rotate("audited-kek")
+    return MerkleAuditLog(env.home / "audit.db")

@@ -13,7 +13,7 @@ import modelseal
 from modelseal import keystore
 from modelseal.artifact import read_raw
 from modelseal.audit import MemorySink
-from modelseal.errors import KeystoreError, PolicyDenied, StorageError
+from modelseal.errors import FormatError, KeystoreError, PolicyDenied, StorageError
 from modelseal.header import Recipient, encode_context, encode_recipients
 from modelseal.keys import KeyService
 from modelseal.providers.local import LocalProvider
@@ -151,3 +151,68 @@ def test_any_one_recipient_opens_even_without_a_local_keystore(env: Env, monkeyp
     # With neither, the keystore problem is what is reported.
     with pytest.raises(KeystoreError, match="modelseal init"):
         modelseal.open(sealed, keys=KeyService(sink=MemorySink()))
+
+
+def test_destroy_waiting_period_cannot_be_skipped_by_accident(env: Env) -> None:
+    import subprocess
+    import sys
+
+    for bad in ("nan", "-1d", "0"):
+        r = subprocess.run(
+            [sys.executable, "-m", "modelseal.cli", "key", "destroy", "test-kek", "--yes", "--after", bad],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 2, (bad, r.stderr)
+    keystore.clear_cache()
+    assert LocalProvider().info("test-kek").versions[0].state == "active"
+
+
+def test_rotate_never_follows_symlinks_out_of_its_paths(env: Env) -> None:
+    from modelseal.rotation import rotate
+
+    outside = env.work / "outside"
+    outside.mkdir()
+    src = env.work / "a.bin"
+    src.write_bytes(b"x")
+    modelseal.seal(src, outside / "victim.sealed", key="test-kek", keys=env.svc)
+    inside = env.work / "inside"
+    inside.mkdir()
+    os.symlink(outside / "victim.sealed", inside / "link.sealed")
+    os.symlink(outside, inside / "dirlink")
+    os.mkfifo(inside / "fifo")
+    r = rotate("test-kek", [inside], force=True, keys=env.svc)
+    assert r.rewrapped == [] and modelseal.inspect(outside / "victim.sealed")["slot_generation"] == 1
+
+
+def test_hf_refuses_trust_remote_code(env: Env) -> None:
+    import modelseal.hf as mhf
+
+    with pytest.raises(PolicyDenied, match="trust_remote_code"):
+        mhf.from_pretrained(object, env.work, trust_remote_code=True)
+
+
+def test_onnx_single_file_with_external_data_is_refused(env: Env) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import modelseal.onnx as monnx
+
+    w = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[w],
+    )
+    folder = env.work / "m"
+    folder.mkdir()
+    onnx.save_model(
+        helper.make_model(graph), folder / "model.onnx", save_as_external_data=True, location="w.bin", size_threshold=0
+    )
+    modelseal.seal(folder / "model.onnx", env.work / "model.sealed", key="test-kek", keys=env.svc)
+    (env.work / "w.bin").write_bytes(b"planted")  # would be read from the working directory
+    with pytest.raises(FormatError, match="seal its folder"):
+        monnx.inference_session(env.work / "model.sealed", keys=env.svc)

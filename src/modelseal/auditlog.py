@@ -93,6 +93,8 @@ class MerkleAuditLog:
         self._key_path = key_path or (
             Path(target).with_name("audit-signing.key") if local else modelseal_home() / "audit-signing.key"
         )
+        # What this host last appended: a shorter or different log is a rollback.
+        self._state_path = self._key_path.with_name(self._key_path.name + ".state")
         self._now = now
         self._lock = threading.Lock()
         self._frontier: merkle.Frontier | None = None
@@ -112,6 +114,12 @@ class MerkleAuditLog:
             try:
                 with self.store.transaction() as tx:
                     size = tx.size()
+                    last = self._last_written()
+                    if last is not None and (size < last[0] or tx.head_at(last[0]) != last[1]):
+                        raise AuditLogError(
+                            "the audit log is shorter than, or differs from, what this host last wrote "
+                            "(truncated or rewritten); run modelseal audit verify"
+                        )
                     frontier = self._frontier if self._frontier is not None and self._frontier.size == size else None
                     if frontier is None:
                         frontier = merkle.Frontier()
@@ -122,9 +130,26 @@ class MerkleAuditLog:
                     sig = self.signing_key.sign(_signed_message(size + 1, head))
                     tx.insert((size + 1, body, leaf, head, sig), public_key_hex(self.signing_key.public_key()))
                 self._frontier = frontier
+                state = json.dumps({"size": size + 1, "head": head.hex()}).encode()
+                write_atomic(self._state_path, state, mode=0o600)
             except BaseException:
                 self._frontier = None
                 raise
+
+    def _last_written(self) -> tuple[int, bytes] | None:
+        try:
+            doc = json.loads(self._state_path.read_text())
+            return int(doc["size"]), bytes.fromhex(doc["head"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            raise AuditLogError(f"the audit state file {self._state_path} is damaged") from None
+
+    def pinned_key(self) -> Ed25519PublicKey | None:
+        """The audit key this host signs with (from the key file, not from the log)."""
+        if not self._key_path.exists():
+            return None
+        return self.signing_key.public_key()
 
     def _rows(self) -> list[Row]:
         return self.store.rows()
@@ -135,8 +160,16 @@ class MerkleAuditLog:
 
     # -- verification ----------------------------------------------------
     def verify(self, public_key: Ed25519PublicKey | None = None) -> Verification:
-        """Recompute every leaf and tree head; name the first entry that does not match."""
-        key = public_key or self._public_key()
+        """Recompute every leaf and tree head; name the first entry that does not match.
+
+        Signatures are checked with ``public_key``, else the key this host signs with;
+        the key the log itself names is used only when neither exists, and must agree.
+        """
+        stored = self._public_key()
+        key = public_key or self.pinned_key() or stored
+        if stored is not None and key is not None and public_key_hex(stored) != public_key_hex(key):
+            return Verification(0, b"", 1, "the log names another audit key than the pinned one (re-signed?)")
+        last = self._last_written()
         frontier = merkle.Frontier()
         expected = 1
         for seq, body, _leaf, head, sig in self._rows():
@@ -152,6 +185,12 @@ class MerkleAuditLog:
             except InvalidSignature:
                 return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature")
             expected += 1
+        if last is not None and public_key is None:
+            heads = {seq: head for seq, _b, _l, head, _s in self._rows()}
+            if frontier.size < last[0] or heads.get(last[0]) != last[1]:
+                return Verification(
+                    frontier.size, frontier.root(), None, f"the log was rolled back: this host wrote {last[0]} entries"
+                )
         return Verification(frontier.size, frontier.root())
 
     def leaves(self) -> list[bytes]:

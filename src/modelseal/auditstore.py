@@ -58,6 +58,8 @@ class AppendTx(Protocol):
 
     def insert(self, row: Row, public_key_hex: str) -> None: ...
 
+    def head_at(self, seq: int) -> bytes | None: ...
+
 
 class AuditStore(Protocol):
     def transaction(self) -> AbstractContextManager[AppendTx]: ...
@@ -83,6 +85,10 @@ class _Tx:
         self._execute(self._sql["insert"], row)
         self._execute(self._sql["key"], (public_key_hex,))
 
+    def head_at(self, seq: int) -> bytes | None:
+        row = self._execute(self._sql["head_at"], (seq,)).fetchone()
+        return bytes(row[0]) if row else None
+
 
 _SQLITE_SQL = {
     "size": "SELECT COALESCE(MAX(seq), 0) FROM events",
@@ -91,6 +97,7 @@ _SQLITE_SQL = {
     "key": "INSERT OR IGNORE INTO meta VALUES ('public_key', ?)",
     "rows": "SELECT seq, event, leaf, head, sig FROM events ORDER BY seq",
     "get_key": "SELECT v FROM meta WHERE k = 'public_key'",
+    "head_at": "SELECT head FROM events WHERE seq = ?",
 }
 _PG_SQL = {
     "size": "SELECT COALESCE(MAX(seq), 0) FROM modelseal_audit_events",
@@ -99,6 +106,7 @@ _PG_SQL = {
     "key": "INSERT INTO modelseal_audit_meta VALUES ('public_key', %s) ON CONFLICT DO NOTHING",
     "rows": "SELECT seq, event, leaf, head, sig FROM modelseal_audit_events ORDER BY seq",
     "get_key": "SELECT v FROM modelseal_audit_meta WHERE k = 'public_key'",
+    "head_at": "SELECT head FROM modelseal_audit_events WHERE seq = %s",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -150,6 +151,8 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
             if answer.strip() != args.name:
                 raise ModelsealError("not confirmed; nothing destroyed")
         after = 0.0 if args.now else _days(args.after) * 86400
+        if not args.now and not 0 < after < float("inf"):
+            raise ValueError("--after must be a positive duration (use --now to erase at once)")
         info = svc.destroy(args.name, args.version, after=after)
         if after:
             when = _fmt_time(time.time() + after)
@@ -240,7 +243,10 @@ def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
 def _days(text: str) -> float:
     units = {"d": 1.0, "h": 1 / 24, "w": 7.0}
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+        value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError
+        return value
     except ValueError:
         raise ValueError(f"--older-than takes a duration like 90d, 12h or 2w, got {text!r}") from None
 

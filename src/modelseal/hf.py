@@ -12,8 +12,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .errors import PolicyDenied
 from .keys import KeyService
 from .loading import memfd_view
+
+
+def _no_remote_code(kwargs: dict[str, Any]) -> None:
+    if kwargs.get("trust_remote_code"):
+        # transformers copies the model's .py files into $HF_HOME/modules on disk (and runs them).
+        raise PolicyDenied("trust_remote_code is refused: it would write the sealed model's code to disk and run it")
 
 
 def from_pretrained(
@@ -25,6 +32,7 @@ def from_pretrained(
     **kwargs: Any,
 ) -> Any:
     """``cls.from_pretrained(plain_dir, **kwargs)`` for a sealed folder (AutoModel, AutoTokenizer, ...)."""
+    _no_remote_code(kwargs)
     kwargs.setdefault("local_files_only", True)
     with memfd_view(sealed_dir, keys=keys, allow_plaintext=allow_plaintext) as view:
         return cls.from_pretrained(str(view), **kwargs)
@@ -41,6 +49,7 @@ def pipeline(
     """``transformers.pipeline(task, model=plain_dir, **kwargs)`` for a sealed folder."""
     import transformers
 
+    _no_remote_code(kwargs)
     make: Any = transformers.pipeline  # its overloads are per task; ours takes any task
     with memfd_view(sealed_dir, keys=keys, allow_plaintext=allow_plaintext) as view:
         # A local folder: transformers does not consult a hub for it.
@@ -57,6 +66,7 @@ def sentence_transformer(
     """A ``SentenceTransformer`` built from a sealed model folder."""
     from sentence_transformers import SentenceTransformer
 
+    _no_remote_code(kwargs)
     kwargs.setdefault("local_files_only", True)
     with memfd_view(sealed_dir, keys=keys, allow_plaintext=allow_plaintext) as view:
         return SentenceTransformer(str(view), **kwargs)

@@ -9,6 +9,7 @@ directly.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -212,6 +213,8 @@ class KeyService:
 
     def destroy(self, key_uri: str, version: int | None, after: float = 0.0) -> KeyInfo:
         """Destroy now (``after`` = 0) or schedule it ``after`` seconds ahead (local keys)."""
+        if not math.isfinite(after) or after < 0:
+            raise ValueError("the waiting period must be a finite, non-negative number of seconds")
         self.forget_unwrapped()
         ref = parse_key_uri(key_uri)
         admin: Any = self.admin(ref.scheme)

@@ -20,18 +20,20 @@ from .loading import open_folder_any, read_member, split_member, wipe
 
 
 def _external_locations(model: bytes | bytearray) -> list[str]:
-    """The external-data file names a model refers to (needs the ``onnx`` package)."""
+    """Every external-data file name the model refers to, in any graph or subgraph.
+
+    Each one must be supplied from memory: a reference ONNX Runtime cannot satisfy
+    from memory would be read from the working directory, unsealed.
+    """
     try:
         import onnx
-    except ImportError:  # without onnx we cannot see them; ORT will say if any are missing
-        return []
+        from onnx.external_data_helper import _get_all_tensors
+    except ImportError:
+        raise FormatError("loading ONNX models needs the onnx package: pip install 'modelseal[onnx]'") from None
     proto = onnx.ModelProto()
     proto.ParseFromString(bytes(model))  # parsing alone never opens external files
     found: set[str] = set()
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        tensors.extend(a.t for a in node.attribute if a.HasField("t"))
-    for t in tensors:
+    for t in _get_all_tensors(proto):  # initializers, attributes, subgraphs, sparse tensors
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for entry in t.external_data:
                 if entry.key == "location":
@@ -78,6 +80,9 @@ def inference_session(
                 so.add_external_initializers_from_files_in_memory(names, bufs, [len(b) for b in bufs])
     else:
         model = read_member(p, member, allow_plaintext=allow_plaintext, keys=keys)
+        if _external_locations(model):
+            wipe(model)
+            raise FormatError("this model keeps weights in external files: seal its folder and load the folder")
     try:
         return ort.InferenceSession(
             bytes(model), sess_options=so, providers=providers or ["CPUExecutionProvider"], **kwargs

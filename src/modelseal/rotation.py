@@ -11,6 +11,7 @@ crash or an outage finishes the job; an artifact is never left half-rewrapped.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,29 +39,45 @@ class RotationReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _is_sealed_regular(p: Path) -> bool:
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # a symlink, or unreadable
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, len(MAGIC), 0) == MAGIC
+    finally:
+        os.close(fd)
+
+
 def find_artifacts(paths: list[Path]) -> Iterator[Path]:
-    """Sealed files and sealed folders under ``paths`` (blobs inside folders are not listed)."""
+    """Sealed files and sealed folders under ``paths`` (blobs inside folders are not listed).
+
+    Symlinks are never followed (a link could lead rotation to rewrite artifacts
+    outside the paths given), and only regular files are opened (no FIFO hangs).
+    """
     for root in paths:
-        if (root / MANIFEST_NAME).is_file():
+        if root.is_symlink():
+            continue
+        if root.is_dir() and _is_sealed_regular(root / MANIFEST_NAME):
             yield root
             continue
-        if root.is_file():
-            yield root
+        if not root.is_dir():
+            if _is_sealed_regular(root):
+                yield root
             continue
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             d = Path(dirpath)
             for name in list(dirnames):
-                if (d / name / MANIFEST_NAME).is_file():
-                    yield d / name
+                sub = d / name
+                if sub.is_symlink():
+                    dirnames.remove(name)
+                elif _is_sealed_regular(sub / MANIFEST_NAME):
+                    yield sub
                     dirnames.remove(name)
             for name in sorted(filenames):
-                p = d / name
-                try:
-                    with open(p, "rb") as f:
-                        if f.read(len(MAGIC)) == MAGIC:
-                            yield p
-                except OSError:
-                    continue
+                if _is_sealed_regular(d / name):
+                    yield d / name
 
 
 def _versions_of(path: Path, key: str) -> list[int]:

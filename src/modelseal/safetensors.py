@@ -116,6 +116,8 @@ def parse_header(reader: RandomAccess, name: str = "") -> tuple[dict[str, Tensor
             raise SafetensorsError(f"tensor {tname!r}: invalid data_offsets")
         begin, end = offs
         # Python integers: a huge claimed shape cannot overflow, it just fails here.
+        if any(d >= 1 << 63 for d in shape) or math.prod(shape) >= 1 << 63:
+            raise SafetensorsError(f"tensor {tname!r}: a dimension or the element count is too large")
         if not 0 <= begin <= end <= data_len or math.prod(shape) * DTYPES[dtype][1] != end - begin:
             raise SafetensorsError(f"tensor {tname!r}: shape and offsets disagree or leave the file")
         tensors.append(TensorInfo(tname, dtype, tuple(shape), data_start + begin, data_start + end))
@@ -197,7 +199,7 @@ class TensorSlice:
     def __getitem__(self, index: Any) -> Any:
         info = self._info
         idx = index if isinstance(index, tuple) else (index,)
-        if not info.shape or not idx or not isinstance(idx[0], int | slice):
+        if not info.shape or not idx or isinstance(idx[0], bool) or not isinstance(idx[0], int | slice):
             tensor = self._shard.read(info, self._framework)
             return _to_device(tensor[index], self._framework, self._device)
         rows = info.shape[0]
