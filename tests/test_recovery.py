@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,9 @@ def test_cli_split_and_combine(env: Env) -> None:
         [sys.executable, "-m", "modelseal.cli", "recovery", "combine", str(files[1])], capture_output=True, text=True
     )
     assert r.returncode == 6 and r.stderr.count("\n") == 1
+    from modelseal.auditlog import MerkleAuditLog
+
+    ops = [(e["operation"], e["result"]) for e in MerkleAuditLog(env.home / "audit.db").events()]
+    assert ("recovery-split", "ok") in ops and ("recovery-combine", "ok") in ops
+    assert ("recovery-combine", "KeystoreError") in ops
+    assert all("academic" not in json.dumps(e) for e in MerkleAuditLog(env.home / "audit.db").events())

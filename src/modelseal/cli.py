@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import api, keystore
+from .audit import AuditEvent
 from .errors import ModelsealError
 from .keys import KeyService
 from .providers import KeyInfo
@@ -138,6 +139,9 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
         from .providers.local import LocalProvider
 
         done = LocalProvider().purge()
+        for item in done:
+            name, _, version = item.partition("#")
+            svc.sink.emit(AuditEvent("purge", f"local:{name}", "ok", int(version)))
         print(f"erased {len(done)} key version(s) whose waiting period was over: {', '.join(done) or '-'}")
         return 0
     else:  # destroy
@@ -286,13 +290,19 @@ def cmd_recovery(args: argparse.Namespace, svc: KeyService) -> int:
             from .fsutil import write_atomic
 
             write_atomic(out / f"share-{i}-of-{len(shares)}.txt", (share + "\n").encode(), mode=0o600)
+        svc.sink.emit(AuditEvent("recovery-split", "local:*", "ok", args.threshold, f"{len(shares)} shares"))
         print(f"wrote {len(shares)} shares to {out}; any {args.threshold} restore the keystore")
         return 0
     mnemonics: list[str] = []
     for f in args.share_files:
         text = sys.stdin.read() if f == "-" else Path(f).read_text(encoding="utf-8")
         mnemonics += [line.strip() for line in text.splitlines() if line.strip()]
-    keystore.recover_root(mnemonics, keystore.read_passphrase(confirm=True))
+    try:
+        keystore.recover_root(mnemonics, keystore.read_passphrase(confirm=True))
+    except ModelsealError as e:
+        svc.sink.emit(AuditEvent("recovery-combine", "local:*", type(e).__name__, len(mnemonics)))
+        raise
+    svc.sink.emit(AuditEvent("recovery-combine", "local:*", "ok", len(mnemonics)))
     print("keystore restored; it now opens with the new passphrase")
     return 0
 

@@ -295,7 +295,8 @@ def recover_root(
         root = shamir_mnemonic.combine_mnemonics(mnemonics, b"")
     except (shamir_mnemonic.MnemonicError, ValueError) as e:
         raise KeystoreError(f"the shares do not combine: {str(e)[:160]}") from None
-    doc = _parse_doc(_read_file(path))
+    raw = _read_file(path)
+    doc = _parse_doc(raw)
     try:
         keys = _open_body(doc, root)
     except KeystoreError:
@@ -307,6 +308,13 @@ def recover_root(
         "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
         "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
     }
-    ks = UnlockedKeystore(path, root, header, keys, b"")
-    ks.save()
+    lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        if _read_file(path) != raw:
+            raise KeystoreError("the keystore changed during recovery; run recovery combine again")
+        UnlockedKeystore(path, root, header, keys, b"").save()
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
     _CACHE.pop(str(path), None)
