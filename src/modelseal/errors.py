@@ -76,17 +76,3 @@ class PolicyDenied(ModelsealError):
     """The request is refused by a safety rule (symlink escape, keys beside data)."""
 
     exit_code = 8
-
-
-EXIT_CODES: dict[str, int] = {
-    "ok": 0,
-    "internal error": 1,
-    "usage error": 2,
-    "DecryptionError": DecryptionError.exit_code,
-    "FormatError": FormatError.exit_code,
-    "KeyProviderError / KeyNotFound / KeyDisabled": KeyProviderError.exit_code,
-    "KeystoreError": KeystoreError.exit_code,
-    "StorageError / DestinationExists": StorageError.exit_code,
-    "PolicyDenied": PolicyDenied.exit_code,
-    "AuditLogError": 9,
-}

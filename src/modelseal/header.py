@@ -339,11 +339,3 @@ def parse_slot(data: bytes) -> Slot | None:
     if any(data[cur.pos :]):
         raise _bad("slot padding")
     return Slot(generation, tuple(recipients), mac)
-
-
-def slot_body(data: bytes) -> bytes:
-    """The bytes of a parsed slot that its MAC covers (everything before the MAC)."""
-    slot = parse_slot(data)
-    if slot is None:
-        raise _bad("empty slot")
-    return encode_recipients(slot.generation, slot.recipients)

@@ -164,12 +164,6 @@ def wipe(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
 
 
-class FolderView(Protocol):
-    def __iter__(self) -> Iterator[str]: ...
-
-    def open(self, path: str) -> RandomAccess: ...
-
-
 def _memfd_from(reader: RandomAccess, name: str) -> int:
     fd = os.memfd_create(name[-200:] or "modelseal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:

@@ -311,21 +311,3 @@ def decrypt_scatter(
         for o in outs:
             o[:] = bytes(len(o))
         raise
-
-
-def verify_all(cipher: ChunkCipher, src: CipherSource, progress: Progress | None = None) -> None:
-    """Authenticate every chunk without keeping plaintext (constant memory)."""
-    layout = cipher.layout
-    lock = threading.Lock()
-
-    def job(run: range) -> None:
-        scratch = memoryview(bytearray(layout.chunk_size + TAG_LEN))
-        plain = memoryview(bytearray(layout.chunk_size))
-        for i in run:
-            n = layout.plain_len(i)
-            cipher.read_chunk(src, i, scratch, plain[:n])
-            if progress is not None:
-                with lock:
-                    progress(n)
-
-    _run_parallel(job, 0, layout.count)
