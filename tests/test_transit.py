@@ -174,3 +174,52 @@ def test_review_regressions(
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     p = TransitProvider()
     assert p.unwrap(p.wrap("ver-kek", b"k" * 32, ()), ()) == b"k" * 32
+
+
+def test_rotation_in_transit_batches(env: Env, transit: TransitProvider) -> None:
+    """250 artifacts (3 batches), varied contexts, some with a second (local) recipient."""
+    from modelseal.rotation import rotate
+
+    transit.create("fleet-kek")
+    svc = KeyService(sink=MemorySink(), providers={"transit": transit})
+    src = env.work / "s.bin"
+    src.write_bytes(b"adapter" * 50)
+    folder = env.work / "fleet"
+    folder.mkdir()
+    paths = []
+    for i in range(250):
+        p = folder / f"a{i:03d}.sealed"
+        keys = ["transit:fleet-kek", "local:test-kek"] if i % 10 == 0 else ["transit:fleet-kek"]
+        modelseal.seal(src, p, key=keys, context={"artifact": f"adapter-{i % 7}"}, keys=svc)
+        paths.append(p)
+    sink = MemorySink()
+    svc2 = KeyService(sink=sink, providers={"transit": transit})
+    report = rotate("transit:fleet-kek", [folder], force=True, keys=svc2)
+    assert report.rotated and len(report.rewrapped) == 250 and not report.failed
+    assert sum(e.operation == "rewrap" and e.result == "ok" for e in sink.events) == 250
+    for i in (0, 1, 137, 249):
+        info = modelseal.inspect(paths[i])
+        assert info["recipients"][0] == {"key": "transit:fleet-kek", "version": 2}
+        if i % 10 == 0:
+            assert info["recipients"][1] == {"key": "local:test-kek", "version": 1}
+        assert modelseal.open(paths[i], keys=KeyService(sink=MemorySink(), providers={"transit": transit})).read()
+    # A second run has nothing left to do.
+    assert rotate("transit:fleet-kek", [folder], keys=svc2).rewrapped == []
+
+
+def test_transit_down_mid_rotation_leaves_artifacts_untouched(env: Env, transit: TransitProvider) -> None:
+    from modelseal.rotation import RotationReport, _rewrap_transit_batch
+
+    transit.create("down-kek")
+    svc = KeyService(sink=MemorySink(), providers={"transit": transit})
+    src = env.work / "s.bin"
+    src.write_bytes(b"x" * 100)
+    paths = [env.work / f"d{i}.sealed" for i in range(5)]
+    for p in paths:
+        modelseal.seal(src, p, key="transit:down-kek", keys=svc)
+    before = [p.read_bytes() for p in paths]
+    dead = TransitProvider(lambda: hvac.Client(f"http://127.0.0.1:{free_port()}", token="x"), sleep=lambda s: None)
+    report = RotationReport("transit:down-kek", True, 2)
+    _rewrap_transit_batch(svc, dead, "transit:transit/down-kek", paths, report, None)
+    assert len(report.failed) == 5 and report.rewrapped == []
+    assert [p.read_bytes() for p in paths] == before  # no artifact half-rewrapped

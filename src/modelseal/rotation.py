@@ -18,14 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import api
-from .artifact import read_raw
-from .envelope import parse_slots
-from .errors import ArtifactError, ModelsealError
+from .artifact import RawArtifact, read_raw, write_slot_in_place
+from .audit import AuditEvent
+from .envelope import artifact_id, open_envelope, parse_slots
+from .errors import ArtifactError, KeyNotFound, ModelsealError
 from .folder import MANIFEST_NAME
-from .header import MAGIC
+from .header import MAGIC, Recipient
 from .keys import KeyService
 from .providers import canonical_key, parse_key_uri
+from .providers.transit import TransitProvider
 from .source import FdSource
+
+TRANSIT_BATCH = 100  # two Transit requests rewrap this many artifacts
 
 
 @dataclass
@@ -119,6 +123,10 @@ def rotate(
         info = svc.rotate(uri)
         rotated = True
     report = RotationReport(uri, rotated, info.latest)
+    scheme_provider = svc.provider(parse_key_uri(uri).scheme)
+    provider = scheme_provider if isinstance(scheme_provider, TransitProvider) else None
+    batched = provider is not None
+    pending: list[Path] = []
     for artifact in find_artifacts(paths):
         name = str(artifact)
         try:
@@ -129,13 +137,99 @@ def rotate(
             if min(versions) >= info.latest:
                 report.up_to_date.append(name)
                 continue
+            if batched:
+                pending.append(artifact)
+                if len(pending) == TRANSIT_BATCH and provider is not None:
+                    _rewrap_transit_batch(svc, provider, canon, pending, report, progress)
+                    pending = []
+                continue
             api.rewrap(artifact, keys=svc)
             report.rewrapped.append(name)
             if progress is not None:
                 progress(name)
         except (ModelsealError, OSError) as e:
-            if isinstance(e, ArtifactError | OSError):
-                report.failed.append((name, type(e).__name__))
-            else:
-                report.failed.append((name, str(e)[:200]))
+            _record_failure(report, name, e)
+    if pending and provider is not None:
+        _rewrap_transit_batch(svc, provider, canon, pending, report, progress)
     return report
+
+
+def _record_failure(report: RotationReport, name: str, e: Exception) -> None:
+    if isinstance(e, ArtifactError | OSError):
+        report.failed.append((name, type(e).__name__))
+    else:
+        report.failed.append((name, str(e)[:200]))
+
+
+def _rewrap_transit_batch(
+    svc: KeyService,
+    provider: TransitProvider,
+    canon: str,
+    artifacts: list[Path],
+    report: RotationReport,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Rewrap up to 100 artifacts with two Transit requests in all: one batch decrypt (the
+    DEKs, to verify each artifact and MAC its new slot) and one server-side batch rewrap
+    (the new wraps; no DEK is sent back to the server). Each artifact is held under its
+    update lock and gets its new slot atomically; other recipients stay as they were."""
+    held: list[tuple[Path, FdSource, RawArtifact, Recipient]] = []
+    try:
+        for path in artifacts:
+            try:
+                src, raw = api._open_locked(path / MANIFEST_NAME if path.is_dir() else path)
+            except (ModelsealError, OSError) as e:
+                _record_failure(report, str(path), e)
+                continue
+            slots = parse_slots(raw.slots)
+            mine = [
+                r for r in (slots[0][1].recipients if slots else ()) if canonical_key(f"{r.scheme}:{r.key_id}") == canon
+            ]
+            if not mine:
+                src.close()
+                report.not_using_key += 1
+                continue
+            held.append((path, src, raw, mine[0]))
+        if not held:
+            return
+        name = held[0][3].key_id
+        contexts = [raw.core.context for _, _, raw, _ in held]
+        try:
+            for _, _, raw, _ in held:
+                svc.check_environment(f"transit:{name}", raw.core.context)
+            deks = provider.unwrap_many([r for *_, r in held], (), contexts=contexts)
+            fresh = provider.rewrap_many([r for *_, r in held], (), contexts=contexts)
+        except ModelsealError as e:
+            for path, *_ in held:
+                _record_failure(report, str(path), e)
+            return
+        for (path, src, raw, old), dek, new in zip(held, deks, fresh, strict=True):
+            try:
+                opened = open_envelope(raw.core, raw.slots, _only(old, dek))
+                recipients = tuple(new if r == old else r for r in opened.slot.recipients)
+                write_slot_in_place(src.fd, raw, opened, recipients)
+                svc.sink.emit(
+                    AuditEvent("rewrap", f"transit:{name}", "ok", new.key_version, artifact_id(raw.core.binding))
+                )
+                report.rewrapped.append(str(path))
+                if progress is not None:
+                    progress(str(path))
+            except (ModelsealError, OSError) as e:
+                svc.sink.emit(
+                    AuditEvent("rewrap", f"transit:{name}", type(e).__name__, None, artifact_id(raw.core.binding))
+                )
+                _record_failure(report, str(path), e)
+    finally:
+        for _, src, _, _ in held:
+            src.close()
+
+
+def _only(recipient: Recipient, dek: bytes) -> Callable[[Recipient], bytes]:
+    """An unwrap that knows one recipient's DEK (fetched in the batch) and no other."""
+
+    def unwrap(r: Recipient) -> bytes:
+        if r != recipient:
+            raise KeyNotFound("not part of this batch")
+        return dek
+
+    return unwrap

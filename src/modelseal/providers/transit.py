@@ -219,8 +219,15 @@ class TransitProvider:
     def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> bytes:
         return self.unwrap_many([recipient], context)[0]
 
-    def unwrap_many(self, recipients: Sequence[Recipient], context: tuple[tuple[str, str], ...]) -> list[bytes]:
-        """Unwrap several wrapped keys of one transit key, in batches below the server's limit."""
+    def unwrap_many(
+        self,
+        recipients: Sequence[Recipient],
+        context: tuple[tuple[str, str], ...],
+        contexts: Sequence[tuple[tuple[str, str], ...]] | None = None,
+    ) -> list[bytes]:
+        """Unwrap several wrapped keys of one transit key, in batches below the server's limit.
+
+        ``contexts`` gives each item its own context (artifacts of a rotation differ)."""
         out: list[bytes] = []
         if not recipients:
             return out
@@ -231,10 +238,15 @@ class TransitProvider:
         ):
             raise DecryptionError()  # the recorded version must be the one inside the ciphertext
         self._check_key(name)
-        dctx = derivation_context(context)
+        dctxs = [derivation_context(c) for c in (contexts or [context] * len(recipients))]
+        if len(dctxs) != len(recipients):
+            raise KeyProviderError("one context per recipient is needed")
         for i in range(0, len(recipients), BATCH):
             part = recipients[i : i + BATCH]
-            batch = [{"ciphertext": r.wrapped.decode("ascii", "replace"), "context": dctx} for r in part]
+            batch = [
+                {"ciphertext": r.wrapped.decode("ascii", "replace"), "context": d}
+                for r, d in zip(part, dctxs[i : i + BATCH], strict=True)
+            ]
             resp = self._call(
                 f"unwrap with transit:{recipients[0].key_id}",
                 lambda c, b=batch: c.secrets.transit.decrypt_data(key, batch_input=b, mount_point=mount),  # type: ignore[misc]
@@ -248,7 +260,12 @@ class TransitProvider:
                 out.append(dek)
         return out
 
-    def rewrap_many(self, recipients: Sequence[Recipient], context: tuple[tuple[str, str], ...]) -> list[Recipient]:
+    def rewrap_many(
+        self,
+        recipients: Sequence[Recipient],
+        context: tuple[tuple[str, str], ...],
+        contexts: Sequence[tuple[tuple[str, str], ...]] | None = None,
+    ) -> list[Recipient]:
         """Server-side rewrap to the newest key version: no plaintext key leaves OpenBao."""
         out: list[Recipient] = []
         if not recipients:
@@ -258,10 +275,13 @@ class TransitProvider:
         if any(r.key_id != name for r in recipients):
             raise KeyProviderError("rewrap_many takes recipients of one key")
         self._check_key(name, fresh=True)  # rewrap, like encrypt, must not create a key
-        dctx = derivation_context(context)
+        dctxs = [derivation_context(c) for c in (contexts or [context] * len(recipients))]
+        if len(dctxs) != len(recipients):
+            raise KeyProviderError("one context per recipient is needed")
         for i in range(0, len(recipients), BATCH):
             batch = [
-                {"ciphertext": r.wrapped.decode("ascii", "replace"), "context": dctx} for r in recipients[i : i + BATCH]
+                {"ciphertext": r.wrapped.decode("ascii", "replace"), "context": d}
+                for r, d in zip(recipients[i : i + BATCH], dctxs[i : i + BATCH], strict=True)
             ]
             resp = self._call(
                 f"rewrap with transit:{name}",
