@@ -234,3 +234,15 @@ def _fill_fresh(env: Env) -> MerkleAuditLog:
     svc.rotate("audited-kek")
     svc.rotate("audited-kek")
     return MerkleAuditLog(env.home / "audit.db")
+
+
+def test_checkpoints_are_chained(env: Env, tmp_path: Path) -> None:
+    import hashlib
+
+    log = _fill(env, n_rotations=1)
+    witness = tmp_path / "w"
+    first = log.checkpoint(witness)
+    first_bytes = (witness / "latest.json").read_bytes()
+    KeyService().rotate("audited-kek")
+    second = log.checkpoint(witness)
+    assert first["previous"] is None and second["previous"] == hashlib.sha256(first_bytes).hexdigest()

@@ -173,3 +173,13 @@ def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys
     bar.close()
     err = capsys.readouterr().err
     assert "seal [" in err and "100.0%" in err
+
+
+def test_min_version_command(env: Env) -> None:
+    src = env.work / "a.bin"
+    src.write_bytes(b"x")
+    assert main(["seal", str(src), str(env.work / "a.sealed"), "--key", "test-kek"]) == 0
+    assert run("key", "rotate", "test-kek").returncode == 0
+    assert run("key", "min-version", "test-kek", "2").returncode == 0
+    r = run("unseal", str(env.work / "a.sealed"), str(env.work / "a.out"))
+    assert r.returncode == 5 and "minimum decryption version" in r.stderr

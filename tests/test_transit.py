@@ -223,3 +223,25 @@ def test_transit_down_mid_rotation_leaves_artifacts_untouched(env: Env, transit:
     _rewrap_transit_batch(svc, dead, "transit:transit/down-kek", paths, report, None)
     assert len(report.failed) == 5 and report.rewrapped == []
     assert [p.read_bytes() for p in paths] == before  # no artifact half-rewrapped
+
+
+def test_data_key_made_by_transit_and_expired_token(
+    env: Env, bao: tuple[str, str], transit: TransitProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as _time
+
+    transit.create("dk-kek")
+    sink = MemorySink()
+    svc = KeyService(sink=sink, providers={"transit": transit})
+    src = env.work / "a.bin"
+    src.write_bytes(b"weights")
+    modelseal.seal(src, env.work / "a.sealed", key="transit:dk-kek", keys=svc)
+    assert [e.operation for e in sink.events] == ["generate"]  # Transit datakey, no separate wrap
+    assert modelseal.open(env.work / "a.sealed", keys=svc).read() == b"weights"
+    # A token that has expired: a clear, one-line provider error, no retry storm.
+    root = hvac.Client(url=bao[0], token=bao[1])
+    short = root.auth.token.create(policies=["root"], ttl="1s", renewable=False)["auth"]["client_token"]
+    _time.sleep(2.5)
+    monkeypatch.setenv("BAO_TOKEN", short)
+    with pytest.raises(KeyProviderError, match="permission denied"):
+        TransitProvider().wrap("dk-kek", os.urandom(32), ())

@@ -16,6 +16,7 @@ the security boundary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
@@ -230,6 +231,10 @@ class MerkleAuditLog:
             "time": self._now(),
         }
         witness.mkdir(parents=True, exist_ok=True)
+        try:  # chain each checkpoint to the previous one exported to this witness
+            cp["previous"] = hashlib.sha256((witness / "latest.json").read_bytes()).hexdigest()
+        except FileNotFoundError:
+            cp["previous"] = None
         data = json.dumps(cp, sort_keys=True, indent=1).encode() + b"\n"
         write_atomic(witness / f"checkpoint-{cp['size']:012d}.json", data, mode=0o644)
         write_atomic(witness / "latest.json", data, mode=0o644)

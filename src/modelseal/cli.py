@@ -22,7 +22,7 @@ from . import api, keystore
 from .audit import AuditEvent
 from .errors import ModelsealError
 from .keys import KeyService
-from .providers import KeyInfo
+from .providers import KeyInfo, parse_key_uri
 
 
 class ProgressBar:
@@ -133,6 +133,13 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
         info = svc.rotate(args.name)
     elif args.key_cmd in ("disable", "enable"):
         info = svc.set_state(args.name, args.version, "disabled" if args.key_cmd == "disable" else "active")
+    elif args.key_cmd == "min-version":
+        from .providers.local import LocalProvider
+
+        if parse_key_uri(args.name).scheme != "local":
+            raise ModelsealError("min-version is for local keys; Transit keys: key disable --version N")
+        info = LocalProvider().set_min_decryption_version(parse_key_uri(args.name).name, args.version)
+        svc.sink.emit(AuditEvent("min-version", parse_key_uri(args.name).uri, "ok", args.version))
     elif args.key_cmd == "cancel-destroy":
         info = svc.cancel_destroy(args.name, args.version)
     elif args.key_cmd == "purge":
@@ -329,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--yes", action="store_true", help="confirm without a prompt")
     k.add_argument("--after", default="7d", help="waiting period before the material is erased (default 7d)")
     k.add_argument("--now", action="store_true", help="erase at once (a compromised key)")
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("min-version", help="versions below this stop decrypting (local keys; like Transit's)")
+    k.add_argument("name")
+    k.add_argument("version", type=int)
     k.add_argument("--json", action="store_true")
     k = ksub.add_parser("cancel-destroy", help="undo a scheduled destruction (versions come back disabled)")
     k.add_argument("name")

@@ -195,6 +195,22 @@ class TransitProvider:
         ct = resp["data"]["ciphertext"]
         return Recipient("transit", name, self._version(ct), ct.encode())
 
+    def generate(self, name: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient]:
+        """A data key made by Transit (``datakey``), bound to the context like a wrap."""
+        mount, key = _split(name)
+        self._check_key(name, fresh=True)
+        resp = self._call(
+            f"generate a data key with transit:{name}",
+            lambda c: c.secrets.transit.generate_data_key(
+                key, key_type="plaintext", context=derivation_context(context), bits=256, mount_point=mount
+            ),
+        )
+        dek = base64.b64decode(resp["data"]["plaintext"])
+        if len(dek) != 32:
+            raise KeyProviderError("transit: datakey returned a key of the wrong size")
+        ct = resp["data"]["ciphertext"]
+        return dek, Recipient("transit", name, self._version(ct), ct.encode())
+
     def _check_key(self, name: str, fresh: bool = False) -> None:
         """The key must exist and be a derived, non-exportable aes256-gcm96 key.
 
