@@ -76,7 +76,9 @@ def test_kill_9_midway_leaves_every_artifact_openable_and_rerun_finishes(env: En
     env.svc.rotate("test-kek")
     code = (
         "import sys\nfrom pathlib import Path\nfrom modelseal.rotation import rotate\n"
-        "rotate('test-kek', [Path(sys.argv[1])], progress=lambda n: print(n, flush=True))\n"
+        "import time\n"
+        # Slowed down (10 ms per artifact) so the kill lands midway, whatever the machine's speed.
+        "rotate('test-kek', [Path(sys.argv[1])], progress=lambda n: (print(n, flush=True), time.sleep(0.01)))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(env.work / "artifacts")], stdout=subprocess.PIPE, text=True
