@@ -10,7 +10,7 @@ The recipe API::
 
 from __future__ import annotations
 
-from .api import RewrapResult, SealResult, inspect, open, open_folder, reencrypt, rewrap, seal, unseal  # noqa: A004
+from .api import SealResult, open, open_folder, seal, unseal  # noqa: A004
 from .artifact import SealedReader
 from .errors import (
     ArtifactError,
@@ -26,6 +26,8 @@ from .errors import (
     StorageError,
 )
 from .folder import SealedFolder
+from .inspection import inspect
+from .rekey import RewrapResult, reencrypt, rewrap
 
 __version__ = "0.1.0"
 

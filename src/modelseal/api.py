@@ -8,25 +8,21 @@ failure at any point leaves the destination (and the source) as they were.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .artifact import (
     RawArtifact,
     SealedReader,
     canonical_json,
     open_keys,
-    parse_json_object,
     read_raw,
     write_sealed,
-    write_slot_in_place,
 )
-from .envelope import HeaderPlan, artifact_id, decrypt_metadata, new_dek, parse_slots
+from .envelope import HeaderPlan, artifact_id, new_dek
 from .errors import DecryptionError, FormatError, PolicyDenied, StorageError
 from .folder import (
     BLOB_DIR,
@@ -47,7 +43,6 @@ from .header import (
     KIND_FILE,
     KIND_MANIFEST,
     Recipient,
-    Slot,
     normalize_context,
 )
 from .keys import KeyService
@@ -323,31 +318,6 @@ def _bytes_reader(data: bytes) -> ReadAt:
     return read_at
 
 
-def _open_locked(path: Path) -> tuple[FdSource, RawArtifact]:
-    """Open a sealed file for an in-place update under an exclusive ``flock``.
-
-    The lock is taken before the header is read, and the path is re-checked to
-    still name the locked file (a concurrent reencrypt may have replaced it).
-    It is released when the returned source is closed.
-    """
-    for _ in range(5):
-        src = FdSource(_open_fd(path, os.O_RDWR))
-        try:
-            fcntl.flock(src.fd, fcntl.LOCK_EX)
-            st = os.fstat(src.fd)
-            try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                now = None
-            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                return src, read_raw(src)
-        except BaseException:
-            src.close()
-            raise
-        src.close()
-    raise StorageError(f"{path} keeps being replaced while it is being updated; try again")
-
-
 def _open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[FdSource, RawArtifact]:
     src = FdSource(_open_fd(path, flags))
     try:
@@ -447,179 +417,3 @@ def unseal(
 
 def _target(path: Path) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
-
-
-def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeyService | None = None) -> dict[str, Any]:
-    """Describe a sealed artifact from its public header. Never includes secrets.
-
-    With ``contents=True`` the data key is unwrapped and the encrypted
-    metadata (file names, sizes, digests) is added.
-    """
-    p = Path(path)
-    src, raw = _open_raw(_target(p))
-    try:
-        core = raw.core
-        slots = parse_slots(raw.slots)
-        info: dict[str, Any] = {
-            "path": str(p),
-            "type": {KIND_FILE: "file", KIND_MANIFEST: "folder", KIND_BLOB: "folder-blob"}[core.kind],
-            "format_version": 1,
-            "suite": core.suite,
-            "artifact_id": artifact_id(core.binding),
-            "chunk_size": core.chunk_size,
-            ("sealed_length" if core.kind == KIND_FILE else "manifest_length"): raw.layout.file_length,
-            "context": dict(core.context),
-        }
-        active = slots[0] if slots else None  # newest well-formed slot: not yet authenticated
-        authenticated = False
-        opened = None
-        if contents and core.kind != KIND_BLOB:
-            opened = open_keys(raw, _unwrapper(_svc(keys), raw), src)
-            active, authenticated = (opened.slot_index, opened.slot), True
-        if core.slot_size:
-            info.update(_slot_report(raw, active, authenticated))
-        if core.kind == KIND_FILE:
-            info["plaintext_length"] = core.plaintext_length
-        if core.kind == KIND_MANIFEST:
-            blob_dir = p / BLOB_DIR
-            info["blobs"] = len(list(blob_dir.iterdir())) if blob_dir.is_dir() else 0
-        if opened is not None:
-            info["metadata"] = parse_json_object(decrypt_metadata(core, opened.keys))
-            if core.kind == KIND_MANIFEST:
-                with SealedReader(src, raw, opened.keys, owns_src=False) as r:
-                    info["files"] = [
-                        {"path": e.path, "size": e.size, "sha256": e.sha256} for e in parse_manifest(r.readall())
-                    ]
-        return info
-    finally:
-        src.close()
-
-
-def _slot_report(raw: RawArtifact, active: tuple[int, Slot] | None, authenticated: bool) -> dict[str, Any]:
-    """Describe both recipient slots. Without a key nothing in them is authenticated:
-    the recipients shown are those of the newest well-formed slot, and say so."""
-    well_formed = {idx: slot for idx, slot in parse_slots(raw.slots)}
-
-    def state(i: int) -> str:
-        if not any(raw.slots[i]):
-            return "empty"
-        return "well-formed" if i in well_formed else "damaged"
-
-    out: dict[str, Any] = {
-        "slots": [
-            {"slot": "AB"[i], "state": state(i), "generation": well_formed[i].generation if i in well_formed else None}
-            for i in (0, 1)
-        ],
-        "recipients_authenticated": authenticated,
-        "recipients": [],
-        "slot_generation": None,
-    }
-    if active is not None:
-        idx, slot = active
-        out["active_slot"] = "AB"[idx]
-        out["slot_generation"] = slot.generation
-        out["recipients"] = [{"key": f"{r.scheme}:{r.key_id}", "version": r.key_version} for r in slot.recipients]
-        other = state(1 - idx)
-        out["inactive_slot"] = "present" if other == "well-formed" else other
-    return out
-
-
-@dataclass(frozen=True)
-class RewrapResult:
-    path: Path
-    recipients: tuple[str, ...]
-    generation: int
-
-
-def rewrap(
-    path: str | os.PathLike[str], key: str | Sequence[str] | None = None, *, keys: KeyService | None = None
-) -> RewrapResult:
-    """Re-wrap the data key under the newest version of its key(s), or under ``key``.
-
-    Only the header slot is rewritten; payload bytes are untouched, so the
-    cost does not depend on the artifact's size.
-    """
-    p = Path(path)
-    svc = _svc(keys)
-    src, raw = _open_locked(_target(p))
-    try:
-        if raw.core.kind == KIND_BLOB:
-            raise FormatError(f"{p} is part of a sealed folder; rewrap the folder")
-        opened = open_keys(raw, _unwrapper(svc, raw, op="rewrap"))
-        uris = _as_list(key) if key is not None else [f"{r.scheme}:{r.key_id}" for r in opened.slot.recipients]
-        _check_keys_apart(p)
-        recips = _wrap_all(svc, uris, opened.dek, raw.core.context, op="rewrap")(artifact_id(raw.core.binding))
-        generation = write_slot_in_place(src.fd, raw, opened, recips)
-        return RewrapResult(p, tuple(f"{r.scheme}:{r.key_id}#{r.key_version}" for r in recips), generation)
-    finally:
-        src.close()
-
-
-def reencrypt(
-    path: str | os.PathLike[str],
-    key: str | Sequence[str] | None = None,
-    *,
-    keys: KeyService | None = None,
-    progress: Progress | None = None,
-) -> SealResult:
-    """Re-seal under a fresh data key (for a DEK that may be exposed). Writes a new
-    artifact beside the old one and swaps it in atomically; the plaintext only
-    passes through memory."""
-    p = Path(path)
-    svc = _svc(keys)
-    dek = new_dek()
-    _check_keys_apart(p)
-    # Hold the artifact's update lock (the manifest's, for a folder) until the new
-    # artifact has replaced it, so a concurrent rewrap waits and then sees the new one.
-    lock, _ = _open_locked(_target(p))
-    try:
-        return _reencrypt_locked(p, key, svc, dek, progress)
-    finally:
-        lock.close()
-
-
-def _reencrypt_locked(
-    p: Path, key: str | Sequence[str] | None, svc: KeyService, dek: bytes, progress: Progress | None
-) -> SealResult:
-    if p.is_dir():
-        with open_folder(p, keys=svc) as folder:
-            uris = _as_list(key) if key is not None else _uris(folder.recipients)
-            ctx = folder.raw_artifact.core.context
-
-            def sources() -> FolderSource:
-                for e in folder.entries():
-                    with folder.open(e.path) as r:
-                        yield e.path, r.size, _reader_at(r)
-
-            with atomic_output(p, force=True, is_dir=True) as tmp:
-                aid, entries = _write_folder(tmp, sources(), dek, ctx, _wrap_all(svc, uris, dek, ctx), progress)
-        return SealResult(p, aid, len(entries), sum(e.size for e in entries), tuple(uris))
-    with open(p, keys=svc) as r:
-        meta = r.metadata()
-        uris = _as_list(key) if key is not None else _uris(r.recipients)
-        ctx = r.raw_artifact.core.context
-        with atomic_output(p, force=True) as tmp:
-            aid, _, _ = _seal_stream(
-                _reader_at(r),
-                r.size,
-                tmp,
-                kind=KIND_FILE,
-                dek=dek,
-                context=ctx,
-                metadata=lambda d: canonical_json({**meta, "sha256": d, "size": r.size}),
-                recipients=_wrap_all(svc, uris, dek, ctx),
-                progress=progress,
-            )
-        return SealResult(p, aid, 1, r.size, tuple(uris))
-
-
-def _reader_at(r: SealedReader) -> ReadAt:
-    def read_at(buf: memoryview, offset: int) -> None:
-        if r.preadinto(offset, buf) != len(buf):
-            raise DecryptionError()
-
-    return read_at
-
-
-def _uris(recipients: tuple[Recipient, ...]) -> list[str]:
-    return [f"{r.scheme}:{r.key_id}" for r in recipients]

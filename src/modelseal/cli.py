@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import api, keystore
+from . import api, inspection, keystore, rekey
 from .audit import AuditEvent
 from .errors import ModelsealError
 from .keys import KeyService
@@ -195,20 +195,20 @@ def cmd_unseal(args: argparse.Namespace, svc: KeyService) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, svc: KeyService) -> int:
-    _print(api.inspect(args.path, contents=args.contents, keys=svc), args.json)
+    _print(inspection.inspect(args.path, contents=args.contents, keys=svc), args.json)
     return 0
 
 
 def cmd_rewrap(args: argparse.Namespace, svc: KeyService) -> int:
     for p in args.paths:
-        res = api.rewrap(p, key=args.key or None, keys=svc)
+        res = rekey.rewrap(p, key=args.key or None, keys=svc)
         print(f"rewrapped {res.path} -> {', '.join(res.recipients)} (slot generation {res.generation})")
     return 0
 
 
 def cmd_reencrypt(args: argparse.Namespace, svc: KeyService) -> int:
     for p in args.paths:
-        res = api.reencrypt(p, key=args.key or None, keys=svc)
+        res = rekey.reencrypt(p, key=args.key or None, keys=svc)
         print(f"re-encrypted {res.path} under a fresh data key (artifact {res.artifact_id[:16]})")
     return 0
 

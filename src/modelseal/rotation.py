@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import api
+from . import api, rekey
 from .artifact import RawArtifact, read_raw, write_slot_in_place
 from .audit import AuditEvent
 from .envelope import artifact_id, open_envelope, parse_slots
@@ -143,7 +143,7 @@ def rotate(
                     _rewrap_transit_batch(svc, provider, canon, pending, report, progress)
                     pending = []
                 continue
-            api.rewrap(artifact, keys=svc)
+            rekey.rewrap(artifact, keys=svc)
             report.rewrapped.append(name)
             if progress is not None:
                 progress(name)
@@ -177,7 +177,7 @@ def _rewrap_transit_batch(
     try:
         for path in artifacts:
             try:
-                src, raw = api._open_locked(path / MANIFEST_NAME if path.is_dir() else path)
+                src, raw = rekey.open_locked(path / MANIFEST_NAME if path.is_dir() else path)
             except (ModelsealError, OSError) as e:
                 _record_failure(report, str(path), e)
                 continue
