@@ -86,10 +86,6 @@ def _unwrapper(svc: KeyService, raw: RawArtifact, op: str = "unwrap") -> Callabl
     return lambda r: svc.unwrap(r, raw.core.context, aid, op=op)
 
 
-def _open_fd(path: Path, flags: int = os.O_RDONLY) -> int:
-    return open_regular(path, flags)
-
-
 def _seal_stream(
     read_at: ReadAt,
     length: int,
@@ -246,7 +242,7 @@ def seal(
     wrap = _wrap_all(svc, key_uris, dek, ctx, made=made)
     if src_p.is_dir():
         return _seal_folder(src_p, dst_p, key_uris, ctx, dek, wrap, force, progress)
-    fd = _open_fd(src_p)
+    fd = open_regular(src_p)
     try:
         length = os.fstat(fd).st_size
         with atomic_output(dst_p, force) as tmp:
@@ -319,7 +315,7 @@ def _bytes_reader(data: bytes) -> ReadAt:
 
 
 def _open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[FdSource, RawArtifact]:
-    src = FdSource(_open_fd(path, flags))
+    src = FdSource(open_regular(path, flags))
     try:
         return src, read_raw(src)
     except BaseException:

@@ -23,7 +23,16 @@ from .envelope import FileKeys, HeaderPlan, Opened, decrypt_metadata, new_slot_b
 from .errors import DecryptionError, StorageError
 from .header import MAGIC, CoreHeader, Recipient, parse_core, peek_version
 from .source import CipherSource
-from .stream import ChunkCipher, ChunkLayout, Progress, ReadAt, decrypt_into, decrypt_scatter, encrypt_file_range
+from .stream import (
+    ChunkCipher,
+    ChunkLayout,
+    Progress,
+    ReadAt,
+    decrypt_into,
+    decrypt_scatter,
+    encrypt_file_range,
+    pwrite_all,
+)
 
 _HEADER_READ = 160 * 1024  # bigger than the largest core header the bounds allow
 
@@ -233,23 +242,13 @@ def write_sealed(
     header = plan.finish(metadata(hexdigest), recipients)
     if len(header) != header_len:
         raise AssertionError("header length changed between plan and finish")
-    _pwrite(dst_fd, header, 0)
+    pwrite_all(dst_fd, header, 0)
     try:
         os.ftruncate(dst_fd, layout.file_length)
         os.fsync(dst_fd)
     except OSError as e:
         raise StorageError(f"write failed: {e.strerror}") from None
     return hexdigest
-
-
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.pwrite(fd, view, offset)
-        except OSError as e:
-            raise StorageError(f"write failed: {e.strerror}") from None
-        view, offset = view[n:], offset + n
 
 
 def write_slot_in_place(fd: int, raw: RawArtifact, opened: Opened, recipients: tuple[Recipient, ...]) -> int:
@@ -274,10 +273,10 @@ def write_slot_in_place(fd: int, raw: RawArtifact, opened: Opened, recipients: t
     target = 1 - opened.slot_index
     base = core.slots_offset
     try:
-        _pwrite(fd, slot, base + target * core.slot_size)
+        pwrite_all(fd, slot, base + target * core.slot_size)
         os.fsync(fd)
         # The other slot may hold a wrap under an exposed or retired KEK: erase it.
-        _pwrite(fd, bytes(core.slot_size), base + (1 - target) * core.slot_size)
+        pwrite_all(fd, bytes(core.slot_size), base + (1 - target) * core.slot_size)
         os.fsync(fd)
     except OSError as e:
         raise StorageError(f"write failed: {e.strerror}") from None

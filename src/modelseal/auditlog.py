@@ -173,7 +173,8 @@ class MerkleAuditLog:
         last = self._last_written()
         frontier = merkle.Frontier()
         expected = 1
-        for seq, body, _leaf, head, sig in self._rows():
+        rows = self._rows()  # one read: the state check below uses the same rows
+        for seq, body, _leaf, head, sig in rows:
             if seq != expected:
                 return Verification(frontier.size, frontier.root(), expected, f"entry {expected} is missing")
             recomputed = frontier.append(merkle.leaf_hash(body.encode()))
@@ -187,7 +188,7 @@ class MerkleAuditLog:
                 return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature")
             expected += 1
         if last is not None and public_key is None:
-            heads = {seq: head for seq, _b, _l, head, _s in self._rows()}
+            heads = {seq: head for seq, _b, _l, head, _s in rows}
             if frontier.size < last[0] or heads.get(last[0]) != last[1]:
                 return Verification(
                     frontier.size, frontier.root(), None, f"the log was rolled back: this host wrote {last[0]} entries"

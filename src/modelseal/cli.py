@@ -21,6 +21,7 @@ from typing import Any
 from . import api, inspection, keystore, rekey
 from .audit import AuditEvent
 from .errors import ModelsealError
+from .fsutil import write_atomic
 from .keys import KeyService
 from .providers import KeyInfo, parse_key_uri
 
@@ -294,8 +295,6 @@ def cmd_recovery(args: argparse.Namespace, svc: KeyService) -> int:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
         for i, share in enumerate(shares, 1):
             # Each share is a secret: written 0600, never printed. Hand each to its custodian.
-            from .fsutil import write_atomic
-
             write_atomic(out / f"share-{i}-of-{len(shares)}.txt", (share + "\n").encode(), mode=0o600)
         svc.sink.emit(AuditEvent("recovery-split", "local:*", "ok", args.threshold, f"{len(shares)} shares"))
         print(f"wrote {len(shares)} shares to {out}; any {args.threshold} restore the keystore")

@@ -19,7 +19,6 @@ from .api import (
     SealResult,
     _as_list,
     _check_keys_apart,
-    _open_fd,
     _seal_stream,
     _svc,
     _target,
@@ -31,7 +30,7 @@ from .api import (
 from .artifact import RawArtifact, SealedReader, canonical_json, open_keys, read_raw, write_slot_in_place
 from .envelope import artifact_id, new_dek
 from .errors import DecryptionError, FormatError, StorageError
-from .fsutil import atomic_output
+from .fsutil import atomic_output, open_regular
 from .header import KIND_BLOB, KIND_FILE, Recipient
 from .keys import KeyService
 from .source import FdSource
@@ -46,7 +45,7 @@ def open_locked(path: Path) -> tuple[FdSource, RawArtifact]:
     It is released when the returned source is closed.
     """
     for _ in range(5):
-        src = FdSource(_open_fd(path, os.O_RDWR))
+        src = FdSource(open_regular(path, os.O_RDWR))
         try:
             fcntl.flock(src.fd, fcntl.LOCK_EX)
             st = os.fstat(src.fd)

@@ -81,7 +81,9 @@ def _read_exact(src: CipherSource, buf: memoryview, offset: int) -> None:
         raise DecryptionError()  # the ciphertext ends early: truncated
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (short writes retried); failures are StorageError."""
+    data = memoryview(data)
     done = 0
     while done < len(data):
         try:
@@ -210,7 +212,7 @@ def encrypt_file_range(
     def seal(k: int, i: int) -> int:
         n = layout.plain_len(i)
         cipher.encrypt_chunk(i, plains[k][:n], outs[k][: n + TAG_LEN])
-        _pwrite_all(dst_fd, outs[k][: n + TAG_LEN], layout.offset(i))
+        pwrite_all(dst_fd, outs[k][: n + TAG_LEN], layout.offset(i))
         return n
 
     pending: deque[tuple[int, Future[int], Future[None] | None]] = deque()
