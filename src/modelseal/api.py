@@ -13,7 +13,9 @@ import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from . import oms
 from .artifact import (
     RawArtifact,
     SealedReader,
@@ -22,7 +24,8 @@ from .artifact import (
     read_raw,
     write_sealed,
 )
-from .envelope import HeaderPlan, artifact_id, new_dek
+from .commitment import FILE_PATH, FileCommitment, commit_written, hash_artifact
+from .envelope import HeaderPlan, artifact_id, attachment_key, new_dek
 from .errors import DecryptionError, FormatError, PolicyDenied, StorageError
 from .folder import (
     BLOB_DIR,
@@ -35,7 +38,7 @@ from .folder import (
     is_safe_relpath,
     parse_manifest,
 )
-from .fsutil import atomic_output, fsync_dir, is_within, open_regular, open_walked, walk_folder
+from .fsutil import atomic_output, fsync_dir, is_within, open_regular, open_walked, walk_folder, write_atomic
 from .header import (
     DEFAULT_CHUNK_LOG2,
     DEFAULT_SLOT,
@@ -44,11 +47,19 @@ from .header import (
     KIND_MANIFEST,
     Recipient,
     normalize_context,
+    parse_core,
 )
 from .keys import KeyService
 from .keystore import modelseal_home
+from .sigfile import SignatureFile, open_attachment, seal_attachment, signature_path
+from .signing import Signer
 from .source import FdSource
 from .stream import Progress, ReadAt, WritebackHint, fd_reader
+from .trust import TrustPolicy, load_policy
+from .verification import Verdict, add_signature, reader_check, verify_artifact
+
+TRUST_ENV = "MODELSEAL_TRUST"
+Verify = bool | TrustPolicy | None
 
 _OUT_WINDOW = 16 << 20
 _service: KeyService | None = None
@@ -72,6 +83,53 @@ class SealResult:
     files: int
     bytes: int
     recipients: tuple[str, ...]
+    signature: str | None = None  # id of the signature made while sealing
+
+
+def trust_policy(keys: KeyService | None = None) -> TrustPolicy | None:
+    """The configured trust policy: ``$MODELSEAL_TRUST`` (empty: none), else config.toml's."""
+    env = os.environ.get(TRUST_ENV)
+    if env is not None:
+        return load_policy(env) if env else None
+    path = _svc(keys).config.trust_policy
+    return load_policy(path) if path else None
+
+
+def _policy(verify: Verify, keys: KeyService | None) -> TrustPolicy | None:
+    if isinstance(verify, TrustPolicy):
+        return verify
+    if verify is False:
+        return None
+    policy = trust_policy(keys)
+    if verify is True and policy is None:
+        raise ValueError(f"verify=True, but no trust policy is configured ({TRUST_ENV} or trust_policy in config.toml)")
+    return policy
+
+
+def _verdict(path: Path, verify: Verify, keys: KeyService | None) -> Verdict | None:
+    """Verify-on-load: signatures, policy and revocations now; chunks as they are read."""
+    policy = _policy(verify, keys)
+    return None if policy is None else verify_artifact(path, policy, deep=False)
+
+
+def _sign_new(
+    root: Path,
+    signer: Signer,
+    name: str,
+    commits: list[FileCommitment],
+    header: bytes,
+    dek: bytes,
+    bundle: Callable[[], bytes],
+) -> str:
+    """Sign a just-sealed artifact; with an ECDSA key also attach the OMS bundle, encrypted."""
+    core = parse_core(header)
+
+    def attach(entry: Any) -> None:
+        if oms.supports(signer):
+            key = attachment_key(dek, core.salt, core.binding)
+            entry.oms = seal_attachment(key, entry.id, bundle())
+
+    return add_signature(root, signer, name, commits, core, attach=attach).id
 
 
 def _check_keys_apart(*paths: Path) -> None:
@@ -86,6 +144,15 @@ def _unwrapper(svc: KeyService, raw: RawArtifact, op: str = "unwrap") -> Callabl
     return lambda r: svc.unwrap(r, raw.core.context, aid, op=op)
 
 
+@dataclass(frozen=True)
+class _Written:
+    artifact_id: str
+    sha256: str
+    mac: str
+    header: bytes
+    table: bytes | None  # BLAKE3 per ciphertext chunk, when signing
+
+
 def _seal_stream(
     read_at: ReadAt,
     length: int,
@@ -97,8 +164,9 @@ def _seal_stream(
     metadata: Callable[[str], bytes],
     recipients: Callable[[str], tuple[Recipient, ...]],
     progress: Progress | None,
-) -> tuple[str, str, str]:
-    """Seal one plaintext into a new file ``dst``. Returns (artifact id, sha256 hex, header MAC hex)."""
+    hash_chunks: bool = False,
+) -> _Written:
+    """Seal one plaintext into a new file ``dst`` (collecting chunk hashes if signing)."""
     plan = HeaderPlan(
         dek=dek,
         kind=kind,
@@ -108,15 +176,27 @@ def _seal_stream(
         slot_size=DEFAULT_SLOT,
     )
     recips = recipients(plan.artifact_id) if kind != KIND_BLOB else ()
+    table: list[bytes] | None = None
+    if hash_chunks:
+        table = [b""] * max(1, -(-length // plan.chunk_size))
     fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        digest = write_sealed(read_at, fd, plan, metadata, len(metadata("0" * 64)), recips, progress)
+        digest, header = write_sealed(
+            read_at, fd, plan, metadata, len(metadata("0" * 64)), recips, progress, chunk_hashes=table
+        )
     finally:
         os.close(fd)
-    return plan.artifact_id, digest, plan.mac.hex()
+    return _Written(plan.artifact_id, digest, plan.mac.hex(), header, b"".join(table) if table is not None else None)
 
 
 FolderSource = Iterator[tuple[str, int, ReadAt]]
+
+
+@dataclass
+class _Folder:
+    artifact_id: str
+    entries: list[Entry]
+    commits: list[FileCommitment]
 
 
 def _write_folder(
@@ -126,13 +206,15 @@ def _write_folder(
     ctx: tuple[tuple[str, str], ...],
     recipients: Callable[[str], tuple[Recipient, ...]],
     progress: Progress | None,
-) -> tuple[str, list[Entry]]:
+    hash_chunks: bool = False,
+) -> _Folder:
     """Seal each (path, length, reader) as an opaque blob, then the manifest naming them."""
     (tmp / BLOB_DIR).mkdir(mode=0o700)
     entries: list[Entry] = []
+    commits: list[FileCommitment] = []
     for rel, length, read_at in sources:
         blob = secrets.token_hex(16)
-        _, digest, mac = _seal_stream(
+        w = _seal_stream(
             read_at,
             length,
             tmp / BLOB_DIR / blob,
@@ -142,11 +224,14 @@ def _write_folder(
             metadata=lambda _d: b"{}",
             recipients=lambda _a: (),
             progress=progress,
+            hash_chunks=hash_chunks,
         )
-        entries.append(Entry(rel, length, digest, blob, mac))
+        entries.append(Entry(rel, length, w.sha256, blob, w.mac))
+        if w.table is not None:
+            commits.append(commit_written(f"{BLOB_DIR}/{blob}", w.header, w.table))
     fsync_dir(tmp / BLOB_DIR)
     manifest = encode_manifest(entries)
-    aid, _, _ = _seal_stream(
+    w = _seal_stream(
         _bytes_reader(manifest),
         len(manifest),
         tmp / MANIFEST_NAME,
@@ -156,8 +241,11 @@ def _write_folder(
         metadata=lambda d: canonical_json({"files": len(entries), "sha256": d}),
         recipients=recipients,
         progress=None,
+        hash_chunks=hash_chunks,
     )
-    return aid, entries
+    if w.table is not None:
+        commits.append(commit_written(MANIFEST_NAME, w.header, w.table))
+    return _Folder(w.artifact_id, entries, commits)
 
 
 def _new_data_key(
@@ -219,11 +307,16 @@ def seal(
     force: bool = False,
     progress: Progress | None = None,
     keys: KeyService | None = None,
+    sign_key: Signer | None = None,
+    name: str | None = None,
 ) -> SealResult:
     """Seal a file or a model folder at ``src`` into ``dst`` under one or more KEKs.
 
     The encryption context always carries ``env``. Without ``key``, the keys are
-    those config.toml lists for the environment (and project).
+    those config.toml lists for the environment (and project). With
+    ``sign_key`` the artifact is signed in the same pass (chunk hashes are taken
+    as chunks are encrypted) under the artifact ``name`` (default: the source's
+    file name); see docs/signing.md.
     """
     src_p, dst_p = Path(src), Path(dst)
     svc = _svc(keys)
@@ -240,8 +333,9 @@ def seal(
         raise PolicyDenied("the destination must not be the source or lie inside it")
     dek, made = _new_data_key(svc, key_uris, ctx)
     wrap = _wrap_all(svc, key_uris, dek, ctx, made=made)
+    name = name or src_p.resolve().name
     if src_p.is_dir():
-        return _seal_folder(src_p, dst_p, key_uris, ctx, dek, wrap, force, progress)
+        return _seal_folder(src_p, dst_p, key_uris, ctx, dek, wrap, force, progress, sign_key, name)
     fd = open_regular(src_p)
     try:
         length = os.fstat(fd).st_size
@@ -251,7 +345,7 @@ def seal(
             def meta(digest: str) -> bytes:
                 return canonical_json({"name": name, "sha256": digest, "size": length})
 
-            aid, _, _ = _seal_stream(
+            w = _seal_stream(
                 fd_reader(fd),
                 length,
                 tmp,
@@ -261,10 +355,17 @@ def seal(
                 metadata=meta,
                 recipients=wrap,
                 progress=progress,
+                hash_chunks=sign_key is not None,
             )
     finally:
         os.close(fd)
-    return SealResult(dst_p, aid, 1, length, tuple(key_uris))
+    sig_id = None
+    if sign_key is not None and w.table is not None:
+        commits = [commit_written(FILE_PATH, w.header, w.table)]
+        sig_id = _sign_new(
+            dst_p, sign_key, name, commits, w.header, dek, lambda: oms.bundle_for_file(sign_key, name, w.sha256)
+        )
+    return SealResult(dst_p, w.artifact_id, 1, length, tuple(key_uris), sig_id)
 
 
 def _check_sealable(paths: list[str]) -> None:
@@ -288,6 +389,8 @@ def _seal_folder(
     wrap: Callable[[str], tuple[Recipient, ...]],
     force: bool,
     progress: Progress | None,
+    sign_key: Signer | None = None,
+    name: str = "",
 ) -> SealResult:
     files = walk_folder(src)
     _check_sealable([rel for rel, _, _ in files])
@@ -300,9 +403,24 @@ def _seal_folder(
             finally:
                 os.close(fd)
 
+    sig_id = None
     with atomic_output(dst, force, is_dir=True) as tmp:
-        aid, entries = _write_folder(tmp, sources(), dek, ctx, wrap, progress)
-    return SealResult(dst, aid, len(entries), sum(e.size for e in entries), tuple(key_uris))
+        f = _write_folder(tmp, sources(), dek, ctx, wrap, progress, hash_chunks=sign_key is not None)
+        if sign_key is not None:
+            header = _read_header_bytes(tmp / MANIFEST_NAME)
+            rows = [(e.path, e.sha256) for e in f.entries]
+            sig_id = _sign_new(
+                tmp, sign_key, name, f.commits, header, dek, lambda: oms.bundle_for_folder(sign_key, name, rows)
+            )
+    return SealResult(dst, f.artifact_id, len(f.entries), sum(e.size for e in f.entries), tuple(key_uris), sig_id)
+
+
+def _read_header_bytes(path: Path) -> bytes:
+    src = FdSource(open_regular(path))
+    try:
+        return read_raw(src).core.raw
+    finally:
+        src.close()
 
 
 def _bytes_reader(data: bytes) -> ReadAt:
@@ -323,42 +441,63 @@ def _open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[FdSource, RawArtifa
         raise
 
 
-def open(path: str | os.PathLike[str], member: str | None = None, *, keys: KeyService | None = None) -> SealedReader:  # noqa: A001
-    """Open a sealed file (or one ``member`` of a sealed folder) for random-access reading."""
+def open(  # noqa: A001
+    path: str | os.PathLike[str],
+    member: str | None = None,
+    *,
+    keys: KeyService | None = None,
+    verify: Verify = None,
+) -> SealedReader:
+    """Open a sealed file (or one ``member`` of a sealed folder) for random-access reading.
+
+    ``verify``: ``None`` verifies signatures when a trust policy is configured,
+    ``True`` requires one, ``False`` skips, or pass a ``TrustPolicy``. Verified
+    readers check every chunk they read against the signed chunk table.
+    """
     p = Path(path)
     if p.is_dir():
         if member is None:
             raise FormatError(f"{p} is a sealed folder: name a member, or use open_folder()")
-        folder = open_folder(p, keys=keys)
+        folder = open_folder(p, keys=keys, verify=verify)
         return folder.open(member)
+    verdict = _verdict(p, verify, keys) if p.exists() else None
     src, raw = _open_raw(p)
     try:
         if raw.core.kind != KIND_FILE:
             raise FormatError(f"{p} is part of a sealed folder, not a sealed file; open the folder")
+        table = reader_check(verdict)(FILE_PATH, raw)
         opened = open_keys(raw, _unwrapper(_svc(keys), raw), src)
-        reader = SealedReader(src, raw, opened.keys, name=str(p))
+        reader = SealedReader(src, raw, opened.keys, name=str(p), chunk_hashes=table)
         reader.recipients = opened.slot.recipients
+        reader.attachment_key = attachment_key(opened.dek, raw.core.salt, raw.core.binding)
+        reader.verdict = verdict
         return reader
     except BaseException:
         src.close()
         raise
 
 
-def open_folder(path: str | os.PathLike[str], *, keys: KeyService | None = None) -> SealedFolder:
+def open_folder(path: str | os.PathLike[str], *, keys: KeyService | None = None, verify: Verify = None) -> SealedFolder:
+    """Open a sealed folder (``verify`` as for ``open``)."""
     root = Path(path)
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
+    verdict = _verdict(root, verify, keys)
+    check = reader_check(verdict)
     src, raw = _open_raw(manifest)
     try:
         if raw.core.kind != KIND_MANIFEST or raw.core.plaintext_length > MAX_MANIFEST:
             raise DecryptionError()
+        table = check(MANIFEST_NAME, raw)
         opened = open_keys(raw, _unwrapper(_svc(keys), raw), src)
-        with SealedReader(src, raw, opened.keys, owns_src=False) as r:
+        with SealedReader(src, raw, opened.keys, owns_src=False, chunk_hashes=table) as r:
             entries = parse_manifest(r.readall())
     finally:
         src.close()
-    return SealedFolder(root, raw, opened, entries)
+    folder = SealedFolder(root, raw, opened, entries, check if verdict is not None and verdict.signed else None)
+    folder.verdict = verdict
+    return folder
 
 
 def _write_plain(reader: SealedReader, dst: Path, progress: Progress | None) -> None:
@@ -390,26 +529,111 @@ def unseal(
     force: bool = False,
     progress: Progress | None = None,
     keys: KeyService | None = None,
+    verify: Verify = None,
 ) -> Path:
-    """Decrypt a sealed file or folder back to plaintext at ``dst`` (files mode 0600)."""
+    """Decrypt a sealed file or folder back to plaintext at ``dst`` (files mode 0600).
+
+    If the artifact carries a signature with an OpenSSF model-signing bundle,
+    it is written as ``dst/model.sig`` (a folder) or ``dst.sig`` (a file), for
+    ``model_signing verify key``. With a trust policy only a verified
+    signature's bundle is used.
+    """
     src_p, dst_p = Path(src), Path(dst)
     _check_keys_apart(dst_p)
     if is_within(src_p, dst_p):
         raise PolicyDenied("the destination must not contain the source")
     if src_p.is_dir():
-        with open_folder(src_p, keys=keys) as folder, atomic_output(dst_p, force, is_dir=True) as tmp:
+        with open_folder(src_p, keys=keys, verify=verify) as folder, atomic_output(dst_p, force, is_dir=True) as tmp:
             for e in folder.entries():
                 out = tmp / e.path
                 out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 with folder.open(e.path) as r:
                     _write_plain(r, out, progress)
+            bundle = _oms_bundle(src_p, folder.verdict, folder.attachment_key())
+            if bundle is not None and oms.SIGNATURE_NAME not in folder:
+                write_atomic(tmp / oms.SIGNATURE_NAME, bundle, mode=0o644)
             for d in sorted({p for e in folder.entries() for p in (tmp / e.path).parents if is_within(p, tmp)}):
                 fsync_dir(d)
         return dst_p
-    with open(src_p, keys=keys) as r, atomic_output(dst_p, force) as tmp:
+    with open(src_p, keys=keys, verify=verify) as r, atomic_output(dst_p, force) as tmp:
         _write_plain(r, tmp, progress)
+        bundle = _oms_bundle(src_p, r.verdict, r.attachment_key)
+    if bundle is not None:
+        write_atomic(dst_p.with_name(dst_p.name + ".sig"), bundle, mode=0o644)
     return dst_p
+
+
+def _oms_bundle(src: Path, verdict: Verdict | None, key: bytes) -> bytes | None:
+    """The newest OMS bundle attached to a signature (a verified one, under a policy)."""
+    if verdict is not None:
+        entries = verdict.valid_entries
+    else:
+        sf = SignatureFile.load(signature_path(src))
+        entries = sf.signatures if sf else []
+    for entry in reversed(entries):
+        if entry.oms:
+            try:
+                return open_attachment(key, entry)
+            except DecryptionError:
+                continue  # an attachment from another artifact, or damaged: not ours to write
+    return None
 
 
 def _target(path: Path) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def sign(
+    path: str | os.PathLike[str],
+    sign_key: Signer,
+    *,
+    name: str | None = None,
+    oms_bundle: bool = False,
+    keys: KeyService | None = None,
+) -> str:
+    """Add a signature to an existing sealed artifact (a second signer, or a re-sign
+    after an update); returns its id. Needs no decryption key unless ``oms_bundle``,
+    which opens the artifact to sign its plaintext digests for model-signing too.
+    Signatures that no longer match the artifact move to the signature history."""
+    root = Path(path)
+    commits, raws = hash_artifact(root)
+    primary = raws.get(FILE_PATH) or raws.get(MANIFEST_NAME)
+    if primary is None:
+        raise FormatError(f"{root} is not a sealed artifact")
+    name = name or _previous_name(root) or _default_name(root)
+    attach: Callable[[Any], None] | None = None
+    if oms_bundle:
+        if not oms.supports(sign_key):
+            raise ValueError("model-signing verifies ECDSA signatures only: sign with a P-256 key for --oms")
+        if root.is_dir():
+            with open_folder(root, keys=keys, verify=False) as folder:
+                rows = [(e.path, e.sha256) for e in folder.entries()]
+                key = folder.attachment_key()
+            bundle = oms.bundle_for_folder(sign_key, name, rows)
+        else:
+            with open(root, keys=keys, verify=False) as r:
+                digest = r.metadata().get("sha256")
+                key = r.attachment_key
+            if not isinstance(digest, str):
+                raise DecryptionError()
+            bundle = oms.bundle_for_file(sign_key, name, digest)
+
+        def attach(entry: Any) -> None:
+            entry.oms = seal_attachment(key, entry.id, bundle)
+
+    return add_signature(root, sign_key, name, commits, primary.core, attach=attach).id
+
+
+def _previous_name(root: Path) -> str | None:
+    sf = SignatureFile.load(signature_path(root))
+    if sf is None:
+        return None
+    entries = [*sf.history, *sf.signatures]
+    return entries[-1].statement.name if entries else None
+
+
+def _default_name(root: Path) -> str:
+    name = root.resolve().name
+    for suffix in (".msealed", ".sealed", ".mseal"):
+        name = name.removesuffix(suffix)
+    return name

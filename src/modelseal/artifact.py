@@ -108,13 +108,20 @@ class SealedReader(io.RawIOBase):
     """
 
     def __init__(
-        self, src: CipherSource, raw: RawArtifact, keys: FileKeys, name: str | None = None, owns_src: bool = True
+        self,
+        src: CipherSource,
+        raw: RawArtifact,
+        keys: FileKeys,
+        name: str | None = None,
+        owns_src: bool = True,
+        chunk_hashes: bytes | None = None,
     ) -> None:
         super().__init__()
         self._src = src
         self._owns_src = owns_src
         self.raw_artifact = raw
-        self._cipher = ChunkCipher(keys.payload, raw.layout)
+        self._cipher = ChunkCipher(keys.payload, raw.layout, chunk_hashes)
+        self.verified = chunk_hashes is not None  # every chunk read is checked against a signature
         self._keys = keys
         self._pos = 0
         self._lock = threading.Lock()
@@ -124,6 +131,8 @@ class SealedReader(io.RawIOBase):
         self.size = raw.core.plaintext_length
         self.context = dict(raw.core.context)
         self.recipients: tuple[Recipient, ...] = ()
+        self.attachment_key = b""  # set by api.open: decrypts the signature file's attachments
+        self.verdict: Any = None  # the signature verdict, when verified on open
 
     def metadata(self) -> dict[str, Any]:
         return parse_json_object(decrypt_metadata(self.raw_artifact.core, self._keys))
@@ -221,11 +230,15 @@ def write_sealed(
     metadata_len: int,
     recipients: tuple[Recipient, ...],
     progress: Progress | None = None,
-) -> str:
-    """Encrypt the plaintext from ``read_at`` into ``dst_fd`` in one pass; return the plaintext SHA-256 (hex).
+    chunk_hashes: list[bytes] | None = None,
+) -> tuple[str, bytes]:
+    """Encrypt the plaintext from ``read_at`` into ``dst_fd`` in one pass.
 
-    The payload is written first at its final offset, the header last, once
-    the digest is known: the metadata's length does not depend on the digest.
+    Returns the plaintext SHA-256 (hex) and the header written. The payload is
+    written first at its final offset, the header last, once the digest is
+    known: the metadata's length does not depend on the digest. With
+    ``chunk_hashes`` (``layout.count`` entries) the BLAKE3 of each ciphertext
+    chunk is stored there on the way, for signing.
     """
     header_len = plan.header_length(metadata_len)
     layout = ChunkLayout(plan.chunk_size, plan.plaintext_length, header_len)
@@ -237,7 +250,7 @@ def write_sealed(
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise StorageError(f"cannot reserve {layout.file_length} bytes for the output: {e.strerror}") from None
     digest = hashlib.sha256()
-    encrypt_file_range(ChunkCipher(plan.keys.payload, layout), read_at, dst_fd, progress, digest.update)
+    encrypt_file_range(ChunkCipher(plan.keys.payload, layout), read_at, dst_fd, progress, digest.update, chunk_hashes)
     hexdigest = digest.hexdigest()
     header = plan.finish(metadata(hexdigest), recipients)
     if len(header) != header_len:
@@ -248,7 +261,7 @@ def write_sealed(
         os.fsync(dst_fd)
     except OSError as e:
         raise StorageError(f"write failed: {e.strerror}") from None
-    return hexdigest
+    return hexdigest, header
 
 
 def write_slot_in_place(fd: int, raw: RawArtifact, opened: Opened, recipients: tuple[Recipient, ...]) -> int:

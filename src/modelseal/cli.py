@@ -18,12 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import api, inspection, keystore, rekey
+from . import api, clisign, inspection, keystore, rekey
 from .audit import AuditEvent
 from .errors import ModelsealError
 from .fsutil import write_atomic
 from .keys import KeyService
 from .providers import KeyInfo, parse_key_uri
+from .signing import PemSigner
+from .trust import load_policy
 
 
 class ProgressBar:
@@ -177,18 +179,31 @@ def cmd_seal(args: argparse.Namespace, svc: KeyService) -> int:
     bar = ProgressBar(_size_of(Path(args.src)), "seal")
     try:
         res = api.seal(
-            args.src, args.dst, key=args.key, context=_context(args.context), force=args.force, progress=bar, keys=svc
+            args.src,
+            args.dst,
+            key=args.key,
+            context=_context(args.context),
+            env=args.env,
+            project=args.project,
+            force=args.force,
+            progress=bar,
+            keys=svc,
+            sign_key=PemSigner.from_file(args.sign_key) if args.sign_key else None,
+            name=args.name,
         )
     finally:
         bar.close()
     print(f"sealed {res.files} file(s), {res.bytes} bytes -> {res.path} (artifact {res.artifact_id[:16]})")
+    if res.signature:
+        print(f"signed (signature {res.signature[:16]})")
     return 0
 
 
 def cmd_unseal(args: argparse.Namespace, svc: KeyService) -> int:
     bar = ProgressBar(_size_of(Path(args.src)), "unseal")
     try:
-        out = api.unseal(args.src, args.dst, force=args.force, progress=bar, keys=svc)
+        verify = load_policy(args.trust) if args.trust else None
+        out = api.unseal(args.src, args.dst, force=args.force, progress=bar, keys=svc, verify=verify)
     finally:
         bar.close()
     print(f"unsealed -> {out}")
@@ -359,13 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project", help="project name; goes into the context and selects config.toml's project keys")
     s.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--force", action="store_true", help="replace an existing destination")
+    s.add_argument("--sign-key", metavar="PRIV.pem", help="sign while sealing (Ed25519 or P-256 PEM)")
+    s.add_argument("--name", help="artifact name in the signature (default: the source's file name)")
     s.set_defaults(fn=cmd_seal)
 
     u = sub.add_parser("unseal", help="decrypt a sealed file or folder to plaintext")
     u.add_argument("src")
     u.add_argument("dst")
     u.add_argument("--force", action="store_true")
+    u.add_argument("--trust", metavar="TRUST.toml", help="verify signatures first (default: configured policy)")
     u.set_defaults(fn=cmd_unseal)
+    clisign.register(sub)
 
     i = sub.add_parser("inspect", help="show a sealed artifact's public header")
     i.add_argument("path")

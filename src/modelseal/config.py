@@ -7,6 +7,7 @@ wrap or unwrap for any context whose ``env`` is not ``prod``. Example::
 
     default_env = "dev"
     rotate_after_days = 90
+    trust_policy = "trust.toml"   # verify signatures on load (docs/signing.md)
 
     [environments.dev]
     keys = ["local:dev-kek"]
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class Config:
     environments: dict[str, list[str]] = field(default_factory=dict)
     env_rotate_days: dict[str, int] = field(default_factory=dict)
     projects: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    trust_policy: Path | None = None  # signatures are verified on load when set
 
     def keys_for(self, env: str, project: str | None = None) -> list[str]:
         if project is not None:
@@ -119,11 +121,15 @@ def parse(doc: dict[str, Any]) -> Config:
         projects[project] = {
             _name(e, "an environment name"): _keys(k, f"projects.{project}.{e}") for e, k in per_env.items()
         }
-    return Config(default_env, rotate, envs, env_days, projects)
+    trust = doc.get("trust_policy")
+    if trust is not None and (not isinstance(trust, str) or not trust):
+        raise ConfigError("config: trust_policy must be the path of a trust policy file")
+    return Config(default_env, rotate, envs, env_days, projects, Path(trust) if trust else None)
 
 
 def load(home: Path | None = None) -> Config:
-    path = (home or modelseal_home()) / CONFIG_NAME
+    home = home or modelseal_home()
+    path = home / CONFIG_NAME
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -134,4 +140,7 @@ def load(home: Path | None = None) -> Config:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config: {path} is not valid TOML ({str(e)[:120]})") from None
-    return parse(doc)
+    cfg = parse(doc)
+    if cfg.trust_policy is not None and not cfg.trust_policy.is_absolute():
+        cfg = replace(cfg, trust_policy=home / cfg.trust_policy)
+    return cfg

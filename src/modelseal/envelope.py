@@ -60,6 +60,16 @@ def derive_file_keys(dek: bytes, salt: bytes, binding: bytes) -> FileKeys:
     return FileKeys(okm[0:32], okm[32:64], okm[64:96], okm[96:128])
 
 
+_ATTACHMENT_INFO = b"modelseal/v1/attachment-key\x00"
+
+
+def attachment_key(dek: bytes, salt: bytes, binding: bytes) -> bytes:
+    """The key that encrypts attachments kept outside the artifact (the OMS bundle in
+    the signature file): HKDF-SHA256 from the data key under its own label."""
+    info = _ATTACHMENT_INFO + hashlib.sha256(binding).digest()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(dek)
+
+
 def _hmac(key: bytes, *parts: bytes) -> bytes:
     h = hmac.new(key, digestmod=hashlib.sha256)
     for p in parts:

@@ -76,3 +76,29 @@ class PolicyDenied(ModelsealError):
     """The request is refused by a safety rule (symlink escape, keys beside data)."""
 
     exit_code = 8
+
+
+class VerificationError(ModelsealError):
+    """A signature check failed: tampered, copied, unsigned where a signature is
+    required, signed by an untrusted key, or short of the policy's threshold."""
+
+    exit_code = 10
+
+
+class Revoked(VerificationError):
+    """The artifact, a signature it depends on, or its signer has been revoked."""
+
+    exit_code = 11
+
+
+class RevocationListError(VerificationError):
+    """The revocation list is missing, unsigned, forged, malformed or expired:
+    never a silent pass."""
+
+    exit_code = 12
+
+
+class SigningKeyError(ModelsealError):
+    """A signing or verification key cannot be read (wrong passphrase, unsupported type)."""
+
+    exit_code = 2

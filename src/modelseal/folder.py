@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .artifact import RawArtifact, SealedReader, canonical_json, parse_json_object, read_raw
-from .envelope import Opened, verify_with_dek
+from .envelope import Opened, attachment_key, verify_with_dek
 from .errors import DecryptionError, FormatError
 from .fsutil import open_regular
 from .header import KIND_BLOB
@@ -105,13 +105,26 @@ def parse_manifest(data: bytes) -> list[Entry]:
 class SealedFolder:
     """An opened sealed folder: the data key is unwrapped once for all members."""
 
-    def __init__(self, root: Path, raw: RawArtifact, opened: Opened, entries: list[Entry]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        raw: RawArtifact,
+        opened: Opened,
+        entries: list[Entry],
+        check: Callable[[str, RawArtifact], bytes | None] | None = None,
+    ) -> None:
         self.root = root
+        self._check = check  # signature verification: the signed chunk table of a member
         self.raw_artifact = raw
         self._opened = opened
         self._entries = {e.path: e for e in entries}
         self.context = dict(raw.core.context)
         self.recipients = opened.slot.recipients
+        self.verdict: Any = None  # the signature verdict, when verified on open
+
+    def attachment_key(self) -> bytes:
+        core = self.raw_artifact.core
+        return attachment_key(self._opened.dek, core.salt, core.binding)
 
     def __enter__(self) -> SealedFolder:
         return self
@@ -152,7 +165,8 @@ class SealedFolder:
             keys = verify_with_dek(core, self._opened.dek)
             if not hmac.compare_digest(core.mac.hex(), e.header_mac) or core.plaintext_length != e.size:
                 raise DecryptionError()  # a blob swapped in from elsewhere in the folder
-            return SealedReader(src, raw, keys, name=path)
+            table = self._check(f"{BLOB_DIR}/{e.blob}", raw) if self._check else None
+            return SealedReader(src, raw, keys, name=path, chunk_hashes=table)
         except BaseException:
             src.close()
             raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hmac
 import os
 import threading
 from collections import deque
@@ -21,10 +22,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from blake3 import blake3
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import DecryptionError, StorageError
+from .errors import DecryptionError, StorageError, VerificationError
 from .header import TAG_LEN
 from .source import CipherSource
 
@@ -44,6 +46,14 @@ def fd_reader(fd: int) -> ReadAt:
             got += n
 
     return read_at
+
+
+CHUNK_HASH_LEN = 32
+
+
+def chunk_hash(ciphertext: memoryview | bytes) -> bytes:
+    """BLAKE3 of one ciphertext chunk (tag included): the leaf of the signed chunk commitment."""
+    return blake3(ciphertext).digest()
 
 
 def workers() -> int:
@@ -117,11 +127,19 @@ class WritebackHint:
 
 
 class ChunkCipher:
-    """Encrypts and decrypts single chunks of one file."""
+    """Encrypts and decrypts single chunks of one file.
 
-    def __init__(self, payload_key: bytes, layout: ChunkLayout) -> None:
+    With ``chunk_hashes`` (the signed table of a verified signature, 32 bytes
+    per chunk) every chunk's ciphertext is checked against its hash before it
+    is decrypted, so a reader verifies exactly the chunks it reads.
+    """
+
+    def __init__(self, payload_key: bytes, layout: ChunkLayout, chunk_hashes: bytes | None = None) -> None:
         self._aead = AESGCM(payload_key)
         self.layout = layout
+        if chunk_hashes is not None and len(chunk_hashes) != CHUNK_HASH_LEN * layout.count:
+            raise VerificationError("the signed chunk table does not fit this artifact")
+        self.chunk_hashes = chunk_hashes
 
     def encrypt_chunk(self, i: int, plain: memoryview, out: memoryview) -> None:
         self._aead.encrypt_into(self.layout.nonce(i), plain, None, out)
@@ -139,6 +157,11 @@ class ChunkCipher:
         """Read chunk i's ciphertext into ``scratch`` and decrypt it into ``out``."""
         ct = scratch[: self.layout.plain_len(i) + TAG_LEN]
         _read_exact(src, ct, self.layout.offset(i))
+        if self.chunk_hashes is not None:
+            want = self.chunk_hashes[CHUNK_HASH_LEN * i : CHUNK_HASH_LEN * (i + 1)]
+            if not hmac.compare_digest(chunk_hash(ct), want):
+                out[:] = bytes(len(out))
+                raise VerificationError(f"chunk {i} does not match the signed commitment: tampered")
         self.decrypt_chunk(i, ct, out)
 
 
@@ -193,6 +216,7 @@ def encrypt_file_range(
     dst_fd: int,
     progress: Progress | None = None,
     digest_update: Callable[[memoryview], None] | None = None,
+    chunk_hashes: list[bytes] | None = None,
 ) -> None:
     """Encrypt the whole plaintext given by ``read_at`` into ``dst_fd`` at the layout's offsets.
 
@@ -201,7 +225,9 @@ def encrypt_file_range(
     and pwrite chunks, and when ``digest_update`` is given one more thread
     feeds the plaintext chunks to it strictly in order. A buffer is reused
     only once both its encryption and its hashing are done. Each plaintext
-    byte is read once.
+    byte is read once. With ``chunk_hashes`` (a list of ``layout.count``
+    entries) each encrypting thread also stores the BLAKE3 of the chunk it
+    wrote there, for signing: no second read of the output.
     """
     layout = cipher.layout
     w = workers()
@@ -212,6 +238,8 @@ def encrypt_file_range(
     def seal(k: int, i: int) -> int:
         n = layout.plain_len(i)
         cipher.encrypt_chunk(i, plains[k][:n], outs[k][: n + TAG_LEN])
+        if chunk_hashes is not None:
+            chunk_hashes[i] = chunk_hash(outs[k][: n + TAG_LEN])
         pwrite_all(dst_fd, outs[k][: n + TAG_LEN], layout.offset(i))
         return n
 

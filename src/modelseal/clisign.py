@@ -1,0 +1,180 @@
+"""The signing commands of the CLI: sign, verify, revoke, signing-key (docs/signing.md).
+
+``modelseal verify`` is the CI/CD gate; its exit codes are: 0 verified (or
+unsigned with a non-strict policy), 10 verification failed (tampered, copied,
+untrusted, unsigned under ``--strict``, below threshold), 11 revoked, 12 the
+revocation list is missing, unsigned, forged or expired, 2 bad usage or
+policy, 4 not an artifact, 7 unreadable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from . import api, oms
+from .errors import RevocationListError, SigningKeyError
+from .fsutil import write_atomic
+from .header import MAGIC
+from .keys import KeyService
+from .signing import ALGORITHMS, ED25519, PASSPHRASE_ENV, PemSigner, VerifyKey, generate, private_pem
+from .trust import RevocationList, TrustPolicy, load_policy, new_revocation, read_unverified, write_list
+from .verification import verify_artifact
+
+
+def _policy(args: argparse.Namespace, svc: KeyService, required: bool = True) -> TrustPolicy | None:
+    if getattr(args, "public_key", None):
+        if getattr(args, "trust", None):
+            raise ValueError("give --public-key or --trust, not both")
+        return TrustPolicy.from_keys([VerifyKey.from_file(k) for k in args.public_key])
+    if getattr(args, "trust", None):
+        return load_policy(args.trust)
+    policy = api.trust_policy(svc)
+    if policy is None and required:
+        raise ValueError(f"no trust: give --public-key or --trust, or configure a trust policy ({api.TRUST_ENV})")
+    return policy
+
+
+def _is_sealed(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "manifest.mseal").is_file()
+    try:
+        with path.open("rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def cmd_sign(args: argparse.Namespace, svc: KeyService) -> int:
+    signer = PemSigner.from_file(args.sign_key)
+    sid = api.sign(args.path, signer, name=args.name, oms_bundle=args.oms, keys=svc)
+    print(f"signed {args.path} (signature {sid[:16]}, key {signer.public.key_id[:16]})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, svc: KeyService) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    if not _is_sealed(path):
+        return _verify_plain(args, svc, path)
+    policy = _policy(args, svc)
+    assert policy is not None
+    strict = True if args.strict else None
+    verdict = verify_artifact(path, policy, signature=args.signature, strict=strict)
+    if args.json:
+        print(json.dumps(verdict.to_json(), indent=2, sort_keys=True))
+    elif not verdict.signed:
+        print(f"UNSIGNED {path}: allowed because the trust policy is not strict (use --strict to refuse)")
+    else:
+        for r in verdict.results:
+            who = r.signer or "?"
+            print(f"  {r.status:10.10} {who:12} key {r.keyid[:16]} signed {r.signed_at} id {r.id[:16]}")
+        print(f"VERIFIED {path}: {verdict.name!r} env {verdict.env!r} by {', '.join(verdict.signers)}")
+    return 0
+
+
+def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
+    """A plaintext model with an OpenSSF model-signing signature."""
+    sig = Path(args.signature) if args.signature else path / oms.SIGNATURE_NAME
+    if not sig.is_file():
+        raise ValueError(f"{path} is not a sealed artifact, and no model-signing signature {sig} was found")
+    if args.public_key:
+        keys = [oms.load_public_key(Path(k)) for k in args.public_key]
+    else:
+        policy = _policy(args, svc)
+        assert policy is not None
+        keys = [k.key for k in policy.keys_by_id().values() if isinstance(k.key, ec.EllipticCurvePublicKey)]
+    res = oms.verify_model(path, sig, keys, allow_unlisted=args.allow_unlisted)
+    out: dict[str, Any] = {"model": str(path), "name": res.name, "files": res.files, "unlisted": res.unlisted}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        extra = f" ({len(res.unlisted)} unlisted file(s) allowed)" if res.unlisted else ""
+        print(f"VERIFIED {path}: model-signing signature over {res.files} file(s){extra}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
+    path = Path(args.list)
+    signer = PemSigner.from_file(args.sign_key)
+    policy = _policy(args, svc, required=False)
+    if path.exists() and policy is not None and policy.revocation is not None:
+        # Extend only a list that is authentic (an expired one may be refreshed).
+        far_past = datetime(1970, 1, 2, tzinfo=UTC)
+        keys = policy.keys_by_id(policy.revocation.signers)
+        try:
+            RevocationList.load(path, keys, policy.revocation.threshold, now=far_past)
+        except RevocationListError as e:
+            if "issued in the future" not in str(e):
+                raise
+    old = read_unverified(path)
+    entries = list(old.entries) if old else []
+    for kind in ("signature", "signer", "artifact"):
+        for value in getattr(args, kind) or []:
+            if not any(e.kind == kind and e.value == value for e in entries):
+                entries.append(new_revocation(kind, value, args.reason))
+    now = datetime.now(UTC).replace(microsecond=0)
+    rl = RevocationList((old.version + 1) if old else 1, now, now + timedelta(days=args.expires_in), entries)
+    write_list(path, rl, signer)
+    print(f"revocation list {path}: version {rl.version}, {len(entries)} entries, expires {rl.expires_at:%Y-%m-%d}")
+    return 0
+
+
+def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
+    del svc
+    signer = generate(args.algorithm)
+    passphrase = None
+    if args.encrypt:
+        env = os.environ.get(PASSPHRASE_ENV)
+        if not env:
+            raise SigningKeyError(f"--encrypt takes the passphrase from {PASSPHRASE_ENV}")
+        passphrase = env.encode()
+    priv, pub = Path(args.private), Path(args.public)
+    write_atomic(priv, private_pem(signer, passphrase), mode=0o600, exclusive=True)
+    write_atomic(pub, signer.public.pem().encode(), mode=0o644)
+    print(f"{args.algorithm} signing key {signer.public.key_id[:16]}: private {priv}, public {pub}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("sign", help="sign an existing sealed artifact (second signer, or re-sign after an update)")
+    s.add_argument("path")
+    s.add_argument("--sign-key", required=True, metavar="PRIV.pem")
+    s.add_argument("--name", help="artifact name the trust policy matches (default: the previous signature's)")
+    s.add_argument("--oms", action="store_true", help="also attach a model-signing bundle (needs the data key)")
+    s.set_defaults(fn=cmd_sign)
+
+    v = sub.add_parser("verify", help="verify signatures without any decryption key (exit codes: docs/ci.md)")
+    v.add_argument("path", help="a sealed file or folder, or a plaintext model with a model-signing signature")
+    v.add_argument("--public-key", action="append", metavar="PUB.pem", help="trust this key (repeatable)")
+    v.add_argument("--trust", metavar="TRUST.toml", help="trust policy (default: $MODELSEAL_TRUST, config.toml)")
+    v.add_argument("--signature", help="signature file (default: beside or inside the artifact; model.sig)")
+    v.add_argument("--strict", action="store_true", help="refuse unsigned artifacts whatever the policy says")
+    v.add_argument("--allow-unlisted", action="store_true", help="model-signing: accept files the signature omits")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_verify)
+
+    r = sub.add_parser("revoke", help="add to (or just refresh) a signed revocation list")
+    r.add_argument("--list", required=True, metavar="REVOCATIONS.json")
+    r.add_argument("--sign-key", required=True, metavar="PRIV.pem")
+    r.add_argument("--signature", action="append", metavar="ID", help="revoke a signature id (repeatable)")
+    r.add_argument("--signer", action="append", metavar="KEYID", help="revoke every signature of a key")
+    r.add_argument("--artifact", action="append", metavar="DIGEST", help="revoke an artifact by digest")
+    r.add_argument("--reason", default="", help="recorded with each new entry")
+    r.add_argument("--expires-in", type=int, default=30, metavar="DAYS", help="validity of the new list (30)")
+    r.add_argument("--trust", metavar="TRUST.toml", help="authenticate the existing list with this policy first")
+    r.set_defaults(fn=cmd_revoke)
+
+    k = sub.add_parser("signing-key", help="generate a signing key pair (PEM)")
+    k.add_argument("private")
+    k.add_argument("public")
+    k.add_argument("--algorithm", choices=ALGORITHMS, default=ED25519)
+    k.add_argument("--encrypt", action="store_true", help=f"encrypt the private key with ${PASSPHRASE_ENV}")
+    k.set_defaults(fn=cmd_signing_key)

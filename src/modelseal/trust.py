@@ -1,0 +1,345 @@
+"""Trust policy and signed revocation lists (docs/signing.md).
+
+A trust policy (TOML) names signers and their public keys, says which
+signers are trusted for which artifact names and environments, with a
+threshold of distinct signers, whether unsigned artifacts are refused
+(``strict``), and where the revocation list is and who may sign it::
+
+    version = 1
+    strict = true
+
+    [signers.release]
+    keys = ["keys/release.pub.pem"]      # relative to this file, or inline PEM
+
+    [signers.security]
+    keys = ["keys/security.pub.pem"]
+
+    [[rules]]
+    artifacts = ["llama-*"]              # shell patterns on the signed artifact name
+    environments = ["prod"]
+    signers = ["release", "security"]
+    threshold = 2                        # distinct signers
+
+    [revocation]
+    list = "revocations.json"
+    signers = ["security"]
+
+A revocation list is a DSSE envelope over a JSON document with a version,
+an issue and an expiry time and entries revoking a signature id, a signer
+key id or an artifact digest. A missing, unsigned, forged, malformed or
+expired list is a ``RevocationListError``: never a silent pass.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from .artifact import canonical_json
+from .errors import RevocationListError, SigningKeyError
+from .fsutil import write_atomic
+from .signing import Signer, VerifyKey, parse_envelope, sign_envelope, verify_envelope
+
+REVOCATION_PAYLOAD_TYPE = "application/vnd.modelseal.revocations+json"
+REVOCATION_FORMAT = "modelseal-revocations/v1"
+REVOCATION_KINDS = ("signature", "signer", "artifact")
+MAX_POLICY = 1 << 20
+MAX_REVOCATIONS = 8 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_SIGNER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class PolicyError(SigningKeyError):
+    """The trust policy file is invalid (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    artifacts: tuple[str, ...]
+    environments: tuple[str, ...]
+    signers: tuple[str, ...]
+    threshold: int
+
+    def covers(self, name: str, env: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.artifacts) and any(
+            fnmatch.fnmatchcase(env, p) for p in self.environments
+        )
+
+
+@dataclass(frozen=True)
+class RevocationConfig:
+    list_path: Path
+    signers: tuple[str, ...]
+    threshold: int = 1
+
+
+@dataclass
+class TrustPolicy:
+    signers: dict[str, list[VerifyKey]]
+    rules: list[Rule]
+    strict: bool = False
+    revocation: RevocationConfig | None = None
+    source: str = "<inline>"
+    _keys: dict[str, tuple[str, VerifyKey]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, keys in self.signers.items():
+            for k in keys:
+                other = self._keys.get(k.key_id)
+                if other is not None and other[0] != name:
+                    raise PolicyError(f"trust policy: one key is listed for both {other[0]!r} and {name!r}")
+                self._keys[k.key_id] = (name, k)
+
+    @classmethod
+    def from_keys(cls, keys: list[VerifyKey], strict: bool = True) -> TrustPolicy:
+        """The policy of ``verify --public-key``: these keys, for any artifact and environment."""
+        return cls({"cli": keys}, [Rule(("*",), ("*",), ("cli",), 1)], strict=strict, source="--public-key")
+
+    def signer_of(self, key_id: str) -> tuple[str, VerifyKey] | None:
+        return self._keys.get(key_id)
+
+    def keys_by_id(self, names: tuple[str, ...] | None = None) -> dict[str, VerifyKey]:
+        return {kid: k for kid, (n, k) in self._keys.items() if names is None or n in names}
+
+    def rules_for(self, name: str, env: str) -> list[Rule]:
+        return [r for r in self.rules if r.covers(name, env)]
+
+    def revocations(self, now: datetime | None = None) -> RevocationList | None:
+        if self.revocation is None:
+            return None
+        keys = self.keys_by_id(self.revocation.signers)
+        return RevocationList.load(self.revocation.list_path, keys, self.revocation.threshold, now)
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"trust policy: {where} must be a non-empty list of strings")
+    return tuple(value)
+
+
+def _threshold(value: Any, where: str, most: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise PolicyError(f"trust policy: {where} must be a number from 1 to {most}")
+    return value
+
+
+def _load_key(spec: str, base: Path, where: str) -> VerifyKey:
+    if spec.lstrip().startswith("-----BEGIN"):
+        return VerifyKey.from_pem(spec.encode(), where)
+    return VerifyKey.from_file(base / spec)
+
+
+def parse_policy(doc: dict[str, Any], base: Path, source: str = "<inline>") -> TrustPolicy:
+    known = {"version", "strict", "signers", "rules", "revocation"}
+    if doc.get("version") != 1 or not set(doc) <= known:
+        raise PolicyError(f"trust policy: needs version = 1 and only the keys {', '.join(sorted(known))}")
+    strict = doc.get("strict", False)
+    if not isinstance(strict, bool):
+        raise PolicyError("trust policy: strict must be true or false")
+    signers: dict[str, list[VerifyKey]] = {}
+    raw_signers = doc.get("signers", {})
+    if not isinstance(raw_signers, dict) or not raw_signers:
+        raise PolicyError("trust policy: [signers] must name at least one signer")
+    for name, spec in raw_signers.items():
+        if not _SIGNER.fullmatch(name) or not isinstance(spec, dict) or set(spec) != {"keys"}:
+            raise PolicyError(f"trust policy: [signers.{name}] must be a table with only 'keys'")
+        signers[name] = [_load_key(k, base, f"signers.{name}") for k in _str_list(spec["keys"], f"{name}.keys")]
+    rules: list[Rule] = []
+    raw_rules = doc.get("rules", [])
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise PolicyError("trust policy: at least one [[rules]] entry is needed")
+    for i, r in enumerate(raw_rules):
+        where = f"rules[{i}]"
+        if not isinstance(r, dict) or not set(r) <= {"artifacts", "environments", "signers", "threshold"}:
+            raise PolicyError(f"trust policy: {where} has unknown keys")
+        names = _str_list(r.get("signers"), f"{where}.signers")
+        for n in names:
+            if n not in signers:
+                raise PolicyError(f"trust policy: {where} names the unknown signer {n!r}")
+        rules.append(
+            Rule(
+                _str_list(r.get("artifacts", ["*"]), f"{where}.artifacts"),
+                _str_list(r.get("environments", ["*"]), f"{where}.environments"),
+                names,
+                _threshold(r.get("threshold", 1), f"{where}.threshold", len(set(names))),
+            )
+        )
+    revocation = None
+    raw_rev = doc.get("revocation")
+    if raw_rev is not None:
+        if not isinstance(raw_rev, dict) or not set(raw_rev) <= {"list", "signers", "threshold"}:
+            raise PolicyError("trust policy: [revocation] takes list, signers and threshold")
+        if not isinstance(raw_rev.get("list"), str):
+            raise PolicyError("trust policy: [revocation] needs list = PATH")
+        rsigners = _str_list(raw_rev.get("signers"), "revocation.signers")
+        for n in rsigners:
+            if n not in signers:
+                raise PolicyError(f"trust policy: [revocation] names the unknown signer {n!r}")
+        thr = _threshold(raw_rev.get("threshold", 1), "revocation.threshold", len(set(rsigners)))
+        revocation = RevocationConfig(base / raw_rev["list"], rsigners, thr)
+    return TrustPolicy(signers, rules, strict, revocation, source)
+
+
+def load_policy(path: str | Path) -> TrustPolicy:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_POLICY + 1)
+    except OSError as e:
+        raise PolicyError(f"cannot read the trust policy {p}: {e.strerror}") from None
+    if len(raw) > MAX_POLICY:
+        raise PolicyError(f"the trust policy {p} is too large")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"trust policy: {p} is not valid TOML ({str(e)[:120]})") from None
+    return parse_policy(doc, p.parent, str(p))
+
+
+# --- revocation lists ---------------------------------------------------------------------------
+
+
+def _ts(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ts(text: Any, what: str) -> datetime:
+    try:
+        return datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise RevocationListError(f"the revocation list's {what} is not a UTC timestamp") from None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    kind: str  # signature | signer | artifact
+    value: str  # signature id, signer key id, or artifact digest (64 hex)
+    reason: str
+    revoked_at: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "reason": self.reason, "revoked_at": self.revoked_at, "value": self.value}
+
+
+@dataclass
+class RevocationList:
+    version: int
+    issued_at: datetime
+    expires_at: datetime
+    entries: list[Revocation]
+
+    def revoked(self, kind: str, value: str) -> Revocation | None:
+        for e in self.entries:
+            if e.kind == kind and e.value == value:
+                return e
+        return None
+
+    def payload(self) -> bytes:
+        return canonical_json(
+            {
+                "entries": [e.to_json() for e in self.entries],
+                "expires_at": _ts(self.expires_at),
+                "format": REVOCATION_FORMAT,
+                "issued_at": _ts(self.issued_at),
+                "version": self.version,
+            }
+        )
+
+    @classmethod
+    def parse_payload(cls, payload: bytes) -> RevocationList:
+        try:
+            doc = json.loads(payload)
+            if doc["format"] != REVOCATION_FORMAT or set(doc) != {
+                "entries",
+                "expires_at",
+                "format",
+                "issued_at",
+                "version",
+            }:
+                raise ValueError
+            version = doc["version"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError
+            entries = []
+            for e in doc["entries"]:
+                if set(e) != {"kind", "reason", "revoked_at", "value"} or e["kind"] not in REVOCATION_KINDS:
+                    raise ValueError
+                if not isinstance(e["value"], str) or not _HEX64.fullmatch(e["value"]):
+                    raise ValueError
+                if not isinstance(e["reason"], str):
+                    raise ValueError
+                _parse_ts(e["revoked_at"], "revoked_at")
+                entries.append(Revocation(e["kind"], e["value"], e["reason"], e["revoked_at"]))
+        except (ValueError, KeyError, TypeError):
+            raise RevocationListError("the revocation list is malformed") from None
+        issued, expires = _parse_ts(doc["issued_at"], "issued_at"), _parse_ts(doc["expires_at"], "expires_at")
+        return cls(version, issued, expires, entries)
+
+    @classmethod
+    def load(
+        cls, path: Path, keys: dict[str, VerifyKey], threshold: int = 1, now: datetime | None = None
+    ) -> RevocationList:
+        """Read, authenticate and check the freshness of a revocation list."""
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_REVOCATIONS + 1)
+        except FileNotFoundError:
+            raise RevocationListError(f"the revocation list {path} is missing") from None
+        except OSError as e:
+            raise RevocationListError(f"cannot read the revocation list {path}: {e.strerror}") from None
+        if len(data) > MAX_REVOCATIONS:
+            raise RevocationListError("the revocation list is too large")
+        try:
+            payload, sigs = parse_envelope(json.loads(data), REVOCATION_PAYLOAD_TYPE)
+        except ValueError:
+            raise RevocationListError("the revocation list is not a signed list (DSSE envelope)") from None
+        good = {k.key_id for k, _ in verify_envelope(REVOCATION_PAYLOAD_TYPE, payload, sigs, keys)}
+        if len(good) < threshold:
+            raise RevocationListError(
+                f"the revocation list is not signed by {threshold} trusted revocation signer(s): forged or unsigned"
+            )
+        rl = cls.parse_payload(payload)
+        now = now or datetime.now(UTC)
+        if rl.expires_at <= now:
+            raise RevocationListError(f"the revocation list expired at {_ts(rl.expires_at)}: refresh and re-sign it")
+        if rl.issued_at > now + timedelta(minutes=5):
+            raise RevocationListError("the revocation list is issued in the future")
+        return rl
+
+    def sign(self, signer: Signer) -> bytes:
+        env = sign_envelope(signer, REVOCATION_PAYLOAD_TYPE, self.payload())
+        return json.dumps(env, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def read_unverified(path: Path) -> RevocationList | None:
+    """The payload of an existing list, unauthenticated (for extending it; the caller
+    authenticates it first when a policy is at hand)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RevocationListError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        payload, _ = parse_envelope(json.loads(data), REVOCATION_PAYLOAD_TYPE)
+    except ValueError:
+        raise RevocationListError(f"{path} is not a signed revocation list") from None
+    return RevocationList.parse_payload(payload)
+
+
+def write_list(path: Path, rl: RevocationList, signer: Signer) -> None:
+    write_atomic(path, rl.sign(signer), mode=0o644)
+
+
+def new_revocation(kind: str, value: str, reason: str) -> Revocation:
+    if kind not in REVOCATION_KINDS:
+        raise ValueError(f"revocation kind must be one of {', '.join(REVOCATION_KINDS)}")
+    if not _HEX64.fullmatch(value):
+        raise ValueError(f"a revoked {kind} is named by 64 lowercase hex digits")
+    return Revocation(kind, value, reason, _ts(datetime.now(UTC)))

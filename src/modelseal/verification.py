@@ -1,0 +1,288 @@
+"""Keyless verification of sealed artifacts against a trust policy, and signing them.
+
+``verify_artifact`` needs no decryption key: it hashes the sealed bytes (or,
+for a loader, only the headers, leaving the chunks to be checked as they are
+read), checks each signature's DSSE envelope, that its statement commits to
+exactly these sealed files, the revocation list, and the policy's rules and
+thresholds. ``add_signature`` appends a signature to an artifact's signature
+file, moving signatures that no longer match (after an update) to history.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .artifact import RawArtifact, read_raw
+from .commitment import (
+    FILE_PATH,
+    FileCommitment,
+    artifact_digest,
+    commit,
+    hash_artifact,
+    header_digest,
+    member_path,
+    sealed_members,
+)
+from .errors import DecryptionError, FormatError, Revoked, VerificationError
+from .folder import MANIFEST_NAME
+from .fsutil import open_regular
+from .header import KIND_FILE, KIND_MANIFEST, CoreHeader
+from .sigfile import PAYLOAD_TYPE, Entry, SignatureFile, Statement, now_rfc3339, sign_statement, signature_path
+from .signing import Signer, verify_envelope
+from .source import FdSource
+from .stream import CHUNK_HASH_LEN
+from .trust import RevocationList, TrustPolicy
+
+VALID = "valid"
+UNTRUSTED = "untrusted key"
+BAD_SIGNATURE = "bad signature"
+MISMATCH = "does not match the artifact (tampered, or copied from another artifact)"
+REVOKED = "revoked"
+
+
+@dataclass
+class SignatureResult:
+    id: str
+    keyid: str
+    signer: str | None
+    status: str
+    signed_at: str
+    name: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "keyid": self.keyid,
+            "name": self.name,
+            "signed_at": self.signed_at,
+            "signer": self.signer,
+            "status": self.status,
+        }
+
+
+@dataclass
+class Verdict:
+    path: Path
+    digest: str
+    env: str
+    signed: bool
+    name: str | None = None
+    signers: list[str] = field(default_factory=list)
+    results: list[SignatureResult] = field(default_factory=list)
+    tables: dict[str, bytes] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    valid_entries: list[Entry] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "artifact": str(self.path),
+            "digest": self.digest,
+            "env": self.env,
+            "name": self.name,
+            "signed": self.signed,
+            "signatures": [r.to_json() for r in self.results],
+            "trusted_signers": self.signers,
+        }
+
+
+def _read_header(path: Path, rel: str) -> RawArtifact:
+    src = FdSource(open_regular(path))
+    try:
+        return read_raw(src)
+    except DecryptionError:
+        raise VerificationError(f"{rel}: the sealed header is damaged or the file truncated") from None
+    finally:
+        src.close()
+
+
+def _lazy_commitments(root: Path, sf: SignatureFile) -> tuple[list[FileCommitment], dict[str, RawArtifact]]:
+    """Commitments from the real headers and the signature file's chunk tables; the
+    chunks themselves are checked later, as readers read them."""
+    commits: list[FileCommitment] = []
+    raws: dict[str, RawArtifact] = {}
+    for rel in sealed_members(root):
+        raw = _read_header(member_path(root, rel), rel)
+        table = sf.chunks.get(rel)
+        if table is None or len(table) != CHUNK_HASH_LEN * raw.layout.count:
+            raise VerificationError(f"the signature file has no chunk table for {rel}")
+        commits.append(commit(rel, raw, table))
+        raws[rel] = raw
+    return commits, raws
+
+
+def _primary(raws: dict[str, RawArtifact]) -> RawArtifact:
+    raw = raws.get(FILE_PATH) or raws.get(MANIFEST_NAME)
+    if raw is None or raw.core.kind not in (KIND_FILE, KIND_MANIFEST):
+        raise FormatError("not a sealed artifact")
+    return raw
+
+
+def _check_entry(
+    e: Entry, policy: TrustPolicy, commits: list[FileCommitment], digest: str, rl: RevocationList | None
+) -> SignatureResult:
+    res = SignatureResult(e.id, e.keyid, None, VALID, e.statement.signed_at, e.statement.name)
+    found = policy.signer_of(e.keyid)
+    if found is None:
+        res.status = UNTRUSTED
+        return res
+    res.signer = found[0]
+    if not verify_envelope(PAYLOAD_TYPE, e.statement.raw, e.sigs, {found[1].key_id: found[1]}):
+        res.status = BAD_SIGNATURE
+    elif e.statement.digest != digest or not e.statement.matches(commits):
+        res.status = MISMATCH
+    elif rl is not None and (rl.revoked("signature", e.id) or rl.revoked("signer", e.keyid)):
+        res.status = REVOKED
+    return res
+
+
+def evaluate(
+    root: Path,
+    policy: TrustPolicy,
+    sf: SignatureFile | None,
+    commits: list[FileCommitment],
+    raws: dict[str, RawArtifact],
+    *,
+    strict: bool | None = None,
+    now: datetime | None = None,
+) -> Verdict:
+    digest = artifact_digest(commits)
+    primary = _primary(raws)
+    env = dict(primary.core.context).get("env", "")
+    strict = policy.strict if strict is None else strict
+    rl = policy.revocations(now)
+    if rl is not None and rl.revoked("artifact", digest):
+        r = rl.revoked("artifact", digest)
+        raise Revoked(f"the artifact {digest[:16]}... is revoked ({r.reason if r else ''})".rstrip(" ()"))
+    verdict = Verdict(root, digest, env, signed=bool(sf and sf.signatures))
+    if not verdict.signed:
+        if strict:
+            raise VerificationError(f"{root} is not signed, and the trust policy is strict")
+        return verdict
+    assert sf is not None
+    entries = {id(e): e for e in sf.signatures}
+    verdict.results = [_check_entry(e, policy, commits, digest, rl) for e in sf.signatures]
+    good = [(r, entries[id(e)]) for r, e in zip(verdict.results, sf.signatures, strict=True) if r.status == VALID]
+    names = {r.name for r, _ in good}
+    if len(names) > 1:
+        raise VerificationError(f"valid signatures disagree on the artifact's name: {', '.join(sorted(names))}")
+    revoked = [r for r in verdict.results if r.status == REVOKED]
+    if not good:
+        raise _failure(verdict.results, revoked)
+    verdict.name = names.pop()
+    rules = policy.rules_for(verdict.name, env)
+    if not rules:
+        raise VerificationError(f"no rule of the trust policy covers artifact {verdict.name!r} in env {env!r}")
+    signers = {r.signer for r, _ in good if r.signer}
+    for rule in rules:
+        have = signers & set(rule.signers)
+        if len(have) < rule.threshold:
+            msg = (
+                f"{verdict.name!r} needs {rule.threshold} of the signers {', '.join(rule.signers)};"
+                f" valid signatures from {len(have)}"
+            )
+            if revoked:
+                raise Revoked(msg + f" ({len(revoked)} signature(s) revoked)")
+            raise VerificationError(msg)
+    verdict.signers = sorted(signers)
+    verdict.valid_entries = [e for _, e in good]
+    return verdict
+
+
+def _failure(results: list[SignatureResult], revoked: list[SignatureResult]) -> VerificationError:
+    if revoked:
+        return Revoked(f"every trusted signature on the artifact is revoked ({len(revoked)})")
+    statuses = sorted({r.status for r in results})
+    return VerificationError(f"no valid signature: {len(results)} signature(s), {'; '.join(statuses)}")
+
+
+def verify_artifact(
+    path: str | Path,
+    policy: TrustPolicy,
+    *,
+    signature: str | Path | None = None,
+    strict: bool | None = None,
+    deep: bool = True,
+    now: datetime | None = None,
+) -> Verdict:
+    """Verify the sealed artifact at ``path`` keylessly. ``deep`` hashes every ciphertext
+    chunk; otherwise the chunk tables are returned in the verdict for readers to check."""
+    root = Path(path)
+    if not root.exists():
+        raise FormatError(f"{root} does not exist")
+    sf = SignatureFile.load(Path(signature) if signature else signature_path(root))
+    if sf is None or not sf.signatures:
+        commits, raws = _headers_only(root)
+        return evaluate(root, policy, sf, commits, raws, strict=strict, now=now)
+    commits, raws = hash_artifact(root) if deep else _lazy_commitments(root, sf)
+    verdict = evaluate(root, policy, sf, commits, raws, strict=strict, now=now)
+    verdict.tables = {c.path: c.table for c in commits}
+    verdict.headers = {c.path: c.header for c in commits}
+    return verdict
+
+
+def reader_check(verdict: Verdict | None) -> Callable[[str, RawArtifact], bytes | None]:
+    """For a reader opening sealed file ``rel``: check that its header is the one that
+    was verified (it may have been swapped since) and return its signed chunk table."""
+
+    def check(rel: str, raw: RawArtifact) -> bytes | None:
+        if verdict is None or not verdict.signed:
+            return None
+        want = verdict.headers.get(rel)
+        if want is None or not hmac.compare_digest(header_digest(raw), want):
+            raise VerificationError(f"{rel} changed after it was verified")
+        return verdict.tables[rel]
+
+    return check
+
+
+def _headers_only(root: Path) -> tuple[list[FileCommitment], dict[str, RawArtifact]]:
+    """For an unsigned artifact: enough to name it (digest over headers, no chunk tables)."""
+    raws = {rel: _read_header(member_path(root, rel), rel) for rel in sealed_members(root)}
+    return [commit(rel, raw, b"") for rel, raw in raws.items()], raws
+
+
+def add_signature(
+    root: Path,
+    signer: Signer,
+    name: str,
+    commits: list[FileCommitment],
+    core: CoreHeader,
+    *,
+    attach: Any = None,
+) -> Entry:
+    """Sign the artifact whose sealed files have ``commits``; append to its signature file.
+
+    Existing signatures that no longer match the artifact (it was updated and is
+    being re-signed) move to ``history`` with the time they were superseded.
+    ``attach(entry)`` may add the encrypted OMS attachment before saving.
+    """
+    kind = "file" if core.kind == KIND_FILE else "folder"
+    statement = Statement.build(name, kind, dict(core.context), commits, artifact_digest(commits))
+    entry = sign_statement(signer, statement)
+    if attach is not None:
+        attach(entry)
+    path = signature_path(root)
+    sf = SignatureFile.load(path) or SignatureFile()
+    digest = artifact_digest(commits)
+    keep: list[Entry] = []
+    for old in sf.signatures:
+        if old.statement.digest == digest and old.statement.matches(commits):
+            keep.append(old)
+        else:
+            old.superseded_at = now_rfc3339()
+            sf.history.append(old)
+    sf.signatures = [*keep, entry]
+    sf.chunks = {c.path: c.table for c in commits}
+    sf.save(path)
+    return entry
+
+
+def sign_existing(root: Path, signer: Signer, name: str, attach: Any = None) -> Entry:
+    """Sign an existing sealed artifact (a second signer, or a re-sign after an update)."""
+    commits, raws = hash_artifact(root)
+    return add_signature(root, signer, name, commits, _primary(raws).core, attach=attach)
