@@ -241,3 +241,25 @@ def postgres() -> Iterator[str]:
                 if not pidfile.exists():
                     break
                 time.sleep(0.1)
+
+
+OMS_VERSION = "1.1.1"
+
+
+def model_signing_cli() -> Path:
+    """The real OpenSSF ``model_signing`` CLI, in its own venv so its dependencies
+    (sigstore, protobuf, pyOpenSSL...) never touch ours. Created once, beside .venv.
+    model-signing 1.1.1 imports pyOpenSSL without declaring it, so it is installed too."""
+    root = Path(__file__).resolve().parent.parent
+    venv = Path(os.environ.get("MODELSEAL_OMS_VENV", root / ".venv-oms"))
+    cli = venv / "bin" / "model_signing"
+    stamp = venv / f".model-signing-{OMS_VERSION}"
+    if not stamp.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", f"model-signing=={OMS_VERSION}", "pyOpenSSL"],
+            check=True,
+            timeout=600,
+        )
+        stamp.touch()
+    return cli

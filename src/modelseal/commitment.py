@@ -88,8 +88,8 @@ def hash_sealed_file(path: Path, rel: str) -> tuple[RawArtifact, FileCommitment]
     try:
         try:
             raw = read_raw(src)
-        except DecryptionError:
-            raise VerificationError(f"{rel}: the sealed header is damaged or the file truncated") from None
+        except (DecryptionError, FormatError):
+            raise VerificationError(f"{rel}: not a sealed file, or its header is damaged or truncated") from None
         return raw, commit(rel, raw, hash_chunks(src, raw))
     finally:
         src.close()

@@ -94,8 +94,8 @@ def _read_header(path: Path, rel: str) -> RawArtifact:
     src = FdSource(open_regular(path))
     try:
         return read_raw(src)
-    except DecryptionError:
-        raise VerificationError(f"{rel}: the sealed header is damaged or the file truncated") from None
+    except (DecryptionError, FormatError):
+        raise VerificationError(f"{rel}: not a sealed file, or its header is damaged or truncated") from None
     finally:
         src.close()
 
