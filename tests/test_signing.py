@@ -4,6 +4,7 @@ verify-on-load, and every bad input of the signing issue."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -163,11 +164,16 @@ def test_tampered_signature_is_refused(env: Env, keys: dict[str, Path], tmp_path
         sig = bytearray(base64.b64decode(envelope["signatures"][0]["sig"]))
         sig[10] ^= 1
         envelope["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
-        doc["signatures"][0]["id"] = __import__("hashlib").sha256(bytes(sig)).hexdigest()
     else:
         stmt = json.loads(base64.b64decode(envelope["payload"]))
         stmt["subject"][0]["name"] = "gpt-5"
-        envelope["payload"] = base64.b64encode(json.dumps(stmt, sort_keys=True).encode()).decode()
+        raw = json.dumps(stmt, sort_keys=True).encode()
+        envelope["payload"] = base64.b64encode(raw).decode()
+        path.write_text(json.dumps(doc))
+        with pytest.raises(VerificationError, match="malformed"):  # the stored id no longer fits
+            verify_artifact(sealed, load_policy(policy_file(tmp_path, keys)))
+        keyid = envelope["signatures"][0]["keyid"]
+        doc["signatures"][0]["id"] = hashlib.sha256(keyid.encode() + b"\x00" + raw).hexdigest()
     path.write_text(json.dumps(doc))
     with pytest.raises(VerificationError, match="bad signature"):
         verify_artifact(sealed, load_policy(policy_file(tmp_path, keys)))
@@ -362,6 +368,25 @@ def test_stale_forged_unsigned_or_missing_revocation_list(env: Env, keys: dict[s
     # extending a list that no longer authenticates is refused too
     r = main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol)])
     assert r == 12
+
+
+def test_malleated_ecdsa_signature_keeps_its_revoked_id(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    """(r, s) -> (r, n - s) still verifies; the signature id must not change with it."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+    pol, lst = revocation_setup(tmp_path, keys)
+    sealed = signed_folder(env, keys)  # release: P-256
+    sid = verify_artifact(sealed, load_policy(pol)).results[0].id
+    assert main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--signature", sid]) == 0
+    path = signature_path(sealed)
+    doc = json.loads(path.read_text())
+    sig = doc["signatures"][0]["envelope"]["signatures"][0]
+    r, s = decode_dss_signature(base64.b64decode(sig["sig"]))
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    sig["sig"] = base64.b64encode(encode_dss_signature(r, n - s)).decode()
+    path.write_text(json.dumps(doc))
+    with pytest.raises(Revoked):
+        verify_artifact(sealed, load_policy(pol))
 
 
 def test_revocation_entries_validated() -> None:

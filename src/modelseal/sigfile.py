@@ -135,8 +135,12 @@ class Entry:
 
     @property
     def id(self) -> str:
-        """Stable id of a signature (used by revocation lists): SHA-256 of its signature bytes."""
-        return hashlib.sha256(self.sigs[0].sig).hexdigest()
+        """Stable id of a signature (used by revocation lists): SHA-256 over the signer's key
+        id and the signed statement. Not over the signature bytes: ECDSA signatures are
+        malleable ((r, s) and (r, n-s) both verify), so such an id could be changed by
+        anyone to dodge a revocation. The statement carries the signing time, so two
+        signing events never share an id; the key id is bound once the signature verifies."""
+        return hashlib.sha256(self.keyid.encode() + b"\x00" + self.statement.raw).hexdigest()
 
     @property
     def keyid(self) -> str:
