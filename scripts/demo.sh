@@ -25,9 +25,13 @@ find "$OUT/model" -type f | sed "s|$OUT/||"
 echo "== modelseal init; modelseal key create demo-kek"
 "$MS" init
 "$MS" key create demo-kek >/dev/null
-echo "== modelseal seal model -> model.sealed (file names are not visible)"
-"$MS" seal "$OUT/model" "$OUT/model.sealed" --key demo-kek --context env=dev --context artifact=demo
+echo "== modelseal signing-key: a P-256 key pair for signing (model-signing compatible)"
+"$MS" signing-key "$OUT/release.pem" "$OUT/release.pub" --algorithm ecdsa-p256-sha256
+echo "== modelseal seal model -> model.sealed, signed in the same pass (file names are not visible)"
+"$MS" seal "$OUT/model" "$OUT/model.sealed" --key demo-kek --context artifact=demo --sign-key "$OUT/release.pem" --name demo-model
 find "$OUT/model.sealed" -type f | sed "s|$OUT/||"
+echo "== modelseal verify: keyless (no keystore, no passphrase needed)"
+env -u MODELSEAL_PASSPHRASE MODELSEAL_HOME="$OUT/nowhere" "$MS" verify "$OUT/model.sealed" --public-key "$OUT/release.pub"
 echo "== modelseal inspect model.sealed"
 "$MS" inspect "$OUT/model.sealed"
 echo "== open it back: one member read straight into memory, then the whole folder"
@@ -37,10 +41,12 @@ with modelseal.open(sys.argv[1], member="config.json") as f:
     print("config.json ->", f.read().decode())
 PY
 "$MS" unseal "$OUT/model.sealed" "$OUT/restored"
-diff -r "$OUT/model" "$OUT/restored" && echo "restored folder is identical to the original"
+diff -r --exclude=model.sig "$OUT/model" "$OUT/restored" && echo "restored folder is identical to the original"
+echo "   ...and carries restored/model.sig, an OpenSSF model-signing signature over the plaintext"
 echo "== rotate the key and rewrap (header only)"
 "$MS" key rotate demo-kek >/dev/null
 "$MS" rewrap "$OUT/model.sealed"
+"$MS" verify "$OUT/model.sealed" --public-key "$OUT/release.pub" | tail -1
 echo "== every key operation is in the tamper-evident audit log"
 "$MS" audit log | tail -4
 "$MS" audit verify

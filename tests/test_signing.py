@@ -511,3 +511,36 @@ def test_oms_bundle_skips_git_paths_and_sorts_like_pathlib() -> None:
     assert "model.sig" in stmt["predicate"]["serialization"]["ignore_paths"]
     with pytest.raises(Exception, match="ECDSA"):
         make_bundle(generate(ED25519), "m", [], [])
+
+
+def test_predeploy_gate_script(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    """scripts/gate.sh (docs/ci.md): passes good artifacts, rejects tampered, unsigned and revoked."""
+    import subprocess
+    import sys
+
+    pol, lst = revocation_setup(tmp_path, keys)
+    good = signed_folder(env, keys, name="good")
+    bad = signed_folder(env, keys, name="bad")
+    flip(big_blob(bad), payload_offset(big_blob(bad)) + 7)
+    unsigned = env.work / "unsigned.sealed"
+    api.seal(make_model_folder(env.work / "u"), unsigned, KEY, keys=env.svc)
+    gate = Path(__file__).resolve().parent.parent / "scripts" / "gate.sh"
+    exe = {"MODELSEAL": f"{sys.executable} -m modelseal.cli"}
+
+    def run_gate(*artifacts: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(gate), str(pol), *map(str, artifacts)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **exe},
+            timeout=300,
+        )
+
+    r = run_gate(good)
+    assert r.returncode == 0 and "PASS" in r.stdout
+    r = run_gate(good, bad, unsigned)
+    assert r.returncode == 10 and r.stdout.count("REJECT") == 2 and "not signed" in r.stdout
+    digest = verify_artifact(good, load_policy(pol)).digest
+    assert main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--artifact", digest]) == 0
+    r = run_gate(good)
+    assert r.returncode == 11 and "REVOKED" in r.stdout

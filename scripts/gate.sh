@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Pre-deploy gate: refuse to deploy any artifact that is tampered with, unsigned, or revoked.
+#
+#   scripts/gate.sh TRUST.toml ARTIFACT...
+#
+# Needs no decryption key: it checks signatures over the ciphertext against the trust
+# policy (with --strict, so unsigned artifacts fail whatever the policy says), and the
+# policy's signed revocation list. Exits 0 only if every artifact passes; otherwise with
+# the first failure's exit code (docs/ci.md): 10 verification failed, 11 revoked,
+# 12 revocation list missing/unsigned/expired, 2 bad policy, 4 not an artifact.
+set -uo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 TRUST.toml ARTIFACT..." >&2
+  exit 2
+fi
+trust=$1
+shift
+modelseal=${MODELSEAL:-modelseal}
+status=0
+for artifact in "$@"; do
+  err=$($modelseal verify "$artifact" --trust "$trust" --strict 2>&1 >/dev/null)
+  rc=$?
+  case $rc in
+    0) echo "PASS    $artifact" ;;
+    10) echo "REJECT  $artifact: ${err#modelseal: error: }" ;;
+    11) echo "REVOKED $artifact: ${err#modelseal: error: }" ;;
+    12) echo "ERROR   $artifact: revocation list: ${err#modelseal: error: }" ;;
+    *) echo "ERROR   $artifact (exit $rc): ${err#modelseal: error: }" ;;
+  esac
+  if [ $rc -ne 0 ] && [ $status -eq 0 ]; then
+    status=$rc
+  fi
+done
+exit $status
