@@ -42,9 +42,11 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def policy_file(tmp_path: Path, keys: dict[str, Path], extra: str = "", rules: str | None = None) -> Path:
+def policy_file(
+    tmp_path: Path, keys: dict[str, Path], extra: str = "", rules: str | None = None, name: str = "trust.toml"
+) -> Path:
     rules = rules or '[[rules]]\nartifacts = ["*"]\nenvironments = ["*"]\nsigners = ["release", "security"]\n'
-    p = tmp_path / "trust.toml"
+    p = tmp_path / name
     p.write_text(
         "version = 1\nstrict = true\n"
         f'[signers.release]\nkeys = ["{keys["release.pub"]}", "{keys["release2.pub"]}"]\n'
@@ -296,7 +298,22 @@ def revocation_setup(tmp_path: Path, keys: dict[str, Path]) -> tuple[Path, Path]
     lst = tmp_path / "revocations.json"
     extra = f'[revocation]\nlist = "{lst}"\nsigners = ["security"]\n'
     pol = policy_file(tmp_path, keys, extra=extra)
-    assert main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--expires-in", "7"]) == 0
+    assert (
+        main(
+            [
+                "revoke",
+                "--list",
+                str(lst),
+                "--sign-key",
+                str(keys["security"]),
+                "--trust",
+                str(pol),
+                "--expires-in",
+                "7",
+            ]
+        )
+        == 0
+    )
     return pol, lst
 
 
@@ -334,7 +351,22 @@ def test_revoked_artifact_is_refused_by_the_loader(
     with api.open(sealed, "config.json", keys=env.svc) as r:
         assert r.verified and b"bert" in r.readall()
     digest = verify_artifact(sealed, load_policy(pol)).digest
-    assert main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--artifact", digest]) == 0
+    assert (
+        main(
+            [
+                "revoke",
+                "--list",
+                str(lst),
+                "--sign-key",
+                str(keys["security"]),
+                "--trust",
+                str(pol),
+                "--artifact",
+                digest,
+            ]
+        )
+        == 0
+    )
     with pytest.raises(Revoked):
         api.open(sealed, "config.json", keys=env.svc)
 
@@ -377,7 +409,12 @@ def test_malleated_ecdsa_signature_keeps_its_revoked_id(env: Env, keys: dict[str
     pol, lst = revocation_setup(tmp_path, keys)
     sealed = signed_folder(env, keys)  # release: P-256
     sid = verify_artifact(sealed, load_policy(pol)).results[0].id
-    assert main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--signature", sid]) == 0
+    assert (
+        main(
+            ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol), "--signature", sid]
+        )
+        == 0
+    )
     path = signature_path(sealed)
     doc = json.loads(path.read_text())
     sig = doc["signatures"][0]["envelope"]["signatures"][0]
@@ -541,6 +578,239 @@ def test_predeploy_gate_script(env: Env, keys: dict[str, Path], tmp_path: Path) 
     r = run_gate(good, bad, unsigned)
     assert r.returncode == 10 and r.stdout.count("REJECT") == 2 and "not signed" in r.stdout
     digest = verify_artifact(good, load_policy(pol)).digest
-    assert main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--artifact", digest]) == 0
+    assert (
+        main(
+            [
+                "revoke",
+                "--list",
+                str(lst),
+                "--sign-key",
+                str(keys["security"]),
+                "--trust",
+                str(pol),
+                "--artifact",
+                digest,
+            ]
+        )
+        == 0
+    )
     r = run_gate(good)
     assert r.returncode == 11 and "REVOKED" in r.stdout
+
+
+# --- regressions from the security review of the signing change ---------------------------------
+
+
+def test_plaintext_oms_verification_applies_the_whole_policy(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    """A model-signing model.sig is held to the same rules, thresholds and revocations."""
+    pol, lst = revocation_setup(tmp_path, keys)
+    model = make_model_folder(env.work / "plain")
+    signer = PemSigner.from_file(keys["release"])
+    import hashlib as h
+
+    rows = [
+        (p.relative_to(model).as_posix(), h.sha256(p.read_bytes()).hexdigest()) for p in model.rglob("*") if p.is_file()
+    ]
+    (model / "model.sig").write_bytes(bundle_for_folder(signer, "llama-7b", rows))
+    assert main(["verify", str(model), "--trust", str(pol)]) == 0
+    assert main(["verify", str(model), "--trust", str(pol), "--name", "other"]) == 10
+    two = policy_file(
+        tmp_path, keys, rules='[[rules]]\nsigners = ["release", "security"]\nthreshold = 2\n', name="two.toml"
+    )
+    assert main(["verify", str(model), "--trust", str(two)]) == 10
+    keyid = signer.public.key_id
+    assert (
+        main(
+            ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol), "--signer", keyid]
+        )
+        == 0
+    )
+    assert main(["verify", str(model), "--trust", str(pol)]) == 11
+
+
+def test_revoked_artifact_stays_revoked_without_its_signature_file(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pol, lst = revocation_setup(tmp_path, keys)
+    lenient = tmp_path / "lenient.toml"
+    lenient.write_text(pol.read_text().replace("strict = true", "strict = false"))
+    sealed = signed_folder(env, keys)
+    v = verify_artifact(sealed, load_policy(lenient))
+    for value in (v.digest, v.artifact_id):
+        lst.unlink()  # a fresh list for each case: forget the version this host saw
+        (env.home / "revocation-state.json").unlink(missing_ok=True)
+        revocation_setup(tmp_path, keys)
+        assert (
+            main(
+                [
+                    "revoke",
+                    "--list",
+                    str(lst),
+                    "--sign-key",
+                    str(keys["security"]),
+                    "--trust",
+                    str(pol),
+                    "--artifact",
+                    value,
+                ]
+            )
+            == 0
+        )
+        saved = signature_path(sealed).read_bytes()
+        signature_path(sealed).unlink()
+        with pytest.raises(Revoked):
+            verify_artifact(sealed, load_policy(lenient))
+        monkeypatch.setenv("MODELSEAL_TRUST", str(lenient))
+        with pytest.raises(Revoked):
+            api.open_folder(sealed, keys=env.svc)
+        monkeypatch.delenv("MODELSEAL_TRUST")
+        signature_path(sealed).write_bytes(saved)
+
+
+def test_expected_name_pins_the_artifact(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pol = policy_file(tmp_path, keys)
+    other = signed_folder(env, keys, name="test-x")
+    target = env.work / "llama-7b.sealed"
+    shutil.copytree(other, target)  # a validly signed artifact, swapped in under another path
+    assert main(["verify", str(target), "--trust", str(pol)]) == 0
+    assert main(["verify", str(target), "--trust", str(pol), "--name", "llama-7b"]) == 10
+    monkeypatch.setenv("MODELSEAL_TRUST", str(pol))
+    with pytest.raises(VerificationError, match="not the expected 'llama-7b'"):
+        api.open_folder(target, keys=env.svc, expect_name="llama-7b")
+    with api.expecting("llama-7b"), pytest.raises(VerificationError, match="signed as 'test-x'"):
+        api.open(target, "config.json", keys=env.svc)
+    with api.expecting("test-x"), api.open(target, "config.json", keys=env.svc) as r:
+        assert r.verified
+
+
+def test_fsspec_verifies_on_load(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    src = env.work / "data.csv"
+    src.write_bytes(b"a,b\n" + b"1,2\n" * 400_000)
+    signed, unsigned = env.work / "signed.csv.sealed", env.work / "unsigned.csv.sealed"
+    api.seal(src, signed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
+    api.seal(src, unsigned, KEY, keys=env.svc)
+    monkeypatch.setenv("MODELSEAL_TRUST", str(policy_file(tmp_path, keys)))
+    with fsspec.open(f"sealed::file://{signed}", "rb") as f:
+        assert f.raw.verified and f.read(4) == b"a,b\n"
+    with pytest.raises(VerificationError, match="not signed"):
+        fsspec.open(f"sealed::file://{unsigned}", "rb").open()
+    flip(signed, payload_offset(signed) + 10)
+    with pytest.raises(VerificationError), fsspec.open(f"sealed::file://{signed}", "rb") as f:
+        f.read()
+
+
+def test_revocation_threshold_counts_signers_not_keys(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    lst = tmp_path / "rl.json"
+    pol = policy_file(
+        tmp_path, keys, extra=f'[revocation]\nlist = "{lst}"\nsigners = ["security", "release"]\nthreshold = 2\n'
+    )
+    sealed = signed_folder(env, keys)
+    rl = RevocationList(1, datetime.now(UTC), datetime.now(UTC) + timedelta(days=1), [])
+    lst.write_bytes(rl.sign(PemSigner.from_file(keys["release"]), PemSigner.from_file(keys["release2"])))
+    with pytest.raises(RevocationListError, match="not signed by 2"):
+        verify_artifact(sealed, load_policy(pol))
+    lst.write_bytes(rl.sign(PemSigner.from_file(keys["release"]), PemSigner.from_file(keys["security"])))
+    assert verify_artifact(sealed, load_policy(pol)).signed
+    # the CLI signs with several keys for such a threshold
+    r = main(
+        [
+            "revoke",
+            "--list",
+            str(lst),
+            "--trust",
+            str(pol),
+            "--sign-key",
+            str(keys["release"]),
+            "--sign-key",
+            str(keys["security"]),
+        ]
+    )
+    assert r == 0 and verify_artifact(sealed, load_policy(pol)).signed
+
+
+def test_revocation_list_rollback_is_refused(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    pol, lst = revocation_setup(tmp_path, keys)
+    sealed = signed_folder(env, keys)
+    policy = load_policy(pol)
+    v1 = lst.read_bytes()
+    sid = verify_artifact(sealed, policy).results[0].id
+    assert (
+        main(
+            ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol), "--signature", sid]
+        )
+        == 0
+    )
+    with pytest.raises(Revoked):
+        verify_artifact(sealed, policy)
+    lst.write_bytes(v1)  # the older, still unexpired list that did not revoke it
+    with pytest.raises(RevocationListError, match="rolled back"):
+        verify_artifact(sealed, policy)
+    r = main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol)])
+    assert r == 12  # and it is not extended either
+    # hosts without state: the policy's min_version
+    floor = tmp_path / "floor.toml"
+    floor.write_text(pol.read_text().replace('signers = ["security"]\n', 'signers = ["security"]\nmin_version = 2\n'))
+    (env.home / "revocation-state.json").unlink()
+    with pytest.raises(RevocationListError, match="rolled back"):
+        verify_artifact(sealed, load_policy(floor))
+    # an existing list is only extended once authenticated
+    assert main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"])]) == 2
+
+
+def test_sign_without_name_ignores_names_of_other_signers(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    src = make_model_folder(env.work / "m")
+    sealed = env.work / "m.sealed"
+    api.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["other"]), name="llama-prod")
+    api.sign(sealed, PemSigner.from_file(keys["release"]))
+    rel = [
+        e
+        for e in SignatureFile.load(signature_path(sealed)).signatures
+        if e.keyid == PemSigner.from_file(keys["release"]).public.key_id
+    ]  # type: ignore[union-attr]
+    assert rel[0].statement.name == "m"
+    api.sign(sealed, PemSigner.from_file(keys["release"]), name="mine")
+    api.sign(sealed, PemSigner.from_file(keys["release"]))  # inherits its own previous name
+    sf = SignatureFile.load(signature_path(sealed))
+    assert sf is not None and sf.signatures[-1].statement.name == "mine"
+
+
+def test_malformed_inputs_give_typed_errors(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    pol = policy_file(tmp_path, keys)
+    sealed = signed_folder(env, keys)
+    good = signature_path(sealed).read_bytes()
+    signature_path(sealed).write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["verify", str(sealed), "--trust", str(pol)]) == 10
+    signature_path(sealed).write_bytes(good)
+    (sealed / "blobs" / ("Z" * 32)).write_bytes(b"x")
+    assert main(["verify", str(sealed), "--trust", str(pol)]) == 10
+    (sealed / "blobs" / ("Z" * 32)).unlink()
+    # a model-signing bundle with a non-ASCII key hint
+    model = env.work / "plain"
+    model.mkdir()
+    (model / "a").write_bytes(b"a")
+    import hashlib as h
+
+    b = json.loads(make_bundle(PemSigner.from_file(keys["release"]), "m", [("a", h.sha256(b"a").hexdigest())], []))
+    b["verificationMaterial"]["publicKey"]["hint"] = "\u00e9" * 64
+    (model / "model.sig").write_text(json.dumps(b))
+    assert main(["verify", str(model), "--public-key", str(keys["release.pub"])]) == 10
+    # signing-key never overwrites a private key
+    assert main(["signing-key", str(keys["release"]), str(tmp_path / "x.pub")]) == 7
+
+
+def test_allow_plaintext_is_refused_under_a_strict_policy(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modelseal.loading import open_member
+
+    plain = env.work / "w.bin"
+    plain.write_bytes(b"weights")
+    assert open_member(plain, allow_plaintext=True).read() == b"weights"
+    monkeypatch.setenv("MODELSEAL_TRUST", str(policy_file(tmp_path, keys)))
+    with pytest.raises(VerificationError, match="plaintext"):
+        open_member(plain, allow_plaintext=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from .artifact import (
 )
 from .commitment import FILE_PATH, FileCommitment, commit_written, hash_artifact
 from .envelope import HeaderPlan, artifact_id, attachment_key, new_dek
-from .errors import DecryptionError, FormatError, PolicyDenied, StorageError
+from .errors import DecryptionError, FormatError, PolicyDenied, StorageError, VerificationError
 from .folder import (
     BLOB_DIR,
     MANIFEST_NAME,
@@ -51,8 +53,9 @@ from .header import (
 )
 from .keys import KeyService
 from .keystore import modelseal_home
+from .sigfile import PAYLOAD_TYPE as SIG_PAYLOAD_TYPE
 from .sigfile import SignatureFile, open_attachment, seal_attachment, signature_path
-from .signing import Signer
+from .signing import Signer, verify_envelope
 from .source import FdSource
 from .stream import Progress, ReadAt, WritebackHint, fd_reader
 from .trust import TrustPolicy, load_policy
@@ -60,6 +63,25 @@ from .verification import Verdict, add_signature, reader_check, verify_artifact
 
 TRUST_ENV = "MODELSEAL_TRUST"
 Verify = bool | TrustPolicy | None
+_EXPECTED_NAME: ContextVar[str | None] = ContextVar("modelseal_expected_name", default=None)
+
+
+@contextmanager
+def expecting(name: str) -> Iterator[None]:
+    """Within the block, verify-on-load also requires artifacts to be signed as ``name``.
+
+    Without it, any artifact that satisfies the policy's rules for *its own* signed
+    name is accepted, so a differently named artifact could be swapped in::
+
+        with modelseal.expecting("llama-7b"):
+            weights = modelseal.safetensors.load_file("models/llama-7b.sealed")
+    """
+    token = _EXPECTED_NAME.set(name)
+    try:
+        yield
+    finally:
+        _EXPECTED_NAME.reset(token)
+
 
 _OUT_WINDOW = 16 << 20
 _service: KeyService | None = None
@@ -106,10 +128,11 @@ def _policy(verify: Verify, keys: KeyService | None) -> TrustPolicy | None:
     return policy
 
 
-def _verdict(path: Path, verify: Verify, keys: KeyService | None) -> Verdict | None:
+def _verdict(path: Path, verify: Verify, keys: KeyService | None, expect_name: str | None = None) -> Verdict | None:
     """Verify-on-load: signatures, policy and revocations now; chunks as they are read."""
     policy = _policy(verify, keys)
-    return None if policy is None else verify_artifact(path, policy, deep=False)
+    name = expect_name or _EXPECTED_NAME.get()
+    return None if policy is None else verify_artifact(path, policy, deep=False, expect_name=name)
 
 
 def _sign_new(
@@ -447,20 +470,22 @@ def open(  # noqa: A001
     *,
     keys: KeyService | None = None,
     verify: Verify = None,
+    expect_name: str | None = None,
 ) -> SealedReader:
     """Open a sealed file (or one ``member`` of a sealed folder) for random-access reading.
 
     ``verify``: ``None`` verifies signatures when a trust policy is configured,
     ``True`` requires one, ``False`` skips, or pass a ``TrustPolicy``. Verified
     readers check every chunk they read against the signed chunk table.
+    ``expect_name`` (or ``expecting()``) also requires the signed artifact name.
     """
     p = Path(path)
     if p.is_dir():
         if member is None:
             raise FormatError(f"{p} is a sealed folder: name a member, or use open_folder()")
-        folder = open_folder(p, keys=keys, verify=verify)
+        folder = open_folder(p, keys=keys, verify=verify, expect_name=expect_name)
         return folder.open(member)
-    verdict = _verdict(p, verify, keys) if p.exists() else None
+    verdict = _verdict(p, verify, keys, expect_name)
     src, raw = _open_raw(p)
     try:
         if raw.core.kind != KIND_FILE:
@@ -477,13 +502,19 @@ def open(  # noqa: A001
         raise
 
 
-def open_folder(path: str | os.PathLike[str], *, keys: KeyService | None = None, verify: Verify = None) -> SealedFolder:
+def open_folder(
+    path: str | os.PathLike[str],
+    *,
+    keys: KeyService | None = None,
+    verify: Verify = None,
+    expect_name: str | None = None,
+) -> SealedFolder:
     """Open a sealed folder (``verify`` as for ``open``)."""
     root = Path(path)
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
-    verdict = _verdict(root, verify, keys)
+    verdict = _verdict(root, verify, keys, expect_name)
     check = reader_check(verdict)
     src, raw = _open_raw(manifest)
     try:
@@ -568,7 +599,10 @@ def _oms_bundle(src: Path, verdict: Verdict | None, key: bytes) -> bytes | None:
     if verdict is not None:
         entries = verdict.valid_entries
     else:
-        sf = SignatureFile.load(signature_path(src))
+        try:
+            sf = SignatureFile.load(signature_path(src))
+        except VerificationError:
+            return None  # unverified unseal: a damaged signature file only costs the bundle
         entries = sf.signatures if sf else []
     for entry in reversed(entries):
         if entry.oms:
@@ -600,7 +634,7 @@ def sign(
     primary = raws.get(FILE_PATH) or raws.get(MANIFEST_NAME)
     if primary is None:
         raise FormatError(f"{root} is not a sealed artifact")
-    name = name or _previous_name(root) or _default_name(root)
+    name = name or _previous_name(root, sign_key) or _default_name(root)
     attach: Callable[[Any], None] | None = None
     if oms_bundle:
         if not oms.supports(sign_key):
@@ -624,12 +658,17 @@ def sign(
     return add_signature(root, sign_key, name, commits, primary.core, attach=attach).id
 
 
-def _previous_name(root: Path) -> str | None:
+def _previous_name(root: Path, signer: Signer) -> str | None:
+    """The name this signer used before (its newest own signature that verifies): never a
+    name from someone else's entry, which anyone can add to the signature file."""
     sf = SignatureFile.load(signature_path(root))
     if sf is None:
         return None
-    entries = [*sf.history, *sf.signatures]
-    return entries[-1].statement.name if entries else None
+    mine = {signer.public.key_id: signer.public}
+    for e in reversed([*sf.history, *sf.signatures]):
+        if e.keyid == signer.public.key_id and verify_envelope(SIG_PAYLOAD_TYPE, e.statement.raw, e.sigs, mine):
+            return e.statement.name
+    return None
 
 
 def _default_name(root: Path) -> str:

@@ -19,13 +19,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import api, oms
-from .errors import RevocationListError, SigningKeyError
+from .errors import DestinationExists, Revoked, SigningKeyError, VerificationError
 from .fsutil import write_atomic
 from .header import MAGIC
 from .keys import KeyService
-from .signing import ALGORITHMS, ED25519, PASSPHRASE_ENV, PemSigner, VerifyKey, generate, private_pem
+from .signing import ALGORITHMS, ED25519, PASSPHRASE_ENV, PemSigner, VerifyKey, generate, key_id_of, private_pem
 from .trust import RevocationList, TrustPolicy, load_policy, new_revocation, read_unverified, write_list
-from .verification import verify_artifact
+from .verification import check_rules, verify_artifact
 
 
 def _policy(args: argparse.Namespace, svc: KeyService, required: bool = True) -> TrustPolicy | None:
@@ -67,7 +67,7 @@ def cmd_verify(args: argparse.Namespace, svc: KeyService) -> int:
     policy = _policy(args, svc)
     assert policy is not None
     strict = True if args.strict else None
-    verdict = verify_artifact(path, policy, signature=args.signature, strict=strict)
+    verdict = verify_artifact(path, policy, signature=args.signature, strict=strict, expect_name=args.name)
     if args.json:
         print(json.dumps(verdict.to_json(), indent=2, sort_keys=True))
     elif not verdict.signed:
@@ -85,6 +85,7 @@ def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
     sig = Path(args.signature) if args.signature else path / oms.SIGNATURE_NAME
     if not sig.is_file():
         raise ValueError(f"{path} is not a sealed artifact, and no model-signing signature {sig} was found")
+    policy: TrustPolicy | None = None
     if args.public_key:
         keys = [oms.load_public_key(Path(k)) for k in args.public_key]
     else:
@@ -92,6 +93,20 @@ def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
         assert policy is not None
         keys = [k.key for k in policy.keys_by_id().values() if isinstance(k.key, ec.EllipticCurvePublicKey)]
     res = oms.verify_model(path, sig, keys, allow_unlisted=args.allow_unlisted)
+    if args.name and res.name != args.name:
+        raise VerificationError(f"the model is signed as {res.name!r}, not the expected {args.name!r}")
+    if policy is not None:
+        # The whole policy applies, as for sealed artifacts: signer revocation, and the rules
+        # for the signed name. A plaintext model has no environment; only rules whose
+        # environments match "" (such as "*") cover it.
+        kid = key_id_of(res.key)
+        owner = policy.signer_of(kid)
+        rl = policy.revocations()
+        if owner is None:
+            raise VerificationError("model-signing signature: the verifying key belongs to no signer")
+        if rl is not None and rl.revoked("signer", kid):
+            raise Revoked(f"model-signing signature: the signer key {kid[:16]} is revoked")
+        check_rules(policy, res.name, "", {owner[0]})
     out: dict[str, Any] = {"model": str(path), "name": res.name, "files": res.files, "unlisted": res.unlisted}
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
@@ -103,17 +118,16 @@ def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
 
 def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
     path = Path(args.list)
-    signer = PemSigner.from_file(args.sign_key)
-    policy = _policy(args, svc, required=False)
-    if path.exists() and policy is not None and policy.revocation is not None:
-        # Extend only a list that is authentic (an expired one may be refreshed).
-        far_past = datetime(1970, 1, 2, tzinfo=UTC)
-        keys = policy.keys_by_id(policy.revocation.signers)
-        try:
-            RevocationList.load(path, keys, policy.revocation.threshold, now=far_past)
-        except RevocationListError as e:
-            if "issued in the future" not in str(e):
-                raise
+    signers = [PemSigner.from_file(k) for k in args.sign_key]
+    if path.exists():
+        # Extend only a list that is authentic (an expired one may still be refreshed):
+        # re-signing a list an attacker emptied or rolled back would launder it.
+        policy = _policy(args, svc, required=False)
+        if policy is None or policy.revocation is None:
+            raise ValueError(f"{path} exists: give --trust with a [revocation] section to authenticate it first")
+        keys, owners = policy.revocation_keys()
+        current = RevocationList.load(path, keys, policy.revocation.threshold, owners=owners, check_time=False)
+        policy.check_version(current)
     old = read_unverified(path)
     entries = list(old.entries) if old else []
     for kind in ("signature", "signer", "artifact"):
@@ -122,7 +136,7 @@ def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
                 entries.append(new_revocation(kind, value, args.reason))
     now = datetime.now(UTC).replace(microsecond=0)
     rl = RevocationList((old.version + 1) if old else 1, now, now + timedelta(days=args.expires_in), entries)
-    write_list(path, rl, signer)
+    write_list(path, rl, *signers)
     print(f"revocation list {path}: version {rl.version}, {len(entries)} entries, expires {rl.expires_at:%Y-%m-%d}")
     return 0
 
@@ -137,7 +151,10 @@ def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
             raise SigningKeyError(f"--encrypt takes the passphrase from {PASSPHRASE_ENV}")
         passphrase = env.encode()
     priv, pub = Path(args.private), Path(args.public)
-    write_atomic(priv, private_pem(signer, passphrase), mode=0o600, exclusive=True)
+    try:
+        write_atomic(priv, private_pem(signer, passphrase), mode=0o600, exclusive=True)
+    except FileExistsError:
+        raise DestinationExists(f"{priv} exists; refusing to overwrite a private key") from None
     write_atomic(pub, signer.public.pem().encode(), mode=0o644)
     print(f"{args.algorithm} signing key {signer.public.key_id[:16]}: private {priv}, public {pub}")
     return 0
@@ -157,13 +174,14 @@ def register(sub: Any) -> None:
     v.add_argument("--trust", metavar="TRUST.toml", help="trust policy (default: $MODELSEAL_TRUST, config.toml)")
     v.add_argument("--signature", help="signature file (default: beside or inside the artifact; model.sig)")
     v.add_argument("--strict", action="store_true", help="refuse unsigned artifacts whatever the policy says")
+    v.add_argument("--name", help="require this signed artifact name (pins which artifact this path must be)")
     v.add_argument("--allow-unlisted", action="store_true", help="model-signing: accept files the signature omits")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_verify)
 
     r = sub.add_parser("revoke", help="add to (or just refresh) a signed revocation list")
     r.add_argument("--list", required=True, metavar="REVOCATIONS.json")
-    r.add_argument("--sign-key", required=True, metavar="PRIV.pem")
+    r.add_argument("--sign-key", required=True, action="append", metavar="PRIV.pem", help="repeat for a threshold")
     r.add_argument("--signature", action="append", metavar="ID", help="revoke a signature id (repeatable)")
     r.add_argument("--signer", action="append", metavar="KEYID", help="revoke every signature of a key")
     r.add_argument("--artifact", action="append", metavar="DIGEST", help="revoke an artifact by digest")

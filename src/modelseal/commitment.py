@@ -12,6 +12,7 @@ parallel, one chunk at a time per thread, in constant memory.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .stream import CHUNK_HASH_LEN, ChunkLayout, _run_parallel, chunk_hash
 
 FILE_PATH = "."  # the path of a lone sealed file inside its own artifact
 SIGNATURES_NAME = "signatures.msig"
+_BLOB_NAME = re.compile(r"[0-9a-f]{32}")
 _HEADER_LABEL = b"modelseal/v1/header\x00"
 _CHUNKS_LABEL = b"modelseal/v1/chunks\x00"
 _ARTIFACT_LABEL = b"modelseal/v1/artifact\x00"
@@ -119,7 +121,7 @@ def sealed_members(root: Path) -> list[str]:
         elif entry == BLOB_DIR and not p.is_symlink() and p.is_dir():
             for blob in sorted(os.listdir(p)):
                 b = p / blob
-                if b.is_symlink() or not b.is_file() or len(blob) != 32:
+                if b.is_symlink() or not b.is_file() or not _BLOB_NAME.fullmatch(blob):
                     raise VerificationError(f"unexpected entry in the sealed folder: {BLOB_DIR}/{blob[:80]!r}")
                 out.append(f"{BLOB_DIR}/{blob}")
         else:

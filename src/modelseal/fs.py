@@ -22,12 +22,15 @@ from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from . import api
-from .artifact import SealedReader, open_keys, read_raw
-from .errors import FormatError
+from .artifact import RawArtifact, SealedReader, open_keys, read_raw
+from .commitment import FILE_PATH
+from .errors import FormatError, VerificationError
 from .fsutil import open_regular
 from .header import KIND_FILE
 from .keys import KeyService
+from .sigfile import MAX_SIGFILE, SignatureFile
 from .source import CipherSource, FdSource, FileObjSource
+from .verification import verify_single
 
 _BUFFER = 1 << 20
 
@@ -62,12 +65,30 @@ class SealedFileSystem(ChainedFileSystem):  # type: ignore[misc]
             raw = read_raw(src)
             if raw.core.kind != KIND_FILE:
                 raise FormatError(f"{path} is not a sealed file")
+            table = self._verify(path, raw)
             opened = open_keys(raw, api._unwrapper(self._keys or api.key_service(), raw), src)
-            reader = SealedReader(src, raw, opened.keys, name=path)
+            reader = SealedReader(src, raw, opened.keys, name=path, chunk_hashes=table)
         except BaseException:
             src.close()
             raise
         return io.BufferedReader(reader, buffer_size=_BUFFER)
+
+    def _verify(self, path: str, raw: RawArtifact) -> bytes | None:
+        """Verify-on-load, as ``modelseal.open`` does, with the signature file ``PATH.msig``
+        fetched from the same backend: the signed chunk table, or None without a policy."""
+        policy = api.trust_policy(self._keys)
+        if policy is None:
+            return None
+        sig_path = path + ".msig"
+        sf = None
+        if self.fs.exists(sig_path):
+            with self.fs.open(sig_path, "rb") as f:
+                data = f.read(MAX_SIGFILE + 1)
+            if len(data) > MAX_SIGFILE:
+                raise VerificationError(f"{sig_path} is too large")
+            sf = SignatureFile.parse(data)
+        verdict = verify_single(path, raw, sf, policy, expect_name=api._EXPECTED_NAME.get())
+        return verdict.tables.get(FILE_PATH)
 
     def _plain_size(self, path: str) -> int:
         src = self._source(path)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import api
-from .errors import FormatError
+from .errors import FormatError, VerificationError
 from .folder import MANIFEST_NAME, SealedFolder
 from .fsutil import open_regular
 from .header import MAGIC
@@ -102,6 +102,17 @@ def split_member(path: Path) -> tuple[Path, str | None]:
     return path, None
 
 
+def plaintext_ok(path: Path, allow_plaintext: bool, keys: KeyService | None) -> bool:
+    """``allow_plaintext`` (for migrations), unless a strict trust policy is configured:
+    then unsigned plaintext is refused like an unsigned sealed artifact."""
+    if not allow_plaintext:
+        return False
+    policy = api.trust_policy(keys)
+    if policy is not None and policy.strict:
+        raise VerificationError(f"{path} is plaintext, and the trust policy is strict: refusing to load it")
+    return True
+
+
 def refuse_plaintext(path: Path) -> FormatError:
     return FormatError(
         f"{path} is not sealed; refusing to load plaintext (pass allow_plaintext=True to migrate from plain files)"
@@ -124,7 +135,7 @@ def open_member(
         with api.open_folder(p, keys=keys) as folder:
             return folder.open(member)
     if p.is_dir():
-        if not allow_plaintext:
+        if not plaintext_ok(p, allow_plaintext, keys):
             raise refuse_plaintext(p)
         if member is None:
             raise FormatError(f"{p} is a folder: name the member to load")
@@ -132,7 +143,7 @@ def open_member(
     if member is not None:
         raise FormatError(f"{p} is a single sealed file; it has no member {member!r}")
     if not is_sealed_file(p):
-        if not allow_plaintext:
+        if not plaintext_ok(p, allow_plaintext, keys):
             raise refuse_plaintext(p)
         return PlainReader(p)
     return api.open(p, keys=keys)
@@ -196,7 +207,7 @@ def memfd_view(
     """
     p = Path(path)
     if not is_sealed_folder(p):
-        if allow_plaintext and p.is_dir():
+        if p.is_dir() and plaintext_ok(p, allow_plaintext, keys):
             yield p
             return
         raise refuse_plaintext(p) if p.is_dir() else FormatError(f"{p} is not a sealed folder")
@@ -249,6 +260,6 @@ def open_folder_any(
 ) -> SealedFolder | PlainFolder:
     if is_sealed_folder(path):
         return api.open_folder(path, keys=keys)
-    if allow_plaintext and path.is_dir():
+    if path.is_dir() and plaintext_ok(path, allow_plaintext, keys):
         return PlainFolder(path)
     raise refuse_plaintext(path)

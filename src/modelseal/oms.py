@@ -137,6 +137,7 @@ class OmsResult:
     files: int
     ignored: list[str]
     unlisted: list[str]
+    key: ec.EllipticCurvePublicKey  # the trusted key that verified
 
 
 def _hash_file(path: Path, hash_type: str) -> str:
@@ -161,8 +162,9 @@ def _list_files(model: Path, ignores: list[str]) -> tuple[dict[str, Path], list[
         raise VerificationError(f"{model} is not a file or a folder")
     out: dict[str, Path] = {}
     skipped: list[str] = []
-
-    def walk(d: Path, prefix: str) -> None:
+    stack: list[tuple[Path, str]] = [(model, "")]  # iterative: no recursion limit on deep trees
+    while stack:
+        d, prefix = stack.pop()
         for entry in sorted(os.scandir(d), key=lambda e: e.name):
             rel = prefix + entry.name
             if is_ignored(rel, ignores):
@@ -170,15 +172,13 @@ def _list_files(model: Path, ignores: list[str]) -> tuple[dict[str, Path], list[
                 continue
             mode = entry.stat(follow_symlinks=False).st_mode
             if stat.S_ISLNK(mode):
-                raise VerificationError(f"symlink {rel} in the model: refused (model-signing's default)")
+                raise VerificationError(f"symlink {rel[:200]!r} in the model: refused (model-signing's default)")
             if stat.S_ISDIR(mode):
-                walk(Path(entry.path), rel + "/")
+                stack.append((Path(entry.path), rel + "/"))
             elif stat.S_ISREG(mode):
                 out[rel] = Path(entry.path)
             else:
-                raise VerificationError(f"{rel} is not a regular file")
-
-    walk(model, "")
+                raise VerificationError(f"{rel[:200]!r} is not a regular file")
     return out, skipped
 
 
@@ -195,7 +195,7 @@ def read_bundle(path: Path) -> dict[str, Any]:
         doc = json.loads(data)
     except OSError as e:
         raise _fail(f"cannot read {path}: {e.strerror}") from None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _fail(f"{path} is not JSON (truncated?)") from None
     if not isinstance(doc, dict) or doc.get("mediaType") != BUNDLE_MEDIA_TYPE:
         raise _fail("not a Sigstore bundle v0.3")
@@ -220,17 +220,20 @@ def verify_model(
         hint = ((doc.get("verificationMaterial") or {}).get("publicKey") or {}).get("hint")
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise _fail("malformed bundle (truncated?)") from None
-    candidates = [k for k in keys if not hint or hmac.compare_digest(str(hint), key_hint(k))]
+    hint_b = str(hint or "").encode("utf-8", "replace")
+    candidates = [k for k in keys if not hint or hmac.compare_digest(hint_b, key_hint(k).encode())]
     if not candidates:
         raise _fail("signed by a key that is not trusted (the key hint matches no trusted key)")
     data = pae(PAYLOAD_TYPE, payload)
+    signer: ec.EllipticCurvePublicKey | None = None
     for k in candidates:
         try:
             k.verify(sig, data, ec.ECDSA(_CURVE_HASH[k.curve.name]()))
+            signer = k
             break
         except InvalidSignature:
             continue
-    else:
+    if signer is None:
         raise _fail("the signature does not verify with the trusted key(s): tampered or untrusted")
     try:
         st = json.loads(payload)
@@ -250,7 +253,7 @@ def verify_model(
         subject = st["subject"][0]
         if not hmac.compare_digest(root.hexdigest(), str(subject["digest"]["sha256"])):
             raise _fail("the subject digest does not match the resources")
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError):
         raise _fail("malformed statement") from None
     ignores = [*GIT_PATHS, *signed_ignores]
     try:
@@ -277,4 +280,4 @@ def verify_model(
         bad = [n for n in pool.map(check, names) if n is not None]
     if bad:
         raise _fail(f"{len(bad)} file(s) do not match their signed digest, e.g. {bad[0][:120]!r}")
-    return OmsResult(str(subject.get("name", "")), len(names), skipped, unlisted)
+    return OmsResult(str(subject.get("name", "")), len(names), skipped, unlisted, signer)

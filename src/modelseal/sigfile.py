@@ -114,7 +114,7 @@ class Statement:
                 raise ValueError("bad statement")
             parse_time(pred["signed_at"], "signed_at")
             return cls(check_name(name), digest, pred["kind"], ctx, files, pred["signed_at"], raw)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise VerificationError("a signature's statement is malformed") from None
 
     def matches(self, actual: list[FileCommitment]) -> bool:
@@ -203,8 +203,8 @@ class SignatureFile:
             if len(sigs) + len(hist) > MAX_SIGNATURES:
                 raise ValueError("too many signatures")
             return cls(chunks, sigs, hist)
-        except (ValueError, KeyError, TypeError, AttributeError, VerificationError) as e:
-            detail = str(e) if isinstance(e, ValueError | VerificationError) else "missing field"
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, VerificationError) as e:
+            detail = str(e) if isinstance(e, ValueError | VerificationError) else "missing or malformed field"
             raise VerificationError(f"the signature file is malformed or truncated ({detail[:100]})") from None
 
     @classmethod

@@ -6,7 +6,7 @@ threshold of distinct signers, whether unsigned artifacts are refused
 (``strict``), and where the revocation list is and who may sign it::
 
     version = 1
-    strict = true
+    strict = true                        # the default: unsigned artifacts are refused
 
     [signers.release]
     keys = ["keys/release.pub.pem"]      # relative to this file, or inline PEM
@@ -23,6 +23,7 @@ threshold of distinct signers, whether unsigned artifacts are refused
     [revocation]
     list = "revocations.json"
     signers = ["security"]
+    min_version = 12                     # optional: refuse older lists (rollback)
 
 A revocation list is a DSSE envelope over a JSON document with a version,
 an issue and an expiry time and entries revoking a signature id, a signer
@@ -32,6 +33,7 @@ expired list is a ``RevocationListError``: never a silent pass.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import re
@@ -44,6 +46,7 @@ from typing import Any
 from .artifact import canonical_json
 from .errors import RevocationListError, SigningKeyError
 from .fsutil import write_atomic
+from .keystore import modelseal_home
 from .signing import Signer, VerifyKey, parse_envelope, sign_envelope, verify_envelope
 
 REVOCATION_PAYLOAD_TYPE = "application/vnd.modelseal.revocations+json"
@@ -77,13 +80,14 @@ class RevocationConfig:
     list_path: Path
     signers: tuple[str, ...]
     threshold: int = 1
+    min_version: int = 1  # lists older than this are refused (rollback protection for stateless CI)
 
 
 @dataclass
 class TrustPolicy:
     signers: dict[str, list[VerifyKey]]
     rules: list[Rule]
-    strict: bool = False
+    strict: bool = True
     revocation: RevocationConfig | None = None
     source: str = "<inline>"
     _keys: dict[str, tuple[str, VerifyKey]] = field(default_factory=dict, init=False, repr=False)
@@ -107,14 +111,41 @@ class TrustPolicy:
     def keys_by_id(self, names: tuple[str, ...] | None = None) -> dict[str, VerifyKey]:
         return {kid: k for kid, (n, k) in self._keys.items() if names is None or n in names}
 
+    def revocation_keys(self) -> tuple[dict[str, VerifyKey], dict[str, str]]:
+        """The keys that may sign the revocation list, and the signer owning each."""
+        names = self.revocation.signers if self.revocation else ()
+        keys = self.keys_by_id(names)
+        return keys, {kid: self._keys[kid][0] for kid in keys}
+
     def rules_for(self, name: str, env: str) -> list[Rule]:
         return [r for r in self.rules if r.covers(name, env)]
 
     def revocations(self, now: datetime | None = None) -> RevocationList | None:
-        if self.revocation is None:
+        """The authenticated, fresh revocation list (``None`` if the policy has none).
+
+        Its threshold counts distinct revocation *signers*, not keys. Its version must
+        be at least the policy's ``min_version`` and at least the highest version this
+        host has seen (``$MODELSEAL_HOME/revocation-state.json``): an older list, even
+        an unexpired one, would un-revoke what a newer one revoked.
+        """
+        rc = self.revocation
+        if rc is None:
             return None
-        keys = self.keys_by_id(self.revocation.signers)
-        return RevocationList.load(self.revocation.list_path, keys, self.revocation.threshold, now)
+        keys, owners = self.revocation_keys()
+        rl = RevocationList.load(rc.list_path, keys, rc.threshold, now, owners)
+        self.check_version(rl)
+        _record_version(rc.list_path, rl.version)
+        return rl
+
+    def check_version(self, rl: RevocationList) -> None:
+        rc = self.revocation
+        if rc is None:
+            return
+        floor = max(rc.min_version, _seen_version(rc.list_path))
+        if rl.version < floor:
+            raise RevocationListError(
+                f"the revocation list is version {rl.version}, older than version {floor} already seen: rolled back"
+            )
 
 
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
@@ -139,7 +170,7 @@ def parse_policy(doc: dict[str, Any], base: Path, source: str = "<inline>") -> T
     known = {"version", "strict", "signers", "rules", "revocation"}
     if doc.get("version") != 1 or not set(doc) <= known:
         raise PolicyError(f"trust policy: needs version = 1 and only the keys {', '.join(sorted(known))}")
-    strict = doc.get("strict", False)
+    strict = doc.get("strict", True)
     if not isinstance(strict, bool):
         raise PolicyError("trust policy: strict must be true or false")
     signers: dict[str, list[VerifyKey]] = {}
@@ -173,8 +204,8 @@ def parse_policy(doc: dict[str, Any], base: Path, source: str = "<inline>") -> T
     revocation = None
     raw_rev = doc.get("revocation")
     if raw_rev is not None:
-        if not isinstance(raw_rev, dict) or not set(raw_rev) <= {"list", "signers", "threshold"}:
-            raise PolicyError("trust policy: [revocation] takes list, signers and threshold")
+        if not isinstance(raw_rev, dict) or not set(raw_rev) <= {"list", "signers", "threshold", "min_version"}:
+            raise PolicyError("trust policy: [revocation] takes list, signers, threshold and min_version")
         if not isinstance(raw_rev.get("list"), str):
             raise PolicyError("trust policy: [revocation] needs list = PATH")
         rsigners = _str_list(raw_rev.get("signers"), "revocation.signers")
@@ -182,7 +213,10 @@ def parse_policy(doc: dict[str, Any], base: Path, source: str = "<inline>") -> T
             if n not in signers:
                 raise PolicyError(f"trust policy: [revocation] names the unknown signer {n!r}")
         thr = _threshold(raw_rev.get("threshold", 1), "revocation.threshold", len(set(rsigners)))
-        revocation = RevocationConfig(base / raw_rev["list"], rsigners, thr)
+        floor = raw_rev.get("min_version", 1)
+        if not isinstance(floor, int) or isinstance(floor, bool) or floor < 1:
+            raise PolicyError("trust policy: [revocation] min_version must be a positive number")
+        revocation = RevocationConfig(base / raw_rev["list"], rsigners, thr, floor)
     return TrustPolicy(signers, rules, strict, revocation, source)
 
 
@@ -283,9 +317,16 @@ class RevocationList:
 
     @classmethod
     def load(
-        cls, path: Path, keys: dict[str, VerifyKey], threshold: int = 1, now: datetime | None = None
+        cls,
+        path: Path,
+        keys: dict[str, VerifyKey],
+        threshold: int = 1,
+        now: datetime | None = None,
+        owners: dict[str, str] | None = None,
+        check_time: bool = True,
     ) -> RevocationList:
-        """Read, authenticate and check the freshness of a revocation list."""
+        """Read, authenticate and check the freshness of a revocation list. ``owners``
+        maps key ids to signer names: the threshold counts distinct signers."""
         try:
             with path.open("rb") as f:
                 data = f.read(MAX_REVOCATIONS + 1)
@@ -297,14 +338,17 @@ class RevocationList:
             raise RevocationListError("the revocation list is too large")
         try:
             payload, sigs = parse_envelope(json.loads(data), REVOCATION_PAYLOAD_TYPE)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RevocationListError("the revocation list is not a signed list (DSSE envelope)") from None
-        good = {k.key_id for k, _ in verify_envelope(REVOCATION_PAYLOAD_TYPE, payload, sigs, keys)}
+        good_keys = {k.key_id for k, _ in verify_envelope(REVOCATION_PAYLOAD_TYPE, payload, sigs, keys)}
+        good = {(owners or {}).get(kid, kid) for kid in good_keys}
         if len(good) < threshold:
             raise RevocationListError(
                 f"the revocation list is not signed by {threshold} trusted revocation signer(s): forged or unsigned"
             )
         rl = cls.parse_payload(payload)
+        if not check_time:
+            return rl
         now = now or datetime.now(UTC)
         if rl.expires_at <= now:
             raise RevocationListError(f"the revocation list expired at {_ts(rl.expires_at)}: refresh and re-sign it")
@@ -312,8 +356,12 @@ class RevocationList:
             raise RevocationListError("the revocation list is issued in the future")
         return rl
 
-    def sign(self, signer: Signer) -> bytes:
-        env = sign_envelope(signer, REVOCATION_PAYLOAD_TYPE, self.payload())
+    def sign(self, *signers: Signer) -> bytes:
+        """The list as a DSSE envelope signed by every signer (for a threshold above 1)."""
+        payload = self.payload()
+        env = sign_envelope(signers[0], REVOCATION_PAYLOAD_TYPE, payload)
+        for extra in signers[1:]:
+            env["signatures"] += sign_envelope(extra, REVOCATION_PAYLOAD_TYPE, payload)["signatures"]
         return json.dumps(env, indent=1, sort_keys=True).encode() + b"\n"
 
 
@@ -328,13 +376,46 @@ def read_unverified(path: Path) -> RevocationList | None:
         raise RevocationListError(f"cannot read {path}: {e.strerror}") from None
     try:
         payload, _ = parse_envelope(json.loads(data), REVOCATION_PAYLOAD_TYPE)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RevocationListError(f"{path} is not a signed revocation list") from None
     return RevocationList.parse_payload(payload)
 
 
-def write_list(path: Path, rl: RevocationList, signer: Signer) -> None:
-    write_atomic(path, rl.sign(signer), mode=0o644)
+def write_list(path: Path, rl: RevocationList, *signers: Signer) -> None:
+    write_atomic(path, rl.sign(*signers), mode=0o644)
+
+
+_STATE_NAME = "revocation-state.json"
+
+
+def _state_path() -> Path:
+    return modelseal_home() / _STATE_NAME
+
+
+def _seen_version(list_path: Path) -> int:
+    try:
+        doc = json.loads(_state_path().read_bytes())
+        v = doc.get(str(list_path.resolve()), 0)
+        return v if isinstance(v, int) else 0
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return 0
+
+
+def _record_version(list_path: Path, version: int) -> None:
+    """Remember the highest version seen, where this host keeps state (best effort:
+    a host without $MODELSEAL_HOME relies on the policy's min_version)."""
+    home = modelseal_home()
+    if not home.is_dir() or _seen_version(list_path) >= version:
+        return
+    try:
+        doc = json.loads(_state_path().read_bytes())
+        if not isinstance(doc, dict):
+            doc = {}
+    except (OSError, ValueError, RecursionError):
+        doc = {}
+    doc[str(list_path.resolve())] = version
+    with contextlib.suppress(OSError):
+        write_atomic(_state_path(), json.dumps(doc, sort_keys=True).encode(), mode=0o600)
 
 
 def new_revocation(kind: str, value: str, reason: str) -> Revocation:

@@ -28,6 +28,7 @@ from .commitment import (
     member_path,
     sealed_members,
 )
+from .envelope import artifact_id
 from .errors import DecryptionError, FormatError, Revoked, VerificationError
 from .folder import MANIFEST_NAME
 from .fsutil import open_regular
@@ -77,10 +78,12 @@ class Verdict:
     tables: dict[str, bytes] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     valid_entries: list[Entry] = field(default_factory=list)
+    artifact_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "artifact": str(self.path),
+            "artifact_id": self.artifact_id,
             "digest": self.digest,
             "env": self.env,
             "name": self.name,
@@ -148,25 +151,36 @@ def evaluate(
     raws: dict[str, RawArtifact],
     *,
     strict: bool | None = None,
+    expect_name: str | None = None,
     now: datetime | None = None,
 ) -> Verdict:
+    """Apply the policy to an artifact whose sealed files have ``commits``.
+
+    Revocation by artifact is checked first and on every path, signed or not, by
+    both the artifact digest and the artifact id (SHA-256 of the primary header's
+    binding: it depends on nothing in the signature file, so deleting that file
+    cannot dodge a revocation). ``expect_name`` pins the signed name: without it,
+    any artifact that satisfies the rules for *its own* name is accepted.
+    """
     digest = artifact_digest(commits)
     primary = _primary(raws)
+    aid = artifact_id(primary.core.binding)
     env = dict(primary.core.context).get("env", "")
     strict = policy.strict if strict is None else strict
     rl = policy.revocations(now)
-    if rl is not None and rl.revoked("artifact", digest):
-        r = rl.revoked("artifact", digest)
-        raise Revoked(f"the artifact {digest[:16]}... is revoked ({r.reason if r else ''})".rstrip(" ()"))
-    verdict = Verdict(root, digest, env, signed=bool(sf and sf.signatures))
+    for value in (digest, aid):
+        hit = rl.revoked("artifact", value) if rl is not None else None
+        if hit is not None:
+            raise Revoked(f"the artifact {value[:16]}... is revoked" + (f" ({hit.reason[:200]})" if hit.reason else ""))
+    verdict = Verdict(root, digest, env, signed=bool(sf and sf.signatures), artifact_id=aid)
     if not verdict.signed:
-        if strict:
-            raise VerificationError(f"{root} is not signed, and the trust policy is strict")
+        if strict or expect_name is not None:
+            why = "the trust policy is strict" if strict else f"a signed {expect_name!r} is expected"
+            raise VerificationError(f"{root} is not signed, and {why}")
         return verdict
     assert sf is not None
-    entries = {id(e): e for e in sf.signatures}
     verdict.results = [_check_entry(e, policy, commits, digest, rl) for e in sf.signatures]
-    good = [(r, entries[id(e)]) for r, e in zip(verdict.results, sf.signatures, strict=True) if r.status == VALID]
+    good = [(r, e) for r, e in zip(verdict.results, sf.signatures, strict=True) if r.status == VALID]
     names = {r.name for r, _ in good}
     if len(names) > 1:
         raise VerificationError(f"valid signatures disagree on the artifact's name: {', '.join(sorted(names))}")
@@ -174,23 +188,29 @@ def evaluate(
     if not good:
         raise _failure(verdict.results, revoked)
     verdict.name = names.pop()
-    rules = policy.rules_for(verdict.name, env)
+    if expect_name is not None and verdict.name != expect_name:
+        raise VerificationError(f"the artifact is signed as {verdict.name!r}, not the expected {expect_name!r}")
+    verdict.signers = check_rules(policy, verdict.name, env, {r.signer for r, _ in good if r.signer}, len(revoked))
+    verdict.valid_entries = [e for _, e in good]
+    return verdict
+
+
+def check_rules(policy: TrustPolicy, name: str, env: str, signers: set[str], revoked: int = 0) -> list[str]:
+    """Every rule covering (name, env) must be met by distinct valid signers."""
+    rules = policy.rules_for(name, env)
     if not rules:
-        raise VerificationError(f"no rule of the trust policy covers artifact {verdict.name!r} in env {env!r}")
-    signers = {r.signer for r, _ in good if r.signer}
+        raise VerificationError(f"no rule of the trust policy covers artifact {name!r} in env {env!r}")
     for rule in rules:
         have = signers & set(rule.signers)
         if len(have) < rule.threshold:
             msg = (
-                f"{verdict.name!r} needs {rule.threshold} of the signers {', '.join(rule.signers)};"
+                f"{name!r} needs {rule.threshold} of the signers {', '.join(rule.signers)};"
                 f" valid signatures from {len(have)}"
             )
             if revoked:
-                raise Revoked(msg + f" ({len(revoked)} signature(s) revoked)")
+                raise Revoked(msg + f" ({revoked} signature(s) revoked)")
             raise VerificationError(msg)
-    verdict.signers = sorted(signers)
-    verdict.valid_entries = [e for _, e in good]
-    return verdict
+    return sorted(signers)
 
 
 def _failure(results: list[SignatureResult], revoked: list[SignatureResult]) -> VerificationError:
@@ -207,6 +227,7 @@ def verify_artifact(
     signature: str | Path | None = None,
     strict: bool | None = None,
     deep: bool = True,
+    expect_name: str | None = None,
     now: datetime | None = None,
 ) -> Verdict:
     """Verify the sealed artifact at ``path`` keylessly. ``deep`` hashes every ciphertext
@@ -216,12 +237,40 @@ def verify_artifact(
         raise FormatError(f"{root} does not exist")
     sf = SignatureFile.load(Path(signature) if signature else signature_path(root))
     if sf is None or not sf.signatures:
-        commits, raws = _headers_only(root)
-        return evaluate(root, policy, sf, commits, raws, strict=strict, now=now)
+        # An unsigned artifact that may still pass (a lenient policy) is hashed in full even
+        # on load when revocations apply, so that a revoked artifact digest is recognised
+        # with its signature file deleted (the artifact id is checked either way).
+        refused = (policy.strict if strict is None else strict) or expect_name is not None
+        full = deep or (policy.revocation is not None and not refused)
+        commits, raws = hash_artifact(root) if full else _headers_only(root)
+        return evaluate(root, policy, sf, commits, raws, strict=strict, expect_name=expect_name, now=now)
     commits, raws = hash_artifact(root) if deep else _lazy_commitments(root, sf)
-    verdict = evaluate(root, policy, sf, commits, raws, strict=strict, now=now)
+    verdict = evaluate(root, policy, sf, commits, raws, strict=strict, expect_name=expect_name, now=now)
     verdict.tables = {c.path: c.table for c in commits}
     verdict.headers = {c.path: c.header for c in commits}
+    return verdict
+
+
+def verify_single(
+    label: str,
+    raw: RawArtifact,
+    sf: SignatureFile | None,
+    policy: TrustPolicy,
+    *,
+    expect_name: str | None = None,
+) -> Verdict:
+    """Verify one sealed file read from anywhere (an fsspec backend): its header and
+    the signature file's chunk table; the chunks are checked as they are read."""
+    if sf is None or not sf.signatures:
+        return evaluate(
+            Path(label), policy, sf, [commit(FILE_PATH, raw, b"")], {FILE_PATH: raw}, expect_name=expect_name
+        )
+    table = sf.chunks.get(FILE_PATH)
+    if table is None or len(table) != CHUNK_HASH_LEN * raw.layout.count:
+        raise VerificationError(f"the signature file of {label} has no chunk table for it")
+    c = commit(FILE_PATH, raw, table)
+    verdict = evaluate(Path(label), policy, sf, [c], {FILE_PATH: raw}, expect_name=expect_name)
+    verdict.tables, verdict.headers = {FILE_PATH: table}, {FILE_PATH: c.header}
     return verdict
 
 
