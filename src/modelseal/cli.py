@@ -24,7 +24,7 @@ from .errors import ModelsealError
 from .fsutil import write_atomic
 from .keys import KeyService
 from .providers import KeyInfo, parse_key_uri
-from .signing import PemSigner
+from .signing import load_signer
 from .trust import load_policy
 
 
@@ -188,7 +188,7 @@ def cmd_seal(args: argparse.Namespace, svc: KeyService) -> int:
             force=args.force,
             progress=bar,
             keys=svc,
-            sign_key=PemSigner.from_file(args.sign_key) if args.sign_key else None,
+            sign_key=load_signer(args.sign_key) if args.sign_key else None,
             name=args.name,
         )
     finally:
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project", help="project name; goes into the context and selects config.toml's project keys")
     s.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--force", action="store_true", help="replace an existing destination")
-    s.add_argument("--sign-key", metavar="PRIV.pem", help="sign while sealing (Ed25519 or P-256 PEM)")
+    s.add_argument("--sign-key", metavar="PRIV.pem", help="sign while sealing: Ed25519 or P-256 PEM, or transit:NAME")
     s.add_argument("--name", help="artifact name in the signature (default: the source's file name)")
     s.set_defaults(fn=cmd_seal)
 

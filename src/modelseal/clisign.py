@@ -23,7 +23,7 @@ from .errors import DestinationExists, Revoked, SigningKeyError, VerificationErr
 from .fsutil import write_atomic
 from .header import MAGIC
 from .keys import KeyService
-from .signing import ALGORITHMS, ED25519, PASSPHRASE_ENV, PemSigner, VerifyKey, generate, key_id_of, private_pem
+from .signing import ALGORITHMS, ED25519, PASSPHRASE_ENV, VerifyKey, generate, key_id_of, load_signer, private_pem
 from .trust import RevocationList, TrustPolicy, load_policy, new_revocation, read_unverified, write_list
 from .verification import check_rules, verify_artifact
 
@@ -52,7 +52,7 @@ def _is_sealed(path: Path) -> bool:
 
 
 def cmd_sign(args: argparse.Namespace, svc: KeyService) -> int:
-    signer = PemSigner.from_file(args.sign_key)
+    signer = load_signer(args.sign_key)
     sid = api.sign(args.path, signer, name=args.name, oms_bundle=args.oms, keys=svc)
     print(f"signed {args.path} (signature {sid[:16]}, key {signer.public.key_id[:16]})")
     return 0
@@ -118,7 +118,7 @@ def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
 
 def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
     path = Path(args.list)
-    signers = [PemSigner.from_file(k) for k in args.sign_key]
+    signers = [load_signer(k) for k in args.sign_key]
     if path.exists():
         # Extend only a list that is authentic (an expired one may still be refreshed):
         # re-signing a list an attacker emptied or rolled back would launder it.
@@ -143,6 +143,13 @@ def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
 
 def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
     del svc
+    if args.private.startswith("transit:"):
+        from .providers.transit_sign import create_signing_key
+
+        made = create_signing_key(args.private.removeprefix("transit:"), args.algorithm)
+        write_atomic(Path(args.public), made.public.pem().encode(), mode=0o644)
+        print(f"{args.algorithm} signing key {made.public.key_id[:16]} in {args.private}; public {args.public}")
+        return 0
     signer = generate(args.algorithm)
     passphrase = None
     if args.encrypt:
@@ -163,7 +170,7 @@ def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
 def register(sub: Any) -> None:
     s = sub.add_parser("sign", help="sign an existing sealed artifact (second signer, or re-sign after an update)")
     s.add_argument("path")
-    s.add_argument("--sign-key", required=True, metavar="PRIV.pem")
+    s.add_argument("--sign-key", required=True, metavar="PRIV.pem", help="a PEM file, or transit:NAME")
     s.add_argument("--name", help="artifact name the trust policy matches (default: the previous signature's)")
     s.add_argument("--oms", action="store_true", help="also attach a model-signing bundle (needs the data key)")
     s.set_defaults(fn=cmd_sign)
@@ -190,8 +197,8 @@ def register(sub: Any) -> None:
     r.add_argument("--trust", metavar="TRUST.toml", help="authenticate the existing list with this policy first")
     r.set_defaults(fn=cmd_revoke)
 
-    k = sub.add_parser("signing-key", help="generate a signing key pair (PEM)")
-    k.add_argument("private")
+    k = sub.add_parser("signing-key", help="generate a signing key pair (PEM), or a Transit key (transit:NAME)")
+    k.add_argument("private", help="PEM file to create, or transit:NAME to create in OpenBao/Vault")
     k.add_argument("public")
     k.add_argument("--algorithm", choices=ALGORITHMS, default=ED25519)
     k.add_argument("--encrypt", action="store_true", help=f"encrypt the private key with ${PASSPHRASE_ENV}")

@@ -138,6 +138,15 @@ class PemSigner:
         return self._key if isinstance(self._key, ec.EllipticCurvePrivateKey) else None
 
 
+def load_signer(spec: str) -> Signer:
+    """A signer from a CLI ``--sign-key``: a PEM file, or ``transit:[MOUNT/]NAME``."""
+    if spec.startswith("transit:"):
+        from .providers.transit_sign import TransitSigner
+
+        return TransitSigner(spec.removeprefix("transit:"))
+    return PemSigner.from_file(spec)
+
+
 def generate(algorithm: str = ED25519) -> PemSigner:
     if algorithm == ED25519:
         return PemSigner(ed25519.Ed25519PrivateKey.generate())
