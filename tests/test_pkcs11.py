@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,36 @@ def test_wrong_pin_and_missing_key(
         Pkcs11Provider().wrap(f"token={OTHER};object=k?pin-source=file:{pin_file}", os.urandom(32), ())
     # The failed login is not remembered: the right PIN works at once.
     Pkcs11Provider().create(f"token={OTHER};object=k")
+
+
+# --- signing keys in the token (the same SoftHSM instance: a module loads its config once) -----
+
+
+def test_pkcs11_signer_signs_sealed_artifacts(env: Env, provider: Pkcs11Provider, tmp_path: Path) -> None:
+    from modelseal.cli import main
+    from modelseal.providers.pkcs11_sign import Pkcs11Signer, create_signing_key
+    from modelseal.signing import ED25519, P256
+    from modelseal.trust import TrustPolicy
+    from modelseal.verification import verify_artifact
+
+    from .conftest import make_model_folder
+
+    pub = tmp_path / "hsm.pub"
+    assert main(["signing-key", f"pkcs11:{uri('release-sign')}", str(pub), "--algorithm", P256]) == 0
+    signer = Pkcs11Signer(uri("release-sign"))
+    # the private half is sensitive and not extractable
+    from pkcs11 import Attribute, ObjectClass
+
+    with signer._tok.session() as s:
+        (priv,) = s.get_objects({Attribute.LABEL: "release-sign", Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+        assert priv[Attribute.SENSITIVE] and not priv[Attribute.EXTRACTABLE]
+    src = make_model_folder(env.work / "m")
+    sealed = env.work / "m.sealed"
+    spec = f"pkcs11:{uri('release-sign')}"
+    assert main(["seal", str(src), str(sealed), "--key", "local:test-kek", "--sign-key", spec]) == 0
+    assert main(["verify", str(sealed), "--public-key", str(pub)]) == 0
+    v = verify_artifact(sealed, TrustPolicy.from_keys([signer.public]))
+    assert v.results[0].keyid == signer.public.key_id
+    with pytest.raises(Exception, match="P-256"):
+        create_signing_key(uri("ed"), ED25519)
+    assert main(["sign", str(sealed), "--sign-key", f"pkcs11:{uri('no-such-signing-key')}"]) == 5

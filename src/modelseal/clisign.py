@@ -23,7 +23,17 @@ from .errors import DestinationExists, Revoked, SigningKeyError, VerificationErr
 from .fsutil import write_atomic
 from .header import MAGIC
 from .keys import KeyService
-from .signing import ALGORITHMS, ED25519, PASSPHRASE_ENV, VerifyKey, generate, key_id_of, load_signer, private_pem
+from .signing import (
+    ALGORITHMS,
+    ED25519,
+    PASSPHRASE_ENV,
+    Signer,
+    VerifyKey,
+    generate,
+    key_id_of,
+    load_signer,
+    private_pem,
+)
 from .trust import RevocationList, TrustPolicy, load_policy, new_revocation, read_unverified, write_list
 from .verification import check_rules, verify_artifact
 
@@ -143,10 +153,16 @@ def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
 
 def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
     del svc
-    if args.private.startswith("transit:"):
-        from .providers.transit_sign import create_signing_key
+    if args.private.startswith(("transit:", "pkcs11:")):
+        scheme, _, name = args.private.partition(":")
+        if scheme == "transit":
+            from .providers.transit_sign import create_signing_key as create_transit
 
-        made = create_signing_key(args.private.removeprefix("transit:"), args.algorithm)
+            made: Signer = create_transit(name, args.algorithm)
+        else:
+            from .providers.pkcs11_sign import create_signing_key as create_pkcs11
+
+            made = create_pkcs11(name, args.algorithm)
         write_atomic(Path(args.public), made.public.pem().encode(), mode=0o644)
         print(f"{args.algorithm} signing key {made.public.key_id[:16]} in {args.private}; public {args.public}")
         return 0
@@ -197,8 +213,8 @@ def register(sub: Any) -> None:
     r.add_argument("--trust", metavar="TRUST.toml", help="authenticate the existing list with this policy first")
     r.set_defaults(fn=cmd_revoke)
 
-    k = sub.add_parser("signing-key", help="generate a signing key pair (PEM), or a Transit key (transit:NAME)")
-    k.add_argument("private", help="PEM file to create, or transit:NAME to create in OpenBao/Vault")
+    k = sub.add_parser("signing-key", help="generate a signing key pair: PEM files, transit:NAME or pkcs11:...")
+    k.add_argument("private", help="PEM file to create, transit:NAME (OpenBao/Vault) or pkcs11:token=T;object=O")
     k.add_argument("public")
     k.add_argument("--algorithm", choices=ALGORITHMS, default=ED25519)
     k.add_argument("--encrypt", action="store_true", help=f"encrypt the private key with ${PASSPHRASE_ENV}")

@@ -139,11 +139,16 @@ class PemSigner:
 
 
 def load_signer(spec: str) -> Signer:
-    """A signer from a CLI ``--sign-key``: a PEM file, or ``transit:[MOUNT/]NAME``."""
+    """A signer from a CLI ``--sign-key``: a PEM file, ``transit:[MOUNT/]NAME`` or
+    ``pkcs11:token=T;object=O``."""
     if spec.startswith("transit:"):
         from .providers.transit_sign import TransitSigner
 
         return TransitSigner(spec.removeprefix("transit:"))
+    if spec.startswith("pkcs11:"):
+        from .providers.pkcs11_sign import Pkcs11Signer
+
+        return Pkcs11Signer(spec.removeprefix("pkcs11:"))
     return PemSigner.from_file(spec)
 
 
