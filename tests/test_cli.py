@@ -183,3 +183,13 @@ def test_min_version_command(env: Env) -> None:
     assert run("key", "min-version", "test-kek", "2").returncode == 0
     r = run("unseal", str(env.work / "a.sealed"), str(env.work / "a.out"))
     assert r.returncode == 5 and "minimum decryption version" in r.stderr
+
+
+def test_seal_env_and_project_reach_the_context(env: Env) -> None:
+    src = env.work / "w.bin"
+    src.write_bytes(b"weights" * 100)
+    dst = env.work / "w.sealed"
+    assert main(["seal", str(src), str(dst), "--key", "local:test-kek", "--env", "prod", "--project", "llama"]) == 0
+    from modelseal import inspect
+
+    assert dict(inspect(dst)["context"]) == {"env": "prod", "project": "llama"}
