@@ -308,6 +308,7 @@ def revocation_setup(tmp_path: Path, keys: dict[str, Path]) -> tuple[Path, Path]
                 str(keys["security"]),
                 "--trust",
                 str(pol),
+                "--create",
                 "--expires-in",
                 "7",
             ]
@@ -814,3 +815,101 @@ def test_allow_plaintext_is_refused_under_a_strict_policy(
     monkeypatch.setenv("MODELSEAL_TRUST", str(policy_file(tmp_path, keys)))
     with pytest.raises(VerificationError, match="plaintext"):
         open_member(plain, allow_plaintext=True)
+
+
+# --- regressions from the second review ---------------------------------------------------------
+
+
+def test_sign_does_not_inherit_a_name_from_a_copied_genuine_signature(
+    env: Env, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    release = PemSigner.from_file(keys["release"])
+    prod = signed_folder(env, keys, name="llama-prod")  # a genuine release signature
+    dev = env.work / "dev.sealed"
+    api.seal(make_model_folder(env.work / "dev-src"), dev, KEY, keys=env.svc)
+    shutil.copy(signature_path(prod), signature_path(dev))  # planted in the dev artifact
+    api.sign(dev, release)
+    sf = SignatureFile.load(signature_path(dev))
+    assert sf is not None and [e.statement.name for e in sf.signatures] == ["dev"]
+
+
+def test_revoke_refuses_missing_expired_or_symlinked_lists(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
+    pol, lst = revocation_setup(tmp_path, keys)
+    sealed = signed_folder(env, keys)
+    policy = load_policy(pol)
+    base = ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol)]
+    v1 = lst.read_bytes()
+    sid = verify_artifact(sealed, policy).results[0].id
+    assert main([*base, "--signature", sid]) == 0  # version 2
+    # an older list behind a symlink at the policy's path is still a rollback
+    old = tmp_path / "old.json"
+    old.write_bytes(v1)
+    lst.unlink()
+    lst.symlink_to(old)
+    with pytest.raises(RevocationListError, match="rolled back"):
+        verify_artifact(sealed, policy)
+    lst.unlink()
+    # a missing list is not silently restarted
+    assert main(base) == 2
+    # an expired (genuine, newest) list is refreshed only on request, and versions only grow
+    rl = RevocationList(5, datetime.now(UTC) - timedelta(days=9), datetime.now(UTC) - timedelta(days=1), [])
+    lst.write_bytes(rl.sign(PemSigner.from_file(keys["security"])))
+    assert main(base) == 12
+    assert main([*base, "--refresh-expired"]) == 0
+    doc = RevocationList.parse_payload(base64.b64decode(json.loads(lst.read_text())["payload"]))
+    assert doc.version == 6
+
+
+def test_fsspec_recognises_a_revoked_digest_without_the_signature_file(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    pol, lst = revocation_setup(tmp_path, keys)
+    lenient = tmp_path / "lenient.toml"
+    lenient.write_text(pol.read_text().replace("strict = true", "strict = false"))
+    src = env.work / "d.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    sealed = env.work / "d.sealed"
+    api.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
+    digest = verify_artifact(sealed, load_policy(pol)).digest
+    assert (
+        main(
+            [
+                "revoke",
+                "--list",
+                str(lst),
+                "--sign-key",
+                str(keys["security"]),
+                "--trust",
+                str(pol),
+                "--artifact",
+                digest,
+            ]
+        )
+        == 0
+    )
+    signature_path(sealed).unlink()
+    monkeypatch.setenv("MODELSEAL_TRUST", str(lenient))
+    with pytest.raises(Revoked):
+        fsspec.open(f"sealed::file://{sealed}", "rb").open()
+
+
+def test_policy_can_require_pinned_names(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pol = tmp_path / "pinned.toml"
+    pol.write_text(
+        policy_file(tmp_path, keys).read_text().replace("strict = true", "strict = true\nrequire_name = true")
+    )
+    sealed = signed_folder(env, keys)
+    assert main(["verify", str(sealed), "--trust", str(pol)]) == 10
+    assert main(["verify", str(sealed), "--trust", str(pol), "--name", "llama-7b"]) == 0
+    assert main(["unseal", str(sealed), str(env.work / "o1"), "--trust", str(pol)]) == 10
+    assert main(["unseal", str(sealed), str(env.work / "o2"), "--trust", str(pol), "--name", "x"]) == 10
+    assert main(["unseal", str(sealed), str(env.work / "o3"), "--trust", str(pol), "--name", "llama-7b"]) == 0
+    assert not (env.work / "o1").exists() and not (env.work / "o2").exists()
+    monkeypatch.setenv("MODELSEAL_TRUST", str(pol))
+    with pytest.raises(VerificationError, match="requires the expected artifact name"):
+        api.open_folder(sealed, keys=env.svc)
+    with api.expecting("llama-7b"), api.open_folder(sealed, keys=env.svc) as f:
+        assert "config.json" in f

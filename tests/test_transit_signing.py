@@ -62,3 +62,20 @@ def test_transit_encryption_key_is_not_a_signing_key(env: Env, bao_env: None) ->
     with pytest.raises(SigningKeyError, match="ed25519 or ecdsa-p256"):
         TransitSigner("an-aes-kek")
     assert main(["sign", str(env.work), "--sign-key", "transit:missing-key"]) == 5
+
+
+def test_existing_or_exportable_transit_keys_are_refused(env: Env, bao_env: None, tmp_path: Path) -> None:
+    from modelseal.providers.transit import TransitProvider
+
+    create_signing_key("once", ED25519)
+    with pytest.raises(SigningKeyError, match="already exists"):
+        create_signing_key("once", ED25519)
+    prov = TransitProvider()
+    prov._call(
+        "create",
+        lambda c: c.secrets.transit.create_key(name="leaky", key_type="ecdsa-p256", exportable=True),
+        idempotent=False,
+    )
+    with pytest.raises(SigningKeyError, match="exportable"):
+        TransitSigner("leaky")
+    assert main(["signing-key", "transit:leaky", str(tmp_path / "l.pub"), "--algorithm", P256]) == 2

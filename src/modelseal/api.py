@@ -26,7 +26,7 @@ from .artifact import (
     read_raw,
     write_sealed,
 )
-from .commitment import FILE_PATH, FileCommitment, commit_written, hash_artifact
+from .commitment import FILE_PATH, FileCommitment, artifact_digest, commit_written, hash_artifact
 from .envelope import HeaderPlan, artifact_id, attachment_key, new_dek
 from .errors import DecryptionError, FormatError, PolicyDenied, StorageError, VerificationError
 from .folder import (
@@ -561,6 +561,7 @@ def unseal(
     progress: Progress | None = None,
     keys: KeyService | None = None,
     verify: Verify = None,
+    expect_name: str | None = None,
 ) -> Path:
     """Decrypt a sealed file or folder back to plaintext at ``dst`` (files mode 0600).
 
@@ -574,7 +575,10 @@ def unseal(
     if is_within(src_p, dst_p):
         raise PolicyDenied("the destination must not contain the source")
     if src_p.is_dir():
-        with open_folder(src_p, keys=keys, verify=verify) as folder, atomic_output(dst_p, force, is_dir=True) as tmp:
+        with (
+            open_folder(src_p, keys=keys, verify=verify, expect_name=expect_name) as folder,
+            atomic_output(dst_p, force, is_dir=True) as tmp,
+        ):
             for e in folder.entries():
                 out = tmp / e.path
                 out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -586,7 +590,7 @@ def unseal(
             for d in sorted({p for e in folder.entries() for p in (tmp / e.path).parents if is_within(p, tmp)}):
                 fsync_dir(d)
         return dst_p
-    with open(src_p, keys=keys, verify=verify) as r, atomic_output(dst_p, force) as tmp:
+    with open(src_p, keys=keys, verify=verify, expect_name=expect_name) as r, atomic_output(dst_p, force) as tmp:
         _write_plain(r, tmp, progress)
         bundle = _oms_bundle(src_p, r.verdict, r.attachment_key)
     if bundle is not None:
@@ -634,7 +638,7 @@ def sign(
     primary = raws.get(FILE_PATH) or raws.get(MANIFEST_NAME)
     if primary is None:
         raise FormatError(f"{root} is not a sealed artifact")
-    name = name or _previous_name(root, sign_key) or _default_name(root)
+    name = name or _previous_name(root, sign_key, commits) or _default_name(root)
     attach: Callable[[Any], None] | None = None
     if oms_bundle:
         if not oms.supports(sign_key):
@@ -658,15 +662,22 @@ def sign(
     return add_signature(root, sign_key, name, commits, primary.core, attach=attach).id
 
 
-def _previous_name(root: Path, signer: Signer) -> str | None:
-    """The name this signer used before (its newest own signature that verifies): never a
-    name from someone else's entry, which anyone can add to the signature file."""
+def _previous_name(root: Path, signer: Signer, commits: list[FileCommitment]) -> str | None:
+    """The name this signer already gave *this* artifact: its own signature that verifies
+    and commits to these very files. Never a name from someone else's entry, nor from a
+    genuine signature of another artifact copied into the file."""
     sf = SignatureFile.load(signature_path(root))
     if sf is None:
         return None
     mine = {signer.public.key_id: signer.public}
-    for e in reversed([*sf.history, *sf.signatures]):
-        if e.keyid == signer.public.key_id and verify_envelope(SIG_PAYLOAD_TYPE, e.statement.raw, e.sigs, mine):
+    digest = artifact_digest(commits)
+    for e in reversed(sf.signatures):
+        if (
+            e.keyid == signer.public.key_id
+            and e.statement.digest == digest
+            and e.statement.matches(commits)
+            and verify_envelope(SIG_PAYLOAD_TYPE, e.statement.raw, e.sigs, mine)
+        ):
             return e.statement.name
     return None
 

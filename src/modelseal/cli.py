@@ -203,7 +203,9 @@ def cmd_unseal(args: argparse.Namespace, svc: KeyService) -> int:
     bar = ProgressBar(_size_of(Path(args.src)), "unseal")
     try:
         verify = load_policy(args.trust) if args.trust else None
-        out = api.unseal(args.src, args.dst, force=args.force, progress=bar, keys=svc, verify=verify)
+        out = api.unseal(
+            args.src, args.dst, force=args.force, progress=bar, keys=svc, verify=verify, expect_name=args.name
+        )
     finally:
         bar.close()
     print(f"unsealed -> {out}")
@@ -383,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("dst")
     u.add_argument("--force", action="store_true")
     u.add_argument("--trust", metavar="TRUST.toml", help="verify signatures first (default: configured policy)")
+    u.add_argument("--name", help="require this signed artifact name (with a trust policy)")
     u.set_defaults(fn=cmd_unseal)
     clisign.register(sub)
 

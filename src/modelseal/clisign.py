@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import api, oms
-from .errors import DestinationExists, Revoked, SigningKeyError, VerificationError
+from .errors import DestinationExists, RevocationListError, Revoked, SigningKeyError, VerificationError
 from .fsutil import write_atomic
 from .header import MAGIC
 from .keys import KeyService
@@ -34,7 +34,7 @@ from .signing import (
     load_signer,
     private_pem,
 )
-from .trust import RevocationList, TrustPolicy, load_policy, new_revocation, read_unverified, write_list
+from .trust import RevocationList, TrustPolicy, load_policy, new_revocation, write_list
 from .verification import check_rules, verify_artifact
 
 
@@ -105,6 +105,8 @@ def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
     res = oms.verify_model(path, sig, keys, allow_unlisted=args.allow_unlisted)
     if args.name and res.name != args.name:
         raise VerificationError(f"the model is signed as {res.name!r}, not the expected {args.name!r}")
+    if policy is not None and policy.require_name and not args.name:
+        raise VerificationError("the trust policy requires the expected artifact name: pass --name")
     if policy is not None:
         # The whole policy applies, as for sealed artifacts: signer revocation, and the rules
         # for the signed name. A plaintext model has no environment; only rules whose
@@ -129,24 +131,34 @@ def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
 def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
     path = Path(args.list)
     signers = [load_signer(k) for k in args.sign_key]
-    if path.exists():
-        # Extend only a list that is authentic (an expired one may still be refreshed):
-        # re-signing a list an attacker emptied or rolled back would launder it.
-        policy = _policy(args, svc, required=False)
+    policy = _policy(args, svc, required=False)
+    old: RevocationList | None = None
+    if path.exists() or path.is_symlink():
+        # Extend only a list that is authentic and current: re-signing a list an attacker
+        # emptied, rolled back or restored from an expired copy would launder it.
         if policy is None or policy.revocation is None:
             raise ValueError(f"{path} exists: give --trust with a [revocation] section to authenticate it first")
         keys, owners = policy.revocation_keys()
-        current = RevocationList.load(path, keys, policy.revocation.threshold, owners=owners, check_time=False)
-        policy.check_version(current)
-    old = read_unverified(path)
+        old = RevocationList.load(path, keys, policy.revocation.threshold, owners=owners, check_time=False)
+        policy.check_version(old)
+        if old.expires_at <= datetime.now(UTC) and not args.refresh_expired:
+            raise RevocationListError(
+                f"{path} has expired: check it is the newest list, then pass --refresh-expired to extend it"
+            )
+    elif not args.create:
+        raise ValueError(f"{path} does not exist: pass --create to start a new revocation list")
     entries = list(old.entries) if old else []
     for kind in ("signature", "signer", "artifact"):
         for value in getattr(args, kind) or []:
             if not any(e.kind == kind and e.value == value for e in entries):
                 entries.append(new_revocation(kind, value, args.reason))
     now = datetime.now(UTC).replace(microsecond=0)
-    rl = RevocationList((old.version + 1) if old else 1, now, now + timedelta(days=args.expires_in), entries)
+    floor = policy.version_floor() if policy is not None else 0
+    version = max((old.version + 1) if old else 1, floor)  # always newer, never below what was seen
+    rl = RevocationList(version, now, now + timedelta(days=args.expires_in), entries)
     write_list(path, rl, *signers)
+    if policy is not None:
+        policy.remember_version(rl.version)
     print(f"revocation list {path}: version {rl.version}, {len(entries)} entries, expires {rl.expires_at:%Y-%m-%d}")
     return 0
 
@@ -211,6 +223,8 @@ def register(sub: Any) -> None:
     r.add_argument("--reason", default="", help="recorded with each new entry")
     r.add_argument("--expires-in", type=int, default=30, metavar="DAYS", help="validity of the new list (30)")
     r.add_argument("--trust", metavar="TRUST.toml", help="authenticate the existing list with this policy first")
+    r.add_argument("--create", action="store_true", help="start a new list (refused if LIST exists)")
+    r.add_argument("--refresh-expired", action="store_true", help="extend a list that has already expired")
     r.set_defaults(fn=cmd_revoke)
 
     k = sub.add_parser("signing-key", help="generate a signing key pair: PEM files, transit:NAME or pkcs11:...")

@@ -65,7 +65,7 @@ class SealedFileSystem(ChainedFileSystem):  # type: ignore[misc]
             raw = read_raw(src)
             if raw.core.kind != KIND_FILE:
                 raise FormatError(f"{path} is not a sealed file")
-            table = self._verify(path, raw)
+            table = self._verify(path, src, raw)
             opened = open_keys(raw, api._unwrapper(self._keys or api.key_service(), raw), src)
             reader = SealedReader(src, raw, opened.keys, name=path, chunk_hashes=table)
         except BaseException:
@@ -73,7 +73,7 @@ class SealedFileSystem(ChainedFileSystem):  # type: ignore[misc]
             raise
         return io.BufferedReader(reader, buffer_size=_BUFFER)
 
-    def _verify(self, path: str, raw: RawArtifact) -> bytes | None:
+    def _verify(self, path: str, src: CipherSource, raw: RawArtifact) -> bytes | None:
         """Verify-on-load, as ``modelseal.open`` does, with the signature file ``PATH.msig``
         fetched from the same backend: the signed chunk table, or None without a policy."""
         policy = api.trust_policy(self._keys)
@@ -87,7 +87,7 @@ class SealedFileSystem(ChainedFileSystem):  # type: ignore[misc]
             if len(data) > MAX_SIGFILE:
                 raise VerificationError(f"{sig_path} is too large")
             sf = SignatureFile.parse(data)
-        verdict = verify_single(path, raw, sf, policy, expect_name=api._EXPECTED_NAME.get())
+        verdict = verify_single(path, src, raw, sf, policy, expect_name=api._EXPECTED_NAME.get())
         return verdict.tables.get(FILE_PATH)
 
     def _plain_size(self, path: str) -> int:

@@ -7,6 +7,7 @@ threshold of distinct signers, whether unsigned artifacts are refused
 
     version = 1
     strict = true                        # the default: unsigned artifacts are refused
+    require_name = true                  # callers must pin the name (verify --name, expecting())
 
     [signers.release]
     keys = ["keys/release.pub.pem"]      # relative to this file, or inline PEM
@@ -34,8 +35,10 @@ expired list is a ``RevocationListError``: never a silent pass.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -90,6 +93,7 @@ class TrustPolicy:
     strict: bool = True
     revocation: RevocationConfig | None = None
     source: str = "<inline>"
+    require_name: bool = False  # every verification must say which artifact name it expects
     _keys: dict[str, tuple[str, VerifyKey]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,11 +141,20 @@ class TrustPolicy:
         _record_version(rc.list_path, rl.version)
         return rl
 
+    def version_floor(self) -> int:
+        """The oldest list version acceptable: the policy's min_version, or newer seen here."""
+        rc = self.revocation
+        return 0 if rc is None else max(rc.min_version, _seen_version(rc.list_path))
+
+    def remember_version(self, version: int) -> None:
+        if self.revocation is not None:
+            _record_version(self.revocation.list_path, version)
+
     def check_version(self, rl: RevocationList) -> None:
         rc = self.revocation
         if rc is None:
             return
-        floor = max(rc.min_version, _seen_version(rc.list_path))
+        floor = self.version_floor()
         if rl.version < floor:
             raise RevocationListError(
                 f"the revocation list is version {rl.version}, older than version {floor} already seen: rolled back"
@@ -167,12 +180,13 @@ def _load_key(spec: str, base: Path, where: str) -> VerifyKey:
 
 
 def parse_policy(doc: dict[str, Any], base: Path, source: str = "<inline>") -> TrustPolicy:
-    known = {"version", "strict", "signers", "rules", "revocation"}
+    known = {"version", "strict", "require_name", "signers", "rules", "revocation"}
     if doc.get("version") != 1 or not set(doc) <= known:
         raise PolicyError(f"trust policy: needs version = 1 and only the keys {', '.join(sorted(known))}")
     strict = doc.get("strict", True)
-    if not isinstance(strict, bool):
-        raise PolicyError("trust policy: strict must be true or false")
+    require_name = doc.get("require_name", False)
+    if not isinstance(strict, bool) or not isinstance(require_name, bool):
+        raise PolicyError("trust policy: strict and require_name must be true or false")
     signers: dict[str, list[VerifyKey]] = {}
     raw_signers = doc.get("signers", {})
     if not isinstance(raw_signers, dict) or not raw_signers:
@@ -217,7 +231,7 @@ def parse_policy(doc: dict[str, Any], base: Path, source: str = "<inline>") -> T
         if not isinstance(floor, int) or isinstance(floor, bool) or floor < 1:
             raise PolicyError("trust policy: [revocation] min_version must be a positive number")
         revocation = RevocationConfig(base / raw_rev["list"], rsigners, thr, floor)
-    return TrustPolicy(signers, rules, strict, revocation, source)
+    return TrustPolicy(signers, rules, strict, revocation, source, require_name)
 
 
 def load_policy(path: str | Path) -> TrustPolicy:
@@ -365,22 +379,6 @@ class RevocationList:
         return json.dumps(env, indent=1, sort_keys=True).encode() + b"\n"
 
 
-def read_unverified(path: Path) -> RevocationList | None:
-    """The payload of an existing list, unauthenticated (for extending it; the caller
-    authenticates it first when a policy is at hand)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise RevocationListError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        payload, _ = parse_envelope(json.loads(data), REVOCATION_PAYLOAD_TYPE)
-    except (ValueError, RecursionError):
-        raise RevocationListError(f"{path} is not a signed revocation list") from None
-    return RevocationList.parse_payload(payload)
-
-
 def write_list(path: Path, rl: RevocationList, *signers: Signer) -> None:
     write_atomic(path, rl.sign(*signers), mode=0o644)
 
@@ -392,30 +390,44 @@ def _state_path() -> Path:
     return modelseal_home() / _STATE_NAME
 
 
-def _seen_version(list_path: Path) -> int:
+def _state_key(list_path: Path) -> str:
+    # The path the policy names, made absolute but NOT resolved: a symlink swapped in at
+    # that path must not get a fresh, empty record.
+    return os.path.abspath(list_path)
+
+
+def _read_state() -> dict[str, Any]:
     try:
         doc = json.loads(_state_path().read_bytes())
-        v = doc.get(str(list_path.resolve()), 0)
-        return v if isinstance(v, int) else 0
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return 0
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _seen_version(list_path: Path) -> int:
+    v = _read_state().get(_state_key(list_path), 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _record_version(list_path: Path, version: int) -> None:
     """Remember the highest version seen, where this host keeps state (best effort:
-    a host without $MODELSEAL_HOME relies on the policy's min_version)."""
+    a host without $MODELSEAL_HOME relies on the policy's min_version). Updates are
+    serialised by a lock file, so concurrent verifiers never lower a record."""
     home = modelseal_home()
     if not home.is_dir() or _seen_version(list_path) >= version:
         return
-    try:
-        doc = json.loads(_state_path().read_bytes())
-        if not isinstance(doc, dict):
-            doc = {}
-    except (OSError, ValueError, RecursionError):
-        doc = {}
-    doc[str(list_path.resolve())] = version
     with contextlib.suppress(OSError):
-        write_atomic(_state_path(), json.dumps(doc, sort_keys=True).encode(), mode=0o600)
+        fd = os.open(home / (_STATE_NAME + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            doc = _read_state()
+            key = _state_key(list_path)
+            current = doc.get(key, 0)
+            if not isinstance(current, int) or current < version:
+                doc[key] = version
+                write_atomic(_state_path(), json.dumps(doc, sort_keys=True).encode(), mode=0o600)
+        finally:
+            os.close(fd)
 
 
 def new_revocation(kind: str, value: str, reason: str) -> Revocation:

@@ -24,6 +24,7 @@ from .commitment import (
     artifact_digest,
     commit,
     hash_artifact,
+    hash_chunks,
     header_digest,
     member_path,
     sealed_members,
@@ -35,7 +36,7 @@ from .fsutil import open_regular
 from .header import KIND_FILE, KIND_MANIFEST, CoreHeader
 from .sigfile import PAYLOAD_TYPE, Entry, SignatureFile, Statement, now_rfc3339, sign_statement, signature_path
 from .signing import Signer, verify_envelope
-from .source import FdSource
+from .source import CipherSource, FdSource
 from .stream import CHUNK_HASH_LEN
 from .trust import RevocationList, TrustPolicy
 
@@ -162,6 +163,10 @@ def evaluate(
     cannot dodge a revocation). ``expect_name`` pins the signed name: without it,
     any artifact that satisfies the rules for *its own* name is accepted.
     """
+    if policy.require_name and expect_name is None:
+        raise VerificationError(
+            "the trust policy requires the expected artifact name (verify --name, expect_name=, expecting())"
+        )
     digest = artifact_digest(commits)
     primary = _primary(raws)
     aid = artifact_id(primary.core.binding)
@@ -253,6 +258,7 @@ def verify_artifact(
 
 def verify_single(
     label: str,
+    src: CipherSource,
     raw: RawArtifact,
     sf: SignatureFile | None,
     policy: TrustPolicy,
@@ -260,11 +266,14 @@ def verify_single(
     expect_name: str | None = None,
 ) -> Verdict:
     """Verify one sealed file read from anywhere (an fsspec backend): its header and
-    the signature file's chunk table; the chunks are checked as they are read."""
+    the signature file's chunk table; the chunks are checked as they are read. An
+    unsigned file that may still pass is hashed in full when revocations apply (as in
+    ``verify_artifact``), so a revoked digest is recognised without its signature file."""
     if sf is None or not sf.signatures:
-        return evaluate(
-            Path(label), policy, sf, [commit(FILE_PATH, raw, b"")], {FILE_PATH: raw}, expect_name=expect_name
-        )
+        refused = policy.strict or expect_name is not None
+        full = hash_chunks(src, raw) if policy.revocation is not None and not refused else b""
+        commits = [commit(FILE_PATH, raw, full)]
+        return evaluate(Path(label), policy, sf, commits, {FILE_PATH: raw}, expect_name=expect_name)
     table = sf.chunks.get(FILE_PATH)
     if table is None or len(table) != CHUNK_HASH_LEN * raw.layout.count:
         raise VerificationError(f"the signature file of {label} has no chunk table for it")

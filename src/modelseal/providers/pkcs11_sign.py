@@ -34,6 +34,8 @@ class Pkcs11Signer:
             if len(pubs) != 1 or len(privs) != 1:
                 raise KeyNotFound(f"pkcs11: no single EC key pair {self._uri.object!r} on token {self._uri.token!r}")
             self._priv: Any = privs[0]
+            if not self._priv[Attribute.SENSITIVE] or self._priv[Attribute.EXTRACTABLE]:
+                raise SigningKeyError(f"pkcs11: the private key {self._uri.object!r} is extractable; refusing it")
             der = encode_ec_public_key(pubs[0])
         self.public = VerifyKey.from_pem(_pem(der), f"pkcs11 key {self._uri.object}")
         if self.public.algorithm != P256:

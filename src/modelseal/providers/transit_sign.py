@@ -14,7 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ..errors import KeyProviderError, SigningKeyError
+from ..errors import KeyNotFound, KeyProviderError, SigningKeyError
 from ..signing import ED25519, P256, VerifyKey
 from .transit import TransitProvider, _split
 
@@ -27,22 +27,22 @@ class TransitSigner:
     def __init__(self, name: str, provider: TransitProvider | None = None) -> None:
         self._provider = provider or TransitProvider()
         self._mount, self._key = _split(name)
-        doc = self._provider._call(
-            "read signing key", lambda c: c.secrets.transit.read_key(name=self._key, mount_point=self._mount)
-        )
-        data = doc["data"]
+        data = _read_key(self._provider, self._mount, self._key)
         ktype = data.get("type")
         if ktype not in _TYPES.values():
             raise SigningKeyError(f"transit key {name!r} is {ktype!r}; signing needs ed25519 or ecdsa-p256")
-        self._version = int(data["latest_version"])
-        material = data["keys"][str(self._version)]
-        pub = material.get("public_key") if isinstance(material, dict) else None
-        if not pub:
-            raise SigningKeyError(f"transit key {name!r} has no public key")
-        if ktype == "ed25519":
-            self.public = VerifyKey.from_public(ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(pub)))
-        else:
-            self.public = VerifyKey.from_pem(pub.encode(), f"transit key {name}")
+        if data.get("exportable") or data.get("allow_plaintext_backup"):
+            raise SigningKeyError(f"transit key {name!r} is exportable: a signing key must never leave the server")
+        try:
+            self._version = int(data["latest_version"])
+            pub = data["keys"][str(self._version)]["public_key"]
+            if ktype == "ed25519":
+                raw = base64.b64decode(pub, validate=True)
+                self.public = VerifyKey.from_public(ed25519.Ed25519PublicKey.from_public_bytes(raw))
+            else:
+                self.public = VerifyKey.from_pem(str(pub).encode(), f"transit key {name}")
+        except (KeyError, TypeError, ValueError):
+            raise KeyProviderError(f"transit: the server's description of key {name!r} is malformed") from None
         self._type = ktype
 
     def sign(self, data: bytes) -> bytes:
@@ -55,11 +55,14 @@ class TransitSigner:
         if self._type == "ecdsa-p256":
             args.update(hash_algorithm="sha2-256", marshaling_algorithm="asn1")
         doc = self._provider._call("sign", lambda c: c.secrets.transit.sign_data(**args))
-        sig = str(doc["data"]["signature"])
-        prefix = f"vault:v{self._version}:"
-        if not sig.startswith(prefix):
-            raise KeyProviderError("transit: the server signed with another key version")
-        out = base64.b64decode(sig[len(prefix) :])
+        try:
+            sig = str(doc["data"]["signature"])
+            prefix = f"vault:v{self._version}:"
+            if not sig.startswith(prefix):
+                raise KeyProviderError("transit: the server signed with another key version")
+            out = base64.b64decode(sig[len(prefix) :], validate=True)
+        except (KeyError, TypeError, ValueError):
+            raise KeyProviderError("transit: the server's signature reply is malformed") from None
         if not self.public.verify(out, data):  # never hand out a signature that does not verify
             raise KeyProviderError("transit: the server's signature does not verify")
         return out
@@ -71,6 +74,12 @@ def create_signing_key(name: str, algorithm: str, provider: TransitProvider | No
         raise SigningKeyError(f"unknown algorithm {algorithm!r}")
     prov = provider or TransitProvider()
     mount, key = _split(name)
+    try:
+        _read_key(prov, mount, key)
+    except KeyNotFound:
+        pass
+    else:  # Transit's create is a silent no-op on an existing key, whatever its settings
+        raise SigningKeyError(f"transit key {name!r} already exists; use it with --sign-key transit:{name}")
     prov._call(
         "create signing key",
         lambda c: c.secrets.transit.create_key(
@@ -78,4 +87,15 @@ def create_signing_key(name: str, algorithm: str, provider: TransitProvider | No
         ),
         idempotent=False,
     )
-    return TransitSigner(name, prov)
+    signer = TransitSigner(name, prov)
+    if signer._type != _TYPES[algorithm]:
+        raise SigningKeyError(f"transit key {name!r} was created as {signer._type}, not {_TYPES[algorithm]}")
+    return signer
+
+
+def _read_key(provider: TransitProvider, mount: str, key: str) -> dict[str, Any]:
+    doc = provider._call("read signing key", lambda c: c.secrets.transit.read_key(name=key, mount_point=mount))
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise KeyProviderError("transit: the server's key description is malformed")
+    return data
