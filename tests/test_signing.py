@@ -913,3 +913,26 @@ def test_policy_can_require_pinned_names(
         api.open_folder(sealed, keys=env.svc)
     with api.expecting("llama-7b"), api.open_folder(sealed, keys=env.svc) as f:
         assert "config.json" in f
+
+
+@pytest.mark.parametrize("evil", ["../escape.bin", "/tmp/abs.bin", "a/../../b"])
+def test_signed_manifest_with_traversal_paths_is_refused(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evil: str
+) -> None:
+    """A key holder who is also a trusted signer (or a compromised build) seals a manifest
+    naming ../ or absolute paths: the signature verifies (it covers ciphertext), but
+    readers refuse the manifest and nothing is written outside the destination."""
+    src = make_model_folder(env.work / "m")
+    real = src / "config.json"
+    st = real.stat()
+    sealed = env.work / "evil.sealed"
+    with monkeypatch.context() as m:  # a sealer without modelseal's own checks
+        m.setattr(api, "walk_folder", lambda _root: [(evil, real, (st.st_dev, st.st_ino))])
+        m.setattr(api, "_check_sealable", lambda _paths: None)
+        api.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["release"]), name="evil")
+    assert verify_artifact(sealed, load_policy(policy_file(tmp_path, keys))).name == "evil"
+    out = env.work / "deep" / "out"
+    out.parent.mkdir()
+    assert main(["unseal", str(sealed), str(out)]) == 3
+    assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == []
+    assert not (env.work / "deep" / "escape.bin").exists() and not Path("/tmp/abs.bin").exists()
