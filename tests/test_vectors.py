@@ -66,3 +66,42 @@ def test_vector(vec: dict[str, object], vector_keys: KeyService) -> None:
 def test_every_outcome_is_covered() -> None:
     outcomes = {v["expect"] for v in INDEX["vectors"]}
     assert outcomes == {"success", "header failure", "payload failure", "wrong key", "not sealed", "unsupported"}
+
+
+def test_signature_vectors(vector_keys: KeyService, tmp_path: Path) -> None:
+    """Golden signature vectors (generate_signatures.py): the commitment construction,
+    the signature id and verification keep their meaning in every release."""
+    from modelseal.commitment import artifact_digest, hash_sealed_file
+    from modelseal.errors import VerificationError
+    from modelseal.signing import VerifyKey
+    from modelseal.trust import TrustPolicy
+    from modelseal.verification import verify_artifact
+
+    want = json.loads((VECTORS / "signatures.json").read_text())
+    key = VerifyKey.from_file(VECTORS / "signing-ed25519.pub")
+    assert key.key_id == want["key_id"]
+    _, c = hash_sealed_file(VECTORS / "signed-three-chunks.mseal", ".")
+    assert (c.header, c.chunks, artifact_digest([c])) == (
+        want["header_digest"],
+        want["chunks_digest"],
+        want["artifact_digest"],
+    )
+    policy = TrustPolicy.from_keys([key])
+    # copies: verify-on-load records nothing, but keep the committed files untouched anyway
+    for name in ("signed-three-chunks.mseal", "signed-tampered.mseal"):
+        shutil.copy(VECTORS / name, tmp_path / name)
+        shutil.copy(VECTORS / (name + ".msig"), tmp_path / (name + ".msig"))
+    v = verify_artifact(tmp_path / "signed-three-chunks.mseal", policy)
+    assert v.name == "vector-three-chunks" and v.results[0].id == want["signature_id"]
+    with modelseal.open(tmp_path / "signed-three-chunks.mseal", keys=vector_keys, verify=policy) as r:
+        assert r.verified
+        plain = r.read()
+    with modelseal.open(VECTORS / "ok-three-chunks.mseal", keys=vector_keys) as r:
+        assert plain == r.read()
+    with pytest.raises(VerificationError, match="does not match the artifact"):
+        verify_artifact(tmp_path / "signed-tampered.mseal", policy)
+    with (
+        modelseal.open(tmp_path / "signed-tampered.mseal", keys=vector_keys, verify=policy) as r,
+        pytest.raises(VerificationError, match="chunk 1"),
+    ):
+        r.read()
