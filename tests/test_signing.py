@@ -936,3 +936,13 @@ def test_signed_manifest_with_traversal_paths_is_refused(
     assert main(["unseal", str(sealed), str(out)]) == 3
     assert not out.exists() and sorted(p.name for p in out.parent.iterdir()) == []
     assert not (env.work / "deep" / "escape.bin").exists() and not Path("/tmp/abs.bin").exists()
+
+
+def test_inspect_lists_signatures_unverified(env: Env, keys: dict[str, Path]) -> None:
+    sealed = signed_folder(env, keys)
+    from modelseal import inspect
+
+    sigs = inspect(sealed)["signatures"]
+    assert [s["name"] for s in sigs] == ["llama-7b"] and sigs[0]["verified"] is False
+    signature_path(sealed).write_text("{")
+    assert str(inspect(sealed)["signatures"]).startswith("unreadable")

@@ -13,9 +13,11 @@ from typing import Any
 from .api import _open_raw, _svc, _target, _unwrapper
 from .artifact import RawArtifact, SealedReader, open_keys, parse_json_object
 from .envelope import artifact_id, decrypt_metadata, parse_slots
+from .errors import VerificationError
 from .folder import BLOB_DIR, parse_manifest
 from .header import KIND_BLOB, KIND_FILE, KIND_MANIFEST, Slot
 from .keys import KeyService
+from .sigfile import SignatureFile, signature_path
 
 
 def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeyService | None = None) -> dict[str, Any]:
@@ -52,6 +54,7 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
         if core.kind == KIND_MANIFEST:
             blob_dir = p / BLOB_DIR
             info["blobs"] = len(list(blob_dir.iterdir())) if blob_dir.is_dir() else 0
+        info["signatures"] = _signature_report(p)
         if opened is not None:
             info["metadata"] = parse_json_object(decrypt_metadata(core, opened.keys))
             if core.kind == KIND_MANIFEST:
@@ -62,6 +65,20 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
         return info
     finally:
         src.close()
+
+
+def _signature_report(p: Path) -> list[dict[str, Any]] | str:
+    """What the signature file claims (not verified: that is ``modelseal verify``'s job)."""
+    try:
+        sf = SignatureFile.load(signature_path(p))
+    except VerificationError as e:
+        return f"unreadable: {e}"
+    if sf is None:
+        return []
+    return [
+        {"name": e.statement.name, "keyid": e.keyid[:16], "signed_at": e.statement.signed_at, "verified": False}
+        for e in sf.signatures
+    ]
 
 
 def _slot_report(raw: RawArtifact, active: tuple[int, Slot] | None, authenticated: bool) -> dict[str, Any]:
