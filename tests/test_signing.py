@@ -946,3 +946,35 @@ def test_inspect_lists_signatures_unverified(env: Env, keys: dict[str, Path]) ->
     assert [s["name"] for s in sigs] == ["llama-7b"] and sigs[0]["verified"] is False
     signature_path(sealed).write_text("{")
     assert str(inspect(sealed)["signatures"]).startswith("unreadable")
+
+
+def test_sealed_file_takes_the_given_name_and_a_failed_signing_leaves_nothing(
+    env: Env, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    src = env.work / "w.bin"
+    src.write_bytes(os.urandom(100_000))
+    dst = env.work / "w.sealed"
+    api.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]), name="weights-v2")
+    assert verify_artifact(dst, load_policy(policy_file(tmp_path, keys))).name == "weights-v2"
+
+    class Broken:
+        public = PemSigner.from_file(keys["security"]).public
+
+        def sign(self, data: bytes) -> bytes:
+            raise modelseal_errors.KeyProviderError("signing service unreachable")
+
+    from modelseal import errors as modelseal_errors
+
+    before = (dst.read_bytes(), signature_path(dst).read_bytes())
+    with pytest.raises(modelseal_errors.KeyProviderError):
+        api.seal(src, dst, KEY, keys=env.svc, sign_key=Broken(), force=True)
+    assert (dst.read_bytes(), signature_path(dst).read_bytes()) == before
+    fresh = env.work / "fresh.sealed"
+    with pytest.raises(modelseal_errors.KeyProviderError):
+        api.seal(src, fresh, KEY, keys=env.svc, sign_key=Broken())
+    assert not fresh.exists() and not signature_path(fresh).exists()
+    assert sorted(p.name for p in env.work.iterdir()) == ["w.bin", "w.sealed", "w.sealed.msig"]
+    folder = make_model_folder(tmp_path / "f")
+    with pytest.raises(modelseal_errors.KeyProviderError):
+        api.seal(folder, env.work / "f.sealed", KEY, keys=env.svc, sign_key=Broken())
+    assert sorted(p.name for p in env.work.iterdir()) == ["w.bin", "w.sealed", "w.sealed.msig"]

@@ -360,13 +360,14 @@ def seal(
     if src_p.is_dir():
         return _seal_folder(src_p, dst_p, key_uris, ctx, dek, wrap, force, progress, sign_key, name)
     fd = open_regular(src_p)
+    sig_id = None
     try:
         length = os.fstat(fd).st_size
         with atomic_output(dst_p, force) as tmp:
-            name = src_p.name
+            file_name = src_p.name
 
             def meta(digest: str) -> bytes:
-                return canonical_json({"name": name, "sha256": digest, "size": length})
+                return canonical_json({"name": file_name, "sha256": digest, "size": length})
 
             w = _seal_stream(
                 fd_reader(fd),
@@ -380,14 +381,14 @@ def seal(
                 progress=progress,
                 hash_chunks=sign_key is not None,
             )
+            # Signed before the sealed file is renamed into place: if signing fails (a
+            # Transit server down, say), nothing is replaced and no unsigned output appears.
+            if sign_key is not None and w.table is not None:
+                commits = [commit_written(FILE_PATH, w.header, w.table)]
+                bundle = lambda: oms.bundle_for_file(sign_key, name, w.sha256)  # noqa: E731
+                sig_id = _sign_new(dst_p, sign_key, name, commits, w.header, dek, bundle)
     finally:
         os.close(fd)
-    sig_id = None
-    if sign_key is not None and w.table is not None:
-        commits = [commit_written(FILE_PATH, w.header, w.table)]
-        sig_id = _sign_new(
-            dst_p, sign_key, name, commits, w.header, dek, lambda: oms.bundle_for_file(sign_key, name, w.sha256)
-        )
     return SealResult(dst_p, w.artifact_id, 1, length, tuple(key_uris), sig_id)
 
 
