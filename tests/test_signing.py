@@ -978,3 +978,13 @@ def test_sealed_file_takes_the_given_name_and_a_failed_signing_leaves_nothing(
     with pytest.raises(modelseal_errors.KeyProviderError):
         api.seal(folder, env.work / "f.sealed", KEY, keys=env.svc, sign_key=Broken())
     assert sorted(p.name for p in env.work.iterdir()) == ["w.bin", "w.sealed", "w.sealed.msig"]
+
+
+def test_sign_key_from_an_environment_variable(
+    env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CI_SIGNING_KEY", keys["security"].read_text())
+    sealed = signed_folder(env, keys, signer="release")
+    assert main(["sign", str(sealed), "--sign-key", "env:CI_SIGNING_KEY"]) == 0
+    assert verify_artifact(sealed, load_policy(policy_file(tmp_path, keys))).signers == ["release", "security"]
+    assert main(["sign", str(sealed), "--sign-key", "env:NOT_SET_ANYWHERE"]) == 2

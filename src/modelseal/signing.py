@@ -116,15 +116,27 @@ class PemSigner:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], passphrase: bytes | None = None) -> PemSigner:
         p = Path(path)
-        data = _read_key_file(p)
+        return cls.from_pem(_read_key_file(p), str(p), passphrase)
+
+    @classmethod
+    def from_env(cls, var: str) -> PemSigner:
+        """A PEM private key held in an environment variable (a CI secret): no key file
+        is ever written."""
+        data = os.environ.get(var)
+        if not data:
+            raise SigningKeyError(f"the environment variable {var} holds no signing key")
+        return cls.from_pem(data.encode(), f"${var}")
+
+    @classmethod
+    def from_pem(cls, data: bytes, where: str, passphrase: bytes | None = None) -> PemSigner:
         if passphrase is None and b"ENCRYPTED" in data:
-            passphrase = read_sign_passphrase(p)
+            passphrase = read_sign_passphrase(Path(where))
         try:
             key = serialization.load_pem_private_key(data, passphrase)
         except TypeError:
-            raise SigningKeyError(f"{p} is encrypted: set {PASSPHRASE_ENV} or run in a terminal") from None
+            raise SigningKeyError(f"{where} is encrypted: set {PASSPHRASE_ENV} or run in a terminal") from None
         except (ValueError, UnsupportedAlgorithm):
-            raise SigningKeyError(f"{p} is not a usable PEM private key, or the passphrase is wrong") from None
+            raise SigningKeyError(f"{where} is not a usable PEM private key, or the passphrase is wrong") from None
         if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
             raise SigningKeyError("unsupported key type: modelseal signs with Ed25519 or ECDSA P-256")
         return cls(key)
@@ -139,8 +151,10 @@ class PemSigner:
 
 
 def load_signer(spec: str) -> Signer:
-    """A signer from a CLI ``--sign-key``: a PEM file, ``transit:[MOUNT/]NAME`` or
-    ``pkcs11:token=T;object=O``."""
+    """A signer from a CLI ``--sign-key``: a PEM file, ``env:VAR`` (PEM in an environment
+    variable), ``transit:[MOUNT/]NAME`` or ``pkcs11:token=T;object=O``."""
+    if spec.startswith("env:"):
+        return PemSigner.from_env(spec.removeprefix("env:"))
     if spec.startswith("transit:"):
         from .providers.transit_sign import TransitSigner
 
