@@ -988,3 +988,40 @@ def test_sign_key_from_an_environment_variable(
     assert main(["sign", str(sealed), "--sign-key", "env:CI_SIGNING_KEY"]) == 0
     assert verify_artifact(sealed, load_policy(policy_file(tmp_path, keys))).signers == ["release", "security"]
     assert main(["sign", str(sealed), "--sign-key", "env:NOT_SET_ANYWHERE"]) == 2
+
+
+def test_sealing_over_a_signed_artifact_keeps_its_signatures_as_history(
+    env: Env, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    policy = load_policy(policy_file(tmp_path, keys))
+    src = env.work / "w.bin"
+    src.write_bytes(os.urandom(50_000))
+    dst = env.work / "w.sealed"
+    first = api.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"])).signature
+    api.seal(src, dst, KEY, keys=env.svc, force=True)  # unsigned now, and says so
+    with pytest.raises(VerificationError, match="not signed"):
+        verify_artifact(dst, policy)
+    sf = SignatureFile.load(signature_path(dst))
+    assert sf is not None and not sf.signatures and [e.id for e in sf.history] == [first]
+    # a re-encrypted file likewise
+    second = api.sign(dst, PemSigner.from_file(keys["security"]))
+    rekey.reencrypt(dst, keys=env.svc)
+    sf = SignatureFile.load(signature_path(dst))
+    assert sf is not None and not sf.signatures and [e.id for e in sf.history] == [first, second]
+    # a folder sealed over with --force and a new signature
+    folder = signed_folder(env, keys)
+    old = SignatureFile.load(signature_path(folder))
+    assert old is not None
+    new = api.seal(
+        env.work / "src-llama-7b",
+        folder,
+        KEY,
+        keys=env.svc,
+        force=True,
+        sign_key=PemSigner.from_file(keys["release"]),
+        name="llama-7b",
+    ).signature
+    sf = SignatureFile.load(signature_path(folder))
+    assert sf is not None and [e.id for e in sf.signatures] == [new]
+    assert [e.id for e in sf.history] == [old.signatures[0].id]
+    assert verify_artifact(folder, policy).name == "llama-7b"

@@ -54,7 +54,7 @@ from .header import (
 from .keys import KeyService
 from .keystore import modelseal_home
 from .sigfile import PAYLOAD_TYPE as SIG_PAYLOAD_TYPE
-from .sigfile import SignatureFile, open_attachment, seal_attachment, signature_path
+from .sigfile import SignatureFile, open_attachment, seal_attachment, signature_path, supersede
 from .signing import Signer, verify_envelope
 from .source import FdSource
 from .stream import Progress, ReadAt, WritebackHint, fd_reader
@@ -389,6 +389,8 @@ def seal(
                 sig_id = _sign_new(dst_p, sign_key, name, commits, w.header, dek, bundle)
     finally:
         os.close(fd)
+    if sign_key is None:  # replaced with --force: signatures of the old file become history
+        supersede(signature_path(dst_p), signature_path(dst_p))
     return SealResult(dst_p, w.artifact_id, 1, length, tuple(key_uris), sig_id)
 
 
@@ -430,6 +432,8 @@ def _seal_folder(
     sig_id = None
     with atomic_output(dst, force, is_dir=True) as tmp:
         f = _write_folder(tmp, sources(), dek, ctx, wrap, progress, hash_chunks=sign_key is not None)
+        if dst.is_dir():  # replaced with --force: its signatures become history
+            supersede(signature_path(dst), signature_path(tmp))
         if sign_key is not None:
             header = _read_header_bytes(tmp / MANIFEST_NAME)
             rows = [(e.path, e.sha256) for e in f.entries]

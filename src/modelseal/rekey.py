@@ -33,7 +33,7 @@ from .errors import DecryptionError, FormatError, StorageError
 from .fsutil import atomic_output, open_regular
 from .header import KIND_BLOB, KIND_FILE, Recipient
 from .keys import KeyService
-from .sigfile import SignatureFile, now_rfc3339, signature_path
+from .sigfile import signature_path, supersede
 from .source import FdSource
 from .stream import Progress, ReadAt
 
@@ -132,7 +132,7 @@ def _reencrypt_locked(
 
             with atomic_output(p, force=True, is_dir=True) as tmp:
                 f = _write_folder(tmp, sources(), dek, ctx, _wrap_all(svc, uris, dek, ctx), progress)
-                _keep_signature_history(p, tmp)
+                supersede(signature_path(p), signature_path(tmp))
         return SealResult(p, f.artifact_id, len(f.entries), sum(e.size for e in f.entries), tuple(uris))
     with api.open(p, keys=svc) as r:
         meta = r.metadata()
@@ -150,19 +150,8 @@ def _reencrypt_locked(
                 recipients=_wrap_all(svc, uris, dek, ctx),
                 progress=progress,
             )
+        supersede(signature_path(p), signature_path(p))
         return SealResult(p, w.artifact_id, 1, r.size, tuple(uris))
-
-
-def _keep_signature_history(old: Path, new: Path) -> None:
-    """A re-encrypted folder is new ciphertext: its old signatures no longer apply. They
-    move to the history of the new folder's signature file until it is re-signed."""
-    sf = SignatureFile.load(signature_path(old))
-    if sf is None:
-        return
-    now = now_rfc3339()
-    for e in sf.signatures:
-        e.superseded_at = now
-    SignatureFile(history=[*sf.history, *sf.signatures]).save(signature_path(new))
 
 
 def _reader_at(r: SealedReader) -> ReadAt:

@@ -224,6 +224,23 @@ class SignatureFile:
         write_atomic(path, self.to_bytes(), mode=0o644)
 
 
+def supersede(old: Path, new: Path) -> None:
+    """The artifact at ``old`` was replaced by new ciphertext (re-encrypted, or sealed
+    over with ``--force``): its signatures no longer apply. They move to the history of
+    the signature file at ``new`` (which may be ``old``) until the new artifact is
+    signed. A damaged old file is left out rather than block the update."""
+    try:
+        sf = SignatureFile.load(old)
+    except VerificationError:
+        return
+    if sf is None or not (sf.signatures or sf.history):
+        return
+    now = now_rfc3339()
+    for e in sf.signatures:
+        e.superseded_at = now
+    SignatureFile(history=[*sf.history, *sf.signatures]).save(new)
+
+
 def sign_statement(signer: Signer, statement: Statement) -> Entry:
     env = sign_envelope(signer, PAYLOAD_TYPE, statement.raw)
     _, sigs = parse_envelope(env, PAYLOAD_TYPE)
