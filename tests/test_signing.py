@@ -1025,3 +1025,22 @@ def test_sealing_over_a_signed_artifact_keeps_its_signatures_as_history(
     assert sf is not None and [e.id for e in sf.signatures] == [new]
     assert [e.id for e in sf.history] == [old.signatures[0].id]
     assert verify_artifact(folder, policy).name == "llama-7b"
+
+
+def test_sign_oms_reads_digests_only_from_the_bytes_it_signs(
+    env: Env, keys: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is swapped between hashing and reading: the OMS bundle must not take
+    its plaintext digests from the swapped-in manifest."""
+    from modelseal.commitment import hash_artifact
+
+    a = env.work / "a.sealed"
+    b = env.work / "b.sealed"
+    api.seal(make_model_folder(env.work / "pa"), a, KEY, keys=env.svc)
+    api.seal(make_model_folder(env.work / "pb"), b, KEY, keys=env.svc)
+    hashed_a = hash_artifact(a)
+    monkeypatch.setattr(api, "hash_artifact", lambda _root: hashed_a)  # b changed after a's bytes were hashed
+    with pytest.raises(VerificationError, match="changed after"):
+        api.sign(b, PemSigner.from_file(keys["release"]), oms_bundle=True, keys=env.svc)
+    monkeypatch.undo()
+    assert not signature_path(b).exists()

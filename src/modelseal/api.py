@@ -490,7 +490,12 @@ def open(  # noqa: A001
             raise FormatError(f"{p} is a sealed folder: name a member, or use open_folder()")
         folder = open_folder(p, keys=keys, verify=verify, expect_name=expect_name)
         return folder.open(member)
-    verdict = _verdict(p, verify, keys, expect_name)
+    return _open_file(p, keys, _verdict(p, verify, keys, expect_name))
+
+
+def _open_file(p: Path, keys: KeyService | None, verdict: Verdict | None) -> SealedReader:
+    """Open a sealed file; with a verdict, its header must be the verified one and every
+    chunk read is checked against the verified chunk table."""
     src, raw = _open_raw(p)
     try:
         if raw.core.kind != KIND_FILE:
@@ -516,10 +521,14 @@ def open_folder(
 ) -> SealedFolder:
     """Open a sealed folder (``verify`` as for ``open``)."""
     root = Path(path)
-    manifest = root / MANIFEST_NAME
-    if not manifest.is_file():
+    if not (root / MANIFEST_NAME).is_file():
         raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
-    verdict = _verdict(root, verify, keys, expect_name)
+    return _open_folder(root, keys, _verdict(root, verify, keys, expect_name))
+
+
+def _open_folder(root: Path, keys: KeyService | None, verdict: Verdict | None) -> SealedFolder:
+    """Open a sealed folder; with a verdict, as ``_open_file`` for the manifest and blobs."""
+    manifest = root / MANIFEST_NAME
     check = reader_check(verdict)
     src, raw = _open_raw(manifest)
     try:
@@ -648,13 +657,17 @@ def sign(
     if oms_bundle:
         if not oms.supports(sign_key):
             raise ValueError("model-signing verifies ECDSA signatures only: sign with a P-256 key for --oms")
+        # The plaintext digests must come from the very bytes just hashed and about to be
+        # signed: the reader is pinned to those headers and chunks, so a manifest swapped
+        # in meanwhile cannot put its digests into this signer's model-signing bundle.
+        pinned = Verdict.pinned(root, commits)
         if root.is_dir():
-            with open_folder(root, keys=keys, verify=False) as folder:
+            with _open_folder(root, keys, pinned) as folder:
                 rows = [(e.path, e.sha256) for e in folder.entries()]
                 key = folder.attachment_key()
             bundle = oms.bundle_for_folder(sign_key, name, rows)
         else:
-            with open(root, keys=keys, verify=False) as r:
+            with _open_file(root, keys, pinned) as r:
                 digest = r.metadata().get("sha256")
                 key = r.attachment_key
             if not isinstance(digest, str):

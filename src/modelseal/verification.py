@@ -81,6 +81,19 @@ class Verdict:
     valid_entries: list[Entry] = field(default_factory=list)
     artifact_id: str = ""
 
+    @classmethod
+    def pinned(cls, root: Path, commits: list[FileCommitment]) -> Verdict:
+        """Not a trust decision: pins readers (``reader_check``) to these exact sealed
+        bytes, e.g. to read the plaintext digests of what is about to be signed."""
+        return cls(
+            root,
+            artifact_digest(commits),
+            "",
+            signed=True,
+            tables={c.path: c.table for c in commits},
+            headers={c.path: c.header for c in commits},
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "artifact": str(self.path),
