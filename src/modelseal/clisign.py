@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from . import api, oms
 from .errors import DestinationExists, RevocationListError, Revoked, SigningKeyError, VerificationError
 from .fsutil import write_atomic
-from .header import MAGIC
 from .keys import KeyService
+from .loading import is_sealed_file, is_sealed_folder
 from .signing import (
     ALGORITHMS,
     ED25519,
@@ -52,11 +52,8 @@ def _policy(args: argparse.Namespace, svc: KeyService, required: bool = True) ->
 
 
 def _is_sealed(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "manifest.mseal").is_file()
     try:
-        with path.open("rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+        return is_sealed_folder(path) or (path.is_file() and is_sealed_file(path))
     except OSError:
         return False
 

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import DestinationExists, PolicyDenied, StorageError
@@ -198,3 +198,19 @@ def walk_folder(root: Path) -> list[tuple[str, Path, FileId]]:
             out.append((rel, real, (st.st_dev, st.st_ino)))
     out.sort(key=lambda item: item[0].encode())
     return out
+
+
+def read_limited(path: Path, limit: int, error: Callable[[str], Exception], what: str) -> bytes:
+    """Read a small file (a key, a policy, a signature file) whole, refusing more than
+    ``limit`` bytes. ``FileNotFoundError`` passes through for the caller to decide on;
+    any other failure raises ``error(one-line message)``."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise error(f"cannot read {what}: {e.strerror}") from None
+    if len(data) > limit:
+        raise error(f"{what} is larger than {limit} bytes")
+    return data

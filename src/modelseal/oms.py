@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .errors import SigningKeyError, VerificationError
+from .fsutil import read_limited
 from .signing import Signer, b64, pae, unb64
 from .stream import workers
 
@@ -188,13 +189,9 @@ def _fail(msg: str) -> VerificationError:
 
 def read_bundle(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_BUNDLE + 1)
-        if len(data) > MAX_BUNDLE:
-            raise _fail("too large")
-        doc = json.loads(data)
-    except OSError as e:
-        raise _fail(f"cannot read {path}: {e.strerror}") from None
+        doc = json.loads(read_limited(path, MAX_BUNDLE, _fail, str(path)))
+    except FileNotFoundError:
+        raise _fail(f"{path} does not exist") from None
     except (ValueError, RecursionError):
         raise _fail(f"{path} is not JSON (truncated?)") from None
     if not isinstance(doc, dict) or doc.get("mediaType") != BUNDLE_MEDIA_TYPE:

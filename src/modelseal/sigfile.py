@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .artifact import canonical_json
 from .commitment import SIGNATURES_NAME, FileCommitment, chunks_digest
 from .errors import DecryptionError, VerificationError
-from .fsutil import write_atomic
+from .fsutil import read_limited, write_atomic
 from .signing import EnvelopeSig, Signer, b64, parse_envelope, sign_envelope, unb64
 
 MEDIA_TYPE = "application/vnd.modelseal.signatures.v1+json"
@@ -210,14 +210,9 @@ class SignatureFile:
     @classmethod
     def load(cls, path: Path) -> SignatureFile | None:
         try:
-            with path.open("rb") as f:
-                data = f.read(MAX_SIGFILE + 1)
+            data = read_limited(path, MAX_SIGFILE, VerificationError, str(path))
         except FileNotFoundError:
             return None
-        except OSError as e:
-            raise VerificationError(f"cannot read {path}: {e.strerror}") from None
-        if len(data) > MAX_SIGFILE:
-            raise VerificationError(f"{path} is larger than {MAX_SIGFILE >> 20} MiB")
         return cls.parse(data)
 
     def save(self, path: Path) -> None:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .errors import SigningKeyError
+from .fsutil import read_limited
 
 ED25519 = "ed25519"
 P256 = "ecdsa-p256-sha256"
@@ -146,9 +147,6 @@ class PemSigner:
             return self._key.sign(data)
         return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
 
-    def ecdsa_key(self) -> ec.EllipticCurvePrivateKey | None:
-        return self._key if isinstance(self._key, ec.EllipticCurvePrivateKey) else None
-
 
 def load_signer(spec: str) -> Signer:
     """A signer from a CLI ``--sign-key``: a PEM file, ``env:VAR`` (PEM in an environment
@@ -195,13 +193,9 @@ def read_sign_passphrase(path: Path, confirm: bool = False) -> bytes:
 
 def _read_key_file(path: Path) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_KEY_FILE + 1)
-    except OSError as e:
-        raise SigningKeyError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > MAX_KEY_FILE:
-        raise SigningKeyError(f"{path} is too large to be a key file")
-    return data
+        return read_limited(path, MAX_KEY_FILE, SigningKeyError, f"the key file {path}")
+    except FileNotFoundError:
+        raise SigningKeyError(f"the key file {path} does not exist") from None
 
 
 # --- DSSE v1 (https://github.com/secure-systems-lab/dsse) -----------------------------------

@@ -48,7 +48,7 @@ from typing import Any
 
 from .artifact import canonical_json
 from .errors import RevocationListError, SigningKeyError
-from .fsutil import write_atomic
+from .fsutil import read_limited, write_atomic
 from .keystore import modelseal_home
 from .signing import Signer, VerifyKey, parse_envelope, sign_envelope, verify_envelope
 
@@ -237,12 +237,9 @@ def parse_policy(doc: dict[str, Any], base: Path, source: str = "<inline>") -> T
 def load_policy(path: str | Path) -> TrustPolicy:
     p = Path(path)
     try:
-        with p.open("rb") as f:
-            raw = f.read(MAX_POLICY + 1)
-    except OSError as e:
-        raise PolicyError(f"cannot read the trust policy {p}: {e.strerror}") from None
-    if len(raw) > MAX_POLICY:
-        raise PolicyError(f"the trust policy {p} is too large")
+        raw = read_limited(p, MAX_POLICY, PolicyError, f"the trust policy {p}")
+    except FileNotFoundError:
+        raise PolicyError(f"the trust policy {p} does not exist") from None
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -342,14 +339,9 @@ class RevocationList:
         """Read, authenticate and check the freshness of a revocation list. ``owners``
         maps key ids to signer names: the threshold counts distinct signers."""
         try:
-            with path.open("rb") as f:
-                data = f.read(MAX_REVOCATIONS + 1)
+            data = read_limited(path, MAX_REVOCATIONS, RevocationListError, f"the revocation list {path}")
         except FileNotFoundError:
             raise RevocationListError(f"the revocation list {path} is missing") from None
-        except OSError as e:
-            raise RevocationListError(f"cannot read the revocation list {path}: {e.strerror}") from None
-        if len(data) > MAX_REVOCATIONS:
-            raise RevocationListError("the revocation list is too large")
         try:
             payload, sigs = parse_envelope(json.loads(data), REVOCATION_PAYLOAD_TYPE)
         except (ValueError, RecursionError):

@@ -255,11 +255,7 @@ def verify_artifact(
         raise FormatError(f"{root} does not exist")
     sf = SignatureFile.load(Path(signature) if signature else signature_path(root))
     if sf is None or not sf.signatures:
-        # An unsigned artifact that may still pass (a lenient policy) is hashed in full even
-        # on load when revocations apply, so that a revoked artifact digest is recognised
-        # with its signature file deleted (the artifact id is checked either way).
-        refused = (policy.strict if strict is None else strict) or expect_name is not None
-        full = deep or (policy.revocation is not None and not refused)
+        full = deep or _hash_unsigned(policy, strict, expect_name)
         commits, raws = hash_artifact(root) if full else _headers_only(root)
         return evaluate(root, policy, sf, commits, raws, strict=strict, expect_name=expect_name, now=now)
     commits, raws = hash_artifact(root) if deep else _lazy_commitments(root, sf)
@@ -283,8 +279,7 @@ def verify_single(
     unsigned file that may still pass is hashed in full when revocations apply (as in
     ``verify_artifact``), so a revoked digest is recognised without its signature file."""
     if sf is None or not sf.signatures:
-        refused = policy.strict or expect_name is not None
-        full = hash_chunks(src, raw) if policy.revocation is not None and not refused else b""
+        full = hash_chunks(src, raw) if _hash_unsigned(policy, None, expect_name) else b""
         commits = [commit(FILE_PATH, raw, full)]
         return evaluate(Path(label), policy, sf, commits, {FILE_PATH: raw}, expect_name=expect_name)
     table = sf.chunks.get(FILE_PATH)
@@ -309,6 +304,14 @@ def reader_check(verdict: Verdict | None) -> Callable[[str, RawArtifact], bytes 
         return verdict.tables[rel]
 
     return check
+
+
+def _hash_unsigned(policy: TrustPolicy, strict: bool | None, expect_name: str | None) -> bool:
+    """Whether an unsigned artifact must be hashed in full even on load: when it may still
+    pass (a lenient policy) and revocations apply, so that a revoked artifact digest is
+    recognised with the signature file deleted (the artifact id is checked either way)."""
+    refused = (policy.strict if strict is None else strict) or expect_name is not None
+    return policy.revocation is not None and not refused
 
 
 def _headers_only(root: Path) -> tuple[list[FileCommitment], dict[str, RawArtifact]]:
@@ -351,9 +354,3 @@ def add_signature(
     sf.chunks = {c.path: c.table for c in commits}
     sf.save(path)
     return entry
-
-
-def sign_existing(root: Path, signer: Signer, name: str, attach: Any = None) -> Entry:
-    """Sign an existing sealed artifact (a second signer, or a re-sign after an update)."""
-    commits, raws = hash_artifact(root)
-    return add_signature(root, signer, name, commits, _primary(raws).core, attach=attach)
