@@ -294,27 +294,16 @@ def test_resign_after_update_keeps_history(env: Env, keys: dict[str, Path], tmp_
 # --- revocation ---------------------------------------------------------------------------------
 
 
+def revoke(lst: Path, pol: Path, keys: dict[str, Path], *extra: str) -> int:
+    """``modelseal revoke`` by the security signer, the existing list authenticated with ``pol``."""
+    return main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol), *extra])
+
+
 def revocation_setup(tmp_path: Path, keys: dict[str, Path]) -> tuple[Path, Path]:
     lst = tmp_path / "revocations.json"
     extra = f'[revocation]\nlist = "{lst}"\nsigners = ["security"]\n'
     pol = policy_file(tmp_path, keys, extra=extra)
-    assert (
-        main(
-            [
-                "revoke",
-                "--list",
-                str(lst),
-                "--sign-key",
-                str(keys["security"]),
-                "--trust",
-                str(pol),
-                "--create",
-                "--expires-in",
-                "7",
-            ]
-        )
-        == 0
-    )
+    assert revoke(lst, pol, keys, "--create", "--expires-in", "7") == 0
     return pol, lst
 
 
@@ -323,8 +312,7 @@ def test_revoked_signature_signer_and_artifact(env: Env, keys: dict[str, Path], 
     sealed = signed_folder(env, keys)
     v = verify_artifact(sealed, load_policy(pol))
     sid, keyid, digest = v.results[0].id, v.results[0].keyid, v.digest
-    revoke = ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol)]
-    assert main([*revoke, "--signature", sid, "--reason", "leaked build"]) == 0
+    assert revoke(lst, pol, keys, "--signature", sid, "--reason", "leaked build") == 0
     with pytest.raises(Revoked):
         verify_artifact(sealed, load_policy(pol))
     assert main(["verify", str(sealed), "--trust", str(pol)]) == 11
@@ -333,10 +321,10 @@ def test_revoked_signature_signer_and_artifact(env: Env, keys: dict[str, Path], 
     assert verify_artifact(sealed, load_policy(pol)).signers == ["security"]
     # revoking the signer key, or the artifact itself
     sealed2 = signed_folder(env, keys, name="two")
-    assert main([*revoke, "--signer", keyid]) == 0
+    assert revoke(lst, pol, keys, "--signer", keyid) == 0
     with pytest.raises(Revoked):
         verify_artifact(sealed2, load_policy(pol))
-    assert main([*revoke, "--artifact", digest]) == 0
+    assert revoke(lst, pol, keys, "--artifact", digest) == 0
     with pytest.raises(Revoked, match="is revoked"):
         verify_artifact(sealed, load_policy(pol))
     doc = RevocationList.parse_payload(base64.b64decode(json.loads(lst.read_text())["payload"]))
@@ -352,22 +340,7 @@ def test_revoked_artifact_is_refused_by_the_loader(
     with api.open(sealed, "config.json", keys=env.svc) as r:
         assert r.verified and b"bert" in r.readall()
     digest = verify_artifact(sealed, load_policy(pol)).digest
-    assert (
-        main(
-            [
-                "revoke",
-                "--list",
-                str(lst),
-                "--sign-key",
-                str(keys["security"]),
-                "--trust",
-                str(pol),
-                "--artifact",
-                digest,
-            ]
-        )
-        == 0
-    )
+    assert revoke(lst, pol, keys, "--artifact", digest) == 0
     with pytest.raises(Revoked):
         api.open(sealed, "config.json", keys=env.svc)
 
@@ -399,7 +372,7 @@ def test_stale_forged_unsigned_or_missing_revocation_list(env: Env, keys: dict[s
     with pytest.raises(RevocationListError):
         verify_artifact(sealed, policy)
     # extending a list that no longer authenticates is refused too
-    r = main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol)])
+    r = revoke(lst, pol, keys)
     assert r == 12
 
 
@@ -410,12 +383,7 @@ def test_malleated_ecdsa_signature_keeps_its_revoked_id(env: Env, keys: dict[str
     pol, lst = revocation_setup(tmp_path, keys)
     sealed = signed_folder(env, keys)  # release: P-256
     sid = verify_artifact(sealed, load_policy(pol)).results[0].id
-    assert (
-        main(
-            ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol), "--signature", sid]
-        )
-        == 0
-    )
+    assert revoke(lst, pol, keys, "--signature", sid) == 0
     path = signature_path(sealed)
     doc = json.loads(path.read_text())
     sig = doc["signatures"][0]["envelope"]["signatures"][0]
@@ -579,22 +547,7 @@ def test_predeploy_gate_script(env: Env, keys: dict[str, Path], tmp_path: Path) 
     r = run_gate(good, bad, unsigned)
     assert r.returncode == 10 and r.stdout.count("REJECT") == 2 and "not signed" in r.stdout
     digest = verify_artifact(good, load_policy(pol)).digest
-    assert (
-        main(
-            [
-                "revoke",
-                "--list",
-                str(lst),
-                "--sign-key",
-                str(keys["security"]),
-                "--trust",
-                str(pol),
-                "--artifact",
-                digest,
-            ]
-        )
-        == 0
-    )
+    assert revoke(lst, pol, keys, "--artifact", digest) == 0
     r = run_gate(good)
     assert r.returncode == 11 and "REVOKED" in r.stdout
 
@@ -620,12 +573,7 @@ def test_plaintext_oms_verification_applies_the_whole_policy(env: Env, keys: dic
     )
     assert main(["verify", str(model), "--trust", str(two)]) == 10
     keyid = signer.public.key_id
-    assert (
-        main(
-            ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol), "--signer", keyid]
-        )
-        == 0
-    )
+    assert revoke(lst, pol, keys, "--signer", keyid) == 0
     assert main(["verify", str(model), "--trust", str(pol)]) == 11
 
 
@@ -641,22 +589,7 @@ def test_revoked_artifact_stays_revoked_without_its_signature_file(
         lst.unlink()  # a fresh list for each case: forget the version this host saw
         (env.home / "revocation-state.json").unlink(missing_ok=True)
         revocation_setup(tmp_path, keys)
-        assert (
-            main(
-                [
-                    "revoke",
-                    "--list",
-                    str(lst),
-                    "--sign-key",
-                    str(keys["security"]),
-                    "--trust",
-                    str(pol),
-                    "--artifact",
-                    value,
-                ]
-            )
-            == 0
-        )
+        assert revoke(lst, pol, keys, "--artifact", value) == 0
         saved = signature_path(sealed).read_bytes()
         signature_path(sealed).unlink()
         with pytest.raises(Revoked):
@@ -740,18 +673,13 @@ def test_revocation_list_rollback_is_refused(env: Env, keys: dict[str, Path], tm
     policy = load_policy(pol)
     v1 = lst.read_bytes()
     sid = verify_artifact(sealed, policy).results[0].id
-    assert (
-        main(
-            ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol), "--signature", sid]
-        )
-        == 0
-    )
+    assert revoke(lst, pol, keys, "--signature", sid) == 0
     with pytest.raises(Revoked):
         verify_artifact(sealed, policy)
     lst.write_bytes(v1)  # the older, still unexpired list that did not revoke it
     with pytest.raises(RevocationListError, match="rolled back"):
         verify_artifact(sealed, policy)
-    r = main(["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol)])
+    r = revoke(lst, pol, keys)
     assert r == 12  # and it is not extended either
     # hosts without state: the policy's min_version
     floor = tmp_path / "floor.toml"
@@ -837,10 +765,9 @@ def test_revoke_refuses_missing_expired_or_symlinked_lists(env: Env, keys: dict[
     pol, lst = revocation_setup(tmp_path, keys)
     sealed = signed_folder(env, keys)
     policy = load_policy(pol)
-    base = ["revoke", "--list", str(lst), "--sign-key", str(keys["security"]), "--trust", str(pol)]
     v1 = lst.read_bytes()
     sid = verify_artifact(sealed, policy).results[0].id
-    assert main([*base, "--signature", sid]) == 0  # version 2
+    assert revoke(lst, pol, keys, "--signature", sid) == 0  # version 2
     # an older list behind a symlink at the policy's path is still a rollback
     old = tmp_path / "old.json"
     old.write_bytes(v1)
@@ -850,12 +777,12 @@ def test_revoke_refuses_missing_expired_or_symlinked_lists(env: Env, keys: dict[
         verify_artifact(sealed, policy)
     lst.unlink()
     # a missing list is not silently restarted
-    assert main(base) == 2
+    assert revoke(lst, pol, keys) == 2
     # an expired (genuine, newest) list is refreshed only on request, and versions only grow
     rl = RevocationList(5, datetime.now(UTC) - timedelta(days=9), datetime.now(UTC) - timedelta(days=1), [])
     lst.write_bytes(rl.sign(PemSigner.from_file(keys["security"])))
-    assert main(base) == 12
-    assert main([*base, "--refresh-expired"]) == 0
+    assert revoke(lst, pol, keys) == 12
+    assert revoke(lst, pol, keys, "--refresh-expired") == 0
     doc = RevocationList.parse_payload(base64.b64decode(json.loads(lst.read_text())["payload"]))
     assert doc.version == 6
 
@@ -872,22 +799,7 @@ def test_fsspec_recognises_a_revoked_digest_without_the_signature_file(
     sealed = env.work / "d.sealed"
     api.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
     digest = verify_artifact(sealed, load_policy(pol)).digest
-    assert (
-        main(
-            [
-                "revoke",
-                "--list",
-                str(lst),
-                "--sign-key",
-                str(keys["security"]),
-                "--trust",
-                str(pol),
-                "--artifact",
-                digest,
-            ]
-        )
-        == 0
-    )
+    assert revoke(lst, pol, keys, "--artifact", digest) == 0
     signature_path(sealed).unlink()
     monkeypatch.setenv("MODELSEAL_TRUST", str(lenient))
     with pytest.raises(Revoked):
