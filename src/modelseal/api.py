@@ -220,6 +220,7 @@ class _Folder:
     artifact_id: str
     entries: list[Entry]
     commits: list[FileCommitment]
+    manifest_header: bytes
 
 
 def _write_folder(
@@ -268,7 +269,7 @@ def _write_folder(
     )
     if w.table is not None:
         commits.append(commit_written(MANIFEST_NAME, w.header, w.table))
-    return _Folder(w.artifact_id, entries, commits)
+    return _Folder(w.artifact_id, entries, commits, w.header)
 
 
 def _new_data_key(
@@ -435,20 +436,10 @@ def _seal_folder(
         if dst.is_dir():  # replaced with --force: its signatures become history
             supersede(signature_path(dst), signature_path(tmp))
         if sign_key is not None:
-            header = _read_header_bytes(tmp / MANIFEST_NAME)
             rows = [(e.path, e.sha256) for e in f.entries]
-            sig_id = _sign_new(
-                tmp, sign_key, name, f.commits, header, dek, lambda: oms.bundle_for_folder(sign_key, name, rows)
-            )
+            bundle = lambda: oms.bundle_for_folder(sign_key, name, rows)  # noqa: E731
+            sig_id = _sign_new(tmp, sign_key, name, f.commits, f.manifest_header, dek, bundle)
     return SealResult(dst, f.artifact_id, len(f.entries), sum(e.size for e in f.entries), tuple(key_uris), sig_id)
-
-
-def _read_header_bytes(path: Path) -> bytes:
-    src = FdSource(open_regular(path))
-    try:
-        return read_raw(src).core.raw
-    finally:
-        src.close()
 
 
 def _bytes_reader(data: bytes) -> ReadAt:
