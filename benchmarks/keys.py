@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.services import openbao_dev, softhsm_token
 
 import modelseal
-from modelseal import keystore
-from modelseal.audit import MemorySink
-from modelseal.header import normalize_context
-from modelseal.keys import KeyService
-from modelseal.providers.local import LocalProvider
-from modelseal.providers.pkcs11 import Pkcs11Provider
-from modelseal.providers.transit import TransitProvider
-from modelseal.rotation import rotate
+from modelseal.audit.events import MemorySink
+from modelseal.format.header import normalize_context
+from modelseal.keys import keystore
+from modelseal.keys.providers.local import LocalProvider
+from modelseal.keys.providers.pkcs11 import Pkcs11Provider
+from modelseal.keys.providers.transit import TransitProvider
+from modelseal.keys.service import KeyService
+from modelseal.recipes.rotation import rotate
 
 MIB = 1 << 20
 

@@ -33,9 +33,9 @@ import competitors
 
 import modelseal
 import modelseal.safetensors as mst
-from modelseal import keystore
-from modelseal.audit import MemorySink
-from modelseal.keys import KeyService
+from modelseal.audit.events import MemorySink
+from modelseal.keys import keystore
+from modelseal.keys.service import KeyService
 
 MIB = 1 << 20
 
@@ -141,7 +141,7 @@ def main() -> None:
         env = dict(os.environ)
         peak, base = child_rss(
             "import torch, modelseal.safetensors as m\n"
-            "from modelseal.keys import KeyService\nfrom modelseal.audit import MemorySink\n"
+            "from modelseal.keys.service import KeyService\nfrom modelseal.audit.events import MemorySink\n"
             "svc = KeyService(sink=MemorySink())",
             f"t = m.load_file({str(sealed)!r}, 'pt', keys=svc)",
             env,

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 import modelseal
-from modelseal import keystore
-from modelseal.audit import MemorySink
-from modelseal.keys import KeyService
-from modelseal.providers.local import LocalProvider
-from modelseal.signing import P256, generate, private_pem
-from modelseal.trust import TrustPolicy
-from modelseal.verification import verify_artifact
+from modelseal.audit.events import MemorySink
+from modelseal.keys import keystore
+from modelseal.keys.providers.local import LocalProvider
+from modelseal.keys.service import KeyService
+from modelseal.signing.signers import P256, generate, private_pem
+from modelseal.signing.trust import TrustPolicy
+from modelseal.signing.verification import verify_artifact
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.services import model_signing_cli

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import modelseal
-from modelseal import keystore
-from modelseal.audit import MemorySink
-from modelseal.keys import KeyService
-from modelseal.providers.local import LocalProvider
+from modelseal.audit.events import MemorySink
+from modelseal.keys import keystore
+from modelseal.keys.providers.local import LocalProvider
+from modelseal.keys.service import KeyService
 
 GB = 1e9
 MIB = 1 << 20
@@ -63,8 +63,8 @@ def plain_readinto(path: Path, buf: bytearray) -> None:
 def child_seal_rss(src: Path, dst: Path, home: Path) -> int:
     code = (
         "import modelseal, sys\n"
-        "from modelseal.keys import KeyService\n"
-        "from modelseal.audit import MemorySink\n"
+        "from modelseal.keys.service import KeyService\n"
+        "from modelseal.audit.events import MemorySink\n"
         "modelseal.seal(sys.argv[1], sys.argv[2], key='bench', keys=KeyService(sink=MemorySink()))\n"
         # VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the parent's pages.
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from modelseal import api, keystore
-from modelseal.audit import MemorySink
-from modelseal.keys import KeyService
+from modelseal.audit.events import MemorySink
+from modelseal.keys import keystore
+from modelseal.keys.service import KeyService
+from modelseal.recipes import context as recipes_context
 
 PASSPHRASE = "test-passphrase-not-secret"
 
@@ -32,7 +33,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.setenv("MODELSEAL_HOME", str(home))
     monkeypatch.setenv("MODELSEAL_PASSPHRASE", PASSPHRASE)
     keystore.clear_cache()
-    monkeypatch.setattr(api, "_service", None)  # the process-wide default KeyService
+    monkeypatch.setattr(recipes_context, "_service", None)  # the process-wide default KeyService
     # The smallest scrypt cost the keystore accepts keeps tests fast; the CLI's init uses 2^17.
     keystore.create(keystore.keystore_path(home), PASSPHRASE.encode(), scrypt_log2_n=14)
     sink = MemorySink()

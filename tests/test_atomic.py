@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import modelseal
-from modelseal import stream
 from modelseal.errors import StorageError
-from modelseal.source import FdSource
+from modelseal.format import stream
+from modelseal.format.source import FdSource
 
 from .conftest import Env, make_model_folder, tree_bytes
 
@@ -67,10 +67,9 @@ def test_unseal_write_failure_keeps_existing_output(env: Env, monkeypatch: pytes
     modelseal.unseal(sealed, out, keys=env.svc)
     (out / "marker").write_text("old output")
     before = _snapshot(env.work)
-    from modelseal import api
 
     with monkeypatch.context() as m:
-        m.setattr(api.os, "write", _FailAfter(os.write, 2))
+        m.setattr(os, "write", _FailAfter(os.write, 2))
         with pytest.raises(StorageError):
             modelseal.unseal(sealed, out, keys=env.svc, force=True)
     assert _snapshot(env.work) == before
@@ -82,7 +81,7 @@ def test_rewrap_failure_leaves_artifact_openable(env: Env, monkeypatch: pytest.M
     dst = env.work / "r.sealed"
     modelseal.seal(src, dst, key="test-kek", keys=env.svc)
     env.svc.rotate("test-kek")
-    from modelseal import artifact
+    from modelseal.format import file as artifact
 
     # Fail while writing the new slot, and (separately) while erasing the old one.
     for n in (0, 1):
@@ -97,7 +96,7 @@ def test_rewrap_failure_leaves_artifact_openable(env: Env, monkeypatch: pytest.M
 
 def test_torn_slot_write_is_survivable(env: Env) -> None:
     """Simulate a crash halfway through writing the new slot: half of it on disk."""
-    from modelseal.artifact import read_raw
+    from modelseal.format.file import read_raw
 
     src = env.work / "t.bin"
     src.write_bytes(os.urandom(1000))
@@ -165,7 +164,7 @@ def test_force_replaces_across_file_and_folder_kinds(env: Env) -> None:
 
 
 def test_folder_replace_failure_restores_the_original(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelseal import fsutil
+    from modelseal.util import files as fsutil
 
     model = make_model_folder(env.work / "model", big=10)
     dst = env.work / "s"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import modelseal
-from modelseal import merkle
-from modelseal.auditlog import AuditLogError, MerkleAuditLog
-from modelseal.keys import KeyService
+from modelseal.audit import merkle
+from modelseal.audit.log import AuditLogError, MerkleAuditLog
+from modelseal.keys.service import KeyService
 
 from .conftest import PASSPHRASE, Env
 
@@ -157,7 +157,7 @@ def test_postgresql_backend(env: Env, tmp_path: Path) -> None:
     """The same log in a real PostgreSQL 15 (started with pg_ctlcluster on this machine)."""
     import psycopg
 
-    from modelseal.audit import AuditEvent
+    from modelseal.audit.events import AuditEvent
 
     from .services import postgres
 
@@ -194,7 +194,7 @@ def test_resigned_log_and_truncation_are_caught(env: Env) -> None:
     """Review findings: someone who can write the database but lacks the audit key."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from modelseal.auditlog import _signed_message, public_key_hex
+    from modelseal.audit.log import _signed_message, public_key_hex
 
     log = _fill(env)
     db = _raw(env)

@@ -17,10 +17,10 @@ import pytest
 from botocore.stub import ANY, Stubber
 
 import modelseal
-from modelseal.audit import MemorySink
+from modelseal.audit.events import MemorySink
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound
-from modelseal.keys import KeyService
-from modelseal.providers.awskms import AwsKmsProvider
+from modelseal.keys.providers.awskms import AwsKmsProvider
+from modelseal.keys.service import KeyService
 
 from .conftest import Env
 
@@ -83,7 +83,7 @@ def test_second_recipient_uses_encrypt(env: Env, kms: Any) -> None:
 def test_kms_errors_map_to_modelseal_errors(kms: Any, code: str, error: type[Exception]) -> None:
     client, stub = kms
     stub.add_client_error("decrypt", service_error_code=code, http_status_code=400)
-    from modelseal.header import Recipient
+    from modelseal.format.header import Recipient
 
     with pytest.raises(error):
         AwsKmsProvider(lambda: client).unwrap(Recipient("awskms", KEY, 1, b"blob"), ())

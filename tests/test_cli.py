@@ -159,7 +159,7 @@ def test_unseal_of_folder_member_paths_are_safe(env: Env) -> None:
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from modelseal import cli
+    from modelseal.cli import common as cli
 
     monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: False)
     bar = cli.ProgressBar(100, "seal")

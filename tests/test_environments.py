@@ -9,11 +9,11 @@ import sys
 import pytest
 
 import modelseal
-from modelseal.audit import MemorySink
-from modelseal.config import ConfigError, load
+from modelseal.audit.events import MemorySink
 from modelseal.errors import PolicyDenied
-from modelseal.keys import KeyService
-from modelseal.providers.local import LocalProvider
+from modelseal.keys.config import ConfigError, load
+from modelseal.keys.providers.local import LocalProvider
+from modelseal.keys.service import KeyService
 
 from .conftest import Env
 
@@ -124,8 +124,8 @@ def test_cli_key_list_shows_environment_and_rotation_due(configured: Env) -> Non
 
 
 def test_binding_compares_canonical_key_identities(env: Env) -> None:
-    from modelseal.config import parse
-    from modelseal.header import normalize_context
+    from modelseal.format.header import normalize_context
+    from modelseal.keys.config import parse
 
     cfg = parse(
         {
@@ -148,7 +148,7 @@ def test_binding_compares_canonical_key_identities(env: Env) -> None:
 
 
 def test_reserved_context_key() -> None:
-    from modelseal.header import normalize_context
+    from modelseal.format.header import normalize_context
 
     with pytest.raises(ValueError, match="reserved"):
         normalize_context({"modelseal": "v1"})

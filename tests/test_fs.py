@@ -12,7 +12,7 @@ import pytest
 
 import modelseal
 from modelseal.errors import DecryptionError
-from modelseal.fs import SealedFileSystem
+from modelseal.loaders.fs import SealedFileSystem
 
 from .conftest import Env
 

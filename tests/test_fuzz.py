@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 import modelseal
 from modelseal.errors import ModelsealError
-from modelseal.folder import parse_manifest
-from modelseal.header import parse_core, parse_slot
+from modelseal.format.folder import parse_manifest
+from modelseal.format.header import parse_core, parse_slot
 
 from .conftest import Env
 

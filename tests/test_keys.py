@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 import modelseal
-from modelseal import keystore
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, KeystoreError, PolicyDenied
-from modelseal.header import Recipient, normalize_context
-from modelseal.keys import KeyService
-from modelseal.providers.local import LocalProvider
+from modelseal.format.header import Recipient, normalize_context
+from modelseal.keys import keystore
+from modelseal.keys.providers.local import LocalProvider
+from modelseal.keys.service import KeyService
 
 from .conftest import PASSPHRASE, Env, make_model_folder
 
@@ -198,7 +198,7 @@ def test_audit_events_for_every_key_operation_and_no_secrets(env: Env) -> None:
 
 
 def test_jsonl_audit_sink(env: Env) -> None:
-    from modelseal.audit import JsonLinesSink
+    from modelseal.audit.events import JsonLinesSink
 
     svc = KeyService(sink=JsonLinesSink(env.home / "audit.jsonl"))
     svc.create("audited")
@@ -231,7 +231,7 @@ def test_reencrypt_changes_data_key(env: Env) -> None:
 
 
 def test_keystore_update_failure_keeps_old_keystore(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelseal import fsutil
+    from modelseal.util import files as fsutil
 
     path = keystore.keystore_path(env.home)
     before = path.read_bytes()
@@ -251,7 +251,7 @@ def test_keystore_update_failure_keeps_old_keystore(env: Env, monkeypatch: pytes
 
 
 def test_backend_exceptions_are_normalised_without_their_message(env: Env) -> None:
-    from modelseal.audit import MemorySink
+    from modelseal.audit.events import MemorySink
 
     class Leaky:
         scheme = "leaky"

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelseal import merkle
+from modelseal.audit import merkle
 
 # The CT reference tree: eight leaves and the tree head for every size 0..8.
 DATA = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from modelseal.cli import main
-from modelseal.oms import make_bundle
-from modelseal.signing import ED25519, P256, PemSigner, generate, private_pem
+from modelseal.signing.oms import make_bundle
+from modelseal.signing.signers import ED25519, P256, PemSigner, generate, private_pem
 
 from .conftest import Env, make_model_folder
 from .services import model_signing_cli

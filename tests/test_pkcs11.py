@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 import modelseal
-from modelseal.audit import MemorySink
+from modelseal.audit.events import MemorySink
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
-from modelseal.header import normalize_context
-from modelseal.keys import KeyService
-from modelseal.providers.pkcs11 import Pkcs11Provider, parse_uri
+from modelseal.format.header import normalize_context
+from modelseal.keys.providers.pkcs11 import Pkcs11Provider, parse_uri
+from modelseal.keys.service import KeyService
 
 from .conftest import Env
 from .services import softhsm_token
@@ -63,7 +63,7 @@ def test_rfc7512_uri_parsing() -> None:
 
 def test_an_artifact_cannot_choose_the_module_or_the_pin(env: Env, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Regression: a recipient's key_id once reached module-path= (code loading) and pin-source=."""
-    from modelseal.header import Recipient
+    from modelseal.format.header import Recipient
 
     marker = tmp_path_factory.mktemp("evil") / "loaded"
     for key_id in (
@@ -161,10 +161,10 @@ def test_wrong_pin_and_missing_key(
 
 def test_pkcs11_signer_signs_sealed_artifacts(env: Env, provider: Pkcs11Provider, tmp_path: Path) -> None:
     from modelseal.cli import main
-    from modelseal.providers.pkcs11_sign import Pkcs11Signer, create_signing_key
-    from modelseal.signing import ED25519, P256
-    from modelseal.trust import TrustPolicy
-    from modelseal.verification import verify_artifact
+    from modelseal.signing.pkcs11 import Pkcs11Signer, create_signing_key
+    from modelseal.signing.signers import ED25519, P256
+    from modelseal.signing.trust import TrustPolicy
+    from modelseal.signing.verification import verify_artifact
 
     from .conftest import make_model_folder
 

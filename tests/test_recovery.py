@@ -12,9 +12,9 @@ import pytest
 import shamir_mnemonic
 
 import modelseal
-from modelseal import keystore
 from modelseal.errors import KeystoreError
-from modelseal.keys import KeyService
+from modelseal.keys import keystore
+from modelseal.keys.service import KeyService
 
 from .conftest import Env
 
@@ -146,7 +146,7 @@ def test_cli_split_and_combine(env: Env) -> None:
         [sys.executable, "-m", "modelseal.cli", "recovery", "combine", str(files[1])], capture_output=True, text=True
     )
     assert r.returncode == 6 and r.stderr.count("\n") == 1
-    from modelseal.auditlog import MerkleAuditLog
+    from modelseal.audit.log import MerkleAuditLog
 
     ops = [(e["operation"], e["result"]) for e in MerkleAuditLog(env.home / "audit.db").events()]
     assert ("recovery-split", "ok") in ops and ("recovery-combine", "ok") in ops

@@ -10,14 +10,14 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import modelseal
-from modelseal import keystore
-from modelseal.artifact import read_raw
-from modelseal.audit import MemorySink
+from modelseal.audit.events import MemorySink
 from modelseal.errors import FormatError, KeystoreError, PolicyDenied, StorageError
-from modelseal.header import Recipient, encode_context, encode_recipients
-from modelseal.keys import KeyService
-from modelseal.providers.local import LocalProvider
-from modelseal.source import FdSource
+from modelseal.format.file import read_raw
+from modelseal.format.header import Recipient, encode_context, encode_recipients
+from modelseal.format.source import FdSource
+from modelseal.keys import keystore
+from modelseal.keys.providers.local import LocalProvider
+from modelseal.keys.service import KeyService
 
 from .conftest import Env, make_model_folder
 
@@ -169,7 +169,7 @@ def test_destroy_waiting_period_cannot_be_skipped_by_accident(env: Env) -> None:
 
 
 def test_rotate_never_follows_symlinks_out_of_its_paths(env: Env) -> None:
-    from modelseal.rotation import rotate
+    from modelseal.recipes.rotation import rotate
 
     outside = env.work / "outside"
     outside.mkdir()

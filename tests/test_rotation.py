@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import modelseal
-from modelseal.audit import MemorySink
-from modelseal.keys import KeyService
-from modelseal.providers.local import LocalProvider
-from modelseal.rotation import rotate
+from modelseal.audit.events import MemorySink
+from modelseal.keys.providers.local import LocalProvider
+from modelseal.keys.service import KeyService
+from modelseal.recipes.rotation import rotate
 
 from .conftest import Env, make_model_folder
 
@@ -75,7 +75,7 @@ def test_kill_9_midway_leaves_every_artifact_openable_and_rerun_finishes(env: En
     paths = _many(env, 150)
     env.svc.rotate("test-kek")
     code = (
-        "import sys\nfrom pathlib import Path\nfrom modelseal.rotation import rotate\n"
+        "import sys\nfrom pathlib import Path\nfrom modelseal.recipes.rotation import rotate\n"
         "import time\n"
         # Slowed down (10 ms per artifact) so the kill lands midway, whatever the machine's speed.
         "rotate('test-kek', [Path(sys.argv[1])], progress=lambda n: (print(n, flush=True), time.sleep(0.01)))\n"

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelseal
-from modelseal.header import DEFAULT_CHUNK_LOG2
+from modelseal.format.header import DEFAULT_CHUNK_LOG2
 
 from .conftest import Env, make_model_folder, tree_bytes
 

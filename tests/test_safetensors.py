@@ -148,8 +148,8 @@ def test_data_key_unwrapped_once_per_artifact(env: Env) -> None:
 
 
 def test_wrong_key_fails_before_any_tensor(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelseal import keystore
-    from modelseal.keys import KeyService
+    from modelseal.keys import keystore
+    from modelseal.keys.service import KeyService
 
     sealed = _seal_st(env, _tensors())
     other = env.work / "other-home"

@@ -13,16 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from modelseal import api, rekey
+import modelseal
 from modelseal.cli import main
-from modelseal.commitment import header_digest
 from modelseal.errors import RevocationListError, Revoked, VerificationError
-from modelseal.header import parse_core
-from modelseal.oms import bundle_for_folder, make_bundle
-from modelseal.sigfile import SignatureFile, signature_path
-from modelseal.signing import ED25519, P256, PemSigner, generate, private_pem
-from modelseal.trust import RevocationList, TrustPolicy, load_policy, new_revocation
-from modelseal.verification import verify_artifact
+from modelseal.format.header import parse_core
+from modelseal.recipes import seal as recipes_seal
+from modelseal.recipes import sign as recipes_sign
+from modelseal.signing.commitment import header_digest
+from modelseal.signing.oms import bundle_for_folder, make_bundle
+from modelseal.signing.revocation import RevocationList, new_revocation
+from modelseal.signing.sigfile import SignatureFile, signature_path
+from modelseal.signing.signers import ED25519, P256, PemSigner, generate, private_pem
+from modelseal.signing.trust import TrustPolicy, load_policy
+from modelseal.signing.verification import verify_artifact
 
 from .conftest import Env, make_model_folder
 
@@ -58,7 +61,7 @@ def policy_file(
 def signed_folder(env: Env, keys: dict[str, Path], name: str = "llama-7b", signer: str = "release") -> Path:
     src = make_model_folder(env.work / f"src-{name}")
     dst = env.work / f"{name}.sealed"
-    res = api.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys[signer]), name=name)
+    res = modelseal.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys[signer]), name=name)
     assert res.signature is not None
     return dst
 
@@ -103,7 +106,7 @@ def test_sealed_file_signature_sits_beside_it(env: Env, keys: dict[str, Path], t
     src = env.work / "w.bin"
     src.write_bytes(os.urandom(2 * (1 << 20) + 5))
     dst = env.work / "w.sealed"
-    api.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
+    modelseal.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
     assert (env.work / "w.sealed.msig").is_file()
     v = verify_artifact(dst, load_policy(policy_file(tmp_path, keys)))
     assert v.name == "w.bin" and v.signers == ["security"]
@@ -112,7 +115,7 @@ def test_sealed_file_signature_sits_beside_it(env: Env, keys: dict[str, Path], t
 def test_rewrap_keeps_signatures_valid(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
     sealed = signed_folder(env, keys)
     env.svc.rotate("test-kek")
-    rekey.rewrap(sealed, keys=env.svc)
+    modelseal.rewrap(sealed, keys=env.svc)
     assert verify_artifact(sealed, load_policy(policy_file(tmp_path, keys))).signers == ["release"]
 
 
@@ -185,7 +188,7 @@ def test_signature_copied_from_another_artifact_is_refused(env: Env, keys: dict[
     a = signed_folder(env, keys, name="a")
     src = make_model_folder(env.work / "plain-b")
     b = env.work / "b.sealed"
-    api.seal(src, b, KEY, keys=env.svc)  # unsigned
+    modelseal.seal(src, b, KEY, keys=env.svc)  # unsigned
     shutil.copy(signature_path(a), signature_path(b))
     with pytest.raises(VerificationError, match="does not match the artifact"):
         verify_artifact(b, load_policy(policy_file(tmp_path, keys)))
@@ -230,10 +233,10 @@ def test_rules_match_names_and_environments(env: Env, keys: dict[str, Path], tmp
     src = make_model_folder(env.work / "p")
     prod = env.work / "prod.sealed"
     env.svc.create("prod-kek")
-    api.seal(src, prod, "local:prod-kek", env="prod", keys=env.svc, sign_key=PemSigner.from_file(keys["release"]))
+    modelseal.seal(src, prod, "local:prod-kek", env="prod", keys=env.svc, sign_key=PemSigner.from_file(keys["release"]))
     with pytest.raises(VerificationError, match="no rule"):
         verify_artifact(prod, policy)  # named "p": not llama-*
-    api.seal(
+    modelseal.seal(
         src,
         prod,
         "local:prod-kek",
@@ -252,7 +255,7 @@ def test_threshold_counts_distinct_signers(env: Env, keys: dict[str, Path], tmp_
     sealed = signed_folder(env, keys)
     with pytest.raises(VerificationError, match="needs 2 of the signers"):
         verify_artifact(sealed, policy)
-    api.sign(sealed, PemSigner.from_file(keys["release2"]))  # same signer, second key: still one signer
+    modelseal.sign(sealed, PemSigner.from_file(keys["release2"]))  # same signer, second key: still one signer
     with pytest.raises(VerificationError, match="needs 2"):
         verify_artifact(sealed, policy)
     assert main(["sign", str(sealed), "--sign-key", str(keys["security"])]) == 0
@@ -263,7 +266,7 @@ def test_threshold_counts_distinct_signers(env: Env, keys: dict[str, Path], tmp_
 def test_strict_refuses_unsigned_and_lenient_reports_it(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
     src = make_model_folder(env.work / "u")
     sealed = env.work / "u.sealed"
-    api.seal(src, sealed, KEY, keys=env.svc)
+    modelseal.seal(src, sealed, KEY, keys=env.svc)
     strict = load_policy(policy_file(tmp_path, keys))
     with pytest.raises(VerificationError, match="not signed"):
         verify_artifact(sealed, strict)
@@ -280,10 +283,10 @@ def test_resign_after_update_keeps_history(env: Env, keys: dict[str, Path], tmp_
     sealed = signed_folder(env, keys)
     first = SignatureFile.load(signature_path(sealed))
     assert first is not None
-    rekey.reencrypt(sealed, keys=env.svc)  # new ciphertext: the old signature no longer applies
+    modelseal.reencrypt(sealed, keys=env.svc)  # new ciphertext: the old signature no longer applies
     with pytest.raises(VerificationError, match="not signed"):
         verify_artifact(sealed, policy)
-    sid = api.sign(sealed, PemSigner.from_file(keys["release"]))
+    sid = modelseal.sign(sealed, PemSigner.from_file(keys["release"]))
     sf = SignatureFile.load(signature_path(sealed))
     assert sf is not None and [e.id for e in sf.signatures] == [sid]
     assert [e.id for e in sf.history] == [first.signatures[0].id] and sf.history[0].superseded_at
@@ -317,7 +320,7 @@ def test_revoked_signature_signer_and_artifact(env: Env, keys: dict[str, Path], 
         verify_artifact(sealed, load_policy(pol))
     assert main(["verify", str(sealed), "--trust", str(pol)]) == 11
     # a fresh signature by another trusted signer replaces the revoked one
-    api.sign(sealed, PemSigner.from_file(keys["security"]))
+    modelseal.sign(sealed, PemSigner.from_file(keys["security"]))
     assert verify_artifact(sealed, load_policy(pol)).signers == ["security"]
     # revoking the signer key, or the artifact itself
     sealed2 = signed_folder(env, keys, name="two")
@@ -337,12 +340,12 @@ def test_revoked_artifact_is_refused_by_the_loader(
     pol, lst = revocation_setup(tmp_path, keys)
     sealed = signed_folder(env, keys)
     monkeypatch.setenv("MODELSEAL_TRUST", str(pol))
-    with api.open(sealed, "config.json", keys=env.svc) as r:
+    with modelseal.open(sealed, "config.json", keys=env.svc) as r:
         assert r.verified and b"bert" in r.readall()
     digest = verify_artifact(sealed, load_policy(pol)).digest
     assert revoke(lst, pol, keys, "--artifact", digest) == 0
     with pytest.raises(Revoked):
-        api.open(sealed, "config.json", keys=env.svc)
+        modelseal.open(sealed, "config.json", keys=env.svc)
 
 
 def test_stale_forged_unsigned_or_missing_revocation_list(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
@@ -415,13 +418,13 @@ def test_loader_verifies_lazily_chunk_by_chunk(
     # what signatures catch. Simulate with a flipped byte in chunk 2: GCM would also
     # fail, so check the signature check fires first (VerificationError, not DecryptionError).
     flip(blob, payload_offset(blob) + 2 * ((1 << 20) + 16) + 5)
-    with api.open(sealed, "model.safetensors", keys=env.svc) as r:
+    with modelseal.open(sealed, "model.safetensors", keys=env.svc) as r:
         assert r.verified
         assert len(r.pread(0, 1 << 20)) == 1 << 20  # chunk 0: untouched, verified, fine
         with pytest.raises(VerificationError, match="chunk 2 does not match"):
             r.pread(2 << 20, 100)
     # verify=False skips signatures (explicitly), and GCM still refuses the flipped chunk
-    with api.open(sealed, "model.safetensors", keys=env.svc, verify=False) as r:
+    with modelseal.open(sealed, "model.safetensors", keys=env.svc, verify=False) as r:
         assert not r.verified
         from modelseal.errors import DecryptionError
 
@@ -441,9 +444,9 @@ def test_loaders_refuse_unsigned_under_strict_policy(
     plain.mkdir()
     save_file({"w": np.arange(12, dtype=np.float32)}, str(plain / "model.safetensors"))
     unsigned = env.work / "unsigned.sealed"
-    api.seal(plain, unsigned, KEY, keys=env.svc)
+    modelseal.seal(plain, unsigned, KEY, keys=env.svc)
     signed = env.work / "signed.sealed"
-    api.seal(plain, signed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["release"]))
+    modelseal.seal(plain, signed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["release"]))
     monkeypatch.setenv("MODELSEAL_TRUST", str(policy_file(tmp_path, keys)))
     assert mst.load_file(signed / "model.safetensors", keys=env.svc)["w"][11] == 11
     with pytest.raises(VerificationError, match="not signed"):
@@ -455,11 +458,11 @@ def test_loaders_refuse_unsigned_under_strict_policy(
 def test_header_swapped_after_verification_is_caught(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
     sealed = signed_folder(env, keys)
     v = verify_artifact(sealed, load_policy(policy_file(tmp_path, keys)), deep=False)
-    from modelseal.verification import reader_check
+    from modelseal.signing.verification import reader_check
 
     manifest = sealed / "manifest.mseal"
-    from modelseal.artifact import read_raw
-    from modelseal.source import FdSource
+    from modelseal.format.file import read_raw
+    from modelseal.format.source import FdSource
 
     src = FdSource(os.open(manifest, os.O_RDONLY))
     raw = read_raw(src)
@@ -529,7 +532,7 @@ def test_predeploy_gate_script(env: Env, keys: dict[str, Path], tmp_path: Path) 
     bad = signed_folder(env, keys, name="bad")
     flip(big_blob(bad), payload_offset(big_blob(bad)) + 7)
     unsigned = env.work / "unsigned.sealed"
-    api.seal(make_model_folder(env.work / "u"), unsigned, KEY, keys=env.svc)
+    modelseal.seal(make_model_folder(env.work / "u"), unsigned, KEY, keys=env.svc)
     gate = Path(__file__).resolve().parent.parent / "scripts" / "gate.sh"
     exe = {"MODELSEAL": f"{sys.executable} -m modelseal.cli"}
 
@@ -596,7 +599,7 @@ def test_revoked_artifact_stays_revoked_without_its_signature_file(
             verify_artifact(sealed, load_policy(lenient))
         monkeypatch.setenv("MODELSEAL_TRUST", str(lenient))
         with pytest.raises(Revoked):
-            api.open_folder(sealed, keys=env.svc)
+            modelseal.open_folder(sealed, keys=env.svc)
         monkeypatch.delenv("MODELSEAL_TRUST")
         signature_path(sealed).write_bytes(saved)
 
@@ -612,10 +615,10 @@ def test_expected_name_pins_the_artifact(
     assert main(["verify", str(target), "--trust", str(pol), "--name", "llama-7b"]) == 10
     monkeypatch.setenv("MODELSEAL_TRUST", str(pol))
     with pytest.raises(VerificationError, match="not the expected 'llama-7b'"):
-        api.open_folder(target, keys=env.svc, expect_name="llama-7b")
-    with api.expecting("llama-7b"), pytest.raises(VerificationError, match="signed as 'test-x'"):
-        api.open(target, "config.json", keys=env.svc)
-    with api.expecting("test-x"), api.open(target, "config.json", keys=env.svc) as r:
+        modelseal.open_folder(target, keys=env.svc, expect_name="llama-7b")
+    with modelseal.expecting("llama-7b"), pytest.raises(VerificationError, match="signed as 'test-x'"):
+        modelseal.open(target, "config.json", keys=env.svc)
+    with modelseal.expecting("test-x"), modelseal.open(target, "config.json", keys=env.svc) as r:
         assert r.verified
 
 
@@ -626,8 +629,8 @@ def test_fsspec_verifies_on_load(
     src = env.work / "data.csv"
     src.write_bytes(b"a,b\n" + b"1,2\n" * 400_000)
     signed, unsigned = env.work / "signed.csv.sealed", env.work / "unsigned.csv.sealed"
-    api.seal(src, signed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
-    api.seal(src, unsigned, KEY, keys=env.svc)
+    modelseal.seal(src, signed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
+    modelseal.seal(src, unsigned, KEY, keys=env.svc)
     monkeypatch.setenv("MODELSEAL_TRUST", str(policy_file(tmp_path, keys)))
     with fsspec.open(f"sealed::file://{signed}", "rb") as f:
         assert f.raw.verified and f.read(4) == b"a,b\n"
@@ -694,16 +697,16 @@ def test_revocation_list_rollback_is_refused(env: Env, keys: dict[str, Path], tm
 def test_sign_without_name_ignores_names_of_other_signers(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:
     src = make_model_folder(env.work / "m")
     sealed = env.work / "m.sealed"
-    api.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["other"]), name="llama-prod")
-    api.sign(sealed, PemSigner.from_file(keys["release"]))
+    modelseal.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["other"]), name="llama-prod")
+    modelseal.sign(sealed, PemSigner.from_file(keys["release"]))
     rel = [
         e
         for e in SignatureFile.load(signature_path(sealed)).signatures
         if e.keyid == PemSigner.from_file(keys["release"]).public.key_id
     ]  # type: ignore[union-attr]
     assert rel[0].statement.name == "m"
-    api.sign(sealed, PemSigner.from_file(keys["release"]), name="mine")
-    api.sign(sealed, PemSigner.from_file(keys["release"]))  # inherits its own previous name
+    modelseal.sign(sealed, PemSigner.from_file(keys["release"]), name="mine")
+    modelseal.sign(sealed, PemSigner.from_file(keys["release"]))  # inherits its own previous name
     sf = SignatureFile.load(signature_path(sealed))
     assert sf is not None and sf.signatures[-1].statement.name == "mine"
 
@@ -735,7 +738,7 @@ def test_malformed_inputs_give_typed_errors(env: Env, keys: dict[str, Path], tmp
 def test_allow_plaintext_is_refused_under_a_strict_policy(
     env: Env, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from modelseal.loading import open_member
+    from modelseal.loaders.common import open_member
 
     plain = env.work / "w.bin"
     plain.write_bytes(b"weights")
@@ -754,9 +757,9 @@ def test_sign_does_not_inherit_a_name_from_a_copied_genuine_signature(
     release = PemSigner.from_file(keys["release"])
     prod = signed_folder(env, keys, name="llama-prod")  # a genuine release signature
     dev = env.work / "dev.sealed"
-    api.seal(make_model_folder(env.work / "dev-src"), dev, KEY, keys=env.svc)
+    modelseal.seal(make_model_folder(env.work / "dev-src"), dev, KEY, keys=env.svc)
     shutil.copy(signature_path(prod), signature_path(dev))  # planted in the dev artifact
-    api.sign(dev, release)
+    modelseal.sign(dev, release)
     sf = SignatureFile.load(signature_path(dev))
     assert sf is not None and [e.statement.name for e in sf.signatures] == ["dev"]
 
@@ -797,7 +800,7 @@ def test_fsspec_recognises_a_revoked_digest_without_the_signature_file(
     src = env.work / "d.bin"
     src.write_bytes(os.urandom(3 << 20))
     sealed = env.work / "d.sealed"
-    api.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
+    modelseal.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]))
     digest = verify_artifact(sealed, load_policy(pol)).digest
     assert revoke(lst, pol, keys, "--artifact", digest) == 0
     signature_path(sealed).unlink()
@@ -822,8 +825,8 @@ def test_policy_can_require_pinned_names(
     assert not (env.work / "o1").exists() and not (env.work / "o2").exists()
     monkeypatch.setenv("MODELSEAL_TRUST", str(pol))
     with pytest.raises(VerificationError, match="requires the expected artifact name"):
-        api.open_folder(sealed, keys=env.svc)
-    with api.expecting("llama-7b"), api.open_folder(sealed, keys=env.svc) as f:
+        modelseal.open_folder(sealed, keys=env.svc)
+    with modelseal.expecting("llama-7b"), modelseal.open_folder(sealed, keys=env.svc) as f:
         assert "config.json" in f
 
 
@@ -839,9 +842,9 @@ def test_signed_manifest_with_traversal_paths_is_refused(
     st = real.stat()
     sealed = env.work / "evil.sealed"
     with monkeypatch.context() as m:  # a sealer without modelseal's own checks
-        m.setattr(api, "walk_folder", lambda _root: [(evil, real, (st.st_dev, st.st_ino))])
-        m.setattr(api, "_check_sealable", lambda _paths: None)
-        api.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["release"]), name="evil")
+        m.setattr(recipes_seal, "walk_folder", lambda _root: [(evil, real, (st.st_dev, st.st_ino))])
+        m.setattr(recipes_seal, "check_sealable", lambda _paths: None)
+        modelseal.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["release"]), name="evil")
     assert verify_artifact(sealed, load_policy(policy_file(tmp_path, keys))).name == "evil"
     out = env.work / "deep" / "out"
     out.parent.mkdir()
@@ -866,7 +869,7 @@ def test_sealed_file_takes_the_given_name_and_a_failed_signing_leaves_nothing(
     src = env.work / "w.bin"
     src.write_bytes(os.urandom(100_000))
     dst = env.work / "w.sealed"
-    api.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]), name="weights-v2")
+    modelseal.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"]), name="weights-v2")
     assert verify_artifact(dst, load_policy(policy_file(tmp_path, keys))).name == "weights-v2"
 
     class Broken:
@@ -879,16 +882,16 @@ def test_sealed_file_takes_the_given_name_and_a_failed_signing_leaves_nothing(
 
     before = (dst.read_bytes(), signature_path(dst).read_bytes())
     with pytest.raises(modelseal_errors.KeyProviderError):
-        api.seal(src, dst, KEY, keys=env.svc, sign_key=Broken(), force=True)
+        modelseal.seal(src, dst, KEY, keys=env.svc, sign_key=Broken(), force=True)
     assert (dst.read_bytes(), signature_path(dst).read_bytes()) == before
     fresh = env.work / "fresh.sealed"
     with pytest.raises(modelseal_errors.KeyProviderError):
-        api.seal(src, fresh, KEY, keys=env.svc, sign_key=Broken())
+        modelseal.seal(src, fresh, KEY, keys=env.svc, sign_key=Broken())
     assert not fresh.exists() and not signature_path(fresh).exists()
     assert sorted(p.name for p in env.work.iterdir()) == ["w.bin", "w.sealed", "w.sealed.msig"]
     folder = make_model_folder(tmp_path / "f")
     with pytest.raises(modelseal_errors.KeyProviderError):
-        api.seal(folder, env.work / "f.sealed", KEY, keys=env.svc, sign_key=Broken())
+        modelseal.seal(folder, env.work / "f.sealed", KEY, keys=env.svc, sign_key=Broken())
     assert sorted(p.name for p in env.work.iterdir()) == ["w.bin", "w.sealed", "w.sealed.msig"]
 
 
@@ -909,22 +912,22 @@ def test_sealing_over_a_signed_artifact_keeps_its_signatures_as_history(
     src = env.work / "w.bin"
     src.write_bytes(os.urandom(50_000))
     dst = env.work / "w.sealed"
-    first = api.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"])).signature
-    api.seal(src, dst, KEY, keys=env.svc, force=True)  # unsigned now, and says so
+    first = modelseal.seal(src, dst, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["security"])).signature
+    modelseal.seal(src, dst, KEY, keys=env.svc, force=True)  # unsigned now, and says so
     with pytest.raises(VerificationError, match="not signed"):
         verify_artifact(dst, policy)
     sf = SignatureFile.load(signature_path(dst))
     assert sf is not None and not sf.signatures and [e.id for e in sf.history] == [first]
     # a re-encrypted file likewise
-    second = api.sign(dst, PemSigner.from_file(keys["security"]))
-    rekey.reencrypt(dst, keys=env.svc)
+    second = modelseal.sign(dst, PemSigner.from_file(keys["security"]))
+    modelseal.reencrypt(dst, keys=env.svc)
     sf = SignatureFile.load(signature_path(dst))
     assert sf is not None and not sf.signatures and [e.id for e in sf.history] == [first, second]
     # a folder sealed over with --force and a new signature
     folder = signed_folder(env, keys)
     old = SignatureFile.load(signature_path(folder))
     assert old is not None
-    new = api.seal(
+    new = modelseal.seal(
         env.work / "src-llama-7b",
         folder,
         KEY,
@@ -944,15 +947,15 @@ def test_sign_oms_reads_digests_only_from_the_bytes_it_signs(
 ) -> None:
     """The manifest is swapped between hashing and reading: the OMS bundle must not take
     its plaintext digests from the swapped-in manifest."""
-    from modelseal.commitment import hash_artifact
+    from modelseal.signing.commitment import hash_artifact
 
     a = env.work / "a.sealed"
     b = env.work / "b.sealed"
-    api.seal(make_model_folder(env.work / "pa"), a, KEY, keys=env.svc)
-    api.seal(make_model_folder(env.work / "pb"), b, KEY, keys=env.svc)
+    modelseal.seal(make_model_folder(env.work / "pa"), a, KEY, keys=env.svc)
+    modelseal.seal(make_model_folder(env.work / "pb"), b, KEY, keys=env.svc)
     hashed_a = hash_artifact(a)
-    monkeypatch.setattr(api, "hash_artifact", lambda _root: hashed_a)  # b changed after a's bytes were hashed
+    monkeypatch.setattr(recipes_sign, "hash_artifact", lambda _root: hashed_a)  # b changed after a's bytes were hashed
     with pytest.raises(VerificationError, match="changed after"):
-        api.sign(b, PemSigner.from_file(keys["release"]), oms_bundle=True, keys=env.svc)
+        modelseal.sign(b, PemSigner.from_file(keys["release"]), oms_bundle=True, keys=env.svc)
     monkeypatch.undo()
     assert not signature_path(b).exists()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import modelseal
-from modelseal.artifact import read_raw
 from modelseal.errors import ArtifactError, DecryptionError, FormatError, KeyProviderError
-from modelseal.header import MAGIC, TAG_LEN
-from modelseal.source import FdSource
+from modelseal.format.file import read_raw
+from modelseal.format.header import MAGIC, TAG_LEN
+from modelseal.format.source import FdSource
 
 from .conftest import Env, make_model_folder
 
@@ -259,8 +259,8 @@ def test_folder_blob_swap_and_cross_folder_manifest(env: Env) -> None:
 
 
 def test_wrong_passphrase_and_wrong_key(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from modelseal import keystore
     from modelseal.errors import KeyNotFound, KeystoreError
+    from modelseal.keys import keystore
 
     sealed = _seal(env, "w", b"secret weights")
     keystore.clear_cache()
@@ -273,7 +273,7 @@ def test_wrong_passphrase_and_wrong_key(env: Env, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MODELSEAL_HOME", str(other))
     monkeypatch.setenv("MODELSEAL_PASSPHRASE", "p2")
     keystore.create(keystore.keystore_path(other), b"p2", scrypt_log2_n=14)
-    from modelseal.keys import KeyService
+    from modelseal.keys.service import KeyService
 
     svc = KeyService()
     with pytest.raises(KeyNotFound):

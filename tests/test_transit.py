@@ -9,11 +9,11 @@ import hvac
 import pytest
 
 import modelseal
-from modelseal.audit import MemorySink
+from modelseal.audit.events import MemorySink
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
-from modelseal.header import normalize_context
-from modelseal.keys import KeyService
-from modelseal.providers.transit import TransitProvider
+from modelseal.format.header import normalize_context
+from modelseal.keys.providers.transit import TransitProvider
+from modelseal.keys.service import KeyService
 
 from .conftest import Env
 from .services import free_port, openbao_dev
@@ -144,7 +144,7 @@ def test_review_regressions(
     env: Env, bao: tuple[str, str], transit: TransitProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Findings of the provider review: path steering, upsert, non-derived keys, versions, proxies."""
-    from modelseal.header import Recipient
+    from modelseal.format.header import Recipient
 
     root = hvac.Client(url=bao[0], token=bao[1])
     # An artifact cannot steer the reader's token to another path or mount.
@@ -178,7 +178,7 @@ def test_review_regressions(
 
 def test_rotation_in_transit_batches(env: Env, transit: TransitProvider) -> None:
     """250 artifacts (3 batches), varied contexts, some with a second (local) recipient."""
-    from modelseal.rotation import rotate
+    from modelseal.recipes.rotation import rotate
 
     transit.create("fleet-kek")
     svc = KeyService(sink=MemorySink(), providers={"transit": transit})
@@ -208,7 +208,7 @@ def test_rotation_in_transit_batches(env: Env, transit: TransitProvider) -> None
 
 
 def test_transit_down_mid_rotation_leaves_artifacts_untouched(env: Env, transit: TransitProvider) -> None:
-    from modelseal.rotation import RotationReport, _rewrap_transit_batch
+    from modelseal.recipes.rotation import RotationReport, _rewrap_transit_batch
 
     transit.create("down-kek")
     svc = KeyService(sink=MemorySink(), providers={"transit": transit})

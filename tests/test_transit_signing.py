@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from modelseal import api
+import modelseal
 from modelseal.cli import main
 from modelseal.errors import SigningKeyError
-from modelseal.providers.transit_sign import TransitSigner, create_signing_key
-from modelseal.signing import ED25519, P256
-from modelseal.trust import TrustPolicy
-from modelseal.verification import verify_artifact
+from modelseal.signing.signers import ED25519, P256
+from modelseal.signing.transit import TransitSigner, create_signing_key
+from modelseal.signing.trust import TrustPolicy
+from modelseal.signing.verification import verify_artifact
 
 from .conftest import Env, make_model_folder
 from .services import openbao_dev
@@ -37,7 +37,7 @@ def test_seal_signed_by_transit_key_verifies_offline(env: Env, bao_env: None, al
     signer = create_signing_key(name, alg)
     src = make_model_folder(env.work / "m")
     sealed = env.work / "m.sealed"
-    api.seal(src, sealed, "local:test-kek", keys=env.svc, sign_key=signer, name="m")
+    modelseal.seal(src, sealed, "local:test-kek", keys=env.svc, sign_key=signer, name="m")
     v = verify_artifact(sealed, TrustPolicy.from_keys([signer.public]))
     assert v.signers == ["cli"] and v.results[0].keyid == signer.public.key_id
 
@@ -56,7 +56,7 @@ def test_cli_transit_signing_key_and_sign(env: Env, bao_env: None, tmp_path: Pat
 
 
 def test_transit_encryption_key_is_not_a_signing_key(env: Env, bao_env: None) -> None:
-    from modelseal.providers.transit import TransitProvider
+    from modelseal.keys.providers.transit import TransitProvider
 
     TransitProvider().create("an-aes-kek")
     with pytest.raises(SigningKeyError, match="ed25519 or ecdsa-p256"):
@@ -65,7 +65,7 @@ def test_transit_encryption_key_is_not_a_signing_key(env: Env, bao_env: None) ->
 
 
 def test_existing_or_exportable_transit_keys_are_refused(env: Env, bao_env: None, tmp_path: Path) -> None:
-    from modelseal.providers.transit import TransitProvider
+    from modelseal.keys.providers.transit import TransitProvider
 
     create_signing_key("once", ED25519)
     with pytest.raises(SigningKeyError, match="already exists"):

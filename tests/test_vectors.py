@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 import modelseal
-from modelseal import keystore
-from modelseal.artifact import SealedReader, read_raw
-from modelseal.audit import MemorySink
-from modelseal.envelope import verify_with_dek
+from modelseal.audit.events import MemorySink
 from modelseal.errors import DecryptionError, FormatError
-from modelseal.keys import KeyService
-from modelseal.source import FdSource
+from modelseal.format.envelope import verify_with_dek
+from modelseal.format.file import SealedReader, read_raw
+from modelseal.format.source import FdSource
+from modelseal.keys import keystore
+from modelseal.keys.service import KeyService
 
 VECTORS = Path(__file__).parent / "vectors"
 INDEX = json.loads((VECTORS / "index.json").read_text())
@@ -71,11 +71,11 @@ def test_every_outcome_is_covered() -> None:
 def test_signature_vectors(vector_keys: KeyService, tmp_path: Path) -> None:
     """Golden signature vectors (generate_signatures.py): the commitment construction,
     the signature id and verification keep their meaning in every release."""
-    from modelseal.commitment import artifact_digest, hash_sealed_file
     from modelseal.errors import VerificationError
-    from modelseal.signing import VerifyKey
-    from modelseal.trust import TrustPolicy
-    from modelseal.verification import verify_artifact
+    from modelseal.signing.commitment import artifact_digest, hash_sealed_file
+    from modelseal.signing.signers import VerifyKey
+    from modelseal.signing.trust import TrustPolicy
+    from modelseal.signing.verification import verify_artifact
 
     want = json.loads((VECTORS / "signatures.json").read_text())
     key = VerifyKey.from_file(VECTORS / "signing-ed25519.pub")

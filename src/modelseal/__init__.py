@@ -12,9 +12,7 @@ The recipe API::
 
 from __future__ import annotations
 
-from .api import SealResult, expecting, open, open_folder, seal, sign, trust_policy, unseal  # noqa: A004
-from .artifact import SealedReader
-from .errors import (
+from modelseal.errors import (
     ArtifactError,
     DecryptionError,
     DestinationExists,
@@ -31,12 +29,18 @@ from .errors import (
     StorageError,
     VerificationError,
 )
-from .folder import SealedFolder
-from .inspection import inspect
-from .rekey import RewrapResult, reencrypt, rewrap
-from .signing import PemSigner, Signer
-from .trust import TrustPolicy, load_policy
-from .verification import Verdict, verify_artifact
+from modelseal.format.file import SealedReader
+from modelseal.format.folder import SealedFolder
+from modelseal.recipes.context import expecting, trust_policy
+from modelseal.recipes.inspect import inspect
+from modelseal.recipes.opening import open, open_folder  # noqa: A004
+from modelseal.recipes.rekey import RewrapResult, reencrypt, rewrap
+from modelseal.recipes.seal import SealResult, seal
+from modelseal.recipes.sign import sign
+from modelseal.recipes.unseal import unseal
+from modelseal.signing.signers import PemSigner, Signer
+from modelseal.signing.trust import TrustPolicy, load_policy
+from modelseal.signing.verification import Verdict, verify_artifact
 
 __version__ = "0.1.0"
 

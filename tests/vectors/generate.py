@@ -24,13 +24,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 from modelseal import keystore  # noqa: E402
-from modelseal.artifact import canonical_json, write_sealed  # noqa: E402
-from modelseal.audit import MemorySink  # noqa: E402
-from modelseal.envelope import HeaderPlan  # noqa: E402
-from modelseal.header import KIND_FILE, TAG_LEN, normalize_context  # noqa: E402
-from modelseal.keys import KeyService  # noqa: E402
-from modelseal.providers.local import LocalProvider  # noqa: E402
-from modelseal.stream import fd_reader  # noqa: E402
+from modelseal.audit.events import MemorySink  # noqa: E402
+from modelseal.format.envelope import HeaderPlan  # noqa: E402
+from modelseal.format.file import canonical_json, write_sealed  # noqa: E402
+from modelseal.format.header import KIND_FILE, TAG_LEN, normalize_context  # noqa: E402
+from modelseal.format.stream import fd_reader  # noqa: E402
+from modelseal.keys.providers.local import LocalProvider  # noqa: E402
+from modelseal.keys.service import KeyService  # noqa: E402
 
 PASSPHRASE = b"modelseal-test-vectors"
 CHUNK_LOG2 = 16  # 64 KiB chunks keep multi-chunk vectors small

@@ -24,16 +24,16 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 
-from modelseal.artifact import canonical_json  # noqa: E402
-from modelseal.commitment import artifact_digest, hash_sealed_file  # noqa: E402
-from modelseal.sigfile import (  # noqa: E402
+from modelseal.format.file import canonical_json  # noqa: E402
+from modelseal.signing.commitment import artifact_digest, hash_sealed_file  # noqa: E402
+from modelseal.signing.sigfile import (  # noqa: E402
     PREDICATE_TYPE,
     STATEMENT_TYPE,
     SignatureFile,
     Statement,
     sign_statement,
 )
-from modelseal.signing import PemSigner  # noqa: E402
+from modelseal.signing.signers import PemSigner  # noqa: E402
 
 SEED = bytes(range(32))  # a published test key: never use it for anything real
 SIGNED_AT = "2026-11-27T00:00:00Z"

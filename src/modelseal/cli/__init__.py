@@ -1,0 +1,61 @@
+"""The ``modelseal`` command line: a thin shell over the recipes in ``modelseal.recipes``.
+
+One module per command group (``keys``, ``artifacts``, ``signing``, ``audit``); this one
+builds the parser and turns every error into one line on stderr and a documented exit
+code (``modelseal.errors``, docs/cli.md); no traceback unless ``MODELSEAL_DEBUG=1``.
+Progress goes to stderr, only when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from modelseal.cli import artifacts, audit, keys, signing
+from modelseal.errors import ModelsealError
+from modelseal.keys.service import KeyService
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelseal", description="Encrypt and govern ML model artifacts.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    # The order of ``modelseal --help``.
+    keys.add_init(sub)
+    keys.add_key(sub)
+    artifacts.add_seal(sub)
+    artifacts.add_unseal(sub)
+    signing.register(sub)
+    artifacts.add_inspect(sub)
+    artifacts.add_rewrap(sub)
+    keys.add_rotate(sub)
+    keys.add_recovery(sub)
+    audit.add_audit(sub)
+    artifacts.add_reencrypt(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args, KeyService()))
+    except ModelsealError as e:
+        print(f"modelseal: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ValueError as e:
+        print(f"modelseal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelseal: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("MODELSEAL_DEBUG") == "1":
+            raise
+        print(f"modelseal: internal error ({type(e).__name__}); set MODELSEAL_DEBUG=1 for details", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

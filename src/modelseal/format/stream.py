@@ -1,0 +1,343 @@
+"""The chunked AEAD payload layer (docs/format.md, section 6).
+
+This module owns chunk arithmetic (where chunk i lives, how long it is), the
+chunk nonces, and parallel encryption/decryption of chunk runs between file
+descriptors and buffers. It knows no keys beyond the one payload key it is
+handed, and no header fields beyond chunk size, length and payload offset.
+
+Chunk i is AES-256-GCM under the per-file payload key with nonce
+``i (11 bytes, big-endian) || last`` where ``last`` is 1 only on the final
+chunk, as in the STREAM construction used by age.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hmac
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from blake3 import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from modelseal.errors import DecryptionError, StorageError, VerificationError
+from modelseal.format.header import TAG_LEN
+from modelseal.format.source import CipherSource
+
+Progress = Callable[[int], None]
+ReadAt = Callable[[memoryview, int], None]  # fill the whole buffer from plaintext offset
+
+
+def fd_reader(fd: int) -> ReadAt:
+    """A ``ReadAt`` over a plaintext file descriptor (pread, no shared position)."""
+
+    def read_at(buf: memoryview, offset: int) -> None:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n <= 0:
+                raise StorageError("source file changed size while it was being sealed")
+            got += n
+
+    return read_at
+
+
+CHUNK_HASH_LEN = 32
+
+
+def chunk_hash(ciphertext: memoryview | bytes) -> bytes:
+    """BLAKE3 of one ciphertext chunk (tag included): the leaf of the signed chunk commitment."""
+    return blake3(ciphertext).digest()
+
+
+def workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 16))
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    chunk_size: int
+    plaintext_length: int
+    payload_offset: int
+
+    @property
+    def count(self) -> int:
+        return max(1, -(-self.plaintext_length // self.chunk_size))
+
+    @property
+    def file_length(self) -> int:
+        return self.payload_offset + self.plaintext_length + TAG_LEN * self.count
+
+    def plain_len(self, i: int) -> int:
+        if i < self.count - 1:
+            return self.chunk_size
+        return self.plaintext_length - (self.count - 1) * self.chunk_size
+
+    def offset(self, i: int) -> int:
+        return self.payload_offset + i * (self.chunk_size + TAG_LEN)
+
+    def nonce(self, i: int) -> bytes:
+        return i.to_bytes(11, "big") + (b"\x01" if i == self.count - 1 else b"\x00")
+
+
+def _read_exact(src: CipherSource, buf: memoryview, offset: int) -> None:
+    if src.readinto_at(buf, offset) != len(buf):
+        raise DecryptionError()  # the ciphertext ends early: truncated
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (short writes retried); failures are StorageError."""
+    data = memoryview(data)
+    done = 0
+    while done < len(data):
+        try:
+            done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as e:
+            raise StorageError(f"write failed: {e.strerror}") from None
+
+
+class WritebackHint:
+    """Asks the kernel to start writing finished output back early.
+
+    Sealing ends with an fsync (the output is renamed into place only once it
+    is durable). Left alone, all dirty pages are written back inside that
+    fsync; starting writeback every few dozen MiB (POSIX_FADV_DONTNEED starts
+    it, then drops the pages once clean) overlaps disk I/O with encryption and
+    keeps the page cache from filling with ciphertext. Measured here: 1 GiB
+    written durably in 2.0 s instead of 2.5-4.1 s.
+    """
+
+    STEP = 32 << 20
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._done = 0
+
+    def advance(self, end: int) -> None:
+        if end - self._done >= self.STEP:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, self._done, end - self._done, os.POSIX_FADV_DONTNEED)
+            self._done = end
+
+
+class ChunkCipher:
+    """Encrypts and decrypts single chunks of one file.
+
+    With ``chunk_hashes`` (the signed table of a verified signature, 32 bytes
+    per chunk) every chunk's ciphertext is checked against its hash before it
+    is decrypted, so a reader verifies exactly the chunks it reads.
+    """
+
+    def __init__(self, payload_key: bytes, layout: ChunkLayout, chunk_hashes: bytes | None = None) -> None:
+        self._aead = AESGCM(payload_key)
+        self.layout = layout
+        if chunk_hashes is not None and len(chunk_hashes) != CHUNK_HASH_LEN * layout.count:
+            raise VerificationError("the signed chunk table does not fit this artifact")
+        self.chunk_hashes = chunk_hashes
+
+    def encrypt_chunk(self, i: int, plain: memoryview, out: memoryview) -> None:
+        self._aead.encrypt_into(self.layout.nonce(i), plain, None, out)
+
+    def decrypt_chunk(self, i: int, ct: memoryview, out: memoryview) -> None:
+        """Decrypt chunk i into ``out``; on failure ``out`` is zeroed, never left holding
+        unauthenticated plaintext."""
+        try:
+            self._aead.decrypt_into(self.layout.nonce(i), ct, None, out)
+        except InvalidTag:
+            out[:] = bytes(len(out))
+            raise DecryptionError() from None
+
+    def read_chunk(self, src: CipherSource, i: int, scratch: memoryview, out: memoryview) -> None:
+        """Read chunk i's ciphertext into ``scratch`` and decrypt it into ``out``."""
+        ct = scratch[: self.layout.plain_len(i) + TAG_LEN]
+        _read_exact(src, ct, self.layout.offset(i))
+        if self.chunk_hashes is not None:
+            want = self.chunk_hashes[CHUNK_HASH_LEN * i : CHUNK_HASH_LEN * (i + 1)]
+            if not hmac.compare_digest(chunk_hash(ct), want):
+                out[:] = bytes(len(out))
+                raise VerificationError(f"chunk {i} does not match the signed commitment: tampered")
+        self.decrypt_chunk(i, ct, out)
+
+
+def _stripes(first: int, last: int, n: int) -> Iterator[range]:
+    """Split chunk indices [first, last) into n interleaved-free contiguous runs."""
+    total = last - first
+    step = -(-total // n) if total else 0
+    for k in range(n):
+        lo = first + k * step
+        hi = min(last, lo + step)
+        if lo < hi:
+            yield range(lo, hi)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_IN_POOL = threading.local()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(workers(), thread_name_prefix="modelseal", initializer=_mark_pool_thread)
+        return _POOL
+
+
+def _mark_pool_thread() -> None:
+    _IN_POOL.active = True
+
+
+def run_parallel(job: Callable[[range], None], first: int, last: int) -> None:
+    """Run ``job`` over contiguous runs of [first, last) on the shared decryption pool.
+
+    The pool lives for the process (no thread start-up per read). A call made
+    from one of its own threads runs inline, so nested use cannot deadlock.
+    """
+    n = min(workers(), max(1, last - first))
+    if n == 1 or getattr(_IN_POOL, "active", False):
+        job(range(first, last))
+        return
+    futures = [_pool().submit(job, r) for r in _stripes(first, last, n)]
+    errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
+
+
+def encrypt_file_range(
+    cipher: ChunkCipher,
+    read_at: ReadAt,
+    dst_fd: int,
+    progress: Progress | None = None,
+    digest_update: Callable[[memoryview], None] | None = None,
+    chunk_hashes: list[bytes] | None = None,
+) -> None:
+    """Encrypt the whole plaintext given by ``read_at`` into ``dst_fd`` at the layout's offsets.
+
+    A pipeline over a fixed ring of buffers (so memory is constant whatever
+    the size): the calling thread reads chunk i, ``workers()`` threads encrypt
+    and pwrite chunks, and when ``digest_update`` is given one more thread
+    feeds the plaintext chunks to it strictly in order. A buffer is reused
+    only once both its encryption and its hashing are done. Each plaintext
+    byte is read once. With ``chunk_hashes`` (a list of ``layout.count``
+    entries) each encrypting thread also stores the BLAKE3 of the chunk it
+    wrote there, for signing: no second read of the output.
+    """
+    layout = cipher.layout
+    w = workers()
+    ring = 2 * w + 2
+    plains = [memoryview(bytearray(layout.chunk_size)) for _ in range(ring)]
+    outs = [memoryview(bytearray(layout.chunk_size + TAG_LEN)) for _ in range(ring)]
+
+    def seal(k: int, i: int) -> int:
+        n = layout.plain_len(i)
+        cipher.encrypt_chunk(i, plains[k][:n], outs[k][: n + TAG_LEN])
+        if chunk_hashes is not None:
+            chunk_hashes[i] = chunk_hash(outs[k][: n + TAG_LEN])
+        pwrite_all(dst_fd, outs[k][: n + TAG_LEN], layout.offset(i))
+        return n
+
+    pending: deque[tuple[int, Future[int], Future[None] | None]] = deque()
+    writeback = WritebackHint(dst_fd)
+
+    def retire() -> None:
+        i, enc, hashed = pending.popleft()
+        n = enc.result()
+        if hashed is not None:
+            hashed.result()
+        writeback.advance(layout.offset(i) + n + TAG_LEN)  # chunks retire in order
+        if progress is not None:
+            progress(n)
+
+    with (
+        ThreadPoolExecutor(w, thread_name_prefix="modelseal-enc") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="modelseal-hash") as hasher,
+    ):
+        try:
+            for i in range(layout.count):
+                if len(pending) == ring:
+                    retire()
+                k = i % ring
+                view = plains[k][: layout.plain_len(i)]
+                read_at(view, i * layout.chunk_size)
+                enc = pool.submit(seal, k, i)
+                hashed = hasher.submit(digest_update, view) if digest_update is not None else None
+                pending.append((i, enc, hashed))
+            while pending:
+                retire()
+        except BaseException:
+            for _, enc, hashed in pending:
+                enc.cancel()
+                if hashed is not None:
+                    hashed.cancel()
+            raise
+
+
+def decrypt_into(cipher: ChunkCipher, src: CipherSource, offset: int, out: memoryview, private: bool = False) -> None:
+    """Decrypt plaintext bytes [offset, offset+len(out)) into ``out`` (see ``decrypt_scatter``)."""
+    decrypt_scatter(cipher, src, offset, [out], private)
+
+
+def decrypt_scatter(
+    cipher: ChunkCipher, src: CipherSource, offset: int, outs: Sequence[memoryview], private: bool = False
+) -> None:
+    """Decrypt the plaintext range starting at ``offset`` into consecutive buffers ``outs``.
+
+    The buffers tile the range in order (a model's tensors, say), so one
+    parallel pass over the chunks fills them all, without a barrier per buffer.
+    Each chunk is decrypted into a per-thread scratch buffer and copied out only
+    after its tag verified, so no unauthenticated byte ever reaches the caller's
+    memory. With ``private=True`` (buffers modelseal has just allocated and that
+    nobody else can see yet, such as tensors being loaded) a chunk lying wholly
+    inside one buffer is decrypted straight into it, saving that copy. On any
+    failure every buffer is zeroed before DecryptionError is raised.
+    """
+    layout = cipher.layout
+    starts: list[int] = []
+    pos = offset
+    for o in outs:
+        starts.append(pos)
+        pos += len(o)
+    end = pos
+    if end == offset:
+        return
+    cs = layout.chunk_size
+    first, last = offset // cs, (end - 1) // cs + 1
+
+    def job(run: range) -> None:
+        scratch = memoryview(bytearray(cs + TAG_LEN))
+        plain = memoryview(bytearray(cs))
+        for i in run:
+            c0 = i * cs
+            n = layout.plain_len(i)
+            lo, hi = max(offset, c0), min(end, c0 + n)
+            k = bisect.bisect_right(starts, lo) - 1
+            if private and lo == c0 and hi == c0 + n and hi <= starts[k] + len(outs[k]):
+                cipher.read_chunk(src, i, scratch, outs[k][lo - starts[k] : hi - starts[k]])
+                continue
+            # Decrypt into private scratch and copy only once the tag has verified:
+            # the caller's buffer (maybe shared memory) never holds unverified bytes.
+            cipher.read_chunk(src, i, scratch, plain[:n])
+            while lo < hi:
+                while k < len(outs) and starts[k] + len(outs[k]) <= lo:
+                    k += 1
+                take = min(hi, starts[k] + len(outs[k])) - lo
+                outs[k][lo - starts[k] : lo - starts[k] + take] = plain[lo - c0 : lo - c0 + take]
+                lo += take
+        plain[:] = bytes(cs)
+
+    try:
+        if last - first <= 2:
+            job(range(first, last))
+        else:
+            run_parallel(job, first, last)
+    except BaseException:
+        for o in outs:
+            o[:] = bytes(len(o))
+        raise

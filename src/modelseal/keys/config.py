@@ -1,0 +1,146 @@
+"""Environments and projects: ``$MODELSEAL_HOME/config.toml``.
+
+Owns the mapping from environments (dev, staging, prod) and projects to key
+URIs, the default environment, and the rotation policy. ``KeyService`` uses it
+to keep keys inside their environment: a key listed under ``prod`` refuses to
+wrap or unwrap for any context whose ``env`` is not ``prod``. Example::
+
+    default_env = "dev"
+    rotate_after_days = 90
+    trust_policy = "trust.toml"   # verify signatures on load (docs/signing.md)
+
+    [environments.dev]
+    keys = ["local:dev-kek"]
+
+    [environments.prod]
+    keys = ["transit:prod-kek", "local:prod-recovery"]
+    rotate_after_days = 30
+
+    [projects.llama-ft]
+    prod = ["transit:llama-prod"]
+
+The file is optional; without it no key is bound to an environment and the
+default environment is ``dev``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from modelseal.errors import ModelsealError
+from modelseal.keys.providers import canonical_key, parse_key_uri
+from modelseal.util.home import modelseal_home
+
+CONFIG_NAME = "config.toml"
+DEFAULT_ENV = "dev"
+DEFAULT_ROTATE_DAYS = 90
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+class ConfigError(ModelsealError):
+    """The configuration file is invalid."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    default_env: str = DEFAULT_ENV
+    rotate_after_days: int = DEFAULT_ROTATE_DAYS
+    environments: dict[str, list[str]] = field(default_factory=dict)
+    env_rotate_days: dict[str, int] = field(default_factory=dict)
+    projects: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    trust_policy: Path | None = None  # signatures are verified on load when set
+
+    def keys_for(self, env: str, project: str | None = None) -> list[str]:
+        if project is not None:
+            keys = self.projects.get(project, {}).get(env)
+            if keys:
+                return list(keys)
+        return list(self.environments.get(env, []))
+
+    def environments_of(self, key_uri: str) -> set[str]:
+        """Every environment a key is listed under (directly or through a project)."""
+        uri = canonical_key(key_uri)
+        found = {env for env, keys in self.environments.items() if uri in {canonical_key(k) for k in keys}}
+        for per_env in self.projects.values():
+            found |= {env for env, keys in per_env.items() if uri in {canonical_key(k) for k in keys}}
+        return found
+
+    def rotation_days(self, env: str | None) -> int:
+        return self.env_rotate_days.get(env or "", self.rotate_after_days)
+
+
+def _keys(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"config: {where} must be a list of key URIs")
+    for k in value:
+        parse_key_uri(k)
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(f"config: {where} must be a name of [a-z0-9_-]")
+    return value
+
+
+def _days(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3650:
+        raise ConfigError(f"config: {where} must be a number of days from 1 to 3650")
+    return value
+
+
+def parse(doc: dict[str, Any]) -> Config:
+    default_env = _name(doc.get("default_env", DEFAULT_ENV), "default_env")
+    rotate = _days(doc.get("rotate_after_days", DEFAULT_ROTATE_DAYS), "rotate_after_days")
+    envs: dict[str, list[str]] = {}
+    env_days: dict[str, int] = {}
+    raw_envs = doc.get("environments", {})
+    if not isinstance(raw_envs, dict):
+        raise ConfigError("config: [environments] must be a table")
+    for env, spec in raw_envs.items():
+        _name(env, "an environment name")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config: [environments.{env}] must be a table")
+        envs[env] = _keys(spec.get("keys", []), f"environments.{env}.keys")
+        if "rotate_after_days" in spec:
+            env_days[env] = _days(spec["rotate_after_days"], f"environments.{env}.rotate_after_days")
+    projects: dict[str, dict[str, list[str]]] = {}
+    raw_projects = doc.get("projects", {})
+    if not isinstance(raw_projects, dict):
+        raise ConfigError("config: [projects] must be a table")
+    for project, per_env in raw_projects.items():
+        _name(project, "a project name")
+        if not isinstance(per_env, dict):
+            raise ConfigError(f"config: [projects.{project}] must be a table")
+        projects[project] = {
+            _name(e, "an environment name"): _keys(k, f"projects.{project}.{e}") for e, k in per_env.items()
+        }
+    trust = doc.get("trust_policy")
+    if trust is not None and (not isinstance(trust, str) or not trust):
+        raise ConfigError("config: trust_policy must be the path of a trust policy file")
+    return Config(default_env, rotate, envs, env_days, projects, Path(trust) if trust else None)
+
+
+def load(home: Path | None = None) -> Config:
+    home = home or modelseal_home()
+    path = home / CONFIG_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Config()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: {path} is not valid TOML ({str(e)[:120]})") from None
+    cfg = parse(doc)
+    if cfg.trust_policy is not None and not cfg.trust_policy.is_absolute():
+        cfg = replace(cfg, trust_policy=home / cfg.trust_policy)
+    return cfg

@@ -1,0 +1,317 @@
+"""The embedded local keystore: one encrypted file under ``$MODELSEAL_HOME``.
+
+Owns the keystore file format (docs/format.md, section 9), the passphrase
+KDF (scrypt, parameters recorded in the file), locking, atomic updates and
+the in-process unlocked cache. It does not wrap data keys; ``providers.local``
+does that with the KEKs held here.
+
+Layout: a random 32-byte root key is wrapped under the passphrase-derived key;
+the key table (names, versions, states, KEK material) is one AES-256-GCM blob
+under the root key. A wrong passphrase fails the root unwrap, so it is told
+apart from a damaged body.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import fcntl
+import getpass
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from modelseal.errors import KeystoreError
+from modelseal.util.files import write_atomic
+from modelseal.util.home import modelseal_home
+
+KEYSTORE_FORMAT = "modelseal-keystore/1"
+DEFAULT_SCRYPT_LOG2_N = 17  # 128 MiB, about 0.4 s here: paid once per process
+MIN_SCRYPT_LOG2_N = 14
+MAX_SCRYPT_LOG2_N = 22
+CACHE_TTL = 300.0
+_ROOT_AAD = b"modelseal/keystore/v1/root"
+_BODY_AAD = b"modelseal/keystore/v1/body"
+
+
+def keystore_path(home: Path | None = None) -> Path:
+    return (home or modelseal_home()) / "keystore.json"
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: Any) -> bytes:
+    if not isinstance(s, str):
+        raise KeystoreError("keystore file is damaged")
+    try:
+        return base64.b64decode(s, validate=True)
+    except ValueError:
+        raise KeystoreError("keystore file is damaged") from None
+
+
+def read_passphrase(confirm: bool = False) -> bytes:
+    """The passphrase from ``MODELSEAL_PASSPHRASE`` or an interactive prompt."""
+    env = os.environ.get("MODELSEAL_PASSPHRASE")
+    if env:
+        return env.encode()
+    if not sys.stdin.isatty():
+        raise KeystoreError("no passphrase: set MODELSEAL_PASSPHRASE or run in a terminal")
+    first = getpass.getpass("modelseal keystore passphrase: ")
+    if confirm and getpass.getpass("repeat passphrase: ") != first:
+        raise KeystoreError("the passphrases do not match")
+    if not first:
+        raise KeystoreError("an empty passphrase is not allowed")
+    return first.encode()
+
+
+def _derive(passphrase: bytes, salt: bytes, log2_n: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=1 << log2_n, r=8, p=1).derive(passphrase)
+
+
+@dataclass
+class UnlockedKeystore:
+    """The decrypted key table plus what is needed to write it back."""
+
+    path: Path
+    root_key: bytes
+    header: dict[str, Any]  # format, kdf and wrapped root: re-written unchanged
+    keys: dict[str, Any]
+    signature: bytes  # SHA-256 of the file as last read or written
+
+    def save(self, exclusive: bool = False) -> None:
+        body = json.dumps({"keys": self.keys}, sort_keys=True, separators=(",", ":")).encode()
+        nonce = os.urandom(12)
+        doc = dict(self.header)
+        doc["body"] = {"nonce": _b64(nonce), "ct": _b64(AESGCM(self.root_key).encrypt(nonce, body, _BODY_AAD))}
+        raw = json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+        write_atomic(self.path, raw, mode=0o600, exclusive=exclusive)
+        self.signature = hashlib.sha256(raw).digest()
+
+
+def create(
+    path: Path,
+    passphrase: bytes,
+    *,
+    scrypt_log2_n: int = DEFAULT_SCRYPT_LOG2_N,
+    root_key: bytes | None = None,
+) -> UnlockedKeystore:
+    """Create a new, empty keystore at ``path`` (refuses to overwrite one)."""
+    if not MIN_SCRYPT_LOG2_N <= scrypt_log2_n <= MAX_SCRYPT_LOG2_N:
+        raise KeystoreError("scrypt cost out of range")
+    if not passphrase:
+        raise KeystoreError("an empty passphrase is not allowed")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    salt, nonce = os.urandom(32), os.urandom(12)
+    root = root_key or os.urandom(32)
+    wrapped = AESGCM(_derive(passphrase, salt, scrypt_log2_n)).encrypt(nonce, root, _ROOT_AAD)
+    header = {
+        "format": KEYSTORE_FORMAT,
+        "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
+        "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
+    }
+    ks = UnlockedKeystore(path, root, header, {}, b"")
+    try:
+        ks.save(exclusive=True)  # never replaces a keystore, even one created concurrently
+    except FileExistsError:
+        raise KeystoreError(f"a keystore already exists at {path}") from None
+    return ks
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise KeystoreError(f"no keystore at {path}: run 'modelseal init' first") from None
+    except OSError as e:
+        raise KeystoreError(f"cannot read keystore {path}: {e.strerror}") from None
+
+
+def _parse_doc(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise KeystoreError("keystore file is damaged") from None
+    if not isinstance(doc, dict) or doc.get("format") != KEYSTORE_FORMAT:
+        raise KeystoreError("keystore file is damaged or of an unknown format")
+    return doc
+
+
+def _field(obj: dict[str, Any], name: str, length: int) -> bytes:
+    value = _unb64(obj.get(name))
+    if len(value) != length:
+        raise KeystoreError("keystore file is damaged")
+    return value
+
+
+def _open_body(doc: dict[str, Any], root: bytes) -> dict[str, Any]:
+    body = doc.get("body")
+    if not isinstance(body, dict):
+        raise KeystoreError("keystore file is damaged")
+    try:
+        plain = AESGCM(root).decrypt(_field(body, "nonce", 12), _unb64(body.get("ct")), _BODY_AAD)
+        keys = json.loads(plain)["keys"]
+    except (InvalidTag, ValueError, KeyError, TypeError):
+        raise KeystoreError("keystore file is damaged") from None
+    if not isinstance(keys, dict):
+        raise KeystoreError("keystore file is damaged")
+    return keys
+
+
+def _unwrap_root(doc: dict[str, Any], passphrase: bytes) -> bytes:
+    kdf, root = doc.get("kdf"), doc.get("root")
+    if not isinstance(kdf, dict) or not isinstance(root, dict) or kdf.get("alg") != "scrypt":
+        raise KeystoreError("keystore file is damaged or uses an unknown KDF")
+    log2_n = kdf.get("log2_n")
+    if not isinstance(log2_n, int) or not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
+        raise KeystoreError("keystore KDF parameters out of range")
+    if kdf.get("r") != 8 or kdf.get("p") != 1:
+        raise KeystoreError("keystore KDF parameters out of range")
+    salt, nonce, ct = _field(kdf, "salt", 32), _field(root, "nonce", 12), _field(root, "ct", 32 + 16)
+    key = _derive(passphrase, salt, log2_n)
+    try:
+        return AESGCM(key).decrypt(nonce, ct, _ROOT_AAD)
+    except InvalidTag:
+        # Indistinguishable by design from a flipped bit in the wrapped root key.
+        raise KeystoreError("wrong passphrase for the keystore") from None
+
+
+_CACHE: dict[str, tuple[UnlockedKeystore, float, Callable[[], bytes]]] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def unlock(
+    path: Path | None = None,
+    passphrase: Callable[[], bytes] = read_passphrase,
+    now: Callable[[], float] = time.monotonic,
+) -> UnlockedKeystore:
+    """Return the unlocked keystore, paying the KDF at most once per process and TTL.
+
+    The file is re-read on every call (it is small) and compared by hash with
+    the cached copy; a changed file is re-parsed with the cached root key, no
+    KDF. A different passphrase source than the one that unlocked the cache
+    is checked with the KDF again, never trusted.
+    """
+    path = path or keystore_path()
+    raw = _read_file(path)
+    sig = hashlib.sha256(raw).digest()
+    hit = _CACHE.get(str(path))
+    if hit is not None and hit[1] > now() and hit[2] is passphrase:
+        ks = hit[0]
+        if sig != ks.signature:
+            doc = _parse_doc(raw)
+            ks = UnlockedKeystore(path, ks.root_key, _header_of(doc), _open_body(doc, ks.root_key), sig)
+            _CACHE[str(path)] = (ks, hit[1], passphrase)
+        return ks
+    doc = _parse_doc(raw)
+    _check_mode(path)
+    root = _unwrap_root(doc, passphrase())
+    ks = UnlockedKeystore(path, root, _header_of(doc), _open_body(doc, root), sig)
+    _CACHE[str(path)] = (ks, now() + CACHE_TTL, passphrase)
+    return ks
+
+
+def _header_of(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc[k] for k in ("format", "kdf", "root") if k in doc}
+
+
+def _check_mode(path: Path) -> None:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KeystoreError(f"keystore {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+
+
+@contextlib.contextmanager
+def locked_update(
+    path: Path | None = None, passphrase: Callable[[], bytes] = read_passphrase
+) -> Iterator[UnlockedKeystore]:
+    """Hold the keystore's write lock, yield a fresh copy, save it on success."""
+    path = path or keystore_path()
+    unlock(path, passphrase)  # prompt (if needed) before taking the lock
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        base = unlock(path, passphrase)  # re-read under the lock
+        # Work on a copy: if the caller fails midway, the cached table is untouched.
+        work = UnlockedKeystore(path, base.root_key, dict(base.header), copy.deepcopy(base.keys), base.signature)
+        yield work
+        work.save()
+        _CACHE[str(path)] = (work, time.monotonic() + CACHE_TTL, passphrase)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# -- k-of-n recovery of the root key (SLIP-0039 Shamir shares) ----------------
+
+
+def split_root(
+    shares: int, threshold: int, path: Path | None = None, passphrase: Callable[[], bytes] = read_passphrase
+) -> list[str]:
+    """Split the keystore's root key into ``shares`` printable shares, any ``threshold`` of
+    which restore it (Shamir over GF(256) with an RS1024 checksum per share, SLIP-0039,
+    through the maintained ``shamir-mnemonic`` package)."""
+    import shamir_mnemonic
+
+    if not 1 <= threshold <= shares <= 16 or (threshold == 1 and shares > 1):
+        raise KeystoreError("choose 1 <= threshold <= shares <= 16 (and a threshold of at least 2 for several shares)")
+    ks = unlock(path or keystore_path(), passphrase)
+    groups = shamir_mnemonic.generate_mnemonics(1, [(threshold, shares)], ks.root_key, b"", extendable=True)
+    return list(groups[0])
+
+
+def recover_root(
+    mnemonics: list[str], new_passphrase: bytes, path: Path | None = None, *, scrypt_log2_n: int = DEFAULT_SCRYPT_LOG2_N
+) -> None:
+    """Restore access with ``threshold`` shares: the root they rebuild must open the key
+    table; it is then wrapped under ``new_passphrase`` (fresh salt) and saved atomically."""
+    import shamir_mnemonic
+
+    path = path or keystore_path()
+    if not new_passphrase:
+        raise KeystoreError("an empty passphrase is not allowed")
+    if len(set(mnemonics)) != len(mnemonics):
+        raise KeystoreError("the same share was given twice")
+    try:
+        root = shamir_mnemonic.combine_mnemonics(mnemonics, b"")
+    except (shamir_mnemonic.MnemonicError, ValueError) as e:
+        raise KeystoreError(f"the shares do not combine: {str(e)[:160]}") from None
+    raw = _read_file(path)
+    doc = _parse_doc(raw)
+    try:
+        keys = _open_body(doc, root)
+    except KeystoreError:
+        raise KeystoreError("the shares combine, but not to this keystore's root key") from None
+    salt, nonce = os.urandom(32), os.urandom(12)
+    wrapped = AESGCM(_derive(new_passphrase, salt, scrypt_log2_n)).encrypt(nonce, root, _ROOT_AAD)
+    header = {
+        "format": KEYSTORE_FORMAT,
+        "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
+        "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
+    }
+    lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        if _read_file(path) != raw:
+            raise KeystoreError("the keystore changed during recovery; run recovery combine again")
+        UnlockedKeystore(path, root, header, keys, b"").save()
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+    _CACHE.pop(str(path), None)

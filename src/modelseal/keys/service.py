@@ -1,0 +1,249 @@
+"""The boundary in front of every key provider.
+
+``KeyService`` is the one place that calls providers. Like python-tuf's
+``FetcherInterface.fetch`` around ``_fetch``, each operation here normalises
+whatever a backend raises into the modelseal error tree and emits one audit
+event (success or failure) per key operation. Recipes never call a provider
+directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from modelseal.audit.events import AuditEvent, AuditSink
+from modelseal.errors import KeyProviderError, ModelsealError, PolicyDenied
+from modelseal.format.header import Recipient
+from modelseal.keys.config import Config
+from modelseal.keys.config import load as load_config
+from modelseal.keys.providers import DataKeyGenerator, KeyAdmin, KeyInfo, KeyProvider, parse_key_uri, provider_for
+from modelseal.util.home import modelseal_home
+
+T = TypeVar("T")
+
+
+def default_sink() -> AuditSink:
+    """The tamper-evident audit log under ``$MODELSEAL_HOME`` (``audit.db``)."""
+    from modelseal.audit.log import MerkleAuditLog
+
+    home = modelseal_home()
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # MODELSEAL_AUDIT_URL=postgresql://... keeps the log in PostgreSQL (the registry's).
+    return MerkleAuditLog(os.environ.get("MODELSEAL_AUDIT_URL") or Path(home) / "audit.db")
+
+
+UNWRAP_CACHE_TTL = 300.0
+# A key disabled in a KMS/HSM by someone else is honoured by this process within this time.
+REMOTE_CACHE_TTL = 60.0
+UNWRAP_CACHE_SIZE = 256
+
+
+class KeyService:
+    """Calls providers; caches unwrapped data keys so a KMS round trip (or a keystore
+    unlock) is paid once per artifact per process, not once per tensor or file.
+
+    The cache is keyed by the exact recipient (scheme, key id, version, wrapped
+    bytes) and context, lives ``UNWRAP_CACHE_TTL`` seconds, and is emptied by
+    any disable, enable, rotate or destroy made through this service. Cache hits
+    emit no audit event: only provider calls do.
+    """
+
+    def __init__(
+        self,
+        sink: AuditSink | None = None,
+        providers: dict[str, KeyProvider] | None = None,
+        now: Callable[[], float] = time.monotonic,
+        config: Config | None = None,
+    ) -> None:
+        self._config = config
+        self._sink = sink
+        self._providers: dict[str, KeyProvider] = dict(providers or {})
+        self._now = now
+        self._unwrapped: OrderedDict[tuple[object, ...], tuple[bytes, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped by every lifecycle change: an in-flight unwrap cannot re-fill the cache
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config()
+        return self._config
+
+    def check_environment(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> None:
+        """A key listed under some environments serves only contexts of those environments.
+
+        Keys are compared by canonical identity (``transit:k`` is ``transit:transit/k``;
+        a pkcs11 key is its token and object), so a spelling cannot escape the binding.
+        """
+        bound = self.config.environments_of(key_uri)
+        env = dict(context).get("env")
+        if bound and env not in bound:
+            raise PolicyDenied(
+                f"key {key_uri} belongs to environment {', '.join(sorted(bound))}; "
+                f"refusing it for env={env if env is not None else '(none)'}"
+            )
+
+    def forget_unwrapped(self) -> None:
+        with self._lock:
+            self._unwrapped.clear()
+            self._generation += 1
+
+    @property
+    def sink(self) -> AuditSink:
+        if self._sink is None:
+            self._sink = default_sink()
+        return self._sink
+
+    def provider(self, scheme: str) -> KeyProvider:
+        if scheme not in self._providers:
+            self._providers[scheme] = provider_for(scheme)
+        return self._providers[scheme]
+
+    def admin(self, scheme: str) -> KeyAdmin:
+        p = self.provider(scheme)
+        if not isinstance(p, KeyAdmin):
+            raise KeyProviderError(f"the {scheme}: provider does not manage key lifecycle here")
+        return p
+
+    def _call(
+        self, op: str, key: str, fn: Callable[[], T], version: int | None = None, artifact: str | None = None
+    ) -> T:
+        try:
+            result = fn()
+        except ModelsealError as e:
+            self.sink.emit(AuditEvent(op, key, type(e).__name__, version, artifact))
+            raise
+        except Exception as e:  # a backend's own exception: normalised, message not echoed
+            self.sink.emit(AuditEvent(op, key, "KeyProviderError", version, artifact))
+            raise KeyProviderError(f"key provider failed during {op} of {key} ({type(e).__name__})") from None
+        if isinstance(result, Recipient):
+            version = result.key_version
+        elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Recipient):
+            version = result[1].key_version
+        elif isinstance(result, KeyInfo) and version is None and result.versions:
+            version = result.latest  # rotate: the version it made
+        self.sink.emit(AuditEvent(op, key, "ok", version, artifact))
+        return result
+
+    def wrap(
+        self,
+        key_uri: str,
+        dek: bytes,
+        context: tuple[tuple[str, str], ...],
+        artifact: str | None = None,
+        op: str = "wrap",
+    ) -> Recipient:
+        ref = parse_key_uri(key_uri)
+
+        def wrap() -> Recipient:
+            self.check_environment(ref.uri, context)
+            return self.provider(ref.scheme).wrap(ref.name, dek, context)
+
+        return self._call(op, ref.uri, wrap, artifact=artifact)
+
+    def generate(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient] | None:
+        """A data key made by the provider, if it makes them (else None: use a local CSPRNG)."""
+        ref = parse_key_uri(key_uri)
+        p = self.provider(ref.scheme)
+        if not isinstance(p, DataKeyGenerator):
+            return None
+
+        def generate() -> tuple[bytes, Recipient]:
+            self.check_environment(ref.uri, context)
+            return p.generate(ref.name, context)
+
+        return self._call("generate", ref.uri, generate)
+
+    def unwrap(
+        self,
+        recipient: Recipient,
+        context: tuple[tuple[str, str], ...],
+        artifact: str | None = None,
+        op: str = "unwrap",
+    ) -> bytes:
+        uri = f"{recipient.scheme}:{recipient.key_id}"
+        cache_key = (recipient.scheme, recipient.key_id, recipient.key_version, recipient.wrapped, context)
+        with self._lock:
+            hit = self._unwrapped.get(cache_key)
+            generation = self._generation
+        if hit is not None and hit[1] > self._now() and op == "unwrap":
+            self.check_environment(uri, context)  # the configuration may have changed since
+            with self._lock:
+                if cache_key in self._unwrapped:
+                    self._unwrapped.move_to_end(cache_key)
+            return hit[0]
+
+        def unwrap() -> bytes:
+            self.check_environment(uri, context)
+            return self.provider(recipient.scheme).unwrap(recipient, context)
+
+        dek = self._call(op, uri, unwrap, recipient.key_version, artifact)
+        ttl = UNWRAP_CACHE_TTL if recipient.scheme == "local" else REMOTE_CACHE_TTL
+        with self._lock:
+            if generation == self._generation:
+                self._unwrapped[cache_key] = (dek, self._now() + ttl)
+                while len(self._unwrapped) > UNWRAP_CACHE_SIZE:
+                    self._unwrapped.popitem(last=False)
+        return dek
+
+    def create(self, key_uri: str) -> KeyInfo:
+        ref = parse_key_uri(key_uri)
+        return self._call("create", ref.uri, lambda: self.admin(ref.scheme).create(ref.name), 1)
+
+    def rotate(self, key_uri: str) -> KeyInfo:
+        self.forget_unwrapped()
+        ref = parse_key_uri(key_uri)
+        info = self._call("rotate", ref.uri, lambda: self.admin(ref.scheme).rotate(ref.name))
+        return info
+
+    def set_state(self, key_uri: str, version: int, state: str) -> KeyInfo:
+        self.forget_unwrapped()
+        ref = parse_key_uri(key_uri)
+        op = "disable" if state == "disabled" else "enable"
+        return self._call(
+            op, ref.uri, lambda: self.admin(ref.scheme).set_version_state(ref.name, version, state), version
+        )
+
+    def destroy(self, key_uri: str, version: int | None, after: float = 0.0) -> KeyInfo:
+        """Destroy now (``after`` = 0) or schedule it ``after`` seconds ahead (local keys)."""
+        if not math.isfinite(after) or after < 0:
+            raise ValueError("the waiting period must be a finite, non-negative number of seconds")
+        self.forget_unwrapped()
+        ref = parse_key_uri(key_uri)
+        admin: Any = self.admin(ref.scheme)
+        if after > 0:
+            if not hasattr(admin, "cancel_destroy"):
+                raise KeyProviderError(f"the {ref.scheme}: provider destroys at once; schedule it there instead")
+            scheduled: KeyInfo = self._call(
+                "schedule-destroy", ref.uri, lambda: admin.destroy(ref.name, version, after), version
+            )
+            return scheduled
+        destroyed: KeyInfo = self._call("destroy", ref.uri, lambda: admin.destroy(ref.name, version), version)
+        return destroyed
+
+    def cancel_destroy(self, key_uri: str, version: int | None) -> KeyInfo:
+        ref = parse_key_uri(key_uri)
+        admin: Any = self.admin(ref.scheme)
+        if not hasattr(admin, "cancel_destroy"):
+            raise KeyProviderError(f"the {ref.scheme}: provider has no scheduled destruction")
+        cancelled: KeyInfo = self._call(
+            "cancel-destroy", ref.uri, lambda: admin.cancel_destroy(ref.name, version), version
+        )
+        return cancelled
+
+    def list(self, scheme: str = "local") -> list[KeyInfo]:
+        return self.admin(scheme).list()
+
+    def info(self, key_uri: str) -> KeyInfo:
+        ref = parse_key_uri(key_uri)
+        admin: Any = self.admin(ref.scheme)
+        if not hasattr(admin, "info"):
+            raise KeyProviderError(f"the {ref.scheme}: provider cannot describe a key")
+        return admin.info(ref.name)  # type: ignore[no-any-return]

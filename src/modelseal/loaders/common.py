@@ -1,0 +1,267 @@
+"""Shared plumbing of the ML loaders: finding the artifact, reading it into memory.
+
+Owns: resolving a path to a sealed file, a sealed folder, or a member of a
+sealed folder (``model.sealed/config.json``); the explicit plaintext escape
+hatch (``allow_plaintext=True``, for migrations); reading a whole member into
+memory; and ``memfd_view``, which shows a sealed folder to libraries that
+insist on a directory path as a folder of symlinks to anonymous in-memory
+files (``memfd_create``), so plaintext never reaches a disk.
+
+The framework modules (``modelseal.safetensors``, ``.torch``, ``.onnx``,
+``.hf``, ``.fs``) sit on top of this one; none of them writes a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import mmap
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from modelseal.errors import FormatError, VerificationError
+from modelseal.format.folder import MANIFEST_NAME, SealedFolder
+from modelseal.format.header import MAGIC
+from modelseal.format.source import FdSource
+from modelseal.keys.service import KeyService
+from modelseal.recipes.context import trust_policy
+from modelseal.recipes.opening import open as open_sealed
+from modelseal.recipes.opening import open_folder
+from modelseal.util.files import open_regular
+
+
+class RandomAccess(Protocol):
+    """What loaders need: a size, positioned reads into a buffer, close."""
+
+    size: int
+
+    def preadinto(self, offset: int, buf: memoryview | bytearray, *, private: bool = False) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class PlainReader(io.RawIOBase):
+    """A plaintext file behind the same interface, for ``allow_plaintext=True``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._src = FdSource(open_regular(path))
+        self.size = self._src.size
+        self.name = str(path)
+        self._pos = 0
+
+    def preadinto(self, offset: int, buf: memoryview | bytearray, *, private: bool = False) -> int:
+        view = memoryview(buf).cast("B")
+        return self._src.readinto_at(view[: max(0, min(len(view), self.size - offset))], offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = self.preadinto(self._pos, buf)
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._src.close()
+        super().close()
+
+
+def is_sealed_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def is_sealed_folder(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST_NAME).is_file()
+
+
+def split_member(path: Path) -> tuple[Path, str | None]:
+    """``x.sealed/sub/config.json`` (not on disk) -> (``x.sealed``, ``sub/config.json``)."""
+    if path.exists():
+        return path, None
+    for parent in path.parents:
+        if is_sealed_folder(parent):
+            return parent, path.relative_to(parent).as_posix()
+        if parent.exists():
+            break
+    return path, None
+
+
+def plaintext_ok(path: Path, allow_plaintext: bool, keys: KeyService | None) -> bool:
+    """``allow_plaintext`` (for migrations), unless a strict trust policy is configured:
+    then unsigned plaintext is refused like an unsigned sealed artifact."""
+    if not allow_plaintext:
+        return False
+    policy = trust_policy(keys)
+    if policy is not None and policy.strict:
+        raise VerificationError(f"{path} is plaintext, and the trust policy is strict: refusing to load it")
+    return True
+
+
+def refuse_plaintext(path: Path) -> FormatError:
+    return FormatError(
+        f"{path} is not sealed; refusing to load plaintext (pass allow_plaintext=True to migrate from plain files)"
+    )
+
+
+def open_member(
+    path: str | os.PathLike[str],
+    member: str | None = None,
+    *,
+    allow_plaintext: bool = False,
+    keys: KeyService | None = None,
+) -> RandomAccess:
+    """Open one sealed file, one member of a sealed folder, or (if allowed) a plain file."""
+    p, implied = split_member(Path(path))
+    member = member or implied
+    if is_sealed_folder(p):
+        if member is None:
+            raise FormatError(f"{p} is a sealed folder: name the member to load")
+        with open_folder(p, keys=keys) as folder:
+            return folder.open(member)
+    if p.is_dir():
+        if not plaintext_ok(p, allow_plaintext, keys):
+            raise refuse_plaintext(p)
+        if member is None:
+            raise FormatError(f"{p} is a folder: name the member to load")
+        return PlainReader(p / member)
+    if member is not None:
+        raise FormatError(f"{p} is a single sealed file; it has no member {member!r}")
+    if not is_sealed_file(p):
+        if not plaintext_ok(p, allow_plaintext, keys):
+            raise refuse_plaintext(p)
+        return PlainReader(p)
+    return open_sealed(p, keys=keys)
+
+
+def read_into_memory(reader: RandomAccess) -> bytearray:
+    """The whole plaintext in one fresh buffer, decrypted straight into it."""
+    buf = bytearray(reader.size)
+    reader.preadinto(0, buf, private=True)
+    return buf
+
+
+def read_member(
+    path: str | os.PathLike[str],
+    member: str | None = None,
+    *,
+    allow_plaintext: bool = False,
+    keys: KeyService | None = None,
+) -> bytearray:
+    reader = open_member(path, member, allow_plaintext=allow_plaintext, keys=keys)
+    try:
+        return read_into_memory(reader)
+    finally:
+        reader.close()
+
+
+def wipe(buf: bytearray) -> None:
+    """Overwrite a plaintext buffer we own once it has been handed on."""
+    buf[:] = bytes(len(buf))
+
+
+def _memfd_from(reader: RandomAccess, name: str) -> int:
+    fd = os.memfd_create(name[-200:] or "modelseal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        if reader.size:
+            os.ftruncate(fd, reader.size)
+            with mmap.mmap(fd, reader.size) as mm:
+                reader.preadinto(0, memoryview(mm), private=True)
+        # Freeze the content: nobody can change what the library then reads.
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def memfd_view(
+    path: str | os.PathLike[str], *, keys: KeyService | None = None, allow_plaintext: bool = False
+) -> Iterator[Path]:
+    """Show a sealed folder as a real directory for the duration of the block.
+
+    The directory (0700, under the system temp folder) holds only symlinks to
+    ``/proc/self/fd/N``, each N an in-memory file (``memfd_create``) holding one
+    decrypted member, sealed read-only. No plaintext byte is written to any
+    file system. On exit the links are removed and the descriptors closed;
+    memory that a library still maps (e.g. safetensors weights) stays valid
+    until it lets go of it.
+    """
+    p = Path(path)
+    if not is_sealed_folder(p):
+        if p.is_dir() and plaintext_ok(p, allow_plaintext, keys):
+            yield p
+            return
+        raise refuse_plaintext(p) if p.is_dir() else FormatError(f"{p} is not a sealed folder")
+    view = Path(tempfile.mkdtemp(prefix="modelseal-view-"))
+    fds: list[int] = []
+    try:
+        with open_folder(p, keys=keys) as folder:
+            for rel in folder:
+                with folder.open(rel) as r:
+                    fd = _memfd_from(r, rel)
+                fds.append(fd)
+                link = view / rel
+                link.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.symlink(f"/proc/self/fd/{fd}", link)
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+        for fd in fds:
+            os.close(fd)
+
+
+class PlainFolder:
+    """A plain folder with the reading interface of ``SealedFolder`` (migrations only)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    def __enter__(self) -> PlainFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._files
+
+    def open(self, path: str) -> PlainReader:
+        return PlainReader(self.root / path)
+
+    def read(self, path: str) -> bytes:
+        return (self.root / path).read_bytes()
+
+
+def open_folder_any(
+    path: Path, *, allow_plaintext: bool = False, keys: KeyService | None = None
+) -> SealedFolder | PlainFolder:
+    if is_sealed_folder(path):
+        return open_folder(path, keys=keys)
+    if path.is_dir() and plaintext_ok(path, allow_plaintext, keys):
+        return PlainFolder(path)
+    raise refuse_plaintext(path)

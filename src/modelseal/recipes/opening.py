@@ -1,0 +1,127 @@
+"""``open`` and ``open_folder``: random-access readers over sealed files and folders, verified
+against the trust policy when one is configured.
+
+Nothing is decrypted here beyond the header and the manifest; readers decrypt the chunks
+they are asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modelseal.errors import DecryptionError, FormatError
+from modelseal.format.envelope import attachment_key
+from modelseal.format.file import RawArtifact, SealedReader, open_keys, read_raw
+from modelseal.format.folder import (
+    MANIFEST_NAME,
+    MAX_MANIFEST,
+    SealedFolder,
+    parse_manifest,
+)
+from modelseal.format.header import (
+    KIND_FILE,
+    KIND_MANIFEST,
+)
+from modelseal.format.source import FdSource
+from modelseal.keys.service import KeyService
+from modelseal.recipes.context import (
+    Verify,
+    service,
+    unwrapper,
+    verdict_for,
+)
+from modelseal.signing.commitment import FILE_PATH
+from modelseal.signing.verification import Verdict, reader_check
+from modelseal.util.files import (
+    open_regular,
+)
+
+
+def open_raw(path: Path, flags: int = os.O_RDONLY) -> tuple[FdSource, RawArtifact]:
+    src = FdSource(open_regular(path, flags))
+    try:
+        return src, read_raw(src)
+    except BaseException:
+        src.close()
+        raise
+
+
+def open(  # noqa: A001
+    path: str | os.PathLike[str],
+    member: str | None = None,
+    *,
+    keys: KeyService | None = None,
+    verify: Verify = None,
+    expect_name: str | None = None,
+) -> SealedReader:
+    """Open a sealed file (or one ``member`` of a sealed folder) for random-access reading.
+
+    ``verify``: ``None`` verifies signatures when a trust policy is configured,
+    ``True`` requires one, ``False`` skips, or pass a ``TrustPolicy``. Verified
+    readers check every chunk they read against the signed chunk table.
+    ``expect_name`` (or ``expecting()``) also requires the signed artifact name.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if member is None:
+            raise FormatError(f"{p} is a sealed folder: name a member, or use open_folder()")
+        folder = open_folder(p, keys=keys, verify=verify, expect_name=expect_name)
+        return folder.open(member)
+    return open_sealed_file(p, keys, verdict_for(p, verify, keys, expect_name))
+
+
+def open_sealed_file(p: Path, keys: KeyService | None, verdict: Verdict | None) -> SealedReader:
+    """Open a sealed file; with a verdict, its header must be the verified one and every
+    chunk read is checked against the verified chunk table."""
+    src, raw = open_raw(p)
+    try:
+        if raw.core.kind != KIND_FILE:
+            raise FormatError(f"{p} is part of a sealed folder, not a sealed file; open the folder")
+        table = reader_check(verdict)(FILE_PATH, raw)
+        opened = open_keys(raw, unwrapper(service(keys), raw), src)
+        reader = SealedReader(src, raw, opened.keys, name=str(p), chunk_hashes=table)
+        reader.recipients = opened.slot.recipients
+        reader.attachment_key = attachment_key(opened.dek, raw.core.salt, raw.core.binding)
+        reader.verdict = verdict
+        return reader
+    except BaseException:
+        src.close()
+        raise
+
+
+def open_folder(
+    path: str | os.PathLike[str],
+    *,
+    keys: KeyService | None = None,
+    verify: Verify = None,
+    expect_name: str | None = None,
+) -> SealedFolder:
+    """Open a sealed folder (``verify`` as for ``open``)."""
+    root = Path(path)
+    if not (root / MANIFEST_NAME).is_file():
+        raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
+    return open_sealed_folder(root, keys, verdict_for(root, verify, keys, expect_name))
+
+
+def open_sealed_folder(root: Path, keys: KeyService | None, verdict: Verdict | None) -> SealedFolder:
+    """Open a sealed folder; with a verdict, as ``open_sealed_file`` for the manifest and blobs."""
+    manifest = root / MANIFEST_NAME
+    check = reader_check(verdict)
+    src, raw = open_raw(manifest)
+    try:
+        if raw.core.kind != KIND_MANIFEST or raw.core.plaintext_length > MAX_MANIFEST:
+            raise DecryptionError()
+        table = check(MANIFEST_NAME, raw)
+        opened = open_keys(raw, unwrapper(service(keys), raw), src)
+        with SealedReader(src, raw, opened.keys, owns_src=False, chunk_hashes=table) as r:
+            entries = parse_manifest(r.readall())
+    finally:
+        src.close()
+    folder = SealedFolder(root, raw, opened, entries, check if verdict is not None and verdict.signed else None)
+    folder.verdict = verdict
+    return folder
+
+
+def primary_file(path: Path) -> Path:
+    return path / MANIFEST_NAME if path.is_dir() else path

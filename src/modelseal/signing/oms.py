@@ -1,0 +1,280 @@
+"""OpenSSF model-signing (OMS) signatures over plaintext models (docs/signing.md).
+
+Writes and checks the ``model.sig`` that ``model_signing sign key`` /
+``verify key`` (PyPI ``model-signing`` 1.1.1) produce and accept: a Sigstore
+bundle v0.3 holding a DSSE envelope over an in-toto Statement v1 with
+predicate ``https://model_signing/signature/v1.0``, method ``files``, SHA-256
+per file, signed with ECDSA (model-signing supports P-256/384/521 only, not
+Ed25519). The key hint is SHA-256 of the PEM SubjectPublicKeyInfo text. The
+subject digest is SHA-256 over the resources' raw digests in listed order;
+resources are sorted component-wise, as ``pathlib`` sorts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import stat
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from modelseal.errors import SigningKeyError, VerificationError
+from modelseal.format.stream import workers
+from modelseal.signing.signers import Signer, b64, pae, unb64
+from modelseal.util.files import read_limited
+
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+SIGNATURE_NAME = "model.sig"
+GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")  # model-signing ignores these by default
+MAX_BUNDLE = 64 << 20
+_CURVE_HASH: dict[str, type[hashes.HashAlgorithm]] = {
+    "secp256r1": hashes.SHA256,
+    "secp384r1": hashes.SHA384,
+    "secp521r1": hashes.SHA512,
+}
+_HASHERS = ("sha256", "blake2b")
+
+
+def sort_key(name: str) -> tuple[str, ...]:
+    return tuple(name.split("/"))
+
+
+def is_ignored(rel: str, ignores: Iterable[str]) -> bool:
+    parts = PurePosixPath(rel).parts
+    for ign in ignores:
+        ip = PurePosixPath(ign).parts
+        if ip and parts[: len(ip)] == ip:
+            return True
+    return False
+
+
+def key_hint(key: ec.EllipticCurvePublicKey) -> str:
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(pem).hexdigest()
+
+
+def supports(signer: Signer) -> bool:
+    """Whether model-signing can verify this signer's signatures (ECDSA only)."""
+    return isinstance(signer.public.key, ec.EllipticCurvePublicKey)
+
+
+def make_bundle(signer: Signer, model_name: str, files: Iterable[tuple[str, str]], ignore_paths: list[str]) -> bytes:
+    """An OMS bundle over (relative path, SHA-256 hex) of every plaintext file."""
+    key = signer.public.key
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SigningKeyError("model-signing verifies ECDSA signatures only; sign with a P-256 key")
+    rows = sorted(files, key=lambda f: sort_key(f[0]))
+    resources = [{"algorithm": "sha256", "digest": d, "name": n} for n, d in rows]
+    root = hashlib.sha256(b"".join(bytes.fromhex(d) for _, d in rows)).hexdigest()
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "predicate": {
+            "resources": resources,
+            "serialization": {
+                "allow_symlinks": False,
+                "hash_type": "sha256",
+                "ignore_paths": ignore_paths,
+                "method": "files",
+            },
+        },
+        "predicateType": PREDICATE_TYPE,
+        "subject": [{"digest": {"sha256": root}, "name": model_name}],
+    }
+    payload = json.dumps(statement, indent=2, sort_keys=True).encode()
+    sig = signer.sign(pae(PAYLOAD_TYPE, payload))
+    bundle = {
+        "dsseEnvelope": {
+            "payload": b64(payload),
+            "payloadType": PAYLOAD_TYPE,
+            "signatures": [{"keyid": "", "sig": b64(sig)}],
+        },
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {"publicKey": {"hint": key_hint(key)}, "tlogEntries": []},
+    }
+    return json.dumps(bundle, separators=(",", ":"), sort_keys=True).encode()
+
+
+def bundle_for_folder(signer: Signer, model_name: str, files: Iterable[tuple[str, str]]) -> bytes:
+    """The bundle an unsealed folder carries as ``model.sig``: git paths and the
+    signature itself ignored, as model-signing's CLI does."""
+    rows = [(n, d) for n, d in files if not is_ignored(n, (*GIT_PATHS, SIGNATURE_NAME))]
+    return make_bundle(signer, model_name, rows, [*GIT_PATHS, SIGNATURE_NAME])
+
+
+def bundle_for_file(signer: Signer, model_name: str, sha256: str) -> bytes:
+    return make_bundle(signer, model_name, [(".", sha256)], list(GIT_PATHS))
+
+
+# --- verification of plaintext models --------------------------------------------------------
+
+
+def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except OSError as e:
+        raise SigningKeyError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SigningKeyError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _CURVE_HASH:
+        raise SigningKeyError("model-signing signatures use ECDSA P-256, P-384 or P-521 keys")
+    return key
+
+
+@dataclass(frozen=True)
+class OmsResult:
+    name: str
+    files: int
+    ignored: list[str]
+    unlisted: list[str]
+    key: ec.EllipticCurvePublicKey  # the trusted key that verified
+
+
+def _hash_file(path: Path, hash_type: str) -> str:
+    h = hashlib.new(hash_type)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
+    finally:
+        os.close(fd)
+    return str(h.hexdigest())
+
+
+def _list_files(model: Path, ignores: list[str]) -> tuple[dict[str, Path], list[str]]:
+    if model.is_symlink():
+        raise VerificationError(f"{model} is a symlink")
+    if model.is_file():
+        return {".": model}, []
+    if not model.is_dir():
+        raise VerificationError(f"{model} is not a file or a folder")
+    out: dict[str, Path] = {}
+    skipped: list[str] = []
+    stack: list[tuple[Path, str]] = [(model, "")]  # iterative: no recursion limit on deep trees
+    while stack:
+        d, prefix = stack.pop()
+        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+            rel = prefix + entry.name
+            if is_ignored(rel, ignores):
+                skipped.append(rel)
+                continue
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                raise VerificationError(f"symlink {rel[:200]!r} in the model: refused (model-signing's default)")
+            if stat.S_ISDIR(mode):
+                stack.append((Path(entry.path), rel + "/"))
+            elif stat.S_ISREG(mode):
+                out[rel] = Path(entry.path)
+            else:
+                raise VerificationError(f"{rel[:200]!r} is not a regular file")
+    return out, skipped
+
+
+def _fail(msg: str) -> VerificationError:
+    return VerificationError(f"model-signing signature: {msg}")
+
+
+def read_bundle(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(read_limited(path, MAX_BUNDLE, _fail, str(path)))
+    except FileNotFoundError:
+        raise _fail(f"{path} does not exist") from None
+    except (ValueError, RecursionError):
+        raise _fail(f"{path} is not JSON (truncated?)") from None
+    if not isinstance(doc, dict) or doc.get("mediaType") != BUNDLE_MEDIA_TYPE:
+        raise _fail("not a Sigstore bundle v0.3")
+    return doc
+
+
+def verify_model(
+    model: Path,
+    bundle_path: Path,
+    keys: list[ec.EllipticCurvePublicKey],
+    *,
+    allow_unlisted: bool = False,
+) -> OmsResult:
+    """Verify an OMS ``model.sig`` over a plaintext model folder (or file) with trusted keys."""
+    doc = read_bundle(bundle_path)
+    try:
+        env = doc["dsseEnvelope"]
+        if env["payloadType"] != PAYLOAD_TYPE:
+            raise ValueError("payload type")
+        payload = unb64(env["payload"])
+        sig = unb64(env["signatures"][0]["sig"], 1024)
+        hint = ((doc.get("verificationMaterial") or {}).get("publicKey") or {}).get("hint")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise _fail("malformed bundle (truncated?)") from None
+    hint_b = str(hint or "").encode("utf-8", "replace")
+    candidates = [k for k in keys if not hint or hmac.compare_digest(hint_b, key_hint(k).encode())]
+    if not candidates:
+        raise _fail("signed by a key that is not trusted (the key hint matches no trusted key)")
+    data = pae(PAYLOAD_TYPE, payload)
+    signer: ec.EllipticCurvePublicKey | None = None
+    for k in candidates:
+        try:
+            k.verify(sig, data, ec.ECDSA(_CURVE_HASH[k.curve.name]()))
+            signer = k
+            break
+        except InvalidSignature:
+            continue
+    if signer is None:
+        raise _fail("the signature does not verify with the trusted key(s): tampered or untrusted")
+    try:
+        st = json.loads(payload)
+        if st["_type"] != STATEMENT_TYPE or st["predicateType"] != PREDICATE_TYPE or len(st["subject"]) != 1:
+            raise ValueError
+        ser = st["predicate"]["serialization"]
+        if ser["method"] != "files" or ser["hash_type"] not in _HASHERS:
+            raise _fail(f"unsupported serialization {ser.get('method')}/{ser.get('hash_type')}; use 'files'")
+        expected: dict[str, tuple[str, str]] = {}
+        root = hashlib.sha256()
+        for r in st["predicate"]["resources"]:
+            if r["name"] in expected:
+                raise ValueError
+            root.update(bytes.fromhex(r["digest"]))
+            expected[r["name"]] = (r["algorithm"], r["digest"])
+        signed_ignores = [str(p) for p in ser.get("ignore_paths", [])]
+        subject = st["subject"][0]
+        if not hmac.compare_digest(root.hexdigest(), str(subject["digest"]["sha256"])):
+            raise _fail("the subject digest does not match the resources")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError):
+        raise _fail("malformed statement") from None
+    ignores = [*GIT_PATHS, *signed_ignores]
+    try:
+        inside = bundle_path.resolve().relative_to(model.resolve()).as_posix()
+        ignores.append(inside)
+    except ValueError:
+        pass
+    files, skipped = _list_files(model, ignores)
+    missing = sorted(set(expected) - set(files), key=sort_key)
+    if missing:
+        raise _fail(f"{len(missing)} signed file(s) missing, e.g. {missing[0][:120]!r}")
+    unlisted = sorted(set(files) - set(expected), key=sort_key)
+    if unlisted and not allow_unlisted:
+        raise _fail(f"{len(unlisted)} file(s) present but not signed, e.g. {unlisted[0][:120]!r} (--allow-unlisted)")
+    names = sorted(set(files) & set(expected), key=sort_key)
+    algorithm = ser["hash_type"]
+
+    def check(name: str) -> str | None:
+        alg, digest = expected[name]
+        ok = alg == algorithm and hmac.compare_digest(_hash_file(files[name], algorithm), str(digest))
+        return None if ok else name
+
+    with ThreadPoolExecutor(workers()) as pool:
+        bad = [n for n in pool.map(check, names) if n is not None]
+    if bad:
+        raise _fail(f"{len(bad)} file(s) do not match their signed digest, e.g. {bad[0][:120]!r}")
+    return OmsResult(str(subject.get("name", "")), len(names), skipped, unlisted, signer)
