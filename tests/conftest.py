@@ -57,3 +57,17 @@ def make_model_folder(root: Path, big: int = 3 * (1 << 20) + 17) -> Path:
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _in_process_cli_keeps_the_hard_core_limit() -> Iterator[None]:
+    """``main()`` lowers the hard core-dump limit for good, as the CLI process must. Tests
+    call it in this process, whose children (the core-dump tests' probes) would inherit a
+    limit nobody can raise again; here it lowers the soft limit only. The CLI's own
+    hardening is tested in a child process of its own (tests/test_findings_loaders.py)."""
+    from modelseal.util import hardening
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(hardening, "harden_cli", lambda: hardening.disable_core_dumps(permanent=False))
+    yield
+    mp.undo()

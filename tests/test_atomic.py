@@ -180,6 +180,8 @@ def test_folder_replace_failure_restores_the_original(env: Env, monkeypatch: pyt
         real_rename(a, b)  # type: ignore[arg-type]
 
     with monkeypatch.context() as m:
+        # Where the filesystem cannot RENAME_EXCHANGE, the swap is two renames (the fallback).
+        m.setattr(fsutil, "renameat2", lambda *a: False)
         m.setattr(fsutil.os, "rename", flaky_rename)
         with pytest.raises(StorageError):
             modelseal.reencrypt(dst, keys=env.svc)

@@ -97,25 +97,25 @@ def test_modelseal_verifies_what_model_signing_signed(env: Env, oms: Path, p256:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert main(["verify", str(model), "--signature", str(sig), "--public-key", str(pub)]) == 0
-    assert main(["verify", str(model), "--public-key", str(pub)]) == 0  # model.sig found inside
+    assert main(["verify", "--plaintext", str(model), "--signature", str(sig), "--public-key", str(pub)]) == 0
+    assert main(["verify", "--plaintext", str(model), "--public-key", str(pub)]) == 0  # model.sig found inside
     # a file the signature does not list: refused unless explicitly allowed
     (model / "extra.txt").write_text("smuggled")
-    assert main(["verify", str(model), "--public-key", str(pub)]) == 10
-    assert main(["verify", str(model), "--public-key", str(pub), "--allow-unlisted"]) == 0
+    assert main(["verify", "--plaintext", str(model), "--public-key", str(pub)]) == 10
+    assert main(["verify", "--plaintext", str(model), "--public-key", str(pub), "--allow-unlisted"]) == 0
     (model / "extra.txt").unlink()
     # an untrusted key
     other = generate(P256)
     (env.work / "o.pub").write_text(other.public.pem())
-    assert main(["verify", str(model), "--public-key", str(env.work / "o.pub")]) == 10
+    assert main(["verify", "--plaintext", str(model), "--public-key", str(env.work / "o.pub")]) == 10
     # a truncated signature
     full = sig.read_bytes()
     sig.write_bytes(full[:-40])
-    assert main(["verify", str(model), "--public-key", str(pub)]) == 10
+    assert main(["verify", "--plaintext", str(model), "--public-key", str(pub)]) == 10
     sig.write_bytes(full)
     # a tampered file, and a symlink
     (model / "config.json").write_text("{}")
-    assert main(["verify", str(model), "--public-key", str(pub)]) == 10
+    assert main(["verify", "--plaintext", str(model), "--public-key", str(pub)]) == 10
 
 
 def test_oms_statement_with_traversal_paths_or_symlinks_is_refused(env: Env, p256: tuple[Path, Path]) -> None:
@@ -129,13 +129,35 @@ def test_oms_statement_with_traversal_paths_or_symlinks_is_refused(env: Env, p25
     da = hashlib.sha256(b"a").hexdigest()
     for evil in ("../outside", "/etc/passwd"):
         (env.work / "evil.sig").write_bytes(make_bundle(signer, "m", [("a.bin", da), (evil, da)], []))
-        assert main(["verify", str(model), "--signature", str(env.work / "evil.sig"), "--public-key", str(pub)]) == 10
+        assert (
+            main(
+                [
+                    "verify",
+                    "--plaintext",
+                    str(model),
+                    "--signature",
+                    str(env.work / "evil.sig"),
+                    "--public-key",
+                    str(pub),
+                ]
+            )
+            == 10
+        )
     (env.work / "ok.sig").write_bytes(make_bundle(signer, "m", [("a.bin", da)], []))
-    assert main(["verify", str(model), "--signature", str(env.work / "ok.sig"), "--public-key", str(pub)]) == 0
+    assert (
+        main(["verify", "--plaintext", str(model), "--signature", str(env.work / "ok.sig"), "--public-key", str(pub)])
+        == 0
+    )
     (model / "link.bin").symlink_to(model / "a.bin")
-    assert main(["verify", str(model), "--signature", str(env.work / "ok.sig"), "--public-key", str(pub)]) == 10
+    assert (
+        main(["verify", "--plaintext", str(model), "--signature", str(env.work / "ok.sig"), "--public-key", str(pub)])
+        == 10
+    )
     doc = json.loads((env.work / "ok.sig").read_text())
     doc["mediaType"] = "x"
     (env.work / "bad.sig").write_text(json.dumps(doc))
     (model / "link.bin").unlink()
-    assert main(["verify", str(model), "--signature", str(env.work / "bad.sig"), "--public-key", str(pub)]) == 10
+    assert (
+        main(["verify", "--plaintext", str(model), "--signature", str(env.work / "bad.sig"), "--public-key", str(pub)])
+        == 10
+    )

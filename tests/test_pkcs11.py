@@ -125,7 +125,9 @@ def test_seal_rotate_rewrap_disable_destroy(env: Env, provider: Pkcs11Provider) 
     modelseal.seal(src, sealed, key=key, context={"env": "prod"}, keys=svc)
     assert modelseal.open(sealed, keys=svc).read() == src.read_bytes()
     svc.rotate(key)
-    modelseal.rewrap(sealed, keys=svc)
+    # A rewrap writes only keys the operator vouches for: here config.toml's key for env=prod.
+    (env.home / "config.toml").write_text(f'[environments.prod]\nkeys = ["{key}"]\n')
+    modelseal.rewrap(sealed, keys=KeyService(sink=MemorySink(), providers={"pkcs11": provider}))
     assert modelseal.inspect(sealed)["recipients"] == [{"key": key, "version": 2}]
     svc.destroy(key, 1)  # the old version is gone from the token; the artifact still opens
     assert modelseal.open(sealed, keys=svc).read() == src.read_bytes()

@@ -569,15 +569,15 @@ def test_plaintext_oms_verification_applies_the_whole_policy(env: Env, keys: dic
         (p.relative_to(model).as_posix(), h.sha256(p.read_bytes()).hexdigest()) for p in model.rglob("*") if p.is_file()
     ]
     (model / "model.sig").write_bytes(bundle_for_folder(signer, "llama-7b", rows))
-    assert main(["verify", str(model), "--trust", str(pol)]) == 0
-    assert main(["verify", str(model), "--trust", str(pol), "--name", "other"]) == 10
+    assert main(["verify", "--plaintext", str(model), "--trust", str(pol)]) == 0
+    assert main(["verify", "--plaintext", str(model), "--trust", str(pol), "--name", "other"]) == 10
     two = policy_file(
         tmp_path, keys, rules='[[rules]]\nsigners = ["release", "security"]\nthreshold = 2\n', name="two.toml"
     )
-    assert main(["verify", str(model), "--trust", str(two)]) == 10
+    assert main(["verify", "--plaintext", str(model), "--trust", str(two)]) == 10
     keyid = signer.public.key_id
     assert revoke(lst, pol, keys, "--signer", keyid) == 0
-    assert main(["verify", str(model), "--trust", str(pol)]) == 11
+    assert main(["verify", "--plaintext", str(model), "--trust", str(pol)]) == 11
 
 
 def test_revoked_artifact_stays_revoked_without_its_signature_file(
@@ -730,7 +730,7 @@ def test_malformed_inputs_give_typed_errors(env: Env, keys: dict[str, Path], tmp
     b = json.loads(make_bundle(PemSigner.from_file(keys["release"]), "m", [("a", h.sha256(b"a").hexdigest())], []))
     b["verificationMaterial"]["publicKey"]["hint"] = "\u00e9" * 64
     (model / "model.sig").write_text(json.dumps(b))
-    assert main(["verify", str(model), "--public-key", str(keys["release.pub"])]) == 10
+    assert main(["verify", "--plaintext", str(model), "--public-key", str(keys["release.pub"])]) == 10
     # signing-key never overwrites a private key
     assert main(["signing-key", str(keys["release"]), str(tmp_path / "x.pub")]) == 7
 

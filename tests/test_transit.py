@@ -54,7 +54,9 @@ def test_seal_open_rotate_rewrap_and_min_decryption_version(env: Env, transit: T
     assert modelseal.inspect(sealed)["recipients"] == [{"key": "transit:model-kek", "version": 1}]
     assert modelseal.open(sealed, keys=svc).read() == src.read_bytes()
     svc.rotate("transit:model-kek")
-    modelseal.rewrap(sealed, keys=svc)
+    # A rewrap writes only keys the operator vouches for: here config.toml's key for env=prod.
+    (env.home / "config.toml").write_text('[environments.prod]\nkeys = ["transit:model-kek"]\n')
+    modelseal.rewrap(sealed, keys=KeyService(sink=MemorySink(), providers={"transit": transit}))
     assert modelseal.inspect(sealed)["recipients"] == [{"key": "transit:model-kek", "version": 2}]
     svc.set_state("transit:model-kek", 1, "disabled")  # min_decryption_version = 2
     assert (

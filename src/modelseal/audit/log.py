@@ -1,65 +1,61 @@
 """The tamper-evident audit log: an RFC 9162 Merkle tree with signed tree heads (SQLite or PostgreSQL).
 
 Every event (canonical JSON: actor, operation, key URI and version, artifact id,
-result, time; never a secret) is a leaf ``SHA-256(0x00 || event)``. Each row also
-stores the tree head after it and an Ed25519 signature over ``(seq, head)`` by the
-audit key, a key kept apart from every data key (``$MODELSEAL_HOME/audit-signing.key``,
-0600). ``verify`` recomputes every head from the events and names the first entry
-whose head or signature does not match: an edited, deleted, inserted or reordered
-row. Someone holding the audit key could rewrite the whole log, so signed
-checkpoints are also exported to a witness folder kept elsewhere (another mount,
-WORM storage, another team); ``verify`` against it detects a rollback or a
-rewrite of anything the checkpoint covers (a consistency check of the heads).
-SQLite triggers refuse UPDATE and DELETE as a guard against mistakes, not as
-the security boundary.
+result, time, and ``signer``, the key id of the audit key that signs it; never a
+secret) is a leaf ``SHA-256(0x00 || event)``. Each row also stores the tree head
+after it and an Ed25519 signature over ``(seq, head)`` by the audit key of the host
+that wrote it, a key kept apart from every data key
+(``$MODELSEAL_HOME/audit-signing.key``, 0600). Several hosts may share one log: each
+entry is checked against the key it names, which must be this host's own or one
+configured in ``audit-hosts.toml`` (``audit.hosts``). ``verify`` recomputes every head
+from the events and names the first entry whose head or signature does not match: an
+edited, deleted, inserted or reordered row. Someone holding an audit key could
+rewrite the whole log, so signed checkpoints are also exported to a witness folder
+kept elsewhere (another mount, WORM storage, another team). Every verification runs
+every check: the heads and signatures, the host's own record of what it last wrote
+(a truncation or rollback), and, given a checkpoint, that the log extends it.
+Database triggers refuse UPDATE, DELETE and TRUNCATE as a guard against mistakes,
+not as the security boundary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from modelseal.audit import merkle
+from modelseal.audit.checks import (
+    LATEST,
+    AuditLogError,
+    Verification,
+    check_rows,
+    parse_checkpoint,
+    read_checkpoint,
+)
+from modelseal.audit.checks import signed_message as _signed_message
 from modelseal.audit.events import AuditEvent
+from modelseal.audit.hosts import HOSTS_NAME, HostKey, key_id, load_hosts
 from modelseal.audit.store import Row, SqliteStore, open_store
-from modelseal.errors import ModelsealError
 from modelseal.util.files import write_atomic
 from modelseal.util.home import modelseal_home
 
-_SIG_LABEL = b"modelseal/audit/v1\x00"
-
-
-class AuditLogError(ModelsealError):
-    """The audit log does not verify: tampered with, rolled back, or unreadable."""
-
-    exit_code = 9
-
-
-@dataclass(frozen=True)
-class Verification:
-    size: int
-    head: bytes
-    first_bad: int | None = None
-    reason: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.first_bad is None and not self.reason
-
-
-def _signed_message(seq: int, head: bytes) -> bytes:
-    return _SIG_LABEL + struct.pack(">Q", seq) + head
+__all__ = [
+    "AuditLogError",
+    "MerkleAuditLog",
+    "Verification",
+    "load_or_create_signing_key",
+    "public_key_hex",
+    "read_checkpoint",
+]
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -88,7 +84,15 @@ def public_key_hex(key: Ed25519PublicKey) -> str:
 class MerkleAuditLog:
     """An ``AuditSink`` that appends to the tamper-evident log."""
 
-    def __init__(self, target: Path | str, key_path: Path | None = None, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        target: Path | str,
+        key_path: Path | None = None,
+        now: Callable[[], float] = time.time,
+        *,
+        hosts: Mapping[str, HostKey] | None = None,
+    ) -> None:
+        """``hosts`` (key id -> host) replaces the configured ``audit-hosts.toml``."""
         self.store = open_store(target)
         local = isinstance(self.store, SqliteStore)
         self._key_path = key_path or (
@@ -96,6 +100,8 @@ class MerkleAuditLog:
         )
         # What this host last appended: a shorter or different log is a rollback.
         self._state_path = self._key_path.with_name(self._key_path.name + ".state")
+        self.hosts_path = self._key_path.with_name(HOSTS_NAME)  # the configured other hosts
+        self._hosts = dict(hosts) if hosts is not None else None
         self._now = now
         self._lock = threading.Lock()
         self._frontier: merkle.Frontier | None = None
@@ -110,7 +116,8 @@ class MerkleAuditLog:
     def emit(self, event: AuditEvent) -> None:
         if not event.time:
             event = AuditEvent(**{**asdict(event), "time": self._now()})
-        body = event.to_json()
+        signer = key_id(self.signing_key.public_key())
+        body = json.dumps({**asdict(event), "signer": signer}, sort_keys=True, separators=(",", ":"))
         with self._lock:
             try:
                 with self.store.transaction() as tx:
@@ -152,48 +159,91 @@ class MerkleAuditLog:
             return None
         return self.signing_key.public_key()
 
+    def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
+        """Key id -> key of every audit key whose entries verify here: this host's own
+        and the configured hosts' (``audit-hosts.toml`` beside the audit key)."""
+        hosts = self._hosts if self._hosts is not None else load_hosts(self.hosts_path)
+        keys = {kid: h.key for kid, h in hosts.items()}
+        own = self.pinned_key()
+        if own is not None:
+            keys[key_id(own)] = own
+        return keys
+
     def _rows(self) -> list[Row]:
         return self.store.rows()
 
-    def _public_key(self) -> Ed25519PublicKey | None:
+    def _stored_key(self) -> Ed25519PublicKey | None:
+        """The key the log names (its first writer's): a hint, never trusted by itself."""
         hexkey = self.store.public_key()
-        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hexkey)) if hexkey else None
+        try:
+            return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hexkey)) if hexkey else None
+        except ValueError:
+            raise AuditLogError("the audit log names a malformed audit key") from None
 
     # -- verification ----------------------------------------------------
-    def verify(self, public_key: Ed25519PublicKey | None = None) -> Verification:
-        """Recompute every leaf and tree head; name the first entry that does not match.
+    def verify(self, checkpoint: Mapping[str, Any] | None = None) -> Verification:
+        """Run every check and name the first entry that fails.
 
-        Signatures are checked with ``public_key``, else the key this host signs with;
-        the key the log itself names is used only when neither exists, and must agree.
+        Each entry's signature is checked with the audit key it names (an entry written
+        before entries named their signer: with any trusted key), which must be this
+        host's own or a configured one; then that the log still holds, unchanged, what
+        this host last wrote; then, given ``checkpoint``, that the log extends it. A
+        host with no audit key and no configured hosts (an auditor's machine) trusts
+        the checkpoint's key, else the key the log names.
         """
-        stored = self._public_key()
-        key = public_key or self.pinned_key() or stored
-        if stored is not None and key is not None and public_key_hex(stored) != public_key_hex(key):
-            return Verification(0, b"", 1, "the log names another audit key than the pinned one (re-signed?)")
+        return self._verify(checkpoint)[0]
+
+    def verify_against(self, checkpoint: Mapping[str, Any]) -> Verification:
+        """``verify`` with a checkpoint (kept for callers of the earlier name)."""
+        return self.verify(checkpoint)
+
+    def _verify(self, checkpoint: Mapping[str, Any] | None) -> tuple[Verification, list[Row], Ed25519PublicKey | None]:
+        """The verification, the rows it read, and the key that signed the last row if it verifies."""
+
+        def bad(reason: str, first_bad: int | None = None, size: int = 0, head: bytes = b"") -> Verification:
+            return Verification(size, head, first_bad, reason)
+
+        trusted = self.trusted_keys()
+        anchor: tuple[int, bytes] | None = None
+        if checkpoint is not None:
+            parsed = parse_checkpoint(checkpoint)
+            if parsed is None:
+                return bad("the checkpoint itself is invalid or not signed by the audit key"), [], None
+            cp_key, anchor = parsed
+            if trusted and key_id(cp_key) not in trusted:
+                return bad("the checkpoint is signed by an audit key that is not configured"), [], None
+            trusted = trusted or {key_id(cp_key): cp_key}
+        stored = self._stored_key()
+        if not trusted and stored is not None:
+            trusted = {key_id(stored): stored}
+        if stored is not None and key_id(stored) not in trusted:
+            return bad("the log names another audit key than the configured ones (re-signed?)", 1), [], None
+        rows = self._rows()  # one read: every check below uses the same rows
+        v, leaves, last_key = check_rows(rows, trusted)
+        if not v.ok:
+            return v, rows, None
         last = self._last_written()
-        frontier = merkle.Frontier()
-        expected = 1
-        rows = self._rows()  # one read: the state check below uses the same rows
-        for seq, body, _leaf, head, sig in rows:
-            if seq != expected:
-                return Verification(frontier.size, frontier.root(), expected, f"entry {expected} is missing")
-            recomputed = frontier.append(merkle.leaf_hash(body.encode()))
-            if recomputed != head:
-                return Verification(frontier.size, recomputed, seq, f"entry {seq} was changed, moved or inserted")
-            try:
-                if key is None:
-                    raise InvalidSignature
-                key.verify(sig, _signed_message(seq, head))
-            except InvalidSignature:
-                return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature")
-            expected += 1
-        if last is not None and public_key is None:
-            heads = {seq: head for seq, _b, _l, head, _s in rows}
-            if frontier.size < last[0] or heads.get(last[0]) != last[1]:
-                return Verification(
-                    frontier.size, frontier.root(), None, f"the log was rolled back: this host wrote {last[0]} entries"
+        if last is not None:
+            heads = {row[0]: row[3] for row in rows}
+            if v.size < last[0] or heads.get(last[0]) != last[1]:
+                why = f"the log was rolled back: this host wrote {last[0]} entries"
+                return bad(why, None, v.size, v.head), rows, None
+        if anchor is not None:
+            size, head = anchor
+            if v.size < size:
+                why = f"the log was rolled back: it has {v.size} entries, the checkpoint {size}"
+                return bad(why, v.size + 1, v.size, v.head), rows, None
+            if merkle.root(leaves[:size]) != head:
+                return (
+                    bad(f"the first {size} entries differ from the signed checkpoint", None, v.size, v.head),
+                    rows,
+                    None,
                 )
-        return Verification(frontier.size, frontier.root())
+            if v.size > size:
+                proof = merkle.consistency_proof(size, leaves)
+                if not merkle.verify_consistency(size, v.size, proof, head, v.head):
+                    return bad("the log is not an extension of the checkpoint", None, v.size, v.head), rows, None
+        return v, rows, last_key
 
     def leaves(self) -> list[bytes]:
         return [merkle.leaf_hash(body.encode()) for _, body, _, _, _ in self._rows()]
@@ -215,55 +265,32 @@ class MerkleAuditLog:
         }
 
     def checkpoint(self, witness: Path) -> dict[str, Any]:
-        """Export the latest signed tree head to a witness folder (kept elsewhere)."""
-        v = self.verify()
+        """Export the latest signed tree head to a witness folder (kept elsewhere).
+
+        The log must verify against the witness's latest checkpoint first: a witness
+        never moves back to a shorter or different log.
+        """
+        v, rows, key = self._verify(read_checkpoint(witness, missing_ok=True))
         if not v.ok:
             raise AuditLogError(f"the audit log does not verify: {v.reason}")
-        rows = self._rows()
-        key = self._public_key()
-        row = (rows[-1][0], rows[-1][3], rows[-1][4]) if rows else None
-        if row is None or key is None:
+        if not rows or key is None:
             raise AuditLogError("the audit log is empty: nothing to checkpoint")
         cp = {
-            "size": int(row[0]),
-            "head": bytes(row[1]).hex(),
-            "signature": bytes(row[2]).hex(),
-            "public_key": public_key_hex(key),
+            "size": v.size,
+            "head": rows[-1][3].hex(),
+            "signature": rows[-1][4].hex(),
+            "public_key": public_key_hex(key),  # the key that signed this head: its writer's
             "time": self._now(),
         }
         witness.mkdir(parents=True, exist_ok=True)
         try:  # chain each checkpoint to the previous one exported to this witness
-            cp["previous"] = hashlib.sha256((witness / "latest.json").read_bytes()).hexdigest()
+            cp["previous"] = hashlib.sha256((witness / LATEST).read_bytes()).hexdigest()
         except FileNotFoundError:
             cp["previous"] = None
         data = json.dumps(cp, sort_keys=True, indent=1).encode() + b"\n"
         write_atomic(witness / f"checkpoint-{cp['size']:012d}.json", data, mode=0o644)
-        write_atomic(witness / "latest.json", data, mode=0o644)
+        write_atomic(witness / LATEST, data, mode=0o644)
         return cp
-
-    def verify_against(self, checkpoint: dict[str, Any]) -> Verification:
-        """Verify the log, then that it still contains, unchanged, what ``checkpoint`` signed."""
-        try:
-            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(checkpoint["public_key"]))
-            size, head = int(checkpoint["size"]), bytes.fromhex(checkpoint["head"])
-            key.verify(bytes.fromhex(checkpoint["signature"]), _signed_message(size, head))
-        except (KeyError, ValueError, TypeError, InvalidSignature):
-            return Verification(0, b"", None, "the checkpoint itself is invalid or not signed by the audit key")
-        v = self.verify(public_key=key)
-        if not v.ok:
-            return v
-        if v.size < size:
-            return Verification(
-                v.size, v.head, v.size + 1, f"the log was rolled back: it has {v.size} entries, the checkpoint {size}"
-            )
-        leaves = self.leaves()
-        if merkle.root(leaves[:size]) != head:
-            return Verification(v.size, v.head, None, f"the first {size} entries differ from the signed checkpoint")
-        if v.size > size:
-            proof = merkle.consistency_proof(size, leaves)
-            if not merkle.verify_consistency(size, v.size, proof, head, v.head):
-                return Verification(v.size, v.head, None, "the log is not an extension of the checkpoint")
-        return v
 
     def events(self, key: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
         out = []

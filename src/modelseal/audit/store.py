@@ -2,8 +2,10 @@
 
 Owns only persistence and write serialisation: one append at a time (SQLite
 ``BEGIN IMMEDIATE``; PostgreSQL ``LOCK TABLE ... IN EXCLUSIVE MODE``), rows read
-back in order, and triggers that refuse UPDATE and DELETE as a guard against
-mistakes. Hashing, signing and verification are ``audit.log``'s.
+back in order, and triggers that refuse UPDATE and DELETE of the rows (in
+PostgreSQL also TRUNCATE, which row triggers miss, and changes to the log's
+metadata) as a guard against mistakes. Hashing, signing and verification are
+``audit.log``'s.
 """
 
 from __future__ import annotations
@@ -42,11 +44,20 @@ CREATE TABLE IF NOT EXISTS modelseal_audit_events (
 CREATE TABLE IF NOT EXISTS modelseal_audit_meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE OR REPLACE FUNCTION modelseal_audit_append_only() RETURNS trigger AS $$
 BEGIN RAISE EXCEPTION 'the audit log is append-only'; END; $$ LANGUAGE plpgsql;
-DO $$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'modelseal_audit_no_change') THEN
-    CREATE TRIGGER modelseal_audit_no_change BEFORE UPDATE OR DELETE ON modelseal_audit_events
-      FOR EACH ROW EXECUTE FUNCTION modelseal_audit_append_only();
-  END IF;
+DO $$
+DECLARE t TEXT;
+BEGIN
+  -- Row triggers do not fire on TRUNCATE, so each table also gets a statement trigger for it.
+  FOREACH t IN ARRAY ARRAY['modelseal_audit_events', 'modelseal_audit_meta'] LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = t::regclass AND tgname = 'modelseal_audit_no_change') THEN
+      EXECUTE format('CREATE TRIGGER modelseal_audit_no_change BEFORE UPDATE OR DELETE ON %I '
+                     'FOR EACH ROW EXECUTE FUNCTION modelseal_audit_append_only()', t);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = t::regclass AND tgname = 'modelseal_audit_no_truncate') THEN
+      EXECUTE format('CREATE TRIGGER modelseal_audit_no_truncate BEFORE TRUNCATE ON %I '
+                     'FOR EACH STATEMENT EXECUTE FUNCTION modelseal_audit_append_only()', t);
+    END IF;
+  END LOOP;
 END $$;
 """
 

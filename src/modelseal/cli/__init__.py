@@ -14,8 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from modelseal.cli import artifacts, audit, keys, signing
+from modelseal.cli.common import escape
 from modelseal.errors import ModelsealError
 from modelseal.keys.service import KeyService
+from modelseal.util import hardening
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,15 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    hardening.harden_cli()  # no core file of a process that holds keys and plaintext
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args, KeyService()))
     except ModelsealError as e:
-        print(f"modelseal: error: {e}", file=sys.stderr)
+        # Messages quote paths, names and fields read from artifacts: one line, escaped.
+        print(f"modelseal: error: {escape(e, backslash=False)}", file=sys.stderr)
         return e.exit_code
     except ValueError as e:
-        print(f"modelseal: error: {e}", file=sys.stderr)
+        print(f"modelseal: error: {escape(e, backslash=False)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("modelseal: interrupted", file=sys.stderr)

@@ -1,34 +1,44 @@
-"""The ``audit`` commands: verify the Merkle log, prove an entry, checkpoint to a witness, list events."""
+"""The ``audit`` commands: verify the Merkle log, prove an entry, checkpoint to a witness, list
+events, and print this host's audit key for the other hosts of a shared log."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from modelseal.cli.common import fmt_time
+from modelseal.cli.common import escape, fmt_time
 from modelseal.keys.service import KeyService
 from modelseal.util.home import modelseal_home
 
 
+def _event_line(e: dict[str, Any]) -> str:
+    """One event as one line; every field comes from the database and is escaped."""
+    version = f" v{escape(e['version'])}" if e.get("version") is not None else ""
+    art = f" artifact {escape(str(e['artifact'])[:16])}" if e.get("artifact") else ""
+    try:
+        when = fmt_time(float(e.get("time", 0)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        when = escape(e.get("time"))
+    return (
+        f"{e['entry']:>6} {when} {escape(e.get('actor')):10} {escape(e.get('operation')):8} "
+        f"{escape(e.get('key'))}{version}{art} -> {escape(e.get('result'))}"
+    )
+
+
 def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
-    from modelseal.audit.log import AuditLogError, MerkleAuditLog
+    from modelseal.audit.hosts import host_line, key_id
+    from modelseal.audit.log import AuditLogError, MerkleAuditLog, read_checkpoint
 
     log = MerkleAuditLog(os.environ.get("MODELSEAL_AUDIT_URL") or modelseal_home() / "audit.db")
     if args.audit_cmd == "verify":
-        if args.witness:
-            try:
-                checkpoint = json.loads((Path(args.witness) / "latest.json").read_text())
-            except (OSError, ValueError):
-                raise AuditLogError(f"no readable checkpoint in {args.witness}") from None
-            v = log.verify_against(checkpoint)
-        else:
-            v = log.verify()
+        v = log.verify(read_checkpoint(Path(args.witness)) if args.witness else None)
         if not v.ok:
-            raise AuditLogError(f"audit log does NOT verify: {v.reason}")
+            raise AuditLogError(f"audit log does NOT verify: {escape(v.reason)}")
         print(f"audit log verifies: {v.size} entries, tree head {v.head.hex()}")
         return 0
     if args.audit_cmd == "prove":
@@ -38,17 +48,14 @@ def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
         cp = log.checkpoint(Path(args.witness))
         print(f"checkpoint of {cp['size']} entries written to {args.witness}")
         return 0
+    if args.audit_cmd == "key":
+        public = log.signing_key.public_key()
+        print(host_line(args.name or socket.gethostname(), public))
+        print(f"# key id {key_id(public)}: add the line above to {log.hosts_path.name} on every host sharing the log")
+        return 0
     since = datetime.fromisoformat(args.since).timestamp() if args.since else None
     for e in log.events(key=args.key, since=since):
-        if args.json:
-            print(json.dumps(e, sort_keys=True))
-        else:
-            version = f" v{e['version']}" if e.get("version") is not None else ""
-            art = f" artifact {e['artifact'][:16]}" if e.get("artifact") else ""
-            print(
-                f"{e['entry']:>6} {fmt_time(e['time'])} {e['actor']:10} {e['operation']:8} {e['key']}{version}"
-                f"{art} -> {e['result']}"
-            )
+        print(json.dumps(e, sort_keys=True) if args.json else _event_line(e))
     return 0
 
 
@@ -65,4 +72,6 @@ def add_audit(sub: Any) -> None:
     al.add_argument("--key", help="only this key URI")
     al.add_argument("--since", help="ISO time, e.g. 2026-11-01T00:00:00+00:00")
     al.add_argument("--json", action="store_true")
+    ak = asub.add_parser("key", help="print this host's audit key as a line for audit-hosts.toml (shared logs)")
+    ak.add_argument("--name", help="the host name in the line (default: this host's name)")
     a.set_defaults(fn=cmd_audit)

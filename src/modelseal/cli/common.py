@@ -1,5 +1,6 @@
 """Shared pieces of the CLI commands: the progress bar, argument parsers for contexts and
-durations, and plain/JSON report printing. No command lives here.
+durations, plain/JSON report printing, and escaping of untrusted text for the terminal.
+No command lives here.
 """
 
 from __future__ import annotations
@@ -55,12 +56,42 @@ def parse_context(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def escape(value: object, *, backslash: bool = True) -> str:
+    """``value`` as one line of plain text that cannot forge output.
+
+    Text read from an artifact, a signature file, a database or a server may hold line
+    breaks, terminal escape sequences or bidirectional overrides; printed as is, it
+    could add lines to a report or hide what follows. Every character that is not
+    printable (``str.isprintable``: controls, format characters such as U+202E, line and
+    paragraph separators, unassigned code points) becomes ``\\xHH``, ``\\uHHHH`` or
+    ``\\UHHHHHHHH``, and a backslash becomes ``\\\\``, so the escaping is unambiguous.
+    Ordinary text is returned unchanged. ``backslash=False`` leaves backslashes alone, for
+    error lines whose parts were escaped already: still one line, never a forged one.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable() and ("\\" not in text or not backslash):
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\" and backslash:
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) <= 0xFF:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
 def print_report(obj: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(obj, indent=2, sort_keys=True))
+        print(json.dumps(obj, indent=2, sort_keys=True))  # ensure_ascii: every control character escaped
         return
     for k, v in obj.items():
-        print(f"{k:18} {v if not isinstance(v, dict | list) else json.dumps(v)}")
+        print(f"{escape(k):18} {escape(v) if not isinstance(v, dict | list) else json.dumps(v)}")
 
 
 def fmt_time(ts: float) -> str:

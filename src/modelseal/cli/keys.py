@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.audit.events import AuditEvent
-from modelseal.cli.common import fmt_time, parse_days, print_report
-from modelseal.errors import ModelsealError
+from modelseal.cli.common import escape, fmt_time, parse_days, print_report
+from modelseal.errors import DestinationExists, ModelsealError
 from modelseal.keys import keystore
-from modelseal.keys.providers import KeyInfo, parse_key_uri
+from modelseal.keys.providers import KeyInfo
 from modelseal.keys.service import KeyService
 from modelseal.util.files import write_atomic
 
 
 def _key_row(info: KeyInfo, svc: KeyService | None = None) -> dict[str, Any]:
     now = time.time()
-    envs = sorted(svc.config.environments_of(info.uri)) if svc is not None else []
+    envs = sorted(svc.environments_of(info.uri)) if svc is not None else []
     policy = min((svc.config.rotation_days(e) for e in envs), default=None) if svc is not None else None
     if svc is not None and policy is None:
         policy = svc.config.rotate_after_days
@@ -48,6 +48,14 @@ def _key_row(info: KeyInfo, svc: KeyService | None = None) -> dict[str, Any]:
     }
 
 
+def _changes(before: KeyInfo, after: KeyInfo) -> str:
+    old = {v.version: v.state for v in before.versions}
+    moved = [
+        f"v{v.version} {old[v.version]} -> {v.state}" for v in after.versions if old.get(v.version, v.state) != v.state
+    ]
+    return f"{after.uri}: " + ("; ".join(moved) if moved else "no change")
+
+
 def cmd_init(args: argparse.Namespace, svc: KeyService) -> int:
     path = keystore.keystore_path()
     ks = keystore.create(path, keystore.read_passphrase(confirm=True))
@@ -66,7 +74,7 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
             due = "ROTATE" if r["rotation_due"] else "ok"
             envs = ",".join(r["environments"]) or "-"
             print(
-                f"{r['key']:40} v{r['latest_version']:<3} {latest['state']:9} env {envs:10} "
+                f"{escape(r['key']):40} v{r['latest_version']:<3} {escape(latest['state']):9} env {envs:10} "
                 f"age {latest['age_days']}d / policy {r['rotate_after_days']}d {due}"
             )
         return 0
@@ -74,15 +82,14 @@ def cmd_key(args: argparse.Namespace, svc: KeyService) -> int:
         info = svc.create(args.name)
     elif args.key_cmd == "rotate":
         info = svc.rotate(args.name)
-    elif args.key_cmd in ("disable", "enable"):
-        info = svc.set_state(args.name, args.version, "disabled" if args.key_cmd == "disable" else "active")
-    elif args.key_cmd == "min-version":
-        from modelseal.keys.providers.local import LocalProvider
-
-        if parse_key_uri(args.name).scheme != "local":
-            raise ModelsealError("min-version is for local keys; Transit keys: key disable --version N")
-        info = LocalProvider().set_min_decryption_version(parse_key_uri(args.name).name, args.version)
-        svc.sink.emit(AuditEvent("min-version", parse_key_uri(args.name).uri, "ok", args.version))
+    elif args.key_cmd in ("disable", "enable", "min-version"):
+        before = svc.info(args.name)
+        if args.key_cmd == "min-version":
+            info = svc.set_min_version(args.name, args.version)
+        else:
+            info = svc.set_state(args.name, args.version, "disabled" if args.key_cmd == "disable" else "active")
+        # Say exactly what changed (Transit's switch is a minimum version: never assume one version moved).
+        print(_changes(before, info), file=sys.stderr if args.json else sys.stdout)
     elif args.key_cmd == "cancel-destroy":
         info = svc.cancel_destroy(args.name, args.version)
     elif args.key_cmd == "purge":
@@ -125,7 +132,8 @@ def cmd_rotate(args: argparse.Namespace, svc: KeyService) -> int:
         older_than_days=older,
         force=args.force,
         keys=svc,
-        progress=lambda name: print(f"rewrapped {name}", file=sys.stderr) if sys.stderr.isatty() else None,
+        progress=lambda name: print(f"rewrapped {escape(name)}", file=sys.stderr) if sys.stderr.isatty() else None,
+        keep_recipients=args.keep_recipient or (),
     )
     what = "rotated to" if report.rotated else "not due; newest is"
     print(
@@ -134,20 +142,32 @@ def cmd_rotate(args: argparse.Namespace, svc: KeyService) -> int:
         f"failed {len(report.failed)}"
     )
     for name, why in report.failed:
-        print(f"failed: {name}: {why}", file=sys.stderr)
+        print(f"failed: {escape(name)}: {escape(why)}", file=sys.stderr)
     if report.failed:
-        raise ModelsealError(f"{len(report.failed)} artifact(s) were not rewrapped (they still open); run rotate again")
+        raise ModelsealError(
+            f"{len(report.failed)} artifact(s) or folder(s) failed and were not rewrapped (every artifact still"
+            " opens); fix what is listed above and run rotate again"
+        )
     return 0
 
 
 def cmd_recovery(args: argparse.Namespace, svc: KeyService) -> int:
+    if args.recovery_cmd == "rotate-root":
+        return _rotate_root(args, svc)
     if args.recovery_cmd == "split":
-        shares = keystore.split_root(args.shares, args.threshold)
         out = Path(args.out)
+        names = [out / f"share-{i}-of-{args.shares}.txt" for i in range(1, args.shares + 1)]
+        taken = [n.name for n in names if n.exists() or n.is_symlink()]
+        if taken and not args.force:
+            raise DestinationExists(f"{out} already holds {', '.join(taken)}; use --force to replace them")
+        shares = keystore.split_root(args.shares, args.threshold)
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for i, share in enumerate(shares, 1):
+        for name, share in zip(names, shares, strict=True):
             # Each share is a secret: written 0600, never printed. Hand each to its custodian.
-            write_atomic(out / f"share-{i}-of-{len(shares)}.txt", (share + "\n").encode(), mode=0o600)
+            try:
+                write_atomic(name, (share + "\n").encode(), mode=0o600, exclusive=not args.force)
+            except FileExistsError:
+                raise DestinationExists(f"{name} appeared meanwhile; use --force to replace it") from None
         svc.sink.emit(AuditEvent("recovery-split", "local:*", "ok", args.threshold, f"{len(shares)} shares"))
         print(f"wrote {len(shares)} shares to {out}; any {args.threshold} restore the keystore")
         return 0
@@ -162,6 +182,23 @@ def cmd_recovery(args: argparse.Namespace, svc: KeyService) -> int:
         raise
     svc.sink.emit(AuditEvent("recovery-combine", "local:*", "ok", len(mnemonics)))
     print("keystore restored; it now opens with the new passphrase")
+    return 0
+
+
+def _rotate_root(args: argparse.Namespace, svc: KeyService) -> int:
+    new = None
+    if args.new_passphrase:
+        new = keystore.read_passphrase(confirm=True, env_var=keystore.NEW_PASSPHRASE_ENV, prompt="new passphrase")
+    try:
+        keystore.rotate_root(new_passphrase=new)
+    except ModelsealError as e:
+        svc.sink.emit(AuditEvent("rotate-root", "local:*", type(e).__name__))
+        raise
+    svc.sink.emit(AuditEvent("rotate-root", "local:*", "ok"))
+    print(
+        "rotated the keystore's root key: earlier recovery shares and earlier copies of keystore.json no longer "
+        f"open it{' (new passphrase set)' if new else ''}; run 'modelseal recovery split' now"
+    )
     return 0
 
 
@@ -212,6 +249,12 @@ def add_rotate(sub: Any) -> None:
         "--older-than", help="rotate if the newest version is older than this (90d, 12h); default: the policy"
     )
     ro.add_argument("--force", action="store_true", help="rotate now whatever the age")
+    ro.add_argument(
+        "--keep-recipient",
+        action="append",
+        metavar="URI",
+        help="confirm another stored recipient that is not among the configured keys (repeatable)",
+    )
     ro.set_defaults(fn=cmd_rotate)
 
 
@@ -222,6 +265,13 @@ def add_recovery(sub: Any) -> None:
     rs.add_argument("--shares", type=int, required=True)
     rs.add_argument("--threshold", type=int, required=True)
     rs.add_argument("--out", required=True, help="folder for the share files (0600); move each to its custodian")
+    rs.add_argument("--force", action="store_true", help="replace share files of an earlier split in --out")
     rcm = rsub.add_parser("combine", help="restore access from shares and set a new passphrase")
     rcm.add_argument("share_files", nargs="+", help="files holding shares, one per line ('-' for stdin)")
+    rr = rsub.add_parser("rotate-root", help="new root key: old shares and old keystore copies stop opening it")
+    rr.add_argument(
+        "--new-passphrase",
+        action="store_true",
+        help=f"also set a new passphrase (from ${keystore.NEW_PASSPHRASE_ENV} or a prompt)",
+    )
     rc.set_defaults(fn=cmd_recovery)

@@ -2,9 +2,12 @@
 
 ``modelseal verify`` is the CI/CD gate; its exit codes are: 0 verified (or
 unsigned with a non-strict policy), 10 verification failed (tampered, copied,
-untrusted, unsigned under ``--strict``, below threshold), 11 revoked, 12 the
-revocation list is missing, unsigned, forged or expired, 2 bad usage or
-policy, 4 not an artifact, 7 unreadable.
+untrusted, unsigned under ``--strict``, below threshold, another name or
+environment than pinned, rolled back), 11 revoked, 12 the revocation list is
+missing, unsigned, forged or expired, 2 bad usage or policy, 4 not a sealed
+artifact, 7 unreadable. It verifies sealed artifacts only, unless the caller asks
+for a plaintext model's model-signing signature with ``--plaintext``: what a path
+contains never picks the mode.
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from modelseal.errors import DestinationExists, RevocationListError, Revoked, SigningKeyError, VerificationError
+from modelseal.cli.common import escape
+from modelseal.errors import DestinationExists, FormatError, RevocationListError, SigningKeyError
 from modelseal.keys.service import KeyService
 from modelseal.loaders.common import is_sealed_file, is_sealed_folder
 from modelseal.recipes.context import TRUST_ENV, trust_policy
 from modelseal.recipes.sign import sign
 from modelseal.signing import oms
 from modelseal.signing.load import load_signer
+from modelseal.signing.plaintext import verify_plaintext
 from modelseal.signing.revocation import RevocationList, new_revocation, write_list
 from modelseal.signing.signers import (
     ALGORITHMS,
@@ -33,11 +36,10 @@ from modelseal.signing.signers import (
     Signer,
     VerifyKey,
     generate,
-    key_id_of,
     private_pem,
 )
 from modelseal.signing.trust import TrustPolicy, load_policy
-from modelseal.signing.verification import check_rules, verify_artifact
+from modelseal.signing.verification import verify_artifact
 from modelseal.util.files import write_atomic
 
 
@@ -63,7 +65,7 @@ def _is_sealed(path: Path) -> bool:
 
 def cmd_sign(args: argparse.Namespace, svc: KeyService) -> int:
     signer = load_signer(args.sign_key)
-    sid = sign(args.path, signer, name=args.name, oms_bundle=args.oms, keys=svc)
+    sid = sign(args.path, signer, name=args.name, version=args.version, oms_bundle=args.oms, keys=svc)
     print(f"signed {args.path} (signature {sid[:16]}, key {signer.public.key_id[:16]})")
     return 0
 
@@ -72,56 +74,58 @@ def cmd_verify(args: argparse.Namespace, svc: KeyService) -> int:
     path = Path(args.path)
     if not path.exists():
         raise ValueError(f"{path} does not exist")
-    if not _is_sealed(path):
+    # The caller says which kind of artifact it expects; the content never decides. A gate
+    # that expects sealed artifacts must not be satisfied by the plaintext of a revoked one.
+    if args.plaintext:
         return _verify_plain(args, svc, path)
+    if args.allow_unlisted:
+        raise ValueError("--allow-unlisted applies to --plaintext only")
     policy = _policy(args, svc)
     assert policy is not None
+    if not _is_sealed(path):
+        raise FormatError(
+            f"{path} is not a sealed artifact (to verify a plaintext model's model-signing signature, pass --plaintext)"
+        )
     strict = True if args.strict else None
-    verdict = verify_artifact(path, policy, signature=args.signature, strict=strict, expect_name=args.name)
+    env = args.env or svc.config.host_env
+    verdict = verify_artifact(
+        path, policy, signature=args.signature, strict=strict, expect_name=args.name, expect_env=env
+    )
     if args.json:
         print(json.dumps(verdict.to_json(), indent=2, sort_keys=True))
     elif not verdict.signed:
         print(f"UNSIGNED {path}: allowed because the trust policy is not strict (use --strict to refuse)")
     else:
         for r in verdict.results:
-            who = r.signer or "?"
-            print(f"  {r.status:10.10} {who:12} key {r.keyid[:16]} signed {r.signed_at} id {r.id[:16]}")
-        print(f"VERIFIED {path}: {verdict.name!r} env {verdict.env!r} by {', '.join(verdict.signers)}")
+            # keyid and signed_at come from the signature file, verified or not: escaped
+            who = escape(r.signer or "?")
+            print(f"  {r.status:10.10} {who:12} key {escape(r.keyid[:16])} signed {escape(r.signed_at)} id {r.id[:16]}")
+        print(f"VERIFIED {path}: {verdict.name!r} env {verdict.env!r} by {escape(', '.join(verdict.signers))}")
     return 0
 
 
 def _verify_plain(args: argparse.Namespace, svc: KeyService, path: Path) -> int:
-    """A plaintext model with an OpenSSF model-signing signature."""
+    """A plaintext model with an OpenSSF model-signing signature (``--plaintext`` only)."""
+    pins: dict[str, Any] = {
+        "strict": args.strict,
+        "allow_unlisted": args.allow_unlisted,
+        "expect_name": args.name,
+        "expect_env": args.env or svc.config.host_env,
+    }
+    if args.public_key:
+        if args.trust:
+            raise ValueError("give --public-key or --trust, not both")
+        pins["keys"] = [oms.load_public_key(Path(k)) for k in args.public_key]
+    else:
+        pins["policy"] = _policy(args, svc)
+    if _is_sealed(path):
+        raise FormatError(f"{path} is a sealed artifact: verify it without --plaintext")
     sig = Path(args.signature) if args.signature else path / oms.SIGNATURE_NAME
     if not sig.is_file():
-        raise ValueError(f"{path} is not a sealed artifact, and no model-signing signature {sig} was found")
-    policy: TrustPolicy | None = None
-    if args.public_key:
-        keys = [oms.load_public_key(Path(k)) for k in args.public_key]
-    else:
-        policy = _policy(args, svc)
-        assert policy is not None
-        keys = [k.key for k in policy.keys_by_id().values() if isinstance(k.key, ec.EllipticCurvePublicKey)]
-    res = oms.verify_model(path, sig, keys, allow_unlisted=args.allow_unlisted)
-    if args.name and res.name != args.name:
-        raise VerificationError(f"the model is signed as {res.name!r}, not the expected {args.name!r}")
-    if policy is not None and policy.require_name and not args.name:
-        raise VerificationError("the trust policy requires the expected artifact name: pass --name")
-    if policy is not None:
-        # The whole policy applies, as for sealed artifacts: signer revocation, and the rules
-        # for the signed name. A plaintext model has no environment; only rules whose
-        # environments match "" (such as "*") cover it.
-        kid = key_id_of(res.key)
-        owner = policy.signer_of(kid)
-        rl = policy.revocations()
-        if owner is None:
-            raise VerificationError("model-signing signature: the verifying key belongs to no signer")
-        if rl is not None and rl.revoked("signer", kid):
-            raise Revoked(f"model-signing signature: the signer key {kid[:16]} is revoked")
-        check_rules(policy, res.name, "", {owner[0]})
-    out: dict[str, Any] = {"model": str(path), "name": res.name, "files": res.files, "unlisted": res.unlisted}
+        raise ValueError(f"no model-signing signature {sig} was found for the plaintext model {path}")
+    res = verify_plaintext(path, sig, **pins)
     if args.json:
-        print(json.dumps(out, indent=2, sort_keys=True))
+        print(json.dumps(res.to_json(), indent=2, sort_keys=True))
     else:
         extra = f" ({len(res.unlisted)} unlisted file(s) allowed)" if res.unlisted else ""
         print(f"VERIFIED {path}: model-signing signature over {res.files} file(s){extra}")
@@ -163,6 +167,16 @@ def cmd_revoke(args: argparse.Namespace, svc: KeyService) -> int:
     return 0
 
 
+def _write_public(path: Path, pem: bytes, force: bool) -> None:
+    """A public key file: replaced only with ``--force`` (a verifier may pin the old one)."""
+    if path.exists() and not force:
+        raise DestinationExists(f"{path} exists; use --force to replace it")
+    try:
+        write_atomic(path, pem, mode=0o644, exclusive=not force)
+    except FileExistsError:
+        raise DestinationExists(f"{path} exists; use --force to replace it") from None
+
+
 def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
     del svc
     if args.private.startswith(("transit:", "pkcs11:")):
@@ -175,7 +189,7 @@ def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
             from modelseal.signing.pkcs11 import create_signing_key as create_pkcs11
 
             made = create_pkcs11(name, args.algorithm)
-        write_atomic(Path(args.public), made.public.pem().encode(), mode=0o644)
+        _write_public(Path(args.public), made.public.pem().encode(), args.force)
         print(f"{args.algorithm} signing key {made.public.key_id[:16]} in {args.private}; public {args.public}")
         return 0
     signer = generate(args.algorithm)
@@ -186,11 +200,13 @@ def cmd_signing_key(args: argparse.Namespace, svc: KeyService) -> int:
             raise SigningKeyError(f"--encrypt takes the passphrase from {PASSPHRASE_ENV}")
         passphrase = env.encode()
     priv, pub = Path(args.private), Path(args.public)
+    if pub.exists() and not args.force:  # checked first: no new private key without its public one
+        raise DestinationExists(f"{pub} exists; use --force to replace it")
     try:
         write_atomic(priv, private_pem(signer, passphrase), mode=0o600, exclusive=True)
     except FileExistsError:
         raise DestinationExists(f"{priv} exists; refusing to overwrite a private key") from None
-    write_atomic(pub, signer.public.pem().encode(), mode=0o644)
+    _write_public(pub, signer.public.pem().encode(), args.force)
     print(f"{args.algorithm} signing key {signer.public.key_id[:16]}: private {priv}, public {pub}")
     return 0
 
@@ -200,17 +216,24 @@ def register(sub: Any) -> None:
     s.add_argument("path")
     s.add_argument("--sign-key", required=True, metavar="PRIV.pem", help="a PEM file, or transit:NAME")
     s.add_argument("--name", help="artifact name the trust policy matches (default: the previous signature's)")
+    s.add_argument(
+        "--version", type=int, metavar="N", help="artifact version signed (default: this signer's next for the name)"
+    )
     s.add_argument("--oms", action="store_true", help="also attach a model-signing bundle (needs the data key)")
     s.set_defaults(fn=cmd_sign)
 
     v = sub.add_parser("verify", help="verify signatures without any decryption key (exit codes: docs/ci.md)")
-    v.add_argument("path", help="a sealed file or folder, or a plaintext model with a model-signing signature")
+    v.add_argument("path", help="a sealed file or folder (or, with --plaintext, a plaintext model)")
     v.add_argument("--public-key", action="append", metavar="PUB.pem", help="trust this key (repeatable)")
     v.add_argument("--trust", metavar="TRUST.toml", help="trust policy (default: $MODELSEAL_TRUST, config.toml)")
     v.add_argument("--signature", help="signature file (default: beside or inside the artifact; model.sig)")
     v.add_argument("--strict", action="store_true", help="refuse unsigned artifacts whatever the policy says")
     v.add_argument("--name", help="require this signed artifact name (pins which artifact this path must be)")
-    v.add_argument("--allow-unlisted", action="store_true", help="model-signing: accept files the signature omits")
+    v.add_argument("--env", help="require this environment (default: config.toml's host_env, if declared)")
+    v.add_argument(
+        "--plaintext", action="store_true", help="expect a plaintext model with a model-signing signature, not sealed"
+    )
+    v.add_argument("--allow-unlisted", action="store_true", help="--plaintext: accept files the signature omits")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=cmd_verify)
 
@@ -232,4 +255,5 @@ def register(sub: Any) -> None:
     k.add_argument("public")
     k.add_argument("--algorithm", choices=ALGORITHMS, default=ED25519)
     k.add_argument("--encrypt", action="store_true", help=f"encrypt the private key with ${PASSPHRASE_ENV}")
+    k.add_argument("--force", action="store_true", help="replace an existing public key file (never a private key)")
     k.set_defaults(fn=cmd_signing_key)

@@ -33,6 +33,8 @@ from modelseal.format.stream import (
     encrypt_file_range,
     pwrite_all,
 )
+from modelseal.util.bounded import json_loads
+from modelseal.util.hardening import secret_buffer
 
 _HEADER_READ = 160 * 1024  # bigger than the largest core header the bounds allow
 
@@ -90,10 +92,8 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        raise DecryptionError() from None
+    """The encrypted metadata (at most 64 KiB): one flat JSON object, bounded before parsing."""
+    obj = json_loads(data, max_depth=2, max_values=4096, error=lambda _why: DecryptionError())
     if not isinstance(obj, dict):
         raise DecryptionError()
     return obj
@@ -126,7 +126,7 @@ class SealedReader(io.RawIOBase):
         self._pos = 0
         self._lock = threading.Lock()
         self._cache_index = -1
-        self._cache = bytearray(raw.layout.chunk_size)
+        self._cache = secret_buffer(raw.layout.chunk_size)  # plaintext: out of core dumps
         self.name = name
         self.size = raw.core.plaintext_length
         self.context = dict(raw.core.context)

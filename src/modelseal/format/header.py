@@ -54,6 +54,20 @@ def slots_offset(core_len: int, slot_size: int) -> int:
 RESERVED_CONTEXT_KEYS = frozenset({"modelseal"})  # awskms adds modelseal=v1 to every EncryptionContext
 _CONTEXT_KEY = re.compile(rb"[a-z0-9][a-z0-9._-]{0,63}")
 _SCHEME = re.compile(rb"[a-z][a-z0-9]{0,15}")
+# Key ids end up in terminals, audit logs and error messages: none may hold a character
+# that breaks or reorders a line there (docs/format.md, section 4): C0 and C1 controls,
+# DEL, the line and paragraph separators, and the bidirectional formatting characters.
+# A fixed list, not a Unicode category, so that no Unicode update changes what parses.
+_KEY_ID_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def valid_key_id(key_id: str) -> bool:
+    """Whether ``key_id`` is 1..512 bytes of UTF-8 free of the characters section 4 forbids."""
+    try:
+        size = len(key_id.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return 1 <= size <= MAX_KEY_ID and not _KEY_ID_FORBIDDEN.search(key_id)
 
 
 @dataclass(frozen=True)
@@ -285,8 +299,10 @@ def encode_recipients(generation: int, recipients: tuple[Recipient, ...]) -> byt
     seen: set[tuple[str, str]] = set()
     out = [struct.pack(">QB", generation, len(recipients))]
     for r in recipients:
+        if not valid_key_id(r.key_id):
+            raise ValueError("a recipient key id must be 1-512 bytes of UTF-8 without control characters")
         sb, kb = r.scheme.encode("ascii"), r.key_id.encode("utf-8")
-        if not _SCHEME.fullmatch(sb) or not 1 <= len(kb) <= MAX_KEY_ID or not 1 <= len(r.wrapped) <= MAX_WRAPPED:
+        if not _SCHEME.fullmatch(sb) or not 1 <= len(r.wrapped) <= MAX_WRAPPED:
             raise ValueError("recipient field out of range")
         if not 0 <= r.key_version < 1 << 32 or (r.scheme, r.key_id) in seen:
             raise ValueError("recipient version out of range or duplicated")
@@ -326,6 +342,8 @@ def parse_slot(data: bytes) -> Slot | None:
             key_id = cur.take(klen).decode("utf-8", errors="strict")
         except UnicodeDecodeError:
             raise _bad("recipient") from None
+        if _KEY_ID_FORBIDDEN.search(key_id):
+            raise _bad("recipient key id")
         version = cur.u32()
         wlen = cur.u16()
         if not 1 <= wlen <= MAX_WRAPPED:

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from modelseal.errors import DecryptionError, StorageError, VerificationError
 from modelseal.format.header import TAG_LEN
 from modelseal.format.source import CipherSource
+from modelseal.util.hardening import secret_buffer
 
 Progress = Callable[[int], None]
 ReadAt = Callable[[memoryview, int], None]  # fill the whole buffer from plaintext offset
@@ -193,6 +194,18 @@ def _mark_pool_thread() -> None:
     _IN_POOL.active = True
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child (a DataLoader worker, say) inherits the executor object but none of its
+    # threads; idle-thread bookkeeping copied from the parent would stop it from starting
+    # new ones, and the first parallel read would wait forever.
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def run_parallel(job: Callable[[range], None], first: int, last: int) -> None:
     """Run ``job`` over contiguous runs of [first, last) on the shared decryption pool.
 
@@ -232,7 +245,7 @@ def encrypt_file_range(
     layout = cipher.layout
     w = workers()
     ring = 2 * w + 2
-    plains = [memoryview(bytearray(layout.chunk_size)) for _ in range(ring)]
+    plains = [secret_buffer(layout.chunk_size) for _ in range(ring)]  # plaintext: out of core dumps
     outs = [memoryview(bytearray(layout.chunk_size + TAG_LEN)) for _ in range(ring)]
 
     def seal(k: int, i: int) -> int:
@@ -312,7 +325,7 @@ def decrypt_scatter(
 
     def job(run: range) -> None:
         scratch = memoryview(bytearray(cs + TAG_LEN))
-        plain = memoryview(bytearray(cs))
+        plain = secret_buffer(cs)  # plaintext: out of core dumps
         for i in run:
             c0 = i * cs
             n = layout.plain_len(i)

@@ -5,7 +5,8 @@ URIs, the default environment, and the rotation policy. ``KeyService`` uses it
 to keep keys inside their environment: a key listed under ``prod`` refuses to
 wrap or unwrap for any context whose ``env`` is not ``prod``. Example::
 
-    default_env = "dev"
+    host_env = "prod"             # this host's environment: artifacts of others are refused
+    default_env = "dev"           # default: host_env if declared, else dev
     rotate_after_days = 90
     trust_policy = "trust.toml"   # verify signatures on load (docs/signing.md)
 
@@ -20,25 +21,31 @@ wrap or unwrap for any context whose ``env`` is not ``prod``. Example::
     prod = ["transit:llama-prod"]
 
 The file is optional; without it no key is bound to an environment and the
-default environment is ``dev``.
+default environment is ``dev``. With ``host_env``, verification, ``open``, ``unseal``
+and the loaders refuse artifacts sealed for any other environment unless the caller
+pins another one explicitly. The file, and ``$MODELSEAL_HOME`` itself, must be
+writable by their owner only: they decide which keys and which trust policy apply.
 """
 
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from modelseal.errors import ModelsealError
-from modelseal.keys.providers import canonical_key, parse_key_uri
-from modelseal.util.home import modelseal_home
+from modelseal.keys.providers import parse_key_uri
+from modelseal.util.bounded import toml_loads
+from modelseal.util.files import read_limited
+from modelseal.util.home import check_private, modelseal_home
 
 CONFIG_NAME = "config.toml"
 DEFAULT_ENV = "dev"
 DEFAULT_ROTATE_DAYS = 90
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+MAX_CONFIG = 1 << 20  # config.toml is a page of settings, never more than this
 
 
 class ConfigError(ModelsealError):
@@ -55,6 +62,7 @@ class Config:
     env_rotate_days: dict[str, int] = field(default_factory=dict)
     projects: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     trust_policy: Path | None = None  # signatures are verified on load when set
+    host_env: str | None = None  # this host's environment: artifacts of others are refused by default
 
     def keys_for(self, env: str, project: str | None = None) -> list[str]:
         if project is not None:
@@ -62,14 +70,6 @@ class Config:
             if keys:
                 return list(keys)
         return list(self.environments.get(env, []))
-
-    def environments_of(self, key_uri: str) -> set[str]:
-        """Every environment a key is listed under (directly or through a project)."""
-        uri = canonical_key(key_uri)
-        found = {env for env, keys in self.environments.items() if uri in {canonical_key(k) for k in keys}}
-        for per_env in self.projects.values():
-            found |= {env for env, keys in per_env.items() if uri in {canonical_key(k) for k in keys}}
-        return found
 
     def rotation_days(self, env: str | None) -> int:
         return self.env_rotate_days.get(env or "", self.rotate_after_days)
@@ -96,7 +96,8 @@ def _days(value: Any, where: str) -> int:
 
 
 def parse(doc: dict[str, Any]) -> Config:
-    default_env = _name(doc.get("default_env", DEFAULT_ENV), "default_env")
+    host_env = None if doc.get("host_env") is None else _name(doc["host_env"], "host_env")
+    default_env = _name(doc.get("default_env", host_env or DEFAULT_ENV), "default_env")
     rotate = _days(doc.get("rotate_after_days", DEFAULT_ROTATE_DAYS), "rotate_after_days")
     envs: dict[str, list[str]] = {}
     env_days: dict[str, int] = {}
@@ -124,22 +125,29 @@ def parse(doc: dict[str, Any]) -> Config:
     trust = doc.get("trust_policy")
     if trust is not None and (not isinstance(trust, str) or not trust):
         raise ConfigError("config: trust_policy must be the path of a trust policy file")
-    return Config(default_env, rotate, envs, env_days, projects, Path(trust) if trust else None)
+    return Config(default_env, rotate, envs, env_days, projects, Path(trust) if trust else None, host_env)
 
 
 def load(home: Path | None = None) -> Config:
     home = home or modelseal_home()
     path = home / CONFIG_NAME
+    check_private(home, "MODELSEAL_HOME", ConfigError)
+    check_private(path, "the configuration", ConfigError)
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path, MAX_CONFIG, ConfigError, f"the configuration {path}")
     except FileNotFoundError:
         return Config()
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: {path} is not valid TOML ({str(e)[:120]})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not UTF-8") from None
+    doc = toml_loads(
+        text,
+        max_depth=8,
+        max_key_parts=8,
+        max_values=100_000,
+        error=lambda why: ConfigError(f"config: {path} is not valid TOML ({why})"),
+    )
     cfg = parse(doc)
     if cfg.trust_policy is not None and not cfg.trust_policy.is_absolute():
         cfg = replace(cfg, trust_policy=home / cfg.trust_policy)

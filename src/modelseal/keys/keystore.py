@@ -8,7 +8,10 @@ does that with the KEKs held here.
 Layout: a random 32-byte root key is wrapped under the passphrase-derived key;
 the key table (names, versions, states, KEK material) is one AES-256-GCM blob
 under the root key. A wrong passphrase fails the root unwrap, so it is told
-apart from a damaged body.
+apart from a damaged body. Every save erases the KEK material of versions whose
+scheduled destruction is overdue, whoever saves. ``rotate_root`` re-wraps the
+table under a fresh root key, so earlier recovery shares and earlier copies of
+the file (under any passphrase) no longer open the current keystore.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from modelseal.errors import KeystoreError
 from modelseal.util.files import write_atomic
+from modelseal.util.hardening import dont_dump
 from modelseal.util.home import modelseal_home
 
 KEYSTORE_FORMAT = "modelseal-keystore/1"
@@ -43,6 +47,8 @@ MAX_SCRYPT_LOG2_N = 22
 CACHE_TTL = 300.0
 _ROOT_AAD = b"modelseal/keystore/v1/root"
 _BODY_AAD = b"modelseal/keystore/v1/body"
+PASSPHRASE_ENV = "MODELSEAL_PASSPHRASE"  # noqa: S105 (the name of a variable)
+NEW_PASSPHRASE_ENV = "MODELSEAL_NEW_PASSPHRASE"  # noqa: S105 (the name of a variable)
 
 
 def keystore_path(home: Path | None = None) -> Path:
@@ -62,15 +68,15 @@ def _unb64(s: Any) -> bytes:
         raise KeystoreError("keystore file is damaged") from None
 
 
-def read_passphrase(confirm: bool = False) -> bytes:
-    """The passphrase from ``MODELSEAL_PASSPHRASE`` or an interactive prompt."""
-    env = os.environ.get("MODELSEAL_PASSPHRASE")
+def read_passphrase(confirm: bool = False, *, env_var: str = PASSPHRASE_ENV, prompt: str = "passphrase") -> bytes:
+    """The passphrase from ``env_var`` (``MODELSEAL_PASSPHRASE``) or an interactive prompt."""
+    env = os.environ.get(env_var)
     if env:
         return env.encode()
     if not sys.stdin.isatty():
-        raise KeystoreError("no passphrase: set MODELSEAL_PASSPHRASE or run in a terminal")
-    first = getpass.getpass("modelseal keystore passphrase: ")
-    if confirm and getpass.getpass("repeat passphrase: ") != first:
+        raise KeystoreError(f"no {prompt}: set {env_var} or run in a terminal")
+    first = getpass.getpass(f"modelseal keystore {prompt}: ")
+    if confirm and getpass.getpass(f"repeat {prompt}: ") != first:
         raise KeystoreError("the passphrases do not match")
     if not first:
         raise KeystoreError("an empty passphrase is not allowed")
@@ -79,6 +85,38 @@ def read_passphrase(confirm: bool = False) -> bytes:
 
 def _derive(passphrase: bytes, salt: bytes, log2_n: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=1 << log2_n, r=8, p=1).derive(passphrase)
+
+
+def _wrapped_root_header(passphrase: bytes, root: bytes, log2_n: int) -> dict[str, Any]:
+    """The file's ``format``, ``kdf`` and ``root`` members: ``root`` wrapped under the
+    passphrase with a fresh salt and nonce."""
+    if not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
+        raise KeystoreError("scrypt cost out of range")
+    if not passphrase:
+        raise KeystoreError("an empty passphrase is not allowed")
+    salt, nonce = os.urandom(32), os.urandom(12)
+    wrapped = AESGCM(_derive(passphrase, salt, log2_n)).encrypt(nonce, root, _ROOT_AAD)
+    return {
+        "format": KEYSTORE_FORMAT,
+        "kdf": {"alg": "scrypt", "log2_n": log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
+        "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
+    }
+
+
+def purge_overdue(keys: dict[str, Any], now: float) -> list[str]:
+    """Erase the material of every version whose scheduled destruction is due at ``now``.
+
+    Returns ``name#version`` of each. Run on every save, so that no keystore update
+    (by whichever command) can write an overdue version back, and by ``key purge``.
+    """
+    done = []
+    for name, entry in keys.items():
+        for v, data in entry["versions"].items():
+            if data["state"] == "pending-destroy" and float(data.get("destroy_after", 0)) <= now:
+                data["state"], data["material"] = "destroyed", None
+                data.pop("destroy_after", None)
+                done.append(f"{name}#{v}")
+    return done
 
 
 @dataclass
@@ -91,7 +129,8 @@ class UnlockedKeystore:
     keys: dict[str, Any]
     signature: bytes  # SHA-256 of the file as last read or written
 
-    def save(self, exclusive: bool = False) -> None:
+    def save(self, exclusive: bool = False, now: float | None = None) -> None:
+        purge_overdue(self.keys, time.time() if now is None else now)
         body = json.dumps({"keys": self.keys}, sort_keys=True, separators=(",", ":")).encode()
         nonce = os.urandom(12)
         doc = dict(self.header)
@@ -109,19 +148,10 @@ def create(
     root_key: bytes | None = None,
 ) -> UnlockedKeystore:
     """Create a new, empty keystore at ``path`` (refuses to overwrite one)."""
-    if not MIN_SCRYPT_LOG2_N <= scrypt_log2_n <= MAX_SCRYPT_LOG2_N:
-        raise KeystoreError("scrypt cost out of range")
-    if not passphrase:
-        raise KeystoreError("an empty passphrase is not allowed")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    salt, nonce = os.urandom(32), os.urandom(12)
     root = root_key or os.urandom(32)
-    wrapped = AESGCM(_derive(passphrase, salt, scrypt_log2_n)).encrypt(nonce, root, _ROOT_AAD)
-    header = {
-        "format": KEYSTORE_FORMAT,
-        "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
-        "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
-    }
+    dont_dump(root)
+    header = _wrapped_root_header(passphrase, root, scrypt_log2_n)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     ks = UnlockedKeystore(path, root, header, {}, b"")
     try:
         ks.save(exclusive=True)  # never replaces a keystore, even one created concurrently
@@ -142,7 +172,7 @@ def _read_file(path: Path) -> bytes:
 def _parse_doc(raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise KeystoreError("keystore file is damaged") from None
     if not isinstance(doc, dict) or doc.get("format") != KEYSTORE_FORMAT:
         raise KeystoreError("keystore file is damaged or of an unknown format")
@@ -162,8 +192,9 @@ def _open_body(doc: dict[str, Any], root: bytes) -> dict[str, Any]:
         raise KeystoreError("keystore file is damaged")
     try:
         plain = AESGCM(root).decrypt(_field(body, "nonce", 12), _unb64(body.get("ct")), _BODY_AAD)
+        dont_dump(plain)  # the KEKs, base64: kept out of core dumps (best effort)
         keys = json.loads(plain)["keys"]
-    except (InvalidTag, ValueError, KeyError, TypeError):
+    except (InvalidTag, ValueError, KeyError, TypeError, RecursionError):
         raise KeystoreError("keystore file is damaged") from None
     if not isinstance(keys, dict):
         raise KeystoreError("keystore file is damaged")
@@ -182,10 +213,12 @@ def _unwrap_root(doc: dict[str, Any], passphrase: bytes) -> bytes:
     salt, nonce, ct = _field(kdf, "salt", 32), _field(root, "nonce", 12), _field(root, "ct", 32 + 16)
     key = _derive(passphrase, salt, log2_n)
     try:
-        return AESGCM(key).decrypt(nonce, ct, _ROOT_AAD)
+        root = AESGCM(key).decrypt(nonce, ct, _ROOT_AAD)
     except InvalidTag:
         # Indistinguishable by design from a flipped bit in the wrapped root key.
         raise KeystoreError("wrong passphrase for the keystore") from None
+    dont_dump(root)
+    return root
 
 
 _CACHE: dict[str, tuple[UnlockedKeystore, float, Callable[[], bytes]]] = {}
@@ -215,6 +248,11 @@ def unlock(
         ks = hit[0]
         if sig != ks.signature:
             doc = _parse_doc(raw)
+            if _header_of(doc) != ks.header:
+                # The root key was rotated or re-wrapped (another process): the cached
+                # root is stale, so unlock again from the passphrase.
+                _CACHE.pop(str(path), None)
+                return unlock(path, passphrase, now)
             ks = UnlockedKeystore(path, ks.root_key, _header_of(doc), _open_body(doc, ks.root_key), sig)
             _CACHE[str(path)] = (ks, hit[1], passphrase)
         return ks
@@ -238,9 +276,15 @@ def _check_mode(path: Path) -> None:
 
 @contextlib.contextmanager
 def locked_update(
-    path: Path | None = None, passphrase: Callable[[], bytes] = read_passphrase
+    path: Path | None = None,
+    passphrase: Callable[[], bytes] = read_passphrase,
+    clock: Callable[[], float] = time.time,
 ) -> Iterator[UnlockedKeystore]:
-    """Hold the keystore's write lock, yield a fresh copy, save it on success."""
+    """Hold the keystore's write lock, yield a fresh copy, save it on success.
+
+    The save erases every version whose destruction is overdue by ``clock``
+    (wall-clock seconds), whatever the caller changed.
+    """
     path = path or keystore_path()
     unlock(path, passphrase)  # prompt (if needed) before taking the lock
     lock_path = path.with_name(path.name + ".lock")
@@ -251,7 +295,7 @@ def locked_update(
         # Work on a copy: if the caller fails midway, the cached table is untouched.
         work = UnlockedKeystore(path, base.root_key, dict(base.header), copy.deepcopy(base.keys), base.signature)
         yield work
-        work.save()
+        work.save(now=clock())
         _CACHE[str(path)] = (work, time.monotonic() + CACHE_TTL, passphrase)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -292,25 +336,54 @@ def recover_root(
         root = shamir_mnemonic.combine_mnemonics(mnemonics, b"")
     except (shamir_mnemonic.MnemonicError, ValueError) as e:
         raise KeystoreError(f"the shares do not combine: {str(e)[:160]}") from None
+    dont_dump(root)
     raw = _read_file(path)
     doc = _parse_doc(raw)
     try:
         keys = _open_body(doc, root)
     except KeystoreError:
         raise KeystoreError("the shares combine, but not to this keystore's root key") from None
-    salt, nonce = os.urandom(32), os.urandom(12)
-    wrapped = AESGCM(_derive(new_passphrase, salt, scrypt_log2_n)).encrypt(nonce, root, _ROOT_AAD)
-    header = {
-        "format": KEYSTORE_FORMAT,
-        "kdf": {"alg": "scrypt", "log2_n": scrypt_log2_n, "r": 8, "p": 1, "salt": _b64(salt)},
-        "root": {"nonce": _b64(nonce), "ct": _b64(wrapped)},
-    }
+    header = _wrapped_root_header(new_passphrase, root, scrypt_log2_n)
+    _replace_locked(path, raw, UnlockedKeystore(path, root, header, keys, b""), "recovery combine")
+
+
+def rotate_root(
+    path: Path | None = None,
+    passphrase: Callable[[], bytes] = read_passphrase,
+    new_passphrase: bytes | None = None,
+    *,
+    scrypt_log2_n: int | None = None,
+) -> None:
+    """Re-wrap the key table under a fresh random root key.
+
+    ``passphrase`` must open the file as it is now (checked with the KDF, never taken
+    from the cache). The new root is wrapped under ``new_passphrase``, or else the same
+    passphrase, with a fresh salt. Whatever was made from the old root stops opening
+    this keystore: the shares of every earlier ``split_root`` and every earlier copy of
+    the file, under any passphrase. The KEKs do not change, so artifacts keep opening.
+    One atomic replace: after a crash the file is the old keystore or the new one.
+    """
+    path = path or keystore_path()
+    raw = _read_file(path)
+    doc = _parse_doc(raw)
+    _check_mode(path)
+    current = passphrase()
+    keys = _open_body(doc, _unwrap_root(doc, current))
+    log2_n = scrypt_log2_n if scrypt_log2_n is not None else int(doc["kdf"]["log2_n"])
+    root = os.urandom(32)
+    dont_dump(root)
+    header = _wrapped_root_header(current if new_passphrase is None else new_passphrase, root, log2_n)
+    _replace_locked(path, raw, UnlockedKeystore(path, root, header, keys, b""), "root rotation")
+
+
+def _replace_locked(path: Path, raw: bytes, new: UnlockedKeystore, what: str) -> None:
+    """Save ``new`` over the file, under the write lock, if it still holds ``raw``."""
     lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if _read_file(path) != raw:
-            raise KeystoreError("the keystore changed during recovery; run recovery combine again")
-        UnlockedKeystore(path, root, header, keys, b"").save()
+            raise KeystoreError(f"the keystore changed during the {what}; run it again")
+        new.save()
     finally:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)

@@ -5,6 +5,11 @@
 whatever a backend raises into the modelseal error tree and emits one audit
 event (success or failure) per key operation. Recipes never call a provider
 directly.
+
+It also owns key identity: ``canonical`` (an operator's key URI) and
+``recipient_identity`` (a recipient read from an artifact, parsed the untrusted way)
+give one spelling per key, resolved by the provider where a key has several (AWS KMS),
+and every comparison (environment bindings, the recipients a rewrap keeps) uses them.
 """
 
 from __future__ import annotations
@@ -23,10 +28,38 @@ from modelseal.errors import KeyProviderError, ModelsealError, PolicyDenied
 from modelseal.format.header import Recipient
 from modelseal.keys.config import Config
 from modelseal.keys.config import load as load_config
-from modelseal.keys.providers import DataKeyGenerator, KeyAdmin, KeyInfo, KeyProvider, parse_key_uri, provider_for
+from modelseal.keys.providers import (
+    DataKeyGenerator,
+    KeyAdmin,
+    KeyInfo,
+    KeyProvider,
+    KeyResolver,
+    canonical_key,
+    parse_key_uri,
+    provider_for,
+    recipient_key,
+)
 from modelseal.util.home import modelseal_home
 
 T = TypeVar("T")
+
+
+def printable(text: str) -> str:
+    r"""``text`` as one unambiguous line, for messages that quote untrusted data (a key id
+    read from an artifact must not forge lines of output): a backslash and every
+    non-printable character are escaped (``\\``, ``\xHH``, ``\uHHHH``, ``\UHHHHHHHH``)."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    if c.isprintable():
+        return c
+    n = ord(c)
+    return f"\\x{n:02x}" if n <= 0xFF else f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
 
 
 def default_sink() -> AuditSink:
@@ -76,18 +109,55 @@ class KeyService:
             self._config = load_config()
         return self._config
 
+    def canonical(self, key_uri: str) -> str:
+        """The one identity of an operator's key URI (``transit:k`` is ``transit:transit/k``;
+        a pkcs11 key is its token and object; an AWS KMS key is its key ARN)."""
+        return self._resolve(canonical_key(key_uri))
+
+    def recipient_identity(self, recipient: Recipient) -> str:
+        """The identity of a recipient read from an artifact, in the same spelling as
+        ``canonical``. Parsed the untrusted way (no pkcs11 module or PIN, allowed transit
+        mounts only); for comparison, never to wrap to."""
+        return self._resolve(recipient_key(recipient.scheme, recipient.key_id))
+
+    def _resolve(self, canon: str) -> str:
+        ref = parse_key_uri(canon)
+        p = self.provider(ref.scheme)
+        return f"{ref.scheme}:{p.canonical_name(ref.name)}" if isinstance(p, KeyResolver) else canon
+
+    def environments_of(self, key_uri: str) -> set[str]:
+        """Every environment config.toml lists the key under (directly or through a project),
+        whatever spelling either side uses."""
+        return self._bound(parse_key_uri(key_uri).scheme, lambda: self.canonical(key_uri))
+
+    def _bound(self, scheme: str, identity: Callable[[], str]) -> set[str]:
+        cfg = self.config
+        listed = [(env, k) for env, keys in cfg.environments.items() for k in keys]
+        listed += [(env, k) for per_env in cfg.projects.values() for env, keys in per_env.items() for k in keys]
+        same = [(env, k) for env, k in listed if parse_key_uri(k).scheme == scheme]
+        if not same:
+            return set()  # nothing to compare with: no provider round trip
+        me = identity()
+        return {env for env, k in same if self.canonical(k) == me}
+
     def check_environment(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> None:
         """A key listed under some environments serves only contexts of those environments.
 
-        Keys are compared by canonical identity (``transit:k`` is ``transit:transit/k``;
-        a pkcs11 key is its token and object), so a spelling cannot escape the binding.
+        Keys are compared by canonical identity (``canonical``), so no spelling of a key
+        (``transit:k`` or ``transit:transit/k``, an AWS KMS alias, key id or ARN) escapes
+        the binding.
         """
-        bound = self.config.environments_of(key_uri)
+        self._check_bound(parse_key_uri(key_uri).scheme, lambda: self.canonical(key_uri), context, key_uri)
+
+    def _check_bound(
+        self, scheme: str, identity: Callable[[], str], context: tuple[tuple[str, str], ...], shown: str
+    ) -> None:
+        bound = self._bound(scheme, identity)
         env = dict(context).get("env")
         if bound and env not in bound:
             raise PolicyDenied(
-                f"key {key_uri} belongs to environment {', '.join(sorted(bound))}; "
-                f"refusing it for env={env if env is not None else '(none)'}"
+                f"key {printable(shown)} belongs to environment {', '.join(sorted(bound))}; "
+                f"refusing it for env={printable(env) if env is not None else '(none)'}"
             )
 
     def forget_unwrapped(self) -> None:
@@ -168,20 +238,20 @@ class KeyService:
         artifact: str | None = None,
         op: str = "unwrap",
     ) -> bytes:
-        uri = f"{recipient.scheme}:{recipient.key_id}"
+        uri = f"{recipient.scheme}:{recipient.key_id}"  # names the key in events; never parsed as a key URI
         cache_key = (recipient.scheme, recipient.key_id, recipient.key_version, recipient.wrapped, context)
         with self._lock:
             hit = self._unwrapped.get(cache_key)
             generation = self._generation
         if hit is not None and hit[1] > self._now() and op == "unwrap":
-            self.check_environment(uri, context)  # the configuration may have changed since
+            self._check_recipient(recipient, context)  # the configuration may have changed since
             with self._lock:
                 if cache_key in self._unwrapped:
                     self._unwrapped.move_to_end(cache_key)
             return hit[0]
 
         def unwrap() -> bytes:
-            self.check_environment(uri, context)
+            self._check_recipient(recipient, context)
             return self.provider(recipient.scheme).unwrap(recipient, context)
 
         dek = self._call(op, uri, unwrap, recipient.key_version, artifact)
@@ -192,6 +262,10 @@ class KeyService:
                 while len(self._unwrapped) > UNWRAP_CACHE_SIZE:
                     self._unwrapped.popitem(last=False)
         return dek
+
+    def _check_recipient(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> None:
+        shown = f"{recipient.scheme}:{recipient.key_id}"
+        self._check_bound(recipient.scheme, lambda: self.recipient_identity(recipient), context, shown)
 
     def create(self, key_uri: str) -> KeyInfo:
         ref = parse_key_uri(key_uri)
@@ -210,6 +284,18 @@ class KeyService:
         return self._call(
             op, ref.uri, lambda: self.admin(ref.scheme).set_version_state(ref.name, version, state), version
         )
+
+    def set_min_version(self, key_uri: str, version: int) -> KeyInfo:
+        """Versions below ``version`` stop decrypting (local keys, Transit's ``min_decryption_version``)."""
+        self.forget_unwrapped()
+        ref = parse_key_uri(key_uri)
+        admin: Any = self.admin(ref.scheme)
+        if not hasattr(admin, "set_min_decryption_version"):
+            raise KeyProviderError(f"the {ref.scheme}: provider has no minimum decryption version; use key disable")
+        info: KeyInfo = self._call(
+            "min-version", ref.uri, lambda: admin.set_min_decryption_version(ref.name, version), version
+        )
+        return info
 
     def destroy(self, key_uri: str, version: int | None, after: float = 0.0) -> KeyInfo:
         """Destroy now (``after`` = 0) or schedule it ``after`` seconds ahead (local keys)."""

@@ -5,7 +5,14 @@ sealed folder (``model.sealed/config.json``); the explicit plaintext escape
 hatch (``allow_plaintext=True``, for migrations); reading a whole member into
 memory; and ``memfd_view``, which shows a sealed folder to libraries that
 insist on a directory path as a folder of symlinks to anonymous in-memory
-files (``memfd_create``), so plaintext never reaches a disk.
+files (``memfd_create``, all under one opaque name), so plaintext never
+reaches a disk. Every entry point first switches core dumps off for the
+process (``util.hardening.harden_loader``; opt out with
+``MODELSEAL_ALLOW_CORE_DUMPS=1``), and buffers of decrypted bytes are kept
+out of any dump that still happens.
+
+A path below a sealed folder is always a member of it, looked up in its
+manifest: a real file planted at ``model.sealed/config.json`` is never read.
 
 The framework modules (``modelseal.safetensors``, ``.torch``, ``.onnx``,
 ``.hf``, ``.fs``) sit on top of this one; none of them writes a file.
@@ -19,20 +26,26 @@ import io
 import mmap
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from modelseal.errors import FormatError, VerificationError
+from modelseal.errors import FormatError, StorageError, VerificationError
 from modelseal.format.folder import MANIFEST_NAME, SealedFolder
 from modelseal.format.header import MAGIC
 from modelseal.format.source import FdSource
 from modelseal.keys.service import KeyService
-from modelseal.recipes.context import trust_policy
+from modelseal.recipes.context import expected_env, trust_policy
 from modelseal.recipes.opening import open as open_sealed
 from modelseal.recipes.opening import open_folder
 from modelseal.util.files import open_regular
+from modelseal.util.hardening import dont_dump, harden_loader
+
+# The name every memfd gets: /proc/PID/fd and /proc/PID/maps show "/memfd:NAME (deleted)",
+# so a member path there would tell any reader of /proc what the process loaded.
+MEMFD_NAME = "modelseal"
 
 
 class RandomAccess(Protocol):
@@ -84,8 +97,16 @@ class PlainReader(io.RawIOBase):
 
 
 def is_sealed_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
+    """Whether ``path`` starts with the sealed magic. A FIFO or device there is refused
+    (StorageError) instead of blocking: the open never waits and checks for a regular file."""
+    fd = open_regular(path)
+    try:
+        head = os.pread(fd, len(MAGIC), 0)
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return head == MAGIC
 
 
 def is_sealed_folder(path: Path) -> bool:
@@ -93,15 +114,44 @@ def is_sealed_folder(path: Path) -> bool:
 
 
 def split_member(path: Path) -> tuple[Path, str | None]:
-    """``x.sealed/sub/config.json`` (not on disk) -> (``x.sealed``, ``sub/config.json``)."""
-    if path.exists():
+    """``x.sealed/sub/config.json`` -> (``x.sealed``, ``sub/config.json``).
+
+    Whatever is on disk below a sealed folder: a file planted at that path is never
+    preferred to the manifest's member. A sealed folder below another one (planted, since
+    a sealed folder holds only its manifest and blobs) is refused as ambiguous, and so is
+    a member path that climbs out with ``..``.
+    """
+    absolute = path.absolute()
+    sealed = [p for p in (absolute, *absolute.parents) if is_sealed_folder(p)]
+    if not sealed:
         return path, None
-    for parent in path.parents:
-        if is_sealed_folder(parent):
-            return parent, path.relative_to(parent).as_posix()
-        if parent.exists():
-            break
-    return path, None
+    if len(sealed) > 1:
+        raise FormatError(f"{sealed[0]} is inside the sealed folder {sealed[-1]}: refusing to guess which one is meant")
+    root = sealed[0]
+    if root == absolute:
+        return path, None
+    rel = absolute.relative_to(root)
+    if ".." in rel.parts:
+        raise FormatError(f"{path} goes through the sealed folder {root}: name a member of it")
+    return root, rel.as_posix()
+
+
+def resolve_member(path: str | os.PathLike[str], member: str | None) -> tuple[Path, str | None]:
+    """The artifact and the member a loader was asked for: ``member=`` is relative to the
+    member the path already names, if any (``x.sealed/sub`` with ``member="a.bin"``)."""
+    p, implied = split_member(Path(path))
+    if implied is not None and member is not None:
+        return p, f"{implied}/{member}"
+    return p, member if member is not None else implied
+
+
+def _whole_folder(path: Path) -> Path:
+    """``path`` as a folder to load whole: never a folder below a sealed one (planted there,
+    or a member's prefix), which would be read from disk instead of through the manifest."""
+    root, inner = split_member(path)
+    if inner is not None:
+        raise FormatError(f"{path} is inside the sealed folder {root}: load the sealed folder itself")
+    return path
 
 
 def plaintext_ok(path: Path, allow_plaintext: bool, keys: KeyService | None) -> bool:
@@ -110,8 +160,11 @@ def plaintext_ok(path: Path, allow_plaintext: bool, keys: KeyService | None) -> 
     if not allow_plaintext:
         return False
     policy = trust_policy(keys)
-    if policy is not None and policy.strict:
+    if policy is not None and any(p.strict for p in policy.chain()):
         raise VerificationError(f"{path} is plaintext, and the trust policy is strict: refusing to load it")
+    env = expected_env(keys)
+    if env is not None:  # plaintext has no environment, so it cannot be the one expected
+        raise VerificationError(f"{path} is plaintext, and artifacts sealed for env {env!r} are expected")
     return True
 
 
@@ -129,12 +182,14 @@ def open_member(
     keys: KeyService | None = None,
 ) -> RandomAccess:
     """Open one sealed file, one member of a sealed folder, or (if allowed) a plain file."""
-    p, implied = split_member(Path(path))
-    member = member or implied
+    harden_loader()
+    p, member = resolve_member(path, member)
     if is_sealed_folder(p):
         if member is None:
             raise FormatError(f"{p} is a sealed folder: name the member to load")
         with open_folder(p, keys=keys) as folder:
+            if member not in folder:
+                raise StorageError(f"the sealed folder {p} has no member {member!r}")
             return folder.open(member)
     if p.is_dir():
         if not plaintext_ok(p, allow_plaintext, keys):
@@ -152,8 +207,9 @@ def open_member(
 
 
 def read_into_memory(reader: RandomAccess) -> bytearray:
-    """The whole plaintext in one fresh buffer, decrypted straight into it."""
+    """The whole plaintext in one fresh buffer (kept out of core dumps), decrypted straight into it."""
     buf = bytearray(reader.size)
+    dont_dump(buf)
     reader.preadinto(0, buf, private=True)
     return buf
 
@@ -177,12 +233,13 @@ def wipe(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
 
 
-def _memfd_from(reader: RandomAccess, name: str) -> int:
-    fd = os.memfd_create(name[-200:] or "modelseal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def _memfd_from(reader: RandomAccess) -> int:
+    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         if reader.size:
             os.ftruncate(fd, reader.size)
             with mmap.mmap(fd, reader.size) as mm:
+                dont_dump(mm)
                 reader.preadinto(0, memoryview(mm), private=True)
         # Freeze the content: nobody can change what the library then reads.
         fcntl.fcntl(
@@ -207,9 +264,11 @@ def memfd_view(
     memory that a library still maps (e.g. safetensors weights) stays valid
     until it lets go of it.
     """
-    p = Path(path)
+    harden_loader()
+    p = _whole_folder(Path(path))
     if not is_sealed_folder(p):
         if p.is_dir() and plaintext_ok(p, allow_plaintext, keys):
+            _refuse_special_files(p)
             yield p
             return
         raise refuse_plaintext(p) if p.is_dir() else FormatError(f"{p} is not a sealed folder")
@@ -219,7 +278,7 @@ def memfd_view(
         with open_folder(p, keys=keys) as folder:
             for rel in folder:
                 with folder.open(rel) as r:
-                    fd = _memfd_from(r, rel)
+                    fd = _memfd_from(r)
                 fds.append(fd)
                 link = view / rel
                 link.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -229,6 +288,24 @@ def memfd_view(
         shutil.rmtree(view, ignore_errors=True)
         for fd in fds:
             os.close(fd)
+
+
+def _refuse_special_files(root: Path) -> None:
+    """A plain folder handed to a library as it is: refuse a FIFO or device in it, which
+    the library's own open would block on (it is not ours to make non-blocking)."""
+    for dirpath, _dirs, files in os.walk(root, onerror=_raise_storage):
+        for name in files:
+            p = Path(dirpath) / name
+            try:
+                mode = p.stat().st_mode
+            except OSError as e:
+                raise StorageError(f"cannot read {p}: {e.strerror}") from None
+            if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+                raise StorageError(f"{p} is not a regular file")
+
+
+def _raise_storage(e: OSError) -> None:
+    raise StorageError(f"cannot list {e.filename}: {e.strerror}")
 
 
 class PlainFolder:
@@ -254,12 +331,15 @@ class PlainFolder:
         return PlainReader(self.root / path)
 
     def read(self, path: str) -> bytes:
-        return (self.root / path).read_bytes()
+        with self.open(path) as r:
+            return r.readall()
 
 
 def open_folder_any(
     path: Path, *, allow_plaintext: bool = False, keys: KeyService | None = None
 ) -> SealedFolder | PlainFolder:
+    harden_loader()
+    path = _whole_folder(path)
     if is_sealed_folder(path):
         return open_folder(path, keys=keys)
     if path.is_dir() and plaintext_ok(path, allow_plaintext, keys):

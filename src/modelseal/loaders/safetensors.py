@@ -13,7 +13,6 @@ shapes, and offsets that tile the data area exactly (no gaps, no overlaps).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -25,9 +24,15 @@ from typing import Any, cast
 
 from modelseal.errors import FormatError
 from modelseal.keys.service import KeyService
-from modelseal.loaders.common import RandomAccess, open_folder_any, open_member, split_member
+from modelseal.loaders.common import RandomAccess, open_folder_any, open_member, resolve_member
+from modelseal.util.bounded import json_loads
+from modelseal.util.hardening import dont_dump
 
 MAX_HEADER = 100_000_000  # the limit the safetensors format itself sets
+# What the JSON parser may allocate: about 125,000 two-dimensional tensors. Checked before
+# parsing, with the nesting the schema allows ({name: {"shape": [...]}}), in linear time.
+MAX_HEADER_VALUES = 1_000_000
+_HEADER_DEPTH = 3
 
 # safetensors dtype -> (numpy dtype name or None, item size, torch dtype attribute or None)
 DTYPES: dict[str, tuple[str | None, int, str | None]] = {
@@ -49,6 +54,11 @@ DTYPES: dict[str, tuple[str | None, int, str | None]] = {
 }
 
 INDEX_NAME = "model.safetensors.index.json"
+MAX_INDEX = 64 << 20  # a weight map of about a million tensors
+
+# Smaller tensors share heap pages with everything else: marking each would split the
+# process's memory map into thousands of areas (vm.max_map_count) for little gain.
+DONTDUMP_MIN = 64 * 1024
 
 
 class SafetensorsError(FormatError):
@@ -77,6 +87,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _element_count(shape: list[int]) -> int | None:
+    """The number of elements, or ``None`` once a dimension or the running product reaches
+    2^63 (as the reference implementation's checked multiplication overflows): stopping
+    early keeps it linear, where ``math.prod`` of many huge dimensions is quadratic."""
+    count = 1
+    for d in shape:
+        if d >= 1 << 63:
+            return None
+        count *= d
+        if count >= 1 << 63:
+            return None
+    return count
+
+
 def parse_header(reader: RandomAccess, name: str = "") -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
     """Read and validate the safetensors header of ``reader``'s plaintext."""
     head = bytearray(8)
@@ -87,10 +111,14 @@ def parse_header(reader: RandomAccess, name: str = "") -> tuple[dict[str, Tensor
         raise SafetensorsError(f"{name or 'artifact'} is not a safetensors file (header length {n})")
     raw = bytearray(n)
     reader.preadinto(8, raw)
-    try:
-        doc = json.loads(bytes(raw), object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError):
-        raise SafetensorsError(f"{name or 'artifact'} is not a safetensors file (header is not JSON)") from None
+    doc = json_loads(
+        bytes(raw),
+        max_depth=_HEADER_DEPTH,
+        max_values=MAX_HEADER_VALUES,
+        error=lambda detail: SafetensorsError(f"{name or 'artifact'} is not a safetensors file ({detail})"),
+        what="its header",
+        object_pairs_hook=_no_duplicates,
+    )
     if not isinstance(doc, dict):
         raise SafetensorsError("safetensors header is not a JSON object")
     meta = doc.pop("__metadata__", None)
@@ -115,10 +143,10 @@ def parse_header(reader: RandomAccess, name: str = "") -> tuple[dict[str, Tensor
         ):
             raise SafetensorsError(f"tensor {tname!r}: invalid data_offsets")
         begin, end = offs
-        # Python integers: a huge claimed shape cannot overflow, it just fails here.
-        if any(d >= 1 << 63 for d in shape) or math.prod(shape) >= 1 << 63:
+        count = _element_count(shape)
+        if count is None:
             raise SafetensorsError(f"tensor {tname!r}: a dimension or the element count is too large")
-        if not 0 <= begin <= end <= data_len or math.prod(shape) * DTYPES[dtype][1] != end - begin:
+        if not 0 <= begin <= end <= data_len or count * DTYPES[dtype][1] != end - begin:
             raise SafetensorsError(f"tensor {tname!r}: shape and offsets disagree or leave the file")
         tensors.append(TensorInfo(tname, dtype, tuple(shape), data_start + begin, data_start + end))
     expected = data_start
@@ -132,7 +160,15 @@ def parse_header(reader: RandomAccess, name: str = "") -> tuple[dict[str, Tensor
 
 
 def _alloc(info: TensorInfo, framework: str, shape: tuple[int, ...] | None = None) -> tuple[Any, memoryview]:
-    """An uninitialised tensor of the right dtype and shape, and a byte view of its memory."""
+    """An uninitialised tensor of the right dtype and shape, and a byte view of its memory
+    (left out of core dumps)."""
+    tensor, view = _empty(info, framework, shape)
+    if view.nbytes >= DONTDUMP_MIN:
+        dont_dump(view)
+    return tensor, view
+
+
+def _empty(info: TensorInfo, framework: str, shape: tuple[int, ...] | None) -> tuple[Any, memoryview]:
     shape = info.shape if shape is None else shape
     np_name, size, torch_name = DTYPES[info.dtype]
     if framework in ("pt", "torch"):
@@ -244,7 +280,7 @@ class SafeOpen:
         self._shards: dict[str, _Shard] = {}
         self._where: dict[str, str] = {}
         self._metadata: dict[str, str] | None = None
-        p, member = split_member(Path(path))
+        p, member = resolve_member(path, None)
         if p.is_dir() and member is None:
             self._open_folder(p, allow_plaintext, keys)
         else:
@@ -267,7 +303,11 @@ class SafeOpen:
         with open_folder_any(p, allow_plaintext=allow_plaintext, keys=keys) as folder:
             members = list(folder)
             if INDEX_NAME in folder:
-                index = json.loads(folder.read(INDEX_NAME))
+                with folder.open(INDEX_NAME) as r:  # sized before anything is read or allocated
+                    if r.size > MAX_INDEX:
+                        raise SafetensorsError(f"{INDEX_NAME} is larger than {MAX_INDEX} bytes")
+                    raw = r.read()
+                index = json_loads(raw, max_depth=4, max_values=2_000_000, error=SafetensorsError, what=INDEX_NAME)
                 weight_map = index.get("weight_map") if isinstance(index, dict) else None
                 if not isinstance(weight_map, dict):
                     raise SafetensorsError(f"{INDEX_NAME} has no weight_map")

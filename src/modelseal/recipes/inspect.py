@@ -13,7 +13,7 @@ from typing import Any
 from modelseal.errors import VerificationError
 from modelseal.format.envelope import artifact_id, decrypt_metadata, parse_slots
 from modelseal.format.file import RawArtifact, SealedReader, open_keys, parse_json_object
-from modelseal.format.folder import BLOB_DIR, parse_manifest
+from modelseal.format.folder import BLOB_DIR, read_manifest
 from modelseal.format.header import KIND_BLOB, KIND_FILE, KIND_MANIFEST, Slot
 from modelseal.keys.service import KeyService
 from modelseal.recipes.context import service, unwrapper
@@ -60,9 +60,7 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False, keys: KeySe
             info["metadata"] = parse_json_object(decrypt_metadata(core, opened.keys))
             if core.kind == KIND_MANIFEST:
                 with SealedReader(src, raw, opened.keys, owns_src=False) as r:
-                    info["files"] = [
-                        {"path": e.path, "size": e.size, "sha256": e.sha256} for e in parse_manifest(r.readall())
-                    ]
+                    info["files"] = [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in read_manifest(r)]
         return info
     finally:
         src.close()

@@ -2,33 +2,39 @@
 
 Owns ``rotate``: decide whether the key's newest version is older than the
 policy, rotate it, find the sealed files and folders under the given paths
-whose recipients use an older version of that key, and rewrap each one (header
-only, atomic per artifact through the A/B slots). It is resumable by design:
-an artifact already on the newest version is skipped, so re-running after a
-crash or an outage finishes the job; an artifact is never left half-rewrapped.
+whose recipients use an older version of that key, and rewrap that key's
+recipients in each one (header only, atomic per artifact through the A/B slots).
+Every other recipient must be one the operator vouches for (``recipients``), or
+the artifact is reported as failed. It is resumable by design: an artifact
+already on the newest version is skipped, so re-running after a crash or an
+outage finishes the job; an artifact is never left half-rewrapped. Nothing is
+skipped silently: a path that cannot be read or listed is a reported failure.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelseal.audit.events import AuditEvent
-from modelseal.errors import ArtifactError, KeyNotFound, ModelsealError
+from modelseal.errors import ArtifactError, KeyNotFound, ModelsealError, StorageError
 from modelseal.format.envelope import artifact_id, open_envelope, parse_slots
 from modelseal.format.file import RawArtifact, read_raw, write_slot_in_place
 from modelseal.format.folder import MANIFEST_NAME
 from modelseal.format.header import MAGIC, Recipient
 from modelseal.format.source import FdSource
-from modelseal.keys.providers import canonical_key, parse_key_uri
+from modelseal.keys.providers import parse_key_uri
 from modelseal.keys.providers.transit import TransitProvider
 from modelseal.keys.service import KeyService
 from modelseal.recipes import rekey
 from modelseal.recipes.context import key_service
+from modelseal.recipes.recipients import keys_to_write, same_key
+from modelseal.util.files import open_regular
 
 TRANSIT_BATCH = 100  # two Transit requests rewrap this many artifacts
 
@@ -44,51 +50,88 @@ class RotationReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _is_sealed_regular(p: Path) -> bool:
+OnError = Callable[[Path, OSError], None]
+
+
+def _probe(p: Path, failed: OnError) -> bool | None:
+    """Whether ``p`` is a sealed regular file (None: it could not be read; reported).
+
+    Only regular files are opened (no FIFO hangs, no device side effects), never through
+    a symlink; a file gone meanwhile is simply not there.
+    """
     try:
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            return False
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False  # a symlink, or unreadable
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP):
+            return False
+        failed(p, e)
+        return None
     try:
         return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, len(MAGIC), 0) == MAGIC
+    except OSError as e:
+        failed(p, e)
+        return None
     finally:
         os.close(fd)
 
 
-def find_artifacts(paths: list[Path]) -> Iterator[Path]:
+def find_artifacts(paths: Sequence[Path], on_error: OnError | None = None) -> Iterator[Path]:
     """Sealed files and sealed folders under ``paths`` (blobs inside folders are not listed).
 
     Symlinks are never followed (a link could lead rotation to rewrite artifacts
     outside the paths given), and only regular files are opened (no FIFO hangs).
+    A path that cannot be read, and a folder that cannot be listed (it may hold
+    artifacts), goes to ``on_error``; without one it raises ``StorageError``.
     """
+
+    def failed(path: Path, e: OSError) -> None:
+        if on_error is None:
+            raise StorageError(f"cannot read {path}: {e.strerror or type(e).__name__}")
+        on_error(path, e)
+
     for root in paths:
-        if root.is_symlink():
+        try:
+            mode = os.lstat(root).st_mode
+        except OSError as e:
+            failed(root, e)  # a path given that does not exist is an error, not an empty result
             continue
-        if root.is_dir() and _is_sealed_regular(root / MANIFEST_NAME):
-            yield root
+        if stat.S_ISLNK(mode):
+            failed(root, OSError(errno.ELOOP, "a symlink, which rotation never follows", str(root)))
             continue
-        if not root.is_dir():
-            if _is_sealed_regular(root):
+        if not stat.S_ISDIR(mode):
+            if _probe(root, failed):
                 yield root
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        found = _probe(root / MANIFEST_NAME, failed)
+        if found is None:
+            continue
+        if found:
+            yield root
+            continue
+
+        def walk_failed(e: OSError, top: Path = root) -> None:
+            failed(Path(e.filename) if e.filename else top, e)
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=walk_failed, followlinks=False):
             d = Path(dirpath)
             for name in list(dirnames):
                 sub = d / name
-                if sub.is_symlink():
-                    dirnames.remove(name)
-                elif _is_sealed_regular(sub / MANIFEST_NAME):
+                found = False if sub.is_symlink() else _probe(sub / MANIFEST_NAME, failed)
+                if found is None or found or sub.is_symlink():
+                    dirnames.remove(name)  # a sealed folder, a link, or reported already
+                if found:
                     yield sub
-                    dirnames.remove(name)
             for name in sorted(filenames):
-                if _is_sealed_regular(d / name):
+                if _probe(d / name, failed):
                     yield d / name
 
 
-def _versions_of(path: Path, key: str) -> list[int]:
-    """Versions of ``key`` in the artifact's newest slot (unauthenticated: only used to pick work)."""
+def _versions_of(svc: KeyService, path: Path, canon: str) -> list[int]:
+    """Versions of the key ``canon`` in the artifact's newest slot (unauthenticated: only used to pick work)."""
     target = path / MANIFEST_NAME if path.is_dir() else path
-    src = FdSource(os.open(target, os.O_RDONLY | os.O_CLOEXEC))
+    src = FdSource(open_regular(target))
     try:
         raw = read_raw(src)
     finally:
@@ -96,7 +139,7 @@ def _versions_of(path: Path, key: str) -> list[int]:
     slots = parse_slots(raw.slots)
     if not slots:
         return []
-    return [r.key_version for r in slots[0][1].recipients if canonical_key(f"{r.scheme}:{r.key_id}") == key]
+    return [r.key_version for r in slots[0][1].recipients if same_key(svc, r, canon)]
 
 
 def rotate(
@@ -108,16 +151,19 @@ def rotate(
     keys: KeyService | None = None,
     now: Callable[[], float] = time.time,
     progress: Callable[[str], None] | None = None,
+    keep_recipients: Sequence[str] = (),
 ) -> RotationReport:
     """Rotate ``key`` if its newest version is older than the policy (or ``force``), then
-    rewrap every artifact under ``paths`` that uses an older version of it."""
+    rewrap ``key``'s recipients in every artifact under ``paths`` that uses an older version
+    of it. An artifact with a recipient the operator does not vouch for (``recipients``;
+    ``keep_recipients`` confirms one) is not rewrapped but reported as failed."""
     svc = keys or key_service()
     uri = parse_key_uri(key).uri
-    canon = canonical_key(uri)
+    canon = svc.canonical(uri)
     info = svc.info(uri)
     newest = max(info.versions, key=lambda v: v.version)
     if older_than_days is None:
-        envs = svc.config.environments_of(uri)
+        envs = svc.environments_of(uri)
         older_than_days = min((svc.config.rotation_days(e) for e in envs), default=svc.config.rotate_after_days)
     rotated = False
     if force or (newest.created and now() - newest.created > older_than_days * 86400):
@@ -126,32 +172,35 @@ def rotate(
     report = RotationReport(uri, rotated, info.latest)
     scheme_provider = svc.provider(parse_key_uri(uri).scheme)
     provider = scheme_provider if isinstance(scheme_provider, TransitProvider) else None
-    batched = provider is not None
     pending: list[Path] = []
-    for artifact in find_artifacts(paths):
+
+    def unreadable(path: Path, e: OSError) -> None:
+        report.failed.append((str(path), f"cannot read or list it ({e.strerror or type(e).__name__})"))
+
+    for artifact in find_artifacts(paths, on_error=unreadable):
         name = str(artifact)
         try:
-            versions = _versions_of(artifact, canon)
+            versions = _versions_of(svc, artifact, canon)
             if not versions:
                 report.not_using_key += 1
                 continue
             if min(versions) >= info.latest:
                 report.up_to_date.append(name)
                 continue
-            if batched:
+            if provider is not None:
                 pending.append(artifact)
-                if len(pending) == TRANSIT_BATCH and provider is not None:
-                    _rewrap_transit_batch(svc, provider, canon, pending, report, progress)
+                if len(pending) == TRANSIT_BATCH:
+                    _rewrap_transit_batch(svc, provider, canon, pending, report, progress, uri, keep_recipients)
                     pending = []
                 continue
-            rekey.rewrap(artifact, keys=svc)
+            rekey.rewrap_key(artifact, uri, keys=svc, keep_recipients=keep_recipients)
             report.rewrapped.append(name)
             if progress is not None:
                 progress(name)
         except (ModelsealError, OSError) as e:
             _record_failure(report, name, e)
     if pending and provider is not None:
-        _rewrap_transit_batch(svc, provider, canon, pending, report, progress)
+        _rewrap_transit_batch(svc, provider, canon, pending, report, progress, uri, keep_recipients)
     return report
 
 
@@ -169,11 +218,17 @@ def _rewrap_transit_batch(
     artifacts: list[Path],
     report: RotationReport,
     progress: Callable[[str], None] | None,
+    key: str | None = None,
+    keep: Sequence[str] = (),
 ) -> None:
     """Rewrap up to 100 artifacts with two Transit requests in all: one batch decrypt (the
     DEKs, to verify each artifact and MAC its new slot) and one server-side batch rewrap
     (the new wraps; no DEK is sent back to the server). Each artifact is held under its
-    update lock and gets its new slot atomically; other recipients stay as they were."""
+    update lock and gets its new slot atomically; other recipients stay as they were, and
+    must be vouched for. Requests name the operator's key ``key`` (default: ``canon``),
+    never the spelling an artifact recorded."""
+    key = key or canon
+    name = parse_key_uri(key).name
     held: list[tuple[Path, FdSource, RawArtifact, Recipient]] = []
     try:
         for path in artifacts:
@@ -183,9 +238,7 @@ def _rewrap_transit_batch(
                 _record_failure(report, str(path), e)
                 continue
             slots = parse_slots(raw.slots)
-            mine = [
-                r for r in (slots[0][1].recipients if slots else ()) if canonical_key(f"{r.scheme}:{r.key_id}") == canon
-            ]
+            mine = [r for r in (slots[0][1].recipients if slots else ()) if same_key(svc, r, canon)]
             if not mine:
                 src.close()
                 report.not_using_key += 1
@@ -193,13 +246,13 @@ def _rewrap_transit_batch(
             held.append((path, src, raw, mine[0]))
         if not held:
             return
-        name = held[0][3].key_id
         contexts = [raw.core.context for _, _, raw, _ in held]
+        ours = [Recipient("transit", name, r.key_version, r.wrapped) for *_, r in held]
         try:
             for _, _, raw, _ in held:
-                svc.check_environment(f"transit:{name}", raw.core.context)
-            deks = provider.unwrap_many([r for *_, r in held], (), contexts=contexts)
-            fresh = provider.rewrap_many([r for *_, r in held], (), contexts=contexts)
+                svc.check_environment(key, raw.core.context)
+            deks = provider.unwrap_many(ours, (), contexts=contexts)
+            fresh = provider.rewrap_many(ours, (), contexts=contexts)
         except ModelsealError as e:
             for path, *_ in held:
                 _record_failure(report, str(path), e)
@@ -207,18 +260,15 @@ def _rewrap_transit_batch(
         for (path, src, raw, old), dek, new in zip(held, deks, fresh, strict=True):
             try:
                 opened = open_envelope(raw.core, raw.slots, _only(old, dek))
+                keys_to_write(svc, path, opened.slot.recipients, raw.core.context, named=[key], keep=keep)
                 recipients = tuple(new if r == old else r for r in opened.slot.recipients)
                 write_slot_in_place(src.fd, raw, opened, recipients)
-                svc.sink.emit(
-                    AuditEvent("rewrap", f"transit:{name}", "ok", new.key_version, artifact_id(raw.core.binding))
-                )
+                svc.sink.emit(AuditEvent("rewrap", key, "ok", new.key_version, artifact_id(raw.core.binding)))
                 report.rewrapped.append(str(path))
                 if progress is not None:
                     progress(str(path))
             except (ModelsealError, OSError) as e:
-                svc.sink.emit(
-                    AuditEvent("rewrap", f"transit:{name}", type(e).__name__, None, artifact_id(raw.core.binding))
-                )
+                svc.sink.emit(AuditEvent("rewrap", key, type(e).__name__, None, artifact_id(raw.core.binding)))
                 _record_failure(report, str(path), e)
     finally:
         for _, src, _, _ in held:

@@ -39,7 +39,7 @@ from modelseal.recipes.writing import (
 )
 from modelseal.signing import oms
 from modelseal.signing.commitment import FILE_PATH, FileCommitment, commit_written
-from modelseal.signing.sigfile import seal_attachment, signature_path, supersede
+from modelseal.signing.sigfile import seal_attachment, signature_path, signed_output, supersede
 from modelseal.signing.signers import Signer
 from modelseal.signing.verification import add_signature
 from modelseal.util.files import (
@@ -69,6 +69,7 @@ def _sign_new(
     header: bytes,
     dek: bytes,
     bundle: Callable[[], bytes],
+    version: int | None = None,
 ) -> str:
     """Sign a just-sealed artifact; with an ECDSA key also attach the OMS bundle, encrypted."""
     core = parse_core(header)
@@ -78,7 +79,7 @@ def _sign_new(
             key = attachment_key(dek, core.salt, core.binding)
             entry.oms = seal_attachment(key, entry.id, bundle())
 
-    return add_signature(root, signer, name, commits, core, attach=attach).id
+    return add_signature(root, signer, name, commits, core, attach=attach, version=version).id
 
 
 def seal(
@@ -94,6 +95,7 @@ def seal(
     keys: KeyService | None = None,
     sign_key: Signer | None = None,
     name: str | None = None,
+    version: int | None = None,
 ) -> SealResult:
     """Seal a file or a model folder at ``src`` into ``dst`` under one or more KEKs.
 
@@ -101,9 +103,12 @@ def seal(
     those config.toml lists for the environment (and project). With
     ``sign_key`` the artifact is signed in the same pass (chunk hashes are taken
     as chunks are encrypted) under the artifact ``name`` (default: the source's
-    file name); see docs/signing.md.
+    file name) as ``version`` of it (default: one more than this signer's last);
+    see docs/signing.md.
     """
     src_p, dst_p = Path(src), Path(dst)
+    if version is not None and (sign_key is None or version < 1):
+        raise ValueError("version is the artifact version a signature vouches for: 1 or more, with sign_key")
     svc = service(keys)
     full_ctx = resolve_context(svc, context, env, project)
     if key is None:
@@ -120,12 +125,15 @@ def seal(
     wrap = wrap_all(svc, key_uris, dek, ctx, made=made)
     name = name or src_p.resolve().name
     if src_p.is_dir():
-        return _seal_folder(src_p, dst_p, key_uris, ctx, dek, wrap, force, progress, sign_key, name)
+        return _seal_folder(src_p, dst_p, key_uris, ctx, dek, wrap, force, progress, sign_key, name, version)
     fd = open_regular(src_p)
     sig_id = None
     try:
         length = os.fstat(fd).st_size
-        with atomic_output(dst_p, force) as tmp:
+        # The new file and its signature file (the old one's signatures as history, plus
+        # the new signature) are staged beside ``dst`` and move into place together: a
+        # crash at any point leaves an artifact whose signatures agree with it.
+        with signed_output(dst_p, force) as tmp:
             file_name = src_p.name
 
             def meta(digest: str) -> bytes:
@@ -143,16 +151,15 @@ def seal(
                 progress=progress,
                 hash_chunks=sign_key is not None,
             )
+            supersede(signature_path(dst_p), signature_path(tmp))
             # Signed before the sealed file is renamed into place: if signing fails (a
             # Transit server down, say), nothing is replaced and no unsigned output appears.
             if sign_key is not None and w.table is not None:
                 commits = [commit_written(FILE_PATH, w.header, w.table)]
                 bundle = lambda: oms.bundle_for_file(sign_key, name, w.sha256)  # noqa: E731
-                sig_id = _sign_new(dst_p, sign_key, name, commits, w.header, dek, bundle)
+                sig_id = _sign_new(tmp, sign_key, name, commits, w.header, dek, bundle, version)
     finally:
         os.close(fd)
-    if sign_key is None:  # replaced with --force: signatures of the old file become history
-        supersede(signature_path(dst_p), signature_path(dst_p))
     return SealResult(dst_p, w.artifact_id, 1, length, tuple(key_uris), sig_id)
 
 
@@ -167,6 +174,7 @@ def _seal_folder(
     progress: Progress | None,
     sign_key: Signer | None = None,
     name: str = "",
+    version: int | None = None,
 ) -> SealResult:
     files = walk_folder(src)
     check_sealable([rel for rel, _, _ in files])
@@ -187,5 +195,5 @@ def _seal_folder(
         if sign_key is not None:
             rows = [(e.path, e.sha256) for e in f.entries]
             bundle = lambda: oms.bundle_for_folder(sign_key, name, rows)  # noqa: E731
-            sig_id = _sign_new(tmp, sign_key, name, f.commits, f.manifest_header, dek, bundle)
+            sig_id = _sign_new(tmp, sign_key, name, f.commits, f.manifest_header, dek, bundle, version)
     return SealResult(dst, f.artifact_id, len(f.entries), sum(e.size for e in f.entries), tuple(key_uris), sig_id)

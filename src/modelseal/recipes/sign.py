@@ -28,13 +28,17 @@ def sign(
     sign_key: Signer,
     *,
     name: str | None = None,
+    version: int | None = None,
     oms_bundle: bool = False,
     keys: KeyService | None = None,
 ) -> str:
     """Add a signature to an existing sealed artifact (a second signer, or a re-sign
     after an update); returns its id. Needs no decryption key unless ``oms_bundle``,
     which opens the artifact to sign its plaintext digests for model-signing too.
-    Signatures that no longer match the artifact move to the signature history."""
+    ``version`` is the artifact version the signature vouches for (default: this
+    signer's version for these very files, else one more than its last for the name;
+    see ``signing.rollback.default_version``). Signatures that no longer match the
+    artifact, or sign it under another version, move to the signature history."""
     root = Path(path)
     commits, raws = hash_artifact(root)
     primary = raws.get(FILE_PATH) or raws.get(MANIFEST_NAME)
@@ -65,7 +69,7 @@ def sign(
         def attach(entry: Any) -> None:
             entry.oms = seal_attachment(key, entry.id, bundle)
 
-    return add_signature(root, sign_key, name, commits, primary.core, attach=attach).id
+    return add_signature(root, sign_key, name, commits, primary.core, attach=attach, version=version).id
 
 
 def _previous_name(root: Path, signer: Signer, commits: list[FileCommitment]) -> str | None:

@@ -23,7 +23,7 @@ from modelseal.format.folder import (
     MAX_MANIFEST,
     Entry,
     encode_manifest,
-    is_safe_relpath,
+    relpath_problem,
 )
 from modelseal.format.header import (
     DEFAULT_CHUNK_LOG2,
@@ -173,12 +173,14 @@ def wrap_all(
 
 
 def check_sealable(paths: list[str]) -> None:
-    """Refuse, before writing anything, a folder that readers would refuse to open."""
-    for rel in paths:
-        if not is_safe_relpath(rel):
-            raise PolicyDenied(f"the file name {rel!r} cannot be sealed (backslash or not UTF-8)")
+    """Refuse, before writing anything, a folder that readers would refuse to open
+    (docs/format.md, section 8): the bounds first, then each path, then the manifest."""
     if len(paths) > MAX_ENTRIES:
         raise PolicyDenied(f"a sealed folder holds at most {MAX_ENTRIES} files; this one has {len(paths)}")
+    for rel in paths:
+        problem = relpath_problem(rel)
+        if problem is not None:
+            raise PolicyDenied(f"the file name {rel[:200]!r} cannot be sealed: it {problem}")
     probe = encode_manifest([Entry(rel, 2**63, "0" * 64, "0" * 32, "0" * 64) for rel in paths])
     if len(probe) > MAX_MANIFEST:
         raise PolicyDenied("the folder's manifest would exceed 64 MiB; split it into several artifacts")

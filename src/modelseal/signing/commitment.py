@@ -6,7 +6,8 @@ the recipient slots are left out so rewrap and rotation keep signatures
 valid; the key commitment inside the core still pins the data key) and
 BLAKE3 over the table of per-chunk BLAKE3 hashes of the ciphertext. The
 artifact digest hashes the sorted (path, header, chunks) triples. Reading is
-parallel, one chunk at a time per thread, in constant memory.
+parallel, one chunk at a time per thread, in constant memory, and bounded by what the
+file actually holds (``check_holds``): a sparse file is refused before any hashing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from modelseal.errors import DecryptionError, FormatError, VerificationError
+from modelseal.errors import DecryptionError, FormatError, StorageError, VerificationError
 from modelseal.format.file import RawArtifact, canonical_json, read_raw
 from modelseal.format.folder import BLOB_DIR, MANIFEST_NAME
 from modelseal.format.header import TAG_LEN, parse_core
@@ -68,8 +69,27 @@ def commit(path: str, raw: RawArtifact, table: bytes) -> FileCommitment:
     return FileCommitment(path, header_digest(raw), chunks_digest(table), raw.layout.file_length, table)
 
 
-def hash_chunks(src: CipherSource, raw: RawArtifact) -> bytes:
-    """The chunk table of a sealed file, read and hashed in parallel."""
+def check_holds(src: CipherSource, raw: RawArtifact, rel: str) -> None:
+    """Refuse, before any hashing, a sealed file whose payload the file does not actually
+    hold: a sparse file can claim 2^50 bytes of "ciphertext" in a few blocks, and hashing
+    its holes would take days. Genuine ciphertext has no holes (a 4 KiB run of zeros
+    occurs with probability 2^-32768); a hole in the header's zeroed slot, as a sparse
+    copy makes, is not looked at. Where the file system cannot tell (no ``SEEK_HOLE``),
+    or for a remote source, the work is bounded by the bytes a read actually returns."""
+    start, end = raw.core.payload_offset, raw.layout.file_length
+    if not isinstance(src, FdSource) or start >= end:
+        return
+    try:
+        hole = os.lseek(src.fd, start, os.SEEK_HOLE)
+    except OSError:
+        return
+    if hole < end:
+        raise VerificationError(f"{rel}: the sealed file is sparse (no data at byte {hole}): not genuine ciphertext")
+
+
+def hash_chunks(src: CipherSource, raw: RawArtifact, rel: str = FILE_PATH) -> bytes:
+    """The chunk table of a sealed file, read and hashed in parallel (after ``check_holds``)."""
+    check_holds(src, raw, rel)
     layout = raw.layout
     hashes: list[bytes] = [b""] * layout.count
 
@@ -92,7 +112,7 @@ def hash_sealed_file(path: Path, rel: str) -> tuple[RawArtifact, FileCommitment]
             raw = read_raw(src)
         except (DecryptionError, FormatError):
             raise VerificationError(f"{rel}: not a sealed file, or its header is damaged or truncated") from None
-        return raw, commit(rel, raw, hash_chunks(src, raw))
+        return raw, commit(rel, raw, hash_chunks(src, raw, rel))
     finally:
         src.close()
 
@@ -112,14 +132,19 @@ def sealed_members(root: Path) -> list[str]:
     if not root.is_dir():
         return [FILE_PATH]
     out: list[str] = []
-    for entry in sorted(os.listdir(root)):
+    try:
+        listing = sorted(os.listdir(root))
+        blobs = sorted(os.listdir(root / BLOB_DIR)) if (root / BLOB_DIR).is_dir() else []
+    except OSError as e:
+        raise StorageError(f"cannot list {root}: {e.strerror}") from None
+    for entry in listing:
         p = root / entry
         if entry == SIGNATURES_NAME and not p.is_symlink() and p.is_file():
             continue
         if entry == MANIFEST_NAME and not p.is_symlink() and p.is_file():
             out.append(entry)
         elif entry == BLOB_DIR and not p.is_symlink() and p.is_dir():
-            for blob in sorted(os.listdir(p)):
+            for blob in blobs:
                 b = p / blob
                 if b.is_symlink() or not b.is_file() or not _BLOB_NAME.fullmatch(blob):
                     raise VerificationError(f"unexpected entry in the sealed folder: {BLOB_DIR}/{blob[:80]!r}")

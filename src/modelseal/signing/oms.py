@@ -27,9 +27,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from modelseal.errors import SigningKeyError, VerificationError
+from modelseal.errors import SigningKeyError, StorageError, VerificationError
 from modelseal.format.stream import workers
 from modelseal.signing.signers import Signer, b64, pae, unb64
+from modelseal.util.bounded import json_loads
 from modelseal.util.files import read_limited
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -39,6 +40,12 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 SIGNATURE_NAME = "model.sig"
 GIT_PATHS = (".git", ".gitattributes", ".github", ".gitignore")  # model-signing ignores these by default
 MAX_BUNDLE = 64 << 20
+# Bounds checked before the JSON parser runs (util.bounded). A bundle nests about 6 deep
+# (verificationMaterial.tlogEntries[].inclusionProof.checkpoint); a statement 4.
+MAX_JSON_DEPTH = 16
+_BUNDLE_VALUES = 100_000  # a bundle holds one envelope, a key hint or certificates, a few log entries
+_STATEMENT_VALUES = 4 * 250_000 + 4096  # four values per file: a quarter of a million files
+MAX_IGNORE_PATHS = 1024
 _CURVE_HASH: dict[str, type[hashes.HashAlgorithm]] = {
     "secp256r1": hashes.SHA256,
     "secp384r1": hashes.SHA384,
@@ -139,6 +146,8 @@ class OmsResult:
     ignored: list[str]
     unlisted: list[str]
     key: ec.EllipticCurvePublicKey  # the trusted key that verified
+    digest: str = ""  # the subject digest: SHA-256 over the resources' raw digests (the model's digest)
+    payload: bytes = b""  # the signed statement, exactly as signed
 
 
 def _hash_file(path: Path, hash_type: str) -> str:
@@ -166,7 +175,11 @@ def _list_files(model: Path, ignores: list[str]) -> tuple[dict[str, Path], list[
     stack: list[tuple[Path, str]] = [(model, "")]  # iterative: no recursion limit on deep trees
     while stack:
         d, prefix = stack.pop()
-        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+        try:
+            listing = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:  # an unlistable folder is never skipped: its files would go unchecked
+            raise StorageError(f"cannot list {d}: {e.strerror}") from None
+        for entry in listing:
             rel = prefix + entry.name
             if is_ignored(rel, ignores):
                 skipped.append(rel)
@@ -189,11 +202,12 @@ def _fail(msg: str) -> VerificationError:
 
 def read_bundle(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(read_limited(path, MAX_BUNDLE, _fail, str(path)))
+        data = read_limited(path, MAX_BUNDLE, _fail, str(path), regular=True)  # an artifact's file: no FIFO
     except FileNotFoundError:
         raise _fail(f"{path} does not exist") from None
-    except (ValueError, RecursionError):
-        raise _fail(f"{path} is not JSON (truncated?)") from None
+    doc = json_loads(
+        data, max_depth=MAX_JSON_DEPTH, max_values=_BUNDLE_VALUES, error=lambda d: _fail(f"{path}: {d} (truncated?)")
+    )
     if not isinstance(doc, dict) or doc.get("mediaType") != BUNDLE_MEDIA_TYPE:
         raise _fail("not a Sigstore bundle v0.3")
     return doc
@@ -233,7 +247,7 @@ def verify_model(
     if signer is None:
         raise _fail("the signature does not verify with the trusted key(s): tampered or untrusted")
     try:
-        st = json.loads(payload)
+        st = json_loads(payload, max_depth=MAX_JSON_DEPTH, max_values=_STATEMENT_VALUES, error=ValueError)
         if st["_type"] != STATEMENT_TYPE or st["predicateType"] != PREDICATE_TYPE or len(st["subject"]) != 1:
             raise ValueError
         ser = st["predicate"]["serialization"]
@@ -246,7 +260,10 @@ def verify_model(
                 raise ValueError
             root.update(bytes.fromhex(r["digest"]))
             expected[r["name"]] = (r["algorithm"], r["digest"])
-        signed_ignores = [str(p) for p in ser.get("ignore_paths", [])]
+        raw_ignores = ser.get("ignore_paths", [])
+        if len(raw_ignores) > MAX_IGNORE_PATHS:  # each is compared with every file
+            raise ValueError
+        signed_ignores = [str(p) for p in raw_ignores]
         subject = st["subject"][0]
         if not hmac.compare_digest(root.hexdigest(), str(subject["digest"]["sha256"])):
             raise _fail("the subject digest does not match the resources")
@@ -277,4 +294,4 @@ def verify_model(
         bad = [n for n in pool.map(check, names) if n is not None]
     if bad:
         raise _fail(f"{len(bad)} file(s) do not match their signed digest, e.g. {bad[0][:120]!r}")
-    return OmsResult(str(subject.get("name", "")), len(names), skipped, unlisted, signer)
+    return OmsResult(str(subject.get("name", "")), len(names), skipped, unlisted, signer, root.hexdigest(), payload)

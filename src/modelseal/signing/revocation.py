@@ -9,12 +9,10 @@ the trust policy's (``trust``); this module knows no policy.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,18 @@ from typing import Any
 from modelseal.errors import RevocationListError
 from modelseal.format.file import canonical_json
 from modelseal.signing.signers import Signer, VerifyKey, parse_envelope, sign_envelope, verify_envelope
+from modelseal.util.bounded import json_loads
 from modelseal.util.files import read_limited, write_atomic
-from modelseal.util.home import modelseal_home
+from modelseal.util.versions import VersionRecord
 
 REVOCATION_PAYLOAD_TYPE = "application/vnd.modelseal.revocations+json"
 REVOCATION_FORMAT = "modelseal-revocations/v1"
 REVOCATION_KINDS = ("signature", "signer", "artifact")
 MAX_REVOCATIONS = 8 << 20
+# Bounds checked before the JSON parser runs (util.bounded): what each document can hold.
+_ENVELOPE_DEPTH, _ENVELOPE_VALUES = 3, 256  # {"signatures": [{...}]}: 16 signatures at most
+_PAYLOAD_DEPTH = 3  # {"entries": [{...}]}
+_PAYLOAD_VALUES = MAX_REVOCATIONS // 16  # an entry takes five values and well over 80 bytes
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -60,12 +63,16 @@ class RevocationList:
     issued_at: datetime
     expires_at: datetime
     entries: list[Revocation]
+    _index: dict[tuple[str, str], Revocation] | None = field(default=None, init=False, repr=False, compare=False)
 
     def revoked(self, kind: str, value: str) -> Revocation | None:
-        for e in self.entries:
-            if e.kind == kind and e.value == value:
-                return e
-        return None
+        # An index, not a scan: a verification looks up every signature, and a list may
+        # hold many thousand entries.
+        if self._index is None:
+            self._index = {}
+            for e in self.entries:
+                self._index.setdefault((e.kind, e.value), e)
+        return self._index.get((kind, value))
 
     def payload(self) -> bytes:
         return canonical_json(
@@ -81,7 +88,7 @@ class RevocationList:
     @classmethod
     def parse_payload(cls, payload: bytes) -> RevocationList:
         try:
-            doc = json.loads(payload)
+            doc = json_loads(payload, max_depth=_PAYLOAD_DEPTH, max_values=_PAYLOAD_VALUES, error=ValueError)
             if doc["format"] != REVOCATION_FORMAT or set(doc) != {
                 "entries",
                 "expires_at",
@@ -125,8 +132,9 @@ class RevocationList:
         except FileNotFoundError:
             raise RevocationListError(f"the revocation list {path} is missing") from None
         try:
-            payload, sigs = parse_envelope(json.loads(data), REVOCATION_PAYLOAD_TYPE)
-        except (ValueError, RecursionError):
+            envelope = json_loads(data, max_depth=_ENVELOPE_DEPTH, max_values=_ENVELOPE_VALUES, error=ValueError)
+            payload, sigs = parse_envelope(envelope, REVOCATION_PAYLOAD_TYPE)
+        except ValueError:
             raise RevocationListError("the revocation list is not a signed list (DSSE envelope)") from None
         good_keys = {k.key_id for k, _ in verify_envelope(REVOCATION_PAYLOAD_TYPE, payload, sigs, keys)}
         good = {(owners or {}).get(kid, kid) for kid in good_keys}
@@ -157,11 +165,8 @@ def write_list(path: Path, rl: RevocationList, *signers: Signer) -> None:
     write_atomic(path, rl.sign(*signers), mode=0o644)
 
 
-_STATE_NAME = "revocation-state.json"
-
-
-def _state_path() -> Path:
-    return modelseal_home() / _STATE_NAME
+# The highest list version this host has seen, per list path (util.versions).
+_SEEN = VersionRecord("revocation-state.json")
 
 
 def _state_key(list_path: Path) -> str:
@@ -170,38 +175,14 @@ def _state_key(list_path: Path) -> str:
     return os.path.abspath(list_path)
 
 
-def _read_state() -> dict[str, Any]:
-    try:
-        doc = json.loads(_state_path().read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def seen_version(list_path: Path) -> int:
-    v = _read_state().get(_state_key(list_path), 0)
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    return _SEEN.seen(_state_key(list_path))
 
 
 def record_version(list_path: Path, version: int) -> None:
     """Remember the highest version seen, where this host keeps state (best effort:
-    a host without $MODELSEAL_HOME relies on the policy's min_version). Updates are
-    serialised by a lock file, so concurrent verifiers never lower a record."""
-    home = modelseal_home()
-    if not home.is_dir() or seen_version(list_path) >= version:
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(home / (_STATE_NAME + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            doc = _read_state()
-            key = _state_key(list_path)
-            current = doc.get(key, 0)
-            if not isinstance(current, int) or current < version:
-                doc[key] = version
-                write_atomic(_state_path(), json.dumps(doc, sort_keys=True).encode(), mode=0o600)
-        finally:
-            os.close(fd)
+    a host without $MODELSEAL_HOME relies on the policy's min_version)."""
+    _SEEN.record(_state_key(list_path), version)
 
 
 def new_revocation(kind: str, value: str, reason: str) -> Revocation:

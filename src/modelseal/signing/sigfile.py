@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,9 +28,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelseal.errors import DecryptionError, VerificationError
 from modelseal.format.file import canonical_json
+from modelseal.format.folder import MAX_ENTRIES
+from modelseal.signing import pending
 from modelseal.signing.commitment import SIGNATURES_NAME, FileCommitment, chunks_digest
 from modelseal.signing.signers import EnvelopeSig, Signer, b64, parse_envelope, sign_envelope, unb64
-from modelseal.util.files import read_limited, write_atomic
+from modelseal.util.bounded import json_loads
+from modelseal.util.files import read_limited
+from modelseal.util.versions import MAX_VERSION, is_version
 
 MEDIA_TYPE = "application/vnd.modelseal.signatures.v1+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -37,6 +42,10 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://modelseal.dev/sealed-artifact/v1"
 MAX_SIGFILE = 64 << 20
 MAX_SIGNATURES = 256
+# Bounds checked before the JSON parser runs (util.bounded): what the schema can hold.
+MAX_JSON_DEPTH = 8  # a signature file nests 6 deep (signatures[].envelope.signatures[]), a statement 5
+_STATEMENT_VALUES = 8 * (MAX_ENTRIES + 1) + 4096  # seven values per sealed file, and the rest
+_SIGFILE_VALUES = 2 * (MAX_ENTRIES + 1) + 64 * MAX_SIGNATURES  # a chunk table per sealed file
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 
@@ -75,11 +84,14 @@ class Statement:
     files: dict[str, dict[str, Any]]
     signed_at: str
     raw: bytes
+    version: int = 0  # the artifact version under its name; 0: a statement without one (older releases)
 
     @classmethod
     def build(
-        cls, name: str, kind: str, context: dict[str, str], files: list[FileCommitment], digest: str
+        cls, name: str, kind: str, context: dict[str, str], files: list[FileCommitment], digest: str, version: int
     ) -> Statement:
+        if not is_version(version, 1):
+            raise ValueError(f"an artifact version is a whole number from 1 to {MAX_VERSION}")
         doc = {
             "_type": STATEMENT_TYPE,
             "predicate": {
@@ -87,6 +99,7 @@ class Statement:
                 "files": [f.to_json() for f in sorted(files, key=lambda f: f.path)],
                 "kind": kind,
                 "signed_at": now_rfc3339(),
+                "version": version,
             },
             "predicateType": PREDICATE_TYPE,
             "subject": [{"digest": {"blake3": digest}, "name": check_name(name)}],
@@ -96,7 +109,7 @@ class Statement:
     @classmethod
     def parse(cls, raw: bytes) -> Statement:
         try:
-            doc = json.loads(raw)
+            doc = json_loads(raw, max_depth=MAX_JSON_DEPTH, max_values=_STATEMENT_VALUES, error=ValueError)
             if doc["_type"] != STATEMENT_TYPE or doc["predicateType"] != PREDICATE_TYPE:
                 raise ValueError("not a modelseal statement")
             (subject,) = doc["subject"]
@@ -113,7 +126,11 @@ class Statement:
             if pred["kind"] not in ("file", "folder") or not _HEX64.fullmatch(digest) or not files:
                 raise ValueError("bad statement")
             parse_time(pred["signed_at"], "signed_at")
-            return cls(check_name(name), digest, pred["kind"], ctx, files, pred["signed_at"], raw)
+            # Absent in statements of older releases (version 0); when present, 1 or more.
+            version = pred.get("version", 0)
+            if "version" in pred and not is_version(version, 1):
+                raise ValueError("bad version")
+            return cls(check_name(name), digest, pred["kind"], ctx, files, pred["signed_at"], raw, version)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise VerificationError("a signature's statement is malformed") from None
 
@@ -192,16 +209,17 @@ class SignatureFile:
     @classmethod
     def parse(cls, data: bytes) -> SignatureFile:
         try:
-            doc = json.loads(data)
+            doc = json_loads(data, max_depth=MAX_JSON_DEPTH, max_values=_SIGFILE_VALUES, error=ValueError)
             if not isinstance(doc, dict) or doc.get("mediaType") != MEDIA_TYPE:
                 raise ValueError("not a modelseal signature file")
+            raw_sigs, raw_hist = doc["signatures"], doc.get("history", [])
+            if len(raw_sigs) + len(raw_hist) > MAX_SIGNATURES:  # counted before any is parsed
+                raise ValueError("too many signatures")
             chunks = {k: unb64(v) for k, v in doc["chunks"].items()}
             for table in chunks.values():
                 chunks_digest(table)  # length check
-            sigs = [Entry.from_json(e) for e in doc["signatures"]]
-            hist = [Entry.from_json(e) for e in doc.get("history", [])]
-            if len(sigs) + len(hist) > MAX_SIGNATURES:
-                raise ValueError("too many signatures")
+            sigs = [Entry.from_json(e) for e in raw_sigs]
+            hist = [Entry.from_json(e) for e in raw_hist]
             return cls(chunks, sigs, hist)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError, VerificationError) as e:
             detail = str(e) if isinstance(e, ValueError | VerificationError) else "missing or malformed field"
@@ -209,21 +227,26 @@ class SignatureFile:
 
     @classmethod
     def load(cls, path: Path) -> SignatureFile | None:
-        try:
-            data = read_limited(path, MAX_SIGFILE, VerificationError, str(path))
-        except FileNotFoundError:
-            return None
+        # After a crash while ``X`` was being replaced, the new artifact's signatures may
+        # still be pending: they are the ones that agree with what is at ``X`` now.
+        data = pending.journaled(path, MAX_SIGFILE)
+        if data is None:
+            try:
+                data = read_limited(path, MAX_SIGFILE, VerificationError, str(path), regular=True)
+            except FileNotFoundError:
+                return None
         return cls.parse(data)
 
     def save(self, path: Path) -> None:
-        write_atomic(path, self.to_bytes(), mode=0o644)
+        pending.write_signatures(path, self.to_bytes(), MAX_SIGFILE)
 
 
 def supersede(old: Path, new: Path) -> None:
     """The artifact at ``old`` was replaced by new ciphertext (re-encrypted, or sealed
     over with ``--force``): its signatures no longer apply. They move to the history of
-    the signature file at ``new`` (which may be ``old``) until the new artifact is
-    signed. A damaged old file is left out rather than block the update."""
+    the signature file at ``new``, the new artifact's (staged beside it until both are
+    moved into place together), until the new artifact is signed. A damaged old file is
+    left out rather than block the update."""
     try:
         sf = SignatureFile.load(old)
     except VerificationError:
@@ -234,6 +257,13 @@ def supersede(old: Path, new: Path) -> None:
     for e in sf.signatures:
         e.superseded_at = now
     SignatureFile(history=[*sf.history, *sf.signatures]).save(new)
+
+
+def signed_output(dst: Path, force: bool) -> AbstractContextManager[Path]:
+    """A temp path for a new sealed file at ``dst``; its signature file, if the caller
+    writes one at ``signature_path(tmp)``, moves into place with it so that a crash at
+    any point leaves ``dst`` and its signatures agreeing (``pending``)."""
+    return pending.signed_output(dst, force, MAX_SIGFILE)
 
 
 def sign_statement(signer: Signer, statement: Statement) -> Entry:

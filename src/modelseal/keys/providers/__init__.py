@@ -1,4 +1,6 @@
-"""The registry that picks a key provider by URI scheme (``local:``, ``transit:``, ``pkcs11:``, ``awskms:``).
+"""The registry that picks a key provider by URI scheme (``local:``, ``transit:``, ``pkcs11:``, ``awskms:``),
+and the two ways a key gets its canonical identity: from an operator's key URI
+(``canonical_key``) and from a recipient read from an artifact (``recipient_key``).
 
 Provider modules are imported lazily so optional extras stay optional; the interface they
 implement is in ``base``, re-exported here.
@@ -6,6 +8,7 @@ implement is in ``base``, re-exported here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 from modelseal.errors import KeyProviderError
@@ -15,6 +18,7 @@ from modelseal.keys.providers.base import (
     KeyInfo,
     KeyProvider,
     KeyRef,
+    KeyResolver,
     KeyVersionInfo,
     parse_key_uri,
 )
@@ -25,12 +29,16 @@ __all__ = [
     "KeyInfo",
     "KeyProvider",
     "KeyRef",
+    "KeyResolver",
     "KeyVersionInfo",
     "canonical_key",
     "parse_key_uri",
     "provider_for",
+    "recipient_key",
     "register",
 ]
+
+_LOCAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def canonical_key(uri: str) -> str:
@@ -45,6 +53,33 @@ def canonical_key(uri: str) -> str:
 
         return f"pkcs11:{parse_uri(ref.name).key_id}"
     return ref.uri
+
+
+def recipient_key(scheme: str, key_id: str) -> str:
+    """The canonical identity of a recipient read from an artifact, for comparisons only.
+
+    The key id is untrusted until a key opens the artifact, so it is parsed the way a
+    provider's ``unwrap`` parses it, never as an operator's key URI: a pkcs11 key id with
+    anything but ``token`` and ``object`` (a ``module-path=``, a ``pin-source=``) is
+    refused, a transit name must be on an allowed mount, a local name must be a keystore
+    name. The result is compared with the identities of the operator's own key URIs; it
+    is never handed to a provider as a key to wrap to.
+    """
+    if scheme == "transit":
+        from modelseal.keys.providers.transit import canonical_name
+
+        return f"transit:{canonical_name(key_id)}"
+    if scheme == "pkcs11":
+        from modelseal.keys.providers.pkcs11 import parse_uri
+
+        return f"pkcs11:{parse_uri(key_id, from_artifact=True).key_id}"
+    if scheme == "awskms":
+        from modelseal.keys.providers.awskms import check_key_id
+
+        return f"awskms:{check_key_id(key_id)}"
+    if scheme == "local" and not _LOCAL_NAME.fullmatch(key_id):
+        raise KeyProviderError("a local recipient must name a keystore key of [A-Za-z0-9._-]")
+    return f"{scheme}:{key_id}"
 
 
 ProviderFactory = Callable[[], KeyProvider]

@@ -9,17 +9,38 @@ the first recipient, and wrapped with ``Encrypt`` for additional recipients;
 ``Decrypt`` names the expected key. KMS key rotation is transparent (the
 ciphertext names its backing key), so recipients record version 1.
 
+One key has several spellings (key id, key ARN, alias name, alias ARN), and an
+alias can be re-pointed. ``canonical_name`` resolves any of them to the key ARN with
+``DescribeKey`` (cached for ``DESCRIBE_TTL`` seconds), and ``KeyService`` compares
+keys only through it, so an environment binding written with one spelling holds for
+all of them.
+
 AWS cannot run on the test machines: the tests use botocore's ``Stubber``,
 which checks every request against the real KMS API model, and say so.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
 from modelseal.format.header import Recipient
+
+# How long a resolved identity is reused: an alias re-pointed in KMS is followed within this time.
+DESCRIBE_TTL = 60.0
+# A key id, key ARN, alias name or alias ARN (KMS's own alphabet for all four).
+_KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9:/_.-]{0,2047}")
+
+
+def check_key_id(key_id: str) -> str:
+    """Refuse a key id outside KMS's alphabet before it reaches a request (it may come from an artifact)."""
+    if not _KEY_ID.fullmatch(key_id):
+        raise KeyProviderError("awskms: invalid key id (expected a key id, key ARN, alias or alias ARN)")
+    return key_id
 
 
 def encryption_context(context: tuple[tuple[str, str], ...]) -> dict[str, str]:
@@ -30,9 +51,14 @@ def encryption_context(context: tuple[tuple[str, str], ...]) -> dict[str, str]:
 class AwsKmsProvider:
     scheme = "awskms"
 
-    def __init__(self, client_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, client_factory: Callable[[], Any] | None = None, now: Callable[[], float] = time.monotonic
+    ) -> None:
         self._factory = client_factory or self._default_client
         self._client: Any = None
+        self._now = now
+        self._arns: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def _default_client() -> Any:
@@ -60,6 +86,21 @@ class AwsKmsProvider:
         except BotoCoreError as e:
             raise KeyProviderError(f"awskms: {type(e).__name__} during {what}") from None
 
+    def canonical_name(self, name: str) -> str:
+        """The key ARN behind any spelling of a key (``DescribeKey``, cached)."""
+        check_key_id(name)
+        with self._lock:
+            hit = self._arns.get(name)
+        if hit is not None and hit[1] > self._now():
+            return hit[0]
+        resp = self._call(f"describe awskms:{name}", lambda c: c.describe_key(KeyId=name))
+        arn = (resp.get("KeyMetadata") or {}).get("Arn")
+        if not isinstance(arn, str) or not arn.startswith("arn:") or not _KEY_ID.fullmatch(arn):
+            raise KeyProviderError("awskms: DescribeKey returned no usable key ARN")
+        with self._lock:
+            self._arns[name] = (arn, self._now() + DESCRIBE_TTL)
+        return arn
+
     def generate(self, name: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient]:
         resp = self._call(
             f"generate a data key with awskms:{name}",
@@ -79,6 +120,7 @@ class AwsKmsProvider:
         return Recipient("awskms", str(resp.get("KeyId") or name), 1, bytes(resp["CiphertextBlob"]))
 
     def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> bytes:
+        check_key_id(recipient.key_id)
         resp = self._call(
             f"unwrap with awskms:{recipient.key_id}",
             lambda c: c.decrypt(

@@ -74,6 +74,14 @@ class DataKeyGenerator(Protocol):
 
 
 @runtime_checkable
+class KeyResolver(Protocol):
+    """Providers whose keys have several spellings (AWS KMS: key id, key ARN, alias, alias
+    ARN): ``canonical_name`` returns the one identity every comparison uses."""
+
+    def canonical_name(self, name: str) -> str: ...
+
+
+@runtime_checkable
 class KeyAdmin(Protocol):
     """Key lifecycle, for providers that manage their own keys."""
 

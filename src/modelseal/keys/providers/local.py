@@ -9,6 +9,8 @@ be unwrapped under another.
 from __future__ import annotations
 
 import base64
+import contextlib
+import math
 import os
 import re
 import struct
@@ -64,6 +66,10 @@ class LocalProvider:
         """The keystore file: the one given, else ``$MODELSEAL_HOME``'s as of now."""
         return self._path or keystore.keystore_path()
 
+    def _update(self) -> contextlib.AbstractContextManager[keystore.UnlockedKeystore]:
+        """A locked keystore update whose save erases what is overdue by this provider's clock."""
+        return keystore.locked_update(self.path, self._passphrase, clock=self._now)
+
     # -- wrap / unwrap -------------------------------------------------
     def _entry(self, keys: dict[str, Any], name: str) -> dict[str, Any]:
         entry = keys.get(name)
@@ -87,7 +93,7 @@ class LocalProvider:
         data = entry["versions"].get(str(version))
         if data is None:
             raise KeyNotFound(f"local:{name} has no version {version}")
-        if data["state"] != "active":
+        if data["state"] != "active":  # pending-destroy never unwraps, overdue or not, saved or not
             raise KeyDisabled(f"version {version} of local:{name} is {data['state']}")
         if version < int(entry.get("min_decryption_version", 1)):
             raise KeyDisabled(f"version {version} of local:{name} is below the minimum decryption version")
@@ -103,7 +109,7 @@ class LocalProvider:
     def create(self, name: str) -> KeyInfo:
         if not _NAME.fullmatch(name):
             raise KeyProviderError(f"invalid key name {name!r}: use 1-128 of [A-Za-z0-9._-]")
-        with keystore.locked_update(self.path, self._passphrase) as ks:
+        with self._update() as ks:
             if name in ks.keys:
                 raise KeyProviderError(f"key local:{name} already exists")
             now = self._now()
@@ -111,7 +117,7 @@ class LocalProvider:
             return _info(name, ks.keys[name])
 
     def rotate(self, name: str) -> KeyInfo:
-        with keystore.locked_update(self.path, self._passphrase) as ks:
+        with self._update() as ks:
             entry = self._entry(ks.keys, name)
             latest = max(int(v) for v in entry["versions"])
             entry["versions"][str(latest + 1)] = _new_version(self._now())
@@ -120,7 +126,7 @@ class LocalProvider:
     def set_version_state(self, name: str, version: int, state: str) -> KeyInfo:
         if state not in ("active", "disabled"):
             raise KeyProviderError("a version can only be set active or disabled (use destroy to shred)")
-        with keystore.locked_update(self.path, self._passphrase) as ks:
+        with self._update() as ks:
             entry = self._entry(ks.keys, name)
             data = entry["versions"].get(str(version))
             if data is None:
@@ -135,7 +141,7 @@ class LocalProvider:
             return _info(name, entry)
 
     def set_min_decryption_version(self, name: str, version: int) -> KeyInfo:
-        with keystore.locked_update(self.path, self._passphrase) as ks:
+        with self._update() as ks:
             entry = self._entry(ks.keys, name)
             if not 1 <= version <= max(int(v) for v in entry["versions"]):
                 raise KeyProviderError(f"local:{name} has no version {version}")
@@ -147,10 +153,11 @@ class LocalProvider:
 
         With ``after`` > 0 the versions are only scheduled: they stop working at
         once (state ``pending-destroy``) and are erased by the first keystore
-        update after ``after`` seconds (``purge``); ``cancel_destroy`` undoes the
-        schedule until then. With ``after`` = 0 they are erased now.
+        update (any: ``keystore.locked_update`` saves through ``purge_overdue``)
+        after ``after`` seconds; ``cancel_destroy`` undoes the schedule until then.
+        With ``after`` = 0 they are erased now.
         """
-        with keystore.locked_update(self.path, self._passphrase) as ks:
+        with self._update() as ks:
             entry = self._entry(ks.keys, name)
             targets = [str(version)] if version is not None else list(entry["versions"])
             for v in targets:
@@ -160,39 +167,50 @@ class LocalProvider:
                 if data["state"] == "destroyed":
                     continue
                 if after > 0:
-                    data["state"], data["destroy_after"] = "pending-destroy", self._now() + after
+                    # A second schedule never postpones the first: only cancel_destroy can.
+                    deadline = min(float(data.get("destroy_after", math.inf)), self._now() + after)
+                    data["state"], data["destroy_after"] = "pending-destroy", deadline
                 else:
                     data["state"], data["material"] = "destroyed", None
                     data.pop("destroy_after", None)
-            self._purge(ks.keys)
+            keystore.purge_overdue(ks.keys, self._now())  # so the report shows what the save erases
             return _info(name, entry)
 
     def cancel_destroy(self, name: str, version: int | None) -> KeyInfo:
-        """Undo a scheduled destruction; the versions come back disabled (enable them explicitly)."""
-        with keystore.locked_update(self.path, self._passphrase) as ks:
+        """Undo a scheduled destruction; the versions come back disabled (enable them explicitly).
+
+        Refused once the waiting period is over, even if no update has erased the
+        material yet: the refusal's save erases it. Nothing is cancelled then.
+        """
+        with self._update() as ks:
             entry = self._entry(ks.keys, name)
-            targets = [str(version)] if version is not None else list(entry["versions"])
-            for v in targets:
+            targets = [str(version)] if version is not None else sorted(entry["versions"], key=int)
+            erased = keystore.purge_overdue(ks.keys, self._now())  # the save below writes the erasure
+            refused = [v for v in targets if f"{name}#{v}" in erased]
+            for v in targets if not refused else []:
                 data = entry["versions"].get(v)
-                if data is not None and data["state"] == "pending-destroy":
+                if data is None:
+                    raise KeyNotFound(f"local:{name} has no version {v}")
+                if data["state"] == "destroyed" and version is not None:
+                    raise KeyDisabled(f"version {v} of local:{name} is destroyed and cannot be brought back")
+                if data["state"] == "pending-destroy":
                     data["state"] = "disabled"
                     data.pop("destroy_after", None)
-            return _info(name, entry)
+            info = _info(name, entry)
+        if refused:
+            raise KeyDisabled(
+                f"the waiting period of version {', '.join(refused)} of local:{name} is over: "
+                "its key material is erased and cannot be brought back"
+            )
+        return info
 
     def purge(self) -> list[str]:
-        """Erase every version whose waiting period is over; returns ``name#version`` of each."""
-        with keystore.locked_update(self.path, self._passphrase) as ks:
-            return self._purge(ks.keys)
+        """Erase every version whose waiting period is over; returns ``name#version`` of each.
 
-    def _purge(self, keys: dict[str, Any]) -> list[str]:
-        done = []
-        for name, entry in keys.items():
-            for v, data in entry["versions"].items():
-                if data["state"] == "pending-destroy" and float(data.get("destroy_after", 0)) <= self._now():
-                    data["state"], data["material"] = "destroyed", None
-                    data.pop("destroy_after", None)
-                    done.append(f"{name}#{v}")
-        return done
+        Every keystore update does this too; ``purge`` is for when nothing else changes.
+        """
+        with self._update() as ks:
+            return keystore.purge_overdue(ks.keys, self._now())
 
     def list(self) -> list[KeyInfo]:
         keys = keystore.unlock(self.path, self._passphrase).keys

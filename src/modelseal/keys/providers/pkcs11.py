@@ -5,6 +5,9 @@ attributes ``?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/path`
 Otherwise the module comes from ``MODELSEAL_PKCS11_MODULE`` and the PIN from
 ``MODELSEAL_PKCS11_PIN``. A recipient records only the path part (token and
 object), so hosts with different module paths or PIN files open the same artifact.
+A recipient read from an artifact can never choose the module or the PIN, and with
+``MODELSEAL_PKCS11_TOKENS`` set it can only name the tokens listed there (so the
+operator's PIN is never presented to another token, whose retry counter it would spend).
 
 ``key create`` generates a sensitive, non-extractable AES-256 key *in the token*.
 Each key version is a separate object with the same label and ``CKA_ID`` = the
@@ -69,6 +72,15 @@ def parse_uri(name: str, *, from_artifact: bool = False) -> Pkcs11Uri:
             raise DecryptionError()
         raise KeyProviderError("a pkcs11 key URI needs token= and object=, and may add ?module-path=&pin-source=")
     return Pkcs11Uri(attrs["token"], attrs["object"], attrs.get("module-path"), attrs.get("pin-source"))
+
+
+def allowed_tokens() -> set[str] | None:
+    """Token labels a recipient read from an artifact may name (``MODELSEAL_PKCS11_TOKENS``,
+    comma-separated), or None when the operator has not restricted them."""
+    raw = os.environ.get("MODELSEAL_PKCS11_TOKENS")
+    if raw is None:
+        return None
+    return {t.strip() for t in raw.split(",") if t.strip()}
 
 
 def _pin(uri: Pkcs11Uri) -> str:
@@ -198,6 +210,9 @@ class Pkcs11Provider:
         w = recipient.wrapped
         if len(w) != 12 + 32 + 16:
             raise DecryptionError()
+        tokens = allowed_tokens()
+        if tokens is not None and uri.token not in tokens:
+            raise KeyNotFound("pkcs11: the recipient names a token not listed in MODELSEAL_PKCS11_TOKENS")
         with self._pool(uri).session() as s:
             key = self._versions(s, uri).get(recipient.key_version)
             if key is None:

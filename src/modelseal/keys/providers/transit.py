@@ -12,175 +12,63 @@ canonical encryption context as the derivation context, so a wrap made for
 ``rewrap`` (no plaintext leaves the server) still works. The key version is
 read from the ciphertext (``vault:vN:``), and ``min_decryption_version`` is the
 server's to enforce. Transient failures are retried with backoff, a bounded
-number of times; the key material never leaves OpenBao.
+number of times; the key material never leaves OpenBao (the connection, settings
+and retries are ``transit_client``'s).
+
+Lifecycle maps onto what Transit can express and nothing more: it has one switch,
+``min_decryption_version``, and trims versions from the oldest up, so an enable,
+disable or destroy that would move any version but the one named is refused.
 """
 
 from __future__ import annotations
 
 import base64
-import ipaddress
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlparse
 
-from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
+from modelseal.errors import DecryptionError, KeyNotFound, KeyProviderError
 from modelseal.format.header import Recipient, encode_context
 from modelseal.keys.providers.base import KeyInfo, KeyVersionInfo
+from modelseal.keys.providers.transit_client import (
+    RETRIES,
+    TransitClient,
+    allowed_mounts,
+    canonical_name,
+    split_name,
+)
+
+__all__ = [
+    "BATCH",
+    "RETRIES",
+    "TransitProvider",
+    "allowed_mounts",
+    "canonical_name",
+    "derivation_context",
+    "split_name",
+]
 
 _VERSION = re.compile(r"^(?:vault|bao):v(\d+):")
 BATCH = 100  # OpenBao refuses JSON with too many strings ("exceeded maximum number of strings"): about 1000, 4 per item
-RETRIES = 4
-
-
-def _env(*names: str) -> str | None:
-    for n in names:
-        v = os.environ.get(n)
-        if v:
-            return v
-    return None
 
 
 def derivation_context(context: tuple[tuple[str, str], ...]) -> str:
     return base64.b64encode(b"modelseal/transit/v1\x00" + encode_context(context)).decode()
 
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+def _span(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo} to {hi}"
 
 
-def allowed_mounts() -> set[str]:
-    """Transit mounts modelseal will talk to: ``transit`` plus ``MODELSEAL_TRANSIT_MOUNTS``.
-
-    A recipient read from an artifact names its mount; without this list an
-    artifact could steer the reader's token to any OpenBao path.
-    """
-    extra = os.environ.get("MODELSEAL_TRANSIT_MOUNTS", "")
-    return {"transit", *(m.strip().strip("/") for m in extra.split(",") if m.strip())}
-
-
-def split_name(name: str) -> tuple[str, str]:
-    mount, _, key = name.rpartition("/")
-    mount = mount or "transit"
-    segments = [*mount.split("/"), key]
-    if not all(_SEGMENT.fullmatch(x) and x not in (".", "..") for x in segments):
-        raise KeyProviderError(f"invalid transit key name {name!r}: use NAME or MOUNT/NAME of [A-Za-z0-9_.-]")
-    if mount not in allowed_mounts():
-        raise KeyProviderError(f"transit mount {mount!r} is not allowed; list it in MODELSEAL_TRANSIT_MOUNTS")
-    return mount, key
-
-
-def canonical_name(name: str) -> str:
-    mount, key = split_name(name)
-    return f"{mount}/{key}"
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
-
-
-class TransitProvider:
+class TransitProvider(TransitClient):
     scheme = "transit"
 
     def __init__(
         self, client_factory: Callable[[], Any] | None = None, sleep: Callable[[float], None] = time.sleep
     ) -> None:
-        self._factory = client_factory or self._client_from_env
-        self._client: Any = None
-        self._sleep = sleep
+        super().__init__(client_factory, sleep)
         self._checked: dict[str, float] = {}
-
-    # -- connection ----------------------------------------------------
-    def _client_from_env(self) -> Any:
-        import hvac
-
-        addr = _env("BAO_ADDR", "VAULT_ADDR")
-        if not addr:
-            raise KeyProviderError("transit: set BAO_ADDR (or VAULT_ADDR) to the OpenBao/Vault address")
-        url = urlparse(addr)
-        if url.scheme == "http" and not _is_loopback(url.hostname):
-            raise KeyProviderError("transit: plain http is allowed only to a loopback address; use https")
-        verify: bool | str = _env("BAO_CACERT", "VAULT_CACERT") or True
-        client = hvac.Client(url=addr, verify=verify, timeout=10)
-        # No HTTP(S)_PROXY from the environment: a proxy would see the token (and, over
-        # loopback http, wrapped keys) and defeat the loopback-only rule.
-        client.session.trust_env = False
-        token = _env("BAO_TOKEN", "VAULT_TOKEN")
-        if token:
-            client.token = token
-        else:
-            self._approle_login(client)
-        return client
-
-    @staticmethod
-    def _approle_login(client: Any) -> None:
-        role = _env("BAO_ROLE_ID", "VAULT_ROLE_ID")
-        secret = _env("BAO_SECRET_ID", "VAULT_SECRET_ID")
-        secret_file = _env("BAO_SECRET_ID_FILE")
-        if secret is None and secret_file:
-            with open(secret_file, encoding="utf-8") as f:
-                secret = f.read().strip()
-        if not role or not secret:
-            raise KeyProviderError("transit: no credentials: set BAO_TOKEN, or BAO_ROLE_ID and BAO_SECRET_ID")
-        client.auth.approle.login(role_id=role, secret_id=secret)
-
-    def _call(self, what: str, fn: Callable[[Any], Any], idempotent: bool = True) -> Any:
-        """Run one request: retry transient failures with backoff, re-login once on an
-        expired AppRole token, and map server answers onto the modelseal errors."""
-        import hvac.exceptions as hx
-        import requests
-
-        delay = 0.2
-        relogged = False
-        for attempt in range(RETRIES):
-            try:
-                if self._client is None:
-                    self._client = self._factory()
-                return fn(self._client)
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                hx.VaultDown,
-                hx.InternalServerError,
-                hx.BadGateway,
-                hx.RateLimitExceeded,
-            ):
-                # A request that changes state (rotate, create) may have happened: never repeat it.
-                if attempt == RETRIES - 1 or not idempotent:
-                    raise KeyProviderError(f"transit: the server is unreachable during {what}") from None
-                self._sleep(delay)
-                delay *= 2
-            except hx.Forbidden:
-                if relogged or _env("BAO_TOKEN", "VAULT_TOKEN"):
-                    raise KeyProviderError(f"transit: permission denied for {what}") from None
-                relogged = True
-                self._client = None  # AppRole token expired: log in again
-            except hx.InvalidPath:
-                raise KeyNotFound(f"transit: no such key or mount for {what}") from None
-            except hx.InvalidRequest as e:
-                raise self._classify(str(e), what) from None
-        raise KeyProviderError(f"transit: {what} failed")
-
-    @staticmethod
-    def _classify(message: str, what: str) -> Exception:
-        m = message.lower()
-        if "not found" in m:
-            return KeyNotFound(f"transit: no such key for {what}")
-        if "disallowed by policy" in m or "too old" in m or "min_decryption_version" in m:
-            return KeyDisabled(f"transit: the key version is below the minimum decryption version ({what})")
-        if "authentication failed" in m or "invalid ciphertext" in m or "decrypt" in m:
-            return DecryptionError()
-        if "derivation" in m or "context" in m:
-            return KeyProviderError(
-                f"transit: the key must be a derived key (create it with modelseal key create) ({what})"
-            )
-        return KeyProviderError(f"transit: the server refused {what}")
 
     # -- wrap / unwrap -------------------------------------------------
     def wrap(self, name: str, dek: bytes, context: tuple[tuple[str, str], ...]) -> Recipient:
@@ -338,13 +226,55 @@ class TransitProvider:
         return self.info(name)
 
     def set_version_state(self, name: str, version: int, state: str) -> KeyInfo:
-        """Transit has no per-version switch: disabling version v raises the key's
-        ``min_decryption_version`` to v+1 (so every version up to v stops decrypting);
-        enabling lowers it back to v."""
+        """Disable or enable exactly one version, or refuse.
+
+        Transit has no per-version switch, only ``min_decryption_version`` M: versions
+        below M are disabled, the others active. So disabling version v is possible only
+        when v is the oldest active one (M becomes v+1), and enabling it only when it is
+        the newest disabled one (M becomes v); anything else would silently change other
+        versions too and is refused (``set_min_decryption_version`` moves M on purpose).
+        A version already in the asked state is left alone.
+        """
+        info = self.info(name)
+        present = {v.version for v in info.versions}
+        if version not in present:
+            raise KeyNotFound(f"transit:{name} has no version {version} (destroyed?)")
+        current = info.min_decryption_version
+        if state == "disabled":
+            if version < current:
+                return info  # already disabled
+            if version == info.latest:
+                raise KeyProviderError(f"transit cannot disable the newest version of {name}; rotate the key first")
+            if version > current:
+                raise KeyProviderError(
+                    f"transit cannot disable version {version} of {name} alone: Transit disables versions from the"
+                    f" oldest up, and versions {_span(current, version - 1)} are active; disable them first, or"
+                    f" disable all of them with: modelseal key min-version transit:{name} {version + 1}"
+                )
+            return self._set_minimum(name, version + 1)
+        if version >= current:
+            return info  # already active
+        if version < current - 1:
+            raise KeyProviderError(
+                f"transit cannot enable version {version} of {name} alone: Transit enables versions from the newest"
+                f" down, and versions {_span(version + 1, current - 1)} are disabled; enable them first, or enable"
+                f" all of them with: modelseal key min-version transit:{name} {version}"
+            )
+        return self._set_minimum(name, version)
+
+    def set_min_decryption_version(self, name: str, version: int) -> KeyInfo:
+        """Versions below ``version`` stop decrypting, the others decrypt (what Transit expresses)."""
+        info = self.info(name)
+        present = sorted(v.version for v in info.versions)
+        if not present or not present[0] <= version <= info.latest:
+            raise KeyProviderError(
+                f"transit:{name} has versions {_span(present[0], info.latest) if present else '(none)'}; "
+                f"the minimum decryption version must be one of them"
+            )
+        return self._set_minimum(name, version)
+
+    def _set_minimum(self, name: str, minimum: int) -> KeyInfo:
         mount, key = split_name(name)
-        minimum = version + 1 if state == "disabled" else version
-        if minimum > self.info(name).latest:
-            raise KeyProviderError(f"transit cannot disable the newest version of {name}; rotate the key first")
         self._call(
             f"configure transit:{name}",
             lambda c: c.secrets.transit.update_key_configuration(
@@ -354,15 +284,38 @@ class TransitProvider:
         return self.info(name)
 
     def destroy(self, name: str, version: int | None) -> KeyInfo:
-        """Destroy versions for good: up to ``version`` via trim, or the whole key."""
+        """Destroy versions for good: the oldest remaining one (trim), or the whole key.
+
+        Transit trims every version below a bound, so destroying version v alone is
+        possible only when no older version remains; otherwise it is refused. Trimming
+        never lowers the minimum decryption or encryption version (that would bring
+        disabled versions back).
+        """
         mount, key = split_name(name)
         info = self.info(name)
         if version is not None:
+            present = sorted(v.version for v in info.versions)
+            if version not in present:
+                raise KeyNotFound(f"transit:{name} has no version {version} (already destroyed?)")
+            if version == info.latest:
+                raise KeyProviderError(f"transit cannot destroy the newest version of {name}; rotate the key first")
+            older = [v for v in present if v < version]
+            if older:
+                raise KeyProviderError(
+                    f"transit cannot destroy version {version} of {name} alone: Transit destroys versions from the"
+                    f" oldest up, and versions {_span(older[0], older[-1])} are older; destroy them first"
+                )
+            data = self._call(f"read transit:{name}", lambda c: c.secrets.transit.read_key(key, mount_point=mount))[
+                "data"
+            ]
+            min_dec = max(int(data.get("min_decryption_version", 1) or 1), version + 1)
+            min_enc = max(int(data.get("min_encryption_version", 0) or 0), min_dec)  # Transit: enc >= dec
 
             def trim(c: Any) -> Any:
-                c.secrets.transit.update_key_configuration(
-                    key, min_decryption_version=version + 1, min_encryption_version=version + 1, mount_point=mount
-                )
+                # Two requests: hvac wants min_encryption > min_decryption when both are sent,
+                # OpenBao accepts them equal; trim needs both at or above the bound.
+                c.secrets.transit.update_key_configuration(key, min_decryption_version=min_dec, mount_point=mount)
+                c.secrets.transit.update_key_configuration(key, min_encryption_version=min_enc, mount_point=mount)
                 return c.secrets.transit.trim_key(key, min_version=version + 1, mount_point=mount)
 
             self._call(f"destroy versions of transit:{name}", trim)
@@ -378,12 +331,20 @@ class TransitProvider:
     def info(self, name: str) -> KeyInfo:
         mount, key = split_name(name)
         data = self._call(f"read transit:{name}", lambda c: c.secrets.transit.read_key(key, mount_point=mount))["data"]
-        minimum = int(data.get("min_decryption_version", 1))
-        versions = []
-        for v, created in sorted(data.get("keys", {}).items(), key=lambda kv: int(kv[0])):
-            ts = float(created) if isinstance(created, int | float) else 0.0
-            state = "active" if int(v) >= minimum else "disabled"
-            versions.append(KeyVersionInfo(int(v), ts, state))
+        minimum = max(1, int(data.get("min_decryption_version", 1) or 1))
+        created = {int(v): t for v, t in data.get("keys", {}).items()}
+        # ``keys`` lists only the versions that decrypt; the disabled ones below the minimum
+        # still exist down to ``min_available_version`` (versions below it were trimmed).
+        latest = int(data.get("latest_version") or max(created, default=1))
+        lowest = max(1, int(data.get("min_available_version", 0) or 0))
+        versions = [
+            KeyVersionInfo(
+                v,
+                float(t) if isinstance(t := created.get(v), int | float) else 0.0,
+                "active" if v >= minimum else "disabled",
+            )
+            for v in range(lowest, latest + 1)
+        ]
         return KeyInfo(f"transit:{name}", tuple(versions), minimum)
 
     def list(self) -> list[KeyInfo]:

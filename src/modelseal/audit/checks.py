@@ -1,0 +1,149 @@
+"""The checks of audit-log verification, as functions of the rows and the trusted keys.
+
+Owns the signed message of a tree head, the checkpoint file a witness keeps, and the
+row check: every head recomputed from the events, every signature checked with the
+audit key the entry names. Reading the store, the host's own state and which keys
+are trusted are ``audit.log``'s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from modelseal.audit import merkle
+from modelseal.audit.store import Row
+from modelseal.errors import ModelsealError
+from modelseal.util.bounded import json_loads
+
+_SIG_LABEL = b"modelseal/audit/v1\x00"
+LATEST = "latest.json"  # the witness's newest checkpoint
+MAX_CHECKPOINT = 64 * 1024
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+
+
+class AuditLogError(ModelsealError):
+    """The audit log does not verify: tampered with, rolled back, or unreadable."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class Verification:
+    size: int
+    head: bytes
+    first_bad: int | None = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None and not self.reason
+
+
+def signed_message(seq: int, head: bytes) -> bytes:
+    return _SIG_LABEL + struct.pack(">Q", seq) + head
+
+
+def read_checkpoint(witness: Path, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The witness folder's latest checkpoint (``None`` if there is none and ``missing_ok``)."""
+    path = witness / LATEST
+    doc: Any = None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks
+        with os.fdopen(fd, "rb") as f:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                raw = f.read(MAX_CHECKPOINT + 1)
+                doc = _bounded(raw) if len(raw) <= MAX_CHECKPOINT else None
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise AuditLogError(f"no readable checkpoint in {witness}") from None
+    except (OSError, ValueError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise AuditLogError(f"no readable checkpoint in {witness}")
+    return doc
+
+
+def parse_checkpoint(cp: Mapping[str, Any]) -> tuple[Ed25519PublicKey, tuple[int, bytes]] | None:
+    """The checkpoint's key and (size, head), if it is well-formed and signed by that key."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(cp["public_key"]))
+        size, head = cp["size"], bytes.fromhex(cp["head"])
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or len(head) != 32:
+            return None
+        key.verify(bytes.fromhex(cp["signature"]), signed_message(size, head))
+    except (KeyError, ValueError, TypeError, InvalidSignature):
+        return None
+    return key, (size, head)
+
+
+def _bounded(raw: bytes) -> Any:
+    """Rows and checkpoints come from a shared database or a witness folder: bounded JSON
+    (an event or a checkpoint is one flat object); a violation is a ``ValueError``."""
+
+    def fail(why: str) -> ValueError:
+        return ValueError(why)
+
+    return json_loads(raw, max_depth=4, max_values=4096, error=fail)
+
+
+def _signer_of(body: str) -> str | None:
+    """The key id an entry names (``None``: written before entries named their signer;
+    ``""``: a malformed claim, which no key matches)."""
+    try:
+        doc = _bounded(body.encode())
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "signer" not in doc:
+        return None
+    signer = doc["signer"]
+    return signer if isinstance(signer, str) and _KEY_ID.fullmatch(signer) else ""
+
+
+def _signed_by(key: Ed25519PublicKey, sig: bytes, seq: int, head: bytes) -> bool:
+    try:
+        key.verify(sig, signed_message(seq, head))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def check_rows(
+    rows: list[Row], trusted: Mapping[str, Ed25519PublicKey]
+) -> tuple[Verification, list[bytes], Ed25519PublicKey | None]:
+    """Recompute every head and check every signature; the leaves and the last entry's signer."""
+    frontier = merkle.Frontier()
+    leaves: list[bytes] = []
+    named = False  # once an entry names its signer, every later one must
+    last: Ed25519PublicKey | None = None
+    for expected, (seq, body, _leaf, head, sig) in enumerate(rows, start=1):
+        if seq != expected:
+            return Verification(frontier.size, frontier.root(), expected, f"entry {expected} is missing"), leaves, None
+        leaves.append(merkle.leaf_hash(body.encode()))
+        recomputed = frontier.append(leaves[-1])
+        if recomputed != head:
+            why = f"entry {seq} was changed, moved or inserted"
+            return Verification(frontier.size, recomputed, seq, why), leaves, None
+        signer = _signer_of(body)
+        if signer is None and named:
+            why = f"entry {seq} names no signer, after entries that do"
+            return Verification(frontier.size, recomputed, seq, why), leaves, None
+        named = named or signer is not None
+        if signer and signer not in trusted:
+            why = f"entry {seq} is signed by audit key {signer[:16]}, which is not configured (audit-hosts.toml)"
+            return Verification(frontier.size, recomputed, seq, why), leaves, None
+        candidates = list(trusted.values()) if signer is None else [trusted[signer]] if signer else []
+        last = next((k for k in candidates if _signed_by(k, sig, seq, head)), None)
+        if last is None:
+            return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature"), leaves, None
+    return Verification(frontier.size, frontier.root()), leaves, last

@@ -1,0 +1,163 @@
+"""The connection half of the ``transit:`` provider: OpenBao / Vault through ``hvac``.
+
+Owns the operator-side settings (address, TLS, credentials, the mount allow-list), the
+key-name rules, and one request with bounded retries and error mapping. Nothing read
+from an artifact becomes a setting here: an artifact's key name is checked against the
+segment rules and the operator's allowed mounts before any request names it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
+
+RETRIES = 4
+
+
+def _env(*names: str) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v:
+            return v
+    return None
+
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def allowed_mounts() -> set[str]:
+    """Transit mounts modelseal will talk to: ``transit`` plus ``MODELSEAL_TRANSIT_MOUNTS``.
+
+    A recipient read from an artifact names its mount; without this list an
+    artifact could steer the reader's token to any OpenBao path.
+    """
+    extra = os.environ.get("MODELSEAL_TRANSIT_MOUNTS", "")
+    return {"transit", *(m.strip().strip("/") for m in extra.split(",") if m.strip())}
+
+
+def split_name(name: str) -> tuple[str, str]:
+    mount, _, key = name.rpartition("/")
+    mount = mount or "transit"
+    segments = [*mount.split("/"), key]
+    if not all(_SEGMENT.fullmatch(x) and x not in (".", "..") for x in segments):
+        raise KeyProviderError(f"invalid transit key name {name!r}: use NAME or MOUNT/NAME of [A-Za-z0-9_.-]")
+    if mount not in allowed_mounts():
+        raise KeyProviderError(f"transit mount {mount!r} is not allowed; list it in MODELSEAL_TRANSIT_MOUNTS")
+    return mount, key
+
+
+def canonical_name(name: str) -> str:
+    mount, key = split_name(name)
+    return f"{mount}/{key}"
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+class TransitClient:
+    """An hvac client from the operator's environment, and ``_call`` around every request."""
+
+    def __init__(
+        self, client_factory: Callable[[], Any] | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self._factory = client_factory or self._client_from_env
+        self._client: Any = None
+        self._sleep = sleep
+
+    def _client_from_env(self) -> Any:
+        import hvac
+
+        addr = _env("BAO_ADDR", "VAULT_ADDR")
+        if not addr:
+            raise KeyProviderError("transit: set BAO_ADDR (or VAULT_ADDR) to the OpenBao/Vault address")
+        url = urlparse(addr)
+        if url.scheme == "http" and not _is_loopback(url.hostname):
+            raise KeyProviderError("transit: plain http is allowed only to a loopback address; use https")
+        verify: bool | str = _env("BAO_CACERT", "VAULT_CACERT") or True
+        client = hvac.Client(url=addr, verify=verify, timeout=10)
+        # No HTTP(S)_PROXY from the environment: a proxy would see the token (and, over
+        # loopback http, wrapped keys) and defeat the loopback-only rule.
+        client.session.trust_env = False
+        token = _env("BAO_TOKEN", "VAULT_TOKEN")
+        if token:
+            client.token = token
+        else:
+            self._approle_login(client)
+        return client
+
+    @staticmethod
+    def _approle_login(client: Any) -> None:
+        role = _env("BAO_ROLE_ID", "VAULT_ROLE_ID")
+        secret = _env("BAO_SECRET_ID", "VAULT_SECRET_ID")
+        secret_file = _env("BAO_SECRET_ID_FILE")
+        if secret is None and secret_file:
+            with open(secret_file, encoding="utf-8") as f:
+                secret = f.read().strip()
+        if not role or not secret:
+            raise KeyProviderError("transit: no credentials: set BAO_TOKEN, or BAO_ROLE_ID and BAO_SECRET_ID")
+        client.auth.approle.login(role_id=role, secret_id=secret)
+
+    def _call(self, what: str, fn: Callable[[Any], Any], idempotent: bool = True) -> Any:
+        """Run one request: retry transient failures with backoff, re-login once on an
+        expired AppRole token, and map server answers onto the modelseal errors."""
+        import hvac.exceptions as hx
+        import requests
+
+        delay = 0.2
+        relogged = False
+        for attempt in range(RETRIES):
+            try:
+                if self._client is None:
+                    self._client = self._factory()
+                return fn(self._client)
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                hx.VaultDown,
+                hx.InternalServerError,
+                hx.BadGateway,
+                hx.RateLimitExceeded,
+            ):
+                # A request that changes state (rotate, create) may have happened: never repeat it.
+                if attempt == RETRIES - 1 or not idempotent:
+                    raise KeyProviderError(f"transit: the server is unreachable during {what}") from None
+                self._sleep(delay)
+                delay *= 2
+            except hx.Forbidden:
+                if relogged or _env("BAO_TOKEN", "VAULT_TOKEN"):
+                    raise KeyProviderError(f"transit: permission denied for {what}") from None
+                relogged = True
+                self._client = None  # AppRole token expired: log in again
+            except hx.InvalidPath:
+                raise KeyNotFound(f"transit: no such key or mount for {what}") from None
+            except hx.InvalidRequest as e:
+                raise self._classify(str(e), what) from None
+        raise KeyProviderError(f"transit: {what} failed")
+
+    @staticmethod
+    def _classify(message: str, what: str) -> Exception:
+        m = message.lower()
+        if "not found" in m:
+            return KeyNotFound(f"transit: no such key for {what}")
+        if "disallowed by policy" in m or "too old" in m or "min_decryption_version" in m:
+            return KeyDisabled(f"transit: the key version is below the minimum decryption version ({what})")
+        if "authentication failed" in m or "invalid ciphertext" in m or "decrypt" in m:
+            return DecryptionError()
+        if "derivation" in m or "context" in m:
+            return KeyProviderError(
+                f"transit: the key must be a derived key (create it with modelseal key create) ({what})"
+            )
+        return KeyProviderError(f"transit: the server refused {what}")
