@@ -460,9 +460,19 @@ def test_seal_refuses_a_folder_with_a_subfolder_it_cannot_list(env: Env, monkeyp
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)  # type: ignore[call-overload]
 
+    real_open = os.open
+
+    def open_(path: object, flags: int, *a: object, **k: object) -> int:
+        # The walk lists each folder through a descriptor: refuse opening that one too.
+        if flags & os.O_DIRECTORY and Path(str(path)) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)  # type: ignore[arg-type]
+
     monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", open_)
     with pytest.raises(StorageError, match="cannot list"):
         modelseal.seal(model, env.work / "m.sealed", KEY, keys=env.svc)
+    monkeypatch.undo()
     assert sorted(p.name for p in env.work.iterdir()) == ["model"]
 
 

@@ -143,7 +143,9 @@ def test_any_one_recipient_opens_even_without_a_local_keystore(env: Env, monkeyp
     src.write_bytes(b"weights")
     sealed = env.work / "a.sealed"
     modelseal.seal(src, sealed, key=["test-kek", "toy:backup"], keys=svc)
-    # Another host: no local keystore at all, only the toy provider.
+    # Another host: no local keystore at all, only the toy provider (an empty home: a
+    # missing MODELSEAL_HOME is refused, see tests/test_redteam_verify.py).
+    (env.work / "empty-home").mkdir(mode=0o700)
     monkeypatch.setenv("MODELSEAL_HOME", str(env.work / "empty-home"))
     keystore.clear_cache()
     other = KeyService(sink=MemorySink(), providers={"toy": toy})

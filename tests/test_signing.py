@@ -842,7 +842,7 @@ def test_signed_manifest_with_traversal_paths_is_refused(
     st = real.stat()
     sealed = env.work / "evil.sealed"
     with monkeypatch.context() as m:  # a sealer without modelseal's own checks
-        m.setattr(recipes_seal, "walk_folder", lambda _root: [(evil, real, (st.st_dev, st.st_ino))])
+        m.setattr(recipes_seal, "walk_folder", lambda _root, **_kw: [(evil, real, (st.st_dev, st.st_ino))])
         m.setattr(recipes_seal, "check_sealable", lambda _paths: None)
         modelseal.seal(src, sealed, KEY, keys=env.svc, sign_key=PemSigner.from_file(keys["release"]), name="evil")
     assert verify_artifact(sealed, load_policy(policy_file(tmp_path, keys))).name == "evil"

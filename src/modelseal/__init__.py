@@ -38,9 +38,10 @@ from modelseal.recipes.rekey import RewrapResult, reencrypt, rewrap
 from modelseal.recipes.seal import SealResult, seal
 from modelseal.recipes.sign import sign
 from modelseal.recipes.unseal import unseal
+from modelseal.recipes.verify import verify_artifact
 from modelseal.signing.signers import PemSigner, Signer
 from modelseal.signing.trust import TrustPolicy, load_policy
-from modelseal.signing.verification import Verdict, verify_artifact
+from modelseal.signing.verification import Verdict
 
 __version__ = "0.1.0"
 

@@ -119,14 +119,25 @@ def _signed_by(key: Ed25519PublicKey, sig: bytes, seq: int, head: bytes) -> bool
 
 
 def check_rows(
-    rows: list[Row], trusted: Mapping[str, Ed25519PublicKey]
+    rows: list[Row],
+    trusted: Mapping[str, Ed25519PublicKey],
+    frontier: merkle.Frontier | None = None,
+    named: bool = False,
+    *,
+    unknown_ok: bool = False,
 ) -> tuple[Verification, list[bytes], Ed25519PublicKey | None]:
-    """Recompute every head and check every signature; the leaves and the last entry's signer."""
-    frontier = merkle.Frontier()
+    """Recompute every head and check every signature; the leaves and the last entry's signer.
+
+    Given the ``frontier`` of the entries before ``rows`` (checked earlier: this host's
+    record of its last write), only ``rows`` are checked, and extend that frontier;
+    ``named`` says an earlier entry named its signer. With ``unknown_ok`` an entry no
+    trusted key can check (naming another key, or no key) passes unchecked; every other
+    check still applies."""
+    frontier = merkle.Frontier() if frontier is None else frontier
     leaves: list[bytes] = []
-    named = False  # once an entry names its signer, every later one must
+    # once an entry names its signer, every later one must
     last: Ed25519PublicKey | None = None
-    for expected, (seq, body, _leaf, head, sig) in enumerate(rows, start=1):
+    for expected, (seq, body, _leaf, head, sig) in enumerate(rows, start=frontier.size + 1):
         if seq != expected:
             return Verification(frontier.size, frontier.root(), expected, f"entry {expected} is missing"), leaves, None
         leaves.append(merkle.leaf_hash(body.encode()))
@@ -139,11 +150,14 @@ def check_rows(
             why = f"entry {seq} names no signer, after entries that do"
             return Verification(frontier.size, recomputed, seq, why), leaves, None
         named = named or signer is not None
+        if unknown_ok and (signer == "" or (signer and signer not in trusted)):
+            last = None
+            continue
         if signer and signer not in trusted:
             why = f"entry {seq} is signed by audit key {signer[:16]}, which is not configured (audit-hosts.toml)"
             return Verification(frontier.size, recomputed, seq, why), leaves, None
         candidates = list(trusted.values()) if signer is None else [trusted[signer]] if signer else []
         last = next((k for k in candidates if _signed_by(k, sig, seq, head)), None)
-        if last is None:
+        if last is None and not (unknown_ok and signer is None):
             return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature"), leaves, None
     return Verification(frontier.size, frontier.root()), leaves, last

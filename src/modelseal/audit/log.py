@@ -12,8 +12,9 @@ from the events and names the first entry whose head or signature does not match
 edited, deleted, inserted or reordered row. Someone holding an audit key could
 rewrite the whole log, so signed checkpoints are also exported to a witness folder
 kept elsewhere (another mount, WORM storage, another team). Every verification runs
-every check: the heads and signatures, the host's own record of what it last wrote
-(a truncation or rollback), and, given a checkpoint, that the log extends it.
+every check: the heads and signatures, the host's own record of what it last wrote to
+this log (``audit.state``: a truncation or rollback), and, given a checkpoint, that the
+log extends it. Every append checks the entries since this host's last write first.
 Database triggers refuse UPDATE, DELETE and TRUNCATE as a guard against mistakes,
 not as the security boundary.
 """
@@ -44,7 +45,9 @@ from modelseal.audit.checks import (
 from modelseal.audit.checks import signed_message as _signed_message
 from modelseal.audit.events import AuditEvent
 from modelseal.audit.hosts import HOSTS_NAME, HostKey, key_id, load_hosts
-from modelseal.audit.store import Row, SqliteStore, open_store
+from modelseal.audit.state import HostState, StateFiles
+from modelseal.audit.store import AppendTx, Row, SqliteStore, open_store
+from modelseal.util.bounded import json_loads
 from modelseal.util.files import write_atomic
 from modelseal.util.home import modelseal_home
 
@@ -98,14 +101,18 @@ class MerkleAuditLog:
         self._key_path = key_path or (
             Path(target).with_name("audit-signing.key") if local else modelseal_home() / "audit-signing.key"
         )
-        # What this host last appended: a shorter or different log is a rollback.
-        self._state_path = self._key_path.with_name(self._key_path.name + ".state")
+        # What this host last appended to this log: a shorter or different log is a rollback.
+        self._state = StateFiles(self._key_path, self.store.identity)
         self.hosts_path = self._key_path.with_name(HOSTS_NAME)  # the configured other hosts
         self._hosts = dict(hosts) if hosts is not None else None
         self._now = now
         self._lock = threading.Lock()
-        self._frontier: merkle.Frontier | None = None
         self._key: Ed25519PrivateKey | None = None
+
+    @property
+    def _state_path(self) -> Path:
+        """This host's record of its last write to this log."""
+        return self._state.path
 
     @property
     def signing_key(self) -> Ed25519PrivateKey:
@@ -119,39 +126,52 @@ class MerkleAuditLog:
         signer = key_id(self.signing_key.public_key())
         body = json.dumps({**asdict(event), "signer": signer}, sort_keys=True, separators=(",", ":"))
         with self._lock:
-            try:
-                with self.store.transaction() as tx:
-                    size = tx.size()
-                    last = self._last_written()
-                    if last is not None and (size < last[0] or tx.head_at(last[0]) != last[1]):
-                        raise AuditLogError(
-                            "the audit log is shorter than, or differs from, what this host last wrote "
-                            "(truncated or rewritten); run modelseal audit verify"
-                        )
-                    frontier = self._frontier if self._frontier is not None and self._frontier.size == size else None
-                    if frontier is None:
-                        frontier = merkle.Frontier()
-                        for old in tx.leaves():
-                            frontier.append(old)
-                    leaf = merkle.leaf_hash(body.encode())
-                    head = frontier.append(leaf)
-                    sig = self.signing_key.sign(_signed_message(size + 1, head))
-                    tx.insert((size + 1, body, leaf, head, sig), public_key_hex(self.signing_key.public_key()))
-                self._frontier = frontier
-                state = json.dumps({"size": size + 1, "head": head.hex()}).encode()
-                write_atomic(self._state_path, state, mode=0o600)
-            except BaseException:
-                self._frontier = None
-                raise
+            with self.store.transaction() as tx:
+                frontier = self._checked_frontier(tx)
+                leaf = merkle.leaf_hash(body.encode())
+                head = frontier.append(leaf)
+                sig = self.signing_key.sign(_signed_message(frontier.size, head))
+                tx.insert((frontier.size, body, leaf, head, sig), public_key_hex(self.signing_key.public_key()))
+            self._state.save(frontier)
 
-    def _last_written(self) -> tuple[int, bytes] | None:
-        try:
-            doc = json.loads(self._state_path.read_text())
-            return int(doc["size"]), bytes.fromhex(doc["head"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):
-            raise AuditLogError(f"the audit state file {self._state_path} is damaged") from None
+    def ready(self) -> None:
+        """Raise ``AuditLogError`` if an event could not be appended now (a rollback, or
+        entries this host does not trust after its last write): checked before a key
+        change, so a change is not made that its event cannot record."""
+        with self._lock, self.store.transaction() as tx:
+            self._checked_frontier(tx)
+
+    def _checked_frontier(self, tx: AppendTx) -> merkle.Frontier:
+        """The frontier of the log as it is, after checking it: that it still holds what
+        this host last wrote, and that every entry since verifies (heads and signatures),
+        so this host never signs on top of a forged or rolled-back log. Only the entries
+        since that write are read, except on a first write to a log (or with a record
+        from before frontiers were kept), which checks the whole log once."""
+        size = tx.size()
+        last = self._state.last_written(tx.head_at)
+        if last is not None and (size < last.size or tx.head_at(last.size) != last.head):
+            hint = f" ({last.path.name}, from before records were kept per log)" if last.legacy else ""
+            raise AuditLogError(
+                f"the audit log is shorter than, or differs from, what this host last wrote{hint} "
+                "(truncated or rewritten); run modelseal audit verify"
+            )
+        # With no other host configured, entries of unknown signers are left to verify (they
+        # may be a peer's not yet listed); configured hosts make every entry's signature count.
+        trusted = self.trusted_keys()
+        unknown_ok = len(trusted) <= 1
+        if last is not None and last.frontier is not None:
+            frontier = last.frontier
+            v, _, _ = check_rows(tx.rows_after(last.size), trusted, frontier, named=True, unknown_ok=unknown_ok)
+        else:
+            frontier = merkle.Frontier()
+            v, _, _ = check_rows(tx.rows_after(0), trusted, frontier, unknown_ok=unknown_ok)
+        if not v.ok:
+            raise AuditLogError(f"refusing to append to an audit log that does not verify: {v.reason}")
+        return frontier
+
+    def _last_written(self, rows: list[Row]) -> HostState | None:
+        heads = {row[0]: row[3] for row in rows}
+        return self._state.last_written(heads.get)
 
     def pinned_key(self) -> Ed25519PublicKey | None:
         """The audit key this host signs with (from the key file, not from the log)."""
@@ -222,11 +242,11 @@ class MerkleAuditLog:
         v, leaves, last_key = check_rows(rows, trusted)
         if not v.ok:
             return v, rows, None
-        last = self._last_written()
+        last = self._last_written(rows)
         if last is not None:
             heads = {row[0]: row[3] for row in rows}
-            if v.size < last[0] or heads.get(last[0]) != last[1]:
-                why = f"the log was rolled back: this host wrote {last[0]} entries"
+            if v.size < last.size or heads.get(last.size) != last.head:
+                why = f"the log was rolled back: this host wrote {last.size} entries"
                 return bad(why, None, v.size, v.head), rows, None
         if anchor is not None:
             size, head = anchor
@@ -256,7 +276,7 @@ class MerkleAuditLog:
         leaves = [merkle.leaf_hash(body.encode()) for _, body, _, _, _ in rows]
         return {
             "entry": n,
-            "event": json.loads(rows[n - 1][1]),
+            "event": _event_of(n, rows[n - 1][1]),
             "leaf_hash": leaves[n - 1].hex(),
             "tree_size": len(rows),
             "tree_head": rows[-1][3].hex(),
@@ -292,13 +312,56 @@ class MerkleAuditLog:
         write_atomic(witness / LATEST, data, mode=0o644)
         return cp
 
-    def events(self, key: str | None = None, since: float | None = None) -> list[dict[str, Any]]:
+    def verified_events(
+        self, key: str | None = None, since: float | None = None
+    ) -> tuple[list[dict[str, Any]], Verification]:
+        """The events of the entries that verify (all of them, or those before the first
+        bad one), and the verification: rows anyone with write access to the database
+        inserted are never presented as genuine."""
+        v, rows, _ = self._verify(None)
+        if v.first_bad is not None:
+            rows = [r for r in rows if r[0] < v.first_bad]
+        return self._select(rows, key, since), v
+
+    def events(
+        self, key: str | None = None, since: float | None = None, *, unverified: bool = False
+    ) -> list[dict[str, Any]]:
+        """The events, oldest first; ``AuditLogError`` naming the first bad entry if the log
+        does not verify (``unverified`` lists every row as stored, forged or not)."""
+        if unverified:
+            return self._select(self._rows(), key, since)
+        events, v = self.verified_events(key, since)
+        if not v.ok:
+            raise AuditLogError(f"the audit log does not verify: {v.reason}")
+        return events
+
+    @staticmethod
+    def _select(rows: list[Row], key: str | None, since: float | None) -> list[dict[str, Any]]:
         out = []
-        for seq, body, *_ in self._rows():
-            e = json.loads(body)
+        for seq, body, *_ in rows:
+            e = _event_of(seq, body)
             if key is not None and e.get("key") != key:
                 continue
-            if since is not None and float(e.get("time", 0)) < since:
+            if since is not None and _time_of(e) < since:
                 continue
-            out.append({"entry": seq, **e})
+            out.append({**e, "entry": seq})
         return out
+
+
+def _event_of(seq: int, body: str) -> dict[str, Any]:
+    """A row's event, parsed bounded (the row may come from anyone who can write the database)."""
+
+    def unreadable(_why: str) -> AuditLogError:
+        return AuditLogError(f"entry {seq} is not a readable audit event")
+
+    doc = json_loads(body.encode(), max_depth=4, max_values=4096, error=unreadable)
+    if not isinstance(doc, dict):
+        raise unreadable("not an object")
+    return doc
+
+
+def _time_of(e: dict[str, Any]) -> float:
+    try:
+        return float(e.get("time", 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0.0

@@ -148,3 +148,18 @@ class Frontier:
         for _, left in reversed(self._stack[:-1]):
             node = node_hash(left, node)
         return node
+
+    def hashes(self) -> list[bytes]:
+        """The subtree roots, left to right: with ``size`` they restore the frontier."""
+        return [node for _, node in self._stack]
+
+    @classmethod
+    def restore(cls, size: int, hashes: list[bytes]) -> Frontier:
+        """The frontier of a tree of ``size`` leaves from its ``hashes()``; ``ValueError`` if they do not fit."""
+        heights = [h for h in range(size.bit_length() - 1, -1, -1) if size >> h & 1]
+        if size < 0 or len(hashes) != len(heights) or any(len(x) != 32 for x in hashes):
+            raise ValueError("not the frontier of a tree of that size")
+        f = cls()
+        f._stack = list(zip(heights, hashes, strict=True))
+        f.size = size
+        return f

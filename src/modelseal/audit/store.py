@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from modelseal.errors import StorageError
 
@@ -71,8 +72,13 @@ class AppendTx(Protocol):
 
     def head_at(self, seq: int) -> bytes | None: ...
 
+    def rows_after(self, seq: int) -> list[Row]: ...
+
 
 class AuditStore(Protocol):
+    @property
+    def identity(self) -> str: ...
+
     def transaction(self) -> AbstractContextManager[AppendTx]: ...
 
     def rows(self) -> list[Row]: ...
@@ -100,6 +106,9 @@ class _Tx:
         row = self._execute(self._sql["head_at"], (seq,)).fetchone()
         return bytes(row[0]) if row else None
 
+    def rows_after(self, seq: int) -> list[Row]:
+        return _as_rows(self._execute(self._sql["rows_after"], (seq,)))
+
 
 _SQLITE_SQL = {
     "size": "SELECT COALESCE(MAX(seq), 0) FROM events",
@@ -109,6 +118,7 @@ _SQLITE_SQL = {
     "rows": "SELECT seq, event, leaf, head, sig FROM events ORDER BY seq",
     "get_key": "SELECT v FROM meta WHERE k = 'public_key'",
     "head_at": "SELECT head FROM events WHERE seq = ?",
+    "rows_after": "SELECT seq, event, leaf, head, sig FROM events WHERE seq > ? ORDER BY seq",
 }
 _PG_SQL = {
     "size": "SELECT COALESCE(MAX(seq), 0) FROM modelseal_audit_events",
@@ -118,6 +128,7 @@ _PG_SQL = {
     "rows": "SELECT seq, event, leaf, head, sig FROM modelseal_audit_events ORDER BY seq",
     "get_key": "SELECT v FROM modelseal_audit_meta WHERE k = 'public_key'",
     "head_at": "SELECT head FROM modelseal_audit_events WHERE seq = %s",
+    "rows_after": "SELECT seq, event, leaf, head, sig FROM modelseal_audit_events WHERE seq > %s ORDER BY seq",
 }
 
 
@@ -128,6 +139,11 @@ def _as_rows(cursor: Any) -> list[Row]:
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @property
+    def identity(self) -> str:
+        """Which log this is, for this host's record of its last write: the absolute file."""
+        return f"sqlite:{self.path.resolve()}"
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -175,6 +191,11 @@ class PostgresStore:
         self.url = url
         self._ready = False
 
+    @property
+    def identity(self) -> str:
+        """Which log this is: the URL without its password (user, host, port, database, options)."""
+        return _without_password(self.url)
+
     def _connect(self) -> Any:
         import psycopg
 
@@ -217,6 +238,20 @@ class PostgresStore:
             return str(row[0]) if row else None
         finally:
             conn.close()
+
+
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{unquote(parts.username)}@" if parts.username else ""
+    netloc += f"[{host}]" if ":" in host else host
+    with contextlib.suppress(ValueError):
+        netloc += f":{parts.port}" if parts.port else ""
+    query = sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _SECRET_PARAMS)
+    return f"postgresql://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
 
 
 def open_store(target: Path | str) -> AuditStore:

@@ -1,5 +1,5 @@
 """The ``audit`` commands: verify the Merkle log, prove an entry, checkpoint to a witness, list
-events, and print this host's audit key for the other hosts of a shared log."""
+the events that verify, and print this host's audit key for the other hosts of a shared log."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import socket
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def _event_line(e: dict[str, Any]) -> str:
 
 def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
     from modelseal.audit.hosts import host_line, key_id
-    from modelseal.audit.log import AuditLogError, MerkleAuditLog, read_checkpoint
+    from modelseal.audit.log import AuditLogError, MerkleAuditLog, Verification, read_checkpoint
 
     log = MerkleAuditLog(os.environ.get("MODELSEAL_AUDIT_URL") or modelseal_home() / "audit.db")
     if args.audit_cmd == "verify":
@@ -54,8 +55,17 @@ def cmd_audit(args: argparse.Namespace, svc: KeyService) -> int:
         print(f"# key id {key_id(public)}: add the line above to {log.hosts_path.name} on every host sharing the log")
         return 0
     since = datetime.fromisoformat(args.since).timestamp() if args.since else None
-    for e in log.events(key=args.key, since=since):
+    listed: Verification | None = None
+    if args.unverified:
+        print("modelseal: warning: listing the audit log without verifying it: entries may be forged", file=sys.stderr)
+        events = log.events(key=args.key, since=since, unverified=True)
+    else:
+        events, listed = log.verified_events(key=args.key, since=since)
+    for e in events:
         print(json.dumps(e, sort_keys=True) if args.json else _event_line(e))
+    if listed is not None and not listed.ok:
+        hidden = f"; entries from {listed.first_bad} on are not shown" if listed.first_bad is not None else ""
+        raise AuditLogError(f"audit log does NOT verify: {escape(listed.reason)}{hidden} (--unverified lists them)")
     return 0
 
 
@@ -72,6 +82,7 @@ def add_audit(sub: Any) -> None:
     al.add_argument("--key", help="only this key URI")
     al.add_argument("--since", help="ISO time, e.g. 2026-11-01T00:00:00+00:00")
     al.add_argument("--json", action="store_true")
+    al.add_argument("--unverified", action="store_true", help="list every row, even if the log does not verify")
     ak = asub.add_parser("key", help="print this host's audit key as a line for audit-hosts.toml (shared logs)")
     ak.add_argument("--name", help="the host name in the line (default: this host's name)")
     a.set_defaults(fn=cmd_audit)

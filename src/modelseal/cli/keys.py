@@ -189,15 +189,19 @@ def _rotate_root(args: argparse.Namespace, svc: KeyService) -> int:
     new = None
     if args.new_passphrase:
         new = keystore.read_passphrase(confirm=True, env_var=keystore.NEW_PASSPHRASE_ENV, prompt="new passphrase")
-    try:
-        keystore.rotate_root(new_passphrase=new)
-    except ModelsealError as e:
-        svc.sink.emit(AuditEvent("rotate-root", "local:*", type(e).__name__))
-        raise
-    svc.sink.emit(AuditEvent("rotate-root", "local:*", "ok"))
+    rotated, left = svc.rotate_root(new_passphrase=new)
     print(
         "rotated the keystore's root key: earlier recovery shares and earlier copies of keystore.json no longer "
         f"open it{' (new passphrase set)' if new else ''}; run 'modelseal recovery split' now"
+    )
+    made = ", ".join(f"{escape(k.uri)} v{k.latest}" for k in rotated) or "none"
+    print(f"new KEK versions, used for everything sealed from now on: {made}")
+    if left:
+        print(f"not rotated (no active version, they seal nothing): {', '.join(escape(u) for u in left)}")
+    print(
+        "what remains: artifacts sealed before still open with the old KEK versions, which earlier shares and "
+        "copies of keystore.json hold, until they are rewrapped (modelseal rotate / modelseal rewrap) and the old "
+        "versions destroyed (modelseal key destroy --version N)"
     )
     return 0
 
@@ -268,7 +272,9 @@ def add_recovery(sub: Any) -> None:
     rs.add_argument("--force", action="store_true", help="replace share files of an earlier split in --out")
     rcm = rsub.add_parser("combine", help="restore access from shares and set a new passphrase")
     rcm.add_argument("share_files", nargs="+", help="files holding shares, one per line ('-' for stdin)")
-    rr = rsub.add_parser("rotate-root", help="new root key: old shares and old keystore copies stop opening it")
+    rr = rsub.add_parser(
+        "rotate-root", help="new root key and new KEK versions: old shares and keystore copies stop opening it"
+    )
     rr.add_argument(
         "--new-passphrase",
         action="store_true",

@@ -25,6 +25,14 @@ default environment is ``dev``. With ``host_env``, verification, ``open``, ``uns
 and the loaders refuse artifacts sealed for any other environment unless the caller
 pins another one explicitly. The file, and ``$MODELSEAL_HOME`` itself, must be
 writable by their owner only: they decide which keys and which trust policy apply.
+A home that does not exist is refused (``util.home.check_home``), not read as empty.
+
+The system configuration, ``/etc/modelseal/config.toml`` (``SYSTEM_CONFIG``), holds
+what no user's environment may undo, and only that: ``host_env``, which a home's
+config.toml may repeat but not change, and ``trust_policy``, which must pass as well as
+the home's (``Config.system_trust_policy``). Whichever ``MODELSEAL_HOME`` or ``HOME``
+a process has, both apply. It too must be writable by its owner only, in a folder
+others cannot write.
 """
 
 from __future__ import annotations
@@ -38,9 +46,11 @@ from modelseal.errors import ModelsealError
 from modelseal.keys.providers import parse_key_uri
 from modelseal.util.bounded import toml_loads
 from modelseal.util.files import read_limited
-from modelseal.util.home import check_private, modelseal_home
+from modelseal.util.home import check_home, check_private, modelseal_home
 
 CONFIG_NAME = "config.toml"
+SYSTEM_CONFIG = Path("/etc/modelseal/config.toml")
+_SYSTEM_KEYS = {"host_env", "trust_policy"}
 DEFAULT_ENV = "dev"
 DEFAULT_ROTATE_DAYS = 90
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -63,6 +73,7 @@ class Config:
     projects: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     trust_policy: Path | None = None  # signatures are verified on load when set
     host_env: str | None = None  # this host's environment: artifacts of others are refused by default
+    system_trust_policy: Path | None = None  # SYSTEM_CONFIG's: must pass as well as trust_policy
 
     def keys_for(self, env: str, project: str | None = None) -> list[str]:
         if project is not None:
@@ -128,27 +139,54 @@ def parse(doc: dict[str, Any]) -> Config:
     return Config(default_env, rotate, envs, env_days, projects, Path(trust) if trust else None, host_env)
 
 
-def load(home: Path | None = None) -> Config:
-    home = home or modelseal_home()
-    path = home / CONFIG_NAME
-    check_private(home, "MODELSEAL_HOME", ConfigError)
-    check_private(path, "the configuration", ConfigError)
+def _read(path: Path, what: str) -> dict[str, Any] | None:
+    """The TOML document at ``path`` (None if there is none)."""
     try:
-        raw = read_limited(path, MAX_CONFIG, ConfigError, f"the configuration {path}")
+        raw = read_limited(path, MAX_CONFIG, ConfigError, f"{what} {path}")
     except FileNotFoundError:
-        return Config()
+        return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config: {path} is not UTF-8") from None
-    doc = toml_loads(
+    return toml_loads(
         text,
         max_depth=8,
         max_key_parts=8,
         max_values=100_000,
         error=lambda why: ConfigError(f"config: {path} is not valid TOML ({why})"),
     )
+
+
+def _system() -> tuple[str | None, Path | None]:
+    """``host_env`` and ``trust_policy`` of the system configuration (``SYSTEM_CONFIG``)."""
+    path = SYSTEM_CONFIG
+    check_private(path, "the system configuration", ConfigError, parent=True)
+    doc = _read(path, "the system configuration")
+    if doc is None:
+        return None, None
+    if not set(doc) <= _SYSTEM_KEYS:
+        raise ConfigError(f"config: {path} may set only {' and '.join(sorted(_SYSTEM_KEYS))}")
+    cfg = parse(doc)
+    trust = cfg.trust_policy
+    return cfg.host_env, (path.parent / trust if trust is not None and not trust.is_absolute() else trust)
+
+
+def load(home: Path | None = None) -> Config:
+    home = home or modelseal_home()
+    path = home / CONFIG_NAME
+    check_home(home, ConfigError)
+    check_private(path, "the configuration", ConfigError)
+    system_env, system_policy = _system()
+    doc = _read(path, "the configuration") or {}
+    if system_env is not None:
+        if doc.get("host_env", system_env) != system_env:
+            raise ConfigError(
+                f"config: {path} declares host_env {doc['host_env']!r}, but {SYSTEM_CONFIG} declares"
+                f" {system_env!r}: a home cannot change this host's environment"
+            )
+        doc = {**doc, "host_env": system_env}
     cfg = parse(doc)
     if cfg.trust_policy is not None and not cfg.trust_policy.is_absolute():
         cfg = replace(cfg, trust_policy=home / cfg.trust_policy)
-    return cfg
+    return replace(cfg, system_trust_policy=system_policy)

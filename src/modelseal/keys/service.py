@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from modelseal.audit.events import AuditEvent, AuditSink
-from modelseal.errors import KeyProviderError, ModelsealError, PolicyDenied
+from modelseal.errors import KeyProviderError, ModelsealError, PolicyDenied, StorageError
 from modelseal.format.header import Recipient
+from modelseal.keys import keystore
 from modelseal.keys.config import Config
 from modelseal.keys.config import load as load_config
 from modelseal.keys.providers import (
@@ -39,7 +40,7 @@ from modelseal.keys.providers import (
     provider_for,
     recipient_key,
 )
-from modelseal.util.home import modelseal_home
+from modelseal.util.home import check_home, modelseal_home
 
 T = TypeVar("T")
 
@@ -67,11 +68,27 @@ def default_sink() -> AuditSink:
     from modelseal.audit.log import MerkleAuditLog
 
     home = modelseal_home()
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # A missing MODELSEAL_HOME is refused: a fresh audit log there would be one nobody watches.
+    check_home(home, StorageError)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # only this user's own default, on first use
     # MODELSEAL_AUDIT_URL=postgresql://... keeps the log in PostgreSQL (the registry's).
     return MerkleAuditLog(os.environ.get("MODELSEAL_AUDIT_URL") or Path(home) / "audit.db")
 
 
+# Operations that change a key: their audit event is checked for before and reported after.
+LIFECYCLE_OPS = frozenset(
+    {
+        "create",
+        "rotate",
+        "rotate-root",
+        "disable",
+        "enable",
+        "min-version",
+        "destroy",
+        "schedule-destroy",
+        "cancel-destroy",
+    }
+)
 UNWRAP_CACHE_TTL = 300.0
 # A key disabled in a KMS/HSM by someone else is honoured by this process within this time.
 REMOTE_CACHE_TTL = 60.0
@@ -185,6 +202,10 @@ class KeyService:
     def _call(
         self, op: str, key: str, fn: Callable[[], T], version: int | None = None, artifact: str | None = None
     ) -> T:
+        changes = op in LIFECYCLE_OPS
+        ready = getattr(self.sink, "ready", None)
+        if changes and callable(ready):
+            ready()  # a log that cannot take the event refuses the change before it is made
         try:
             result = fn()
         except ModelsealError as e:
@@ -199,7 +220,13 @@ class KeyService:
             version = result[1].key_version
         elif isinstance(result, KeyInfo) and version is None and result.versions:
             version = result.latest  # rotate: the version it made
-        self.sink.emit(AuditEvent(op, key, "ok", version, artifact))
+        try:
+            self.sink.emit(AuditEvent(op, key, "ok", version, artifact))
+        except ModelsealError as e:
+            if not changes:
+                raise  # nothing was changed: the result is simply not returned
+            done = f"{op} of {printable(key)}" + (f" version {version}" if version is not None else "")
+            raise type(e)(f"{done} WAS carried out, but its audit event could not be written: {e}") from None
         return result
 
     def wrap(
@@ -276,6 +303,28 @@ class KeyService:
         ref = parse_key_uri(key_uri)
         info = self._call("rotate", ref.uri, lambda: self.admin(ref.scheme).rotate(ref.name))
         return info
+
+    def rotate_root(self, new_passphrase: bytes | None = None) -> tuple[list[KeyInfo], list[str]]:
+        """Rotate the local keystore's root key, and first every local KEK with an active
+        version (each audited): an old copy of the keystore opened with old recovery shares
+        holds the old root and the old KEK versions, so without new versions it would open
+        every artifact sealed after the rotation. Returns the rotated keys and the URIs of
+        keys left alone (no active version: they seal nothing). Artifacts sealed before
+        still open with the old versions until rewrapped and those versions destroyed.
+
+        Rotating the KEKs first keeps every step safe to repeat: after a failure of the
+        root rotation, running it again makes newer versions still."""
+        try:
+            keys = self.list("local")
+            rotated = [self.rotate(k.uri) for k in keys if any(v.state == "active" for v in k.versions)]
+        except ModelsealError as e:
+            self.sink.emit(AuditEvent("rotate-root", "local:*", type(e).__name__))
+            raise
+        left = [k.uri for k in keys if not any(v.state == "active" for v in k.versions)]
+        local: Any = self.provider("local")
+        path = local.path if isinstance(getattr(local, "path", None), Path) else None
+        self._call("rotate-root", "local:*", lambda: keystore.rotate_root(path, new_passphrase=new_passphrase))
+        return rotated, left
 
     def set_state(self, key_uri: str, version: int, state: str) -> KeyInfo:
         self.forget_unwrapped()

@@ -37,9 +37,10 @@ from modelseal.format.folder import MANIFEST_NAME, SealedFolder
 from modelseal.format.header import MAGIC
 from modelseal.format.source import FdSource
 from modelseal.keys.service import KeyService
-from modelseal.recipes.context import expected_env, trust_policy
+from modelseal.recipes.context import EXPECTED_NAME, expected_env, trust_policy
 from modelseal.recipes.opening import open as open_sealed
 from modelseal.recipes.opening import open_folder
+from modelseal.signing.trust import TrustPolicy
 from modelseal.util.files import open_regular
 from modelseal.util.hardening import dont_dump, harden_loader
 
@@ -155,17 +156,34 @@ def _whole_folder(path: Path) -> Path:
 
 
 def plaintext_ok(path: Path, allow_plaintext: bool, keys: KeyService | None) -> bool:
-    """``allow_plaintext`` (for migrations), unless a strict trust policy is configured:
-    then unsigned plaintext is refused like an unsigned sealed artifact."""
+    """``allow_plaintext`` (for migrations), unless a trust policy or a pin would refuse
+    an unsigned sealed artifact (strict, ``require_name``, a name or environment
+    expected), or a revocation list applies: it could revoke a sealed artifact's digest,
+    but plaintext has nothing it could check."""
     if not allow_plaintext:
         return False
     policy = trust_policy(keys)
-    if policy is not None and any(p.strict for p in policy.chain()):
-        raise VerificationError(f"{path} is plaintext, and the trust policy is strict: refusing to load it")
+    why = _plaintext_refusal(policy.chain() if policy is not None else [])
+    if why is not None:
+        raise VerificationError(f"{path} is plaintext, and {why}: refusing to load it")
     env = expected_env(keys)
     if env is not None:  # plaintext has no environment, so it cannot be the one expected
         raise VerificationError(f"{path} is plaintext, and artifacts sealed for env {env!r} are expected")
     return True
+
+
+def _plaintext_refusal(chain: list[TrustPolicy]) -> str | None:
+    """Why plaintext is refused under these policies and the name pin (None: it is not)."""
+    if any(p.strict for p in chain):
+        return "the trust policy is strict"
+    if any(p.require_name for p in chain):
+        return "the trust policy requires the artifact's signed name"
+    if any(p.revocation is not None for p in chain):
+        return "the trust policy has a revocation list (plaintext has no digest it could revoke)"
+    name = EXPECTED_NAME.get()
+    if name is not None:
+        return f"a signed {name!r} is expected"
+    return None
 
 
 def refuse_plaintext(path: Path) -> FormatError:

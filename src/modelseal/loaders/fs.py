@@ -144,7 +144,10 @@ class SealedFileSystem(ChainedFileSystem):  # type: ignore[misc]
             return None
         sig_path = path + ".msig"
         sf = None
-        if self.fs.exists(sig_path):
+        local = self._local_path(path)
+        if local is not None:  # a local file: the pending signature file of a crash counts, as for modelseal.open
+            sf = SignatureFile.load(Path(local + ".msig"))
+        elif self.fs.exists(sig_path):
             data = self._read_small(sig_path, MAX_SIGFILE + 1)
             if len(data) > MAX_SIGFILE:
                 raise VerificationError(f"{sig_path} is too large")

@@ -146,6 +146,8 @@ def parse_header(reader: RandomAccess, name: str = "") -> tuple[dict[str, Tensor
         count = _element_count(shape)
         if count is None:
             raise SafetensorsError(f"tensor {tname!r}: a dimension or the element count is too large")
+        if len(shape) > 64:  # numpy's limit (NPY_MAXDIMS); numpy and torch refuse more untyped
+            raise SafetensorsError(f"tensor {tname!r}: more than 64 dimensions")
         if not 0 <= begin <= end <= data_len or count * DTYPES[dtype][1] != end - begin:
             raise SafetensorsError(f"tensor {tname!r}: shape and offsets disagree or leave the file")
         tensors.append(TensorInfo(tname, dtype, tuple(shape), data_start + begin, data_start + end))

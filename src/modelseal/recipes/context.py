@@ -4,7 +4,8 @@ policy in force and the verify-on-load verdict, and the rule that keys never lie
 Owns ``expecting()`` (the name and environment pins), the environment a host expects
 (config.toml's ``host_env``) and the trust policy in force: config.toml's, which
 ``$MODELSEAL_TRUST`` may tighten (both must pass) but never loosen or switch off, unless
-``MODELSEAL_TRUST_OVERRIDE=1`` says so explicitly, which is logged and audited.
+``MODELSEAL_TRUST_OVERRIDE=1`` says so explicitly, which is logged and audited; and the
+system configuration's, which must pass as well and which nothing switches off.
 It reads no artifact and writes nothing but that audit event.
 """
 
@@ -92,8 +93,24 @@ def trust_policy(keys: KeyService | None = None) -> TrustPolicy | None:
     ``$MODELSEAL_TRUST`` (a second policy that must pass as well; alone where config.toml
     names none). The variable cannot loosen config.toml's policy: set empty, it is
     refused, unless ``MODELSEAL_TRUST_OVERRIDE=1``, which lets it replace (or switch off)
-    the configured policy and is logged and audited as a ``trust-override`` event."""
+    the configured policy and is logged and audited as a ``trust-override`` event.
+    The system configuration's policy (``/etc/modelseal/config.toml``) must pass as well,
+    whatever the home or the environment say: nothing here switches it off."""
     svc = service(keys)
+    policy = _home_policy(svc)
+    system = svc.config.system_trust_policy
+    if system is None:
+        return policy
+    required = load_policy(system)
+    if policy is None:
+        return required
+    if required.identity() in {p.identity() for p in policy.chain()}:
+        return policy
+    return policy.requiring(required)
+
+
+def _home_policy(svc: KeyService) -> TrustPolicy | None:
+    """config.toml's policy and ``$MODELSEAL_TRUST`` (see ``trust_policy``)."""
     configured = svc.config.trust_policy
     value = os.environ.get(TRUST_ENV)
     base = load_policy(configured) if configured else None

@@ -126,6 +126,9 @@ def open_folder(
     root = Path(path)
     if not (root / MANIFEST_NAME).is_file():
         raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
+    owner = enclosing_folder(root)
+    if owner is not None:  # a sealed folder planted inside another is none of its members
+        raise FormatError(f"{root} lies inside the sealed folder {owner}: open that folder and name the member")
     env = expected_env(keys, expect_env)
     return open_sealed_folder(root, keys, verdict_for(root, verify, keys, expect_name, env), expect_env=env)
 

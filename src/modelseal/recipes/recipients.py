@@ -106,7 +106,13 @@ def keys_to_write(
 
 
 def same_key(svc: KeyService, r: Recipient, canon: str) -> bool:
-    """Whether a stored recipient is the key of canonical identity ``canon`` (a malformed one is not)."""
+    """Whether a stored recipient is the key of canonical identity ``canon`` (a malformed one is not).
+
+    Only a recipient of ``canon``'s scheme is resolved: the key ids of the others are the
+    artifact's choice and must never reach a provider (an AWS KMS ``DescribeKey`` of an
+    artifact-chosen key, and AWS credentials, to rotate a local key)."""
+    if r.scheme != parse_key_uri(canon).scheme:
+        return False
     return _identity(svc, r) == canon
 
 

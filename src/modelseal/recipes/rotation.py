@@ -144,7 +144,7 @@ def _versions_of(svc: KeyService, path: Path, canon: str) -> list[int]:
 
 def rotate(
     key: str,
-    paths: list[Path],
+    paths: Sequence[str | os.PathLike[str]],
     *,
     older_than_days: float | None = None,
     force: bool = False,
@@ -157,6 +157,7 @@ def rotate(
     rewrap ``key``'s recipients in every artifact under ``paths`` that uses an older version
     of it. An artifact with a recipient the operator does not vouch for (``recipients``;
     ``keep_recipients`` confirms one) is not rewrapped but reported as failed."""
+    roots = [Path(p) for p in paths]  # str paths too
     svc = keys or key_service()
     uri = parse_key_uri(key).uri
     canon = svc.canonical(uri)
@@ -177,7 +178,7 @@ def rotate(
     def unreadable(path: Path, e: OSError) -> None:
         report.failed.append((str(path), f"cannot read or list it ({e.strerror or type(e).__name__})"))
 
-    for artifact in find_artifacts(paths, on_error=unreadable):
+    for artifact in find_artifacts(roots, on_error=unreadable):
         name = str(artifact)
         try:
             versions = _versions_of(svc, artifact, canon)
@@ -248,16 +249,12 @@ def _rewrap_transit_batch(
             return
         contexts = [raw.core.context for _, _, raw, _ in held]
         ours = [Recipient("transit", name, r.key_version, r.wrapped) for *_, r in held]
-        try:
-            for _, _, raw, _ in held:
-                svc.check_environment(key, raw.core.context)
-            deks = provider.unwrap_many(ours, (), contexts=contexts)
-            fresh = provider.rewrap_many(ours, (), contexts=contexts)
-        except ModelsealError as e:
-            for path, *_ in held:
-                _record_failure(report, str(path), e)
-            return
-        for (path, src, raw, old), dek, new in zip(held, deks, fresh, strict=True):
+        results = _transit_keys(svc, provider, key, ours, contexts)
+        for (path, src, raw, old), got in zip(held, results, strict=True):
+            if isinstance(got, ModelsealError):
+                _record_failure(report, str(path), got)
+                continue
+            dek, new = got
             try:
                 opened = open_envelope(raw.core, raw.slots, _only(old, dek))
                 keys_to_write(svc, path, opened.slot.recipients, raw.core.context, named=[key], keep=keep)
@@ -273,6 +270,34 @@ def _rewrap_transit_batch(
     finally:
         for _, src, _, _ in held:
             src.close()
+
+
+def _transit_keys(
+    svc: KeyService,
+    provider: TransitProvider,
+    key: str,
+    ours: list[Recipient],
+    contexts: list[tuple[tuple[str, str], ...]],
+) -> list[tuple[bytes, Recipient] | ModelsealError]:
+    """Each item's DEK and new wrap, or the error of that item alone.
+
+    Transit fails a whole batch request on its first bad item, so after a failed batch
+    every item is tried on its own: one corrupted artifact (anyone with write access can
+    make one) must not stop the rotation of the up to 99 others beside it, on every run.
+    """
+    try:
+        for c in contexts:
+            svc.check_environment(key, c)
+        deks = provider.unwrap_many(ours, (), contexts=contexts)
+        fresh = provider.rewrap_many(ours, (), contexts=contexts)
+        return list(zip(deks, fresh, strict=True))
+    except ModelsealError as e:
+        if len(ours) == 1:
+            return [e]
+    out: list[tuple[bytes, Recipient] | ModelsealError] = []
+    for r, c in zip(ours, contexts, strict=True):
+        out += _transit_keys(svc, provider, key, [r], [c])
+    return out
 
 
 def _only(recipient: Recipient, dek: bytes) -> Callable[[Recipient], bytes]:

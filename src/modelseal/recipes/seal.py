@@ -49,6 +49,7 @@ from modelseal.util.files import (
     open_walked,
     walk_folder,
 )
+from modelseal.util.home import modelseal_home
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def _seal_folder(
     name: str = "",
     version: int | None = None,
 ) -> SealResult:
-    files = walk_folder(src)
+    files = walk_folder(src, refuse=modelseal_home())  # not even through a bind mount inside
     check_sealable([rel for rel, _, _ in files])
 
     def sources() -> FolderSource:

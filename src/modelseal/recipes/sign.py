@@ -14,6 +14,7 @@ from modelseal.format.folder import (
     MANIFEST_NAME,
 )
 from modelseal.keys.service import KeyService
+from modelseal.recipes.context import check_keys_apart
 from modelseal.recipes.opening import open_sealed_file, open_sealed_folder
 from modelseal.signing import oms
 from modelseal.signing.commitment import FILE_PATH, FileCommitment, artifact_digest, hash_artifact
@@ -40,6 +41,7 @@ def sign(
     see ``signing.rollback.default_version``). Signatures that no longer match the
     artifact, or sign it under another version, move to the signature history."""
     root = Path(path)
+    check_keys_apart(root)  # its signature file would be written beside the keys
     commits, raws = hash_artifact(root)
     primary = raws.get(FILE_PATH) or raws.get(MANIFEST_NAME)
     if primary is None:

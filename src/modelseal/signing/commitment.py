@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,11 +128,16 @@ def sealed_members(root: Path) -> list[str]:
 
     A sealed folder holds exactly ``manifest.mseal``, ``blobs/<32 hex>`` files and
     optionally ``signatures.msig``. Anything else (an extra file, a symlink, a
-    subfolder) is refused: it is not covered by any signature.
+    subfolder) is refused: it is not covered by any signature. So are two names for
+    one file (hard links inside the folder): every name is hashed, and 32 links to one
+    big blob would cost 32 times the work of what the disk holds. A sealed file never
+    has a second name in its own folder (each is encrypted under its own salt), while
+    links from elsewhere (``cp -al`` or ``rsync --link-dest`` backups) cost nothing more.
     """
     if not root.is_dir():
         return [FILE_PATH]
     out: list[str] = []
+    seen: set[tuple[int, int]] = set()
     try:
         listing = sorted(os.listdir(root))
         blobs = sorted(os.listdir(root / BLOB_DIR)) if (root / BLOB_DIR).is_dir() else []
@@ -141,12 +147,11 @@ def sealed_members(root: Path) -> list[str]:
         p = root / entry
         if entry == SIGNATURES_NAME and not p.is_symlink() and p.is_file():
             continue
-        if entry == MANIFEST_NAME and not p.is_symlink() and p.is_file():
+        if entry == MANIFEST_NAME and _regular_once(p, seen):
             out.append(entry)
         elif entry == BLOB_DIR and not p.is_symlink() and p.is_dir():
             for blob in blobs:
-                b = p / blob
-                if b.is_symlink() or not b.is_file() or not _BLOB_NAME.fullmatch(blob):
+                if not _BLOB_NAME.fullmatch(blob) or not _regular_once(p / blob, seen):
                     raise VerificationError(f"unexpected entry in the sealed folder: {BLOB_DIR}/{blob[:80]!r}")
                 out.append(f"{BLOB_DIR}/{blob}")
         else:
@@ -154,6 +159,21 @@ def sealed_members(root: Path) -> list[str]:
     if MANIFEST_NAME not in out:
         raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
     return out
+
+
+def _regular_once(path: Path, seen: set[tuple[int, int]]) -> bool:
+    """Whether ``path`` is a regular file (not a symlink); refuses a file already seen
+    under another name of the folder."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if (st.st_dev, st.st_ino) in seen:
+        raise VerificationError(f"{path.name[:80]!r} is a second name (hard link) of a file of the sealed folder")
+    seen.add((st.st_dev, st.st_ino))
+    return True
 
 
 def member_path(root: Path, rel: str) -> Path:

@@ -116,6 +116,14 @@ def check_env(actual: str, expected: str | None, what: str) -> None:
         raise VerificationError(f"{what} is sealed for env {actual!r}, not the expected env {expected!r}")
 
 
+def check_name_pin(policy: TrustPolicy, expect_name: str | None) -> None:
+    """A policy with ``require_name`` needs the caller to say which name it expects."""
+    if policy.require_name and expect_name is None:
+        raise VerificationError(
+            "the trust policy requires the expected artifact name (verify --name, expect_name=, expecting())"
+        )
+
+
 def _same_headers(st: Statement, actual: list[FileCommitment]) -> bool:
     """Whether the statement lists exactly these sealed files with these headers and sizes
     (the cheap half of ``Statement.matches``: no chunk hashed yet)."""
@@ -187,10 +195,7 @@ def evaluate(
     the digest is not known yet. Everything else is decided, so that an artifact that
     cannot pass fails before a single chunk is hashed.
     """
-    if policy.require_name and expect_name is None:
-        raise VerificationError(
-            "the trust policy requires the expected artifact name (verify --name, expect_name=, expecting())"
-        )
+    check_name_pin(policy, expect_name)
     digest = None if headers_only else artifact_digest(commits)
     first = primary(raws)
     aid = artifact_id(first.core.binding)

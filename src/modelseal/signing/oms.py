@@ -12,6 +12,7 @@ resources are sorted component-wise, as ``pathlib`` sorts.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -31,7 +32,7 @@ from modelseal.errors import SigningKeyError, StorageError, VerificationError
 from modelseal.format.stream import workers
 from modelseal.signing.signers import Signer, b64, pae, unb64
 from modelseal.util.bounded import json_loads
-from modelseal.util.files import read_limited
+from modelseal.util.files import open_regular, read_limited
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -150,10 +151,42 @@ class OmsResult:
     payload: bytes = b""  # the signed statement, exactly as signed
 
 
-def _hash_file(path: Path, hash_type: str) -> str:
-    h = hashlib.new(hash_type)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+# How many bytes of one plaintext file may be holes: a genuine file rarely has any (a
+# sparse copy of zero runs, or ZFS storing all-zero blocks as holes), an attack has 2^50.
+MAX_HOLES = 1 << 20
+
+
+def _hole_bytes(fd: int, size: int) -> int:
+    """The bytes of holes in the file, counted up to just past ``MAX_HOLES`` with
+    ``SEEK_DATA``/``SEEK_HOLE``: what the file system stores, not ``st_blocks``, which
+    compression (ZFS, btrfs) also lowers. Each step costs an extent the disk holds."""
+    holes, pos = 0, 0
     try:
+        while pos < size and holes <= MAX_HOLES:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            holes += data - pos
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # no SEEK_DATA here: a read returns only what is there
+            return 0
+        holes += size - pos  # no data after pos: a hole up to the end
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return holes
+
+
+def _hash_file(path: Path, hash_type: str) -> str:
+    """The digest of one file of the model, in work bounded by what the disk holds: a
+    FIFO or device swapped in is refused without blocking (``open_regular``), and so is
+    a sparse file (2^50 bytes of holes take weeks to hash, and a few blocks to store)."""
+    h = hashlib.new(hash_type)
+    fd = open_regular(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        if _hole_bytes(fd, os.fstat(fd).st_size) > MAX_HOLES:
+            raise _fail(
+                f"{str(path)[:200]!r} is sparse (more than {MAX_HOLES} bytes of holes): refusing to hash them"
+                " (copy it with cp --sparse=never to verify it)"
+            )
         buf = bytearray(4 << 20)
         view = memoryview(buf)
         while n := os.readv(fd, [buf]):

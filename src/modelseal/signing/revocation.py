@@ -10,7 +10,6 @@ the trust policy's (``trust``); this module knows no policy.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,7 @@ from modelseal.format.file import canonical_json
 from modelseal.signing.signers import Signer, VerifyKey, parse_envelope, sign_envelope, verify_envelope
 from modelseal.util.bounded import json_loads
 from modelseal.util.files import read_limited, write_atomic
-from modelseal.util.versions import VersionRecord
+from modelseal.util.versions import VersionRecord, record_path
 
 REVOCATION_PAYLOAD_TYPE = "application/vnd.modelseal.revocations+json"
 REVOCATION_FORMAT = "modelseal-revocations/v1"
@@ -170,9 +169,9 @@ _SEEN = VersionRecord("revocation-state.json")
 
 
 def _state_key(list_path: Path) -> str:
-    # The path the policy names, made absolute but NOT resolved: a symlink swapped in at
-    # that path must not get a fresh, empty record.
-    return os.path.abspath(list_path)
+    # One key however the folder is spelled; the list's own name is not resolved, so a
+    # symlink swapped in at that name does not get a fresh, empty record.
+    return record_path(list_path)
 
 
 def seen_version(list_path: Path) -> int:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,7 +50,7 @@ from modelseal.signing.signers import VerifyKey
 from modelseal.util.bounded import toml_loads
 from modelseal.util.files import read_limited
 from modelseal.util.home import check_private
-from modelseal.util.versions import is_version
+from modelseal.util.versions import is_version, record_path
 
 MAX_POLICY = 1 << 20
 # Bounds checked before the TOML parser runs (util.bounded). The schema's keys have at most
@@ -116,7 +115,9 @@ class TrustPolicy:
 
     def identity(self) -> str:
         """What this host keeps its record of accepted artifact versions under: the policy
-        file (absolute, not resolved), or for a policy made in code or from --public-key,
+        file (its folder resolved, its own name not: ``util.versions.record_path``, so
+        ``//x/trust.toml`` or a symlinked folder name the same record), or for a policy
+        made in code or from --public-key,
         its trusted key ids. So a signer trusted by one policy (a vendor's key checked with
         --public-key, say) cannot raise the version floor another policy enforces."""
         if self.source.startswith("/"):
@@ -304,4 +305,4 @@ def load_policy(path: str | Path) -> TrustPolicy:
         error=PolicyError,
         what=f"trust policy: {p}",
     )
-    return parse_policy(doc, p.parent, os.path.abspath(p))
+    return parse_policy(doc, p.parent, record_path(p))

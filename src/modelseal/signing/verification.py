@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from modelseal.errors import DecryptionError, FormatError, VerificationError
+from modelseal.errors import DecryptionError, FormatError, RevocationListError, Revoked, VerificationError
 from modelseal.format.file import RawArtifact, read_raw
 from modelseal.format.header import KIND_FILE, CoreHeader
 from modelseal.format.source import CipherSource, FdSource
@@ -46,6 +46,7 @@ from modelseal.signing.evaluation import (
     SignatureResult,
     Verdict,
     check_env,
+    check_name_pin,
     check_rules,
     env_of,
     evaluate,
@@ -129,11 +130,7 @@ def verify_artifact(
     pins: dict[str, Any] = {"strict": strict, "expect_name": expect_name, "expect_env": expect_env, "now": now}
     policies = policy.chain()
     if sf is None or not sf.signatures:
-        full = deep or any(_hash_unsigned(p, strict, expect_name) for p in policies)
-        if full and expect_env is not None:  # the environment pin, before hashing anything
-            check_env(env_of(primary(_headers_only(root)[1])), expect_env, str(root))
-        commits, raws = hash_artifact(root) if full else _headers_only(root)
-        return _decide(root, policies, sf, commits, raws, pins)
+        return _verify_unsigned(root, policies, sf, deep, pins)
     if deep:
         # Everything the headers can decide, before the work of hashing every chunk.
         heads = _headers_only(root)
@@ -144,6 +141,36 @@ def verify_artifact(
     verdict.tables = {c.path: c.table for c in commits}
     verdict.headers = {c.path: c.header for c in commits}
     return verdict
+
+
+def _verify_unsigned(
+    root: Path, policies: list[TrustPolicy], sf: SignatureFile | None, deep: bool, pins: dict[str, Any]
+) -> Verdict:
+    """An artifact without signatures. Whatever needs no hash is decided first, for every
+    policy: the name pins, the environment pin, a revoked artifact id, and refusal as
+    unsigned (strict, or a name expected). Chunks are hashed only where the digest can
+    still matter: when a revocation list applies (it may revoke the digest: an allowed
+    artifact is then refused, a refused one reported as revoked, exit 11, on a deep
+    verification), or when a deep verification is to report the digest of an artifact
+    it allows."""
+    heads = _headers_only(root)
+    for p in policies:
+        check_name_pin(p, pins["expect_name"])
+    check_env(env_of(primary(heads[1])), pins["expect_env"], str(root))
+    listed = any(p.revocation is not None for p in policies)
+    try:
+        for p in policies:
+            evaluate(root, p, sf, *heads, headers_only=True, **pins)
+    except (Revoked, RevocationListError):
+        raise
+    except VerificationError:
+        if not (deep and listed):
+            raise
+        full = True  # refused either way; hashed only to tell a revoked digest (exit 11)
+    else:
+        full = deep or listed
+    commits, raws = hash_artifact(root) if full else heads
+    return _decide(root, policies, sf, commits, raws, pins)
 
 
 def _decide(
@@ -212,7 +239,7 @@ def reader_check(verdict: Verdict | None) -> Callable[[str, RawArtifact], bytes 
 
 
 def _hash_unsigned(policy: TrustPolicy, strict: bool | None, expect_name: str | None) -> bool:
-    """Whether an unsigned artifact must be hashed in full even on load: when it may still
+    """Whether an unsigned file must be hashed in full even on load: when it may still
     pass (a lenient policy) and revocations apply, so that a revoked artifact digest is
     recognised with the signature file deleted (the artifact id is checked either way)."""
     refused = (policy.strict if strict is None else strict) or expect_name is not None

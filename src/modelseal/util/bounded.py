@@ -39,6 +39,10 @@ _TOML_SKIPPED = (
 _TOML_LEXICAL = re.compile("(?:" + _TOML_SKIPPED + r"|[^\"'#]++)*+", re.DOTALL)
 _TOML_STRIP = re.compile(_TOML_SKIPPED, re.DOTALL)
 _BARE = r"[A-Za-z0-9_-]"
+# A run of more digits than any integer literal may have, outside strings and comments. It
+# also catches a long float or bare key, which no schema here has. ``tomllib`` would raise a
+# bare ValueError past 4300 digits, and ``int()`` below that is quadratic.
+_TOML_LONG_NUMBER = re.compile(f"[0-9_]{{{MAX_INT_DIGITS + 1}}}")
 
 
 def _depth_ok(brackets: bytes, max_depth: int) -> bool:
@@ -133,7 +137,8 @@ def toml_loads(
     """``tomllib.loads`` of untrusted text, after checking in linear time the nesting of
     arrays and inline tables (table headers count as brackets too), the number of values,
     and that no dotted key (or any dotted run outside strings and comments) has more than
-    ``max_key_parts`` parts: ``tomllib``'s work on a dotted key grows with its square."""
+    ``max_key_parts`` parts: ``tomllib``'s work on a dotted key grows with its square; and
+    that no number outside strings and comments has more than 40 digits."""
     if not _TOML_LEXICAL.fullmatch(text):
         raise error(f"{what} is not valid TOML (an unterminated string)")
     # Strings become one bare character (so a quoted key still counts as a key part);
@@ -147,8 +152,10 @@ def toml_loads(
         raise error(f"{what} holds more than {max_values} values")
     if not _depth_ok(brackets, max_depth):
         raise error(f"{what} is malformed or nested more than {max_depth} levels deep")
+    if _TOML_LONG_NUMBER.search(stripped):
+        raise error(f"{what} has a number of more than {MAX_INT_DIGITS} digits")
     try:
         return tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, RecursionError, MemoryError) as e:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError, MemoryError) as e:
         detail = f" ({str(e)[:120]})" if isinstance(e, tomllib.TOMLDecodeError) else ""
         raise error(f"{what} is not valid TOML{detail}") from None

@@ -1,22 +1,61 @@
 """Where modelseal keeps its host state: ``$MODELSEAL_HOME`` (default ``~/.modelseal``), and
 the rule that whatever configures trust on this host can be changed by its owner only.
 
-Owns only the location and that ownership check (``check_private``). The keystore,
-config.toml, the audit key and the host's rollback records live below it; what each
-file holds is its owner's business.
+Owns only the location, that ownership check (``check_private``), and the rule that a
+home named by the environment must exist (``check_home``, applied wherever config.toml
+is read): pointing ``MODELSEAL_HOME`` or ``HOME`` at a folder that is not there must not
+make a host read as unconfigured.
+The keystore, config.toml, the audit key and the host's rollback records live below it;
+what each file holds is its owner's business.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
-from modelseal.errors import ModelsealError
+from modelseal.errors import KeystoreError, ModelsealError
+
+HOME_NAME = ".modelseal"
 
 
 def modelseal_home() -> Path:
-    return Path(os.environ.get("MODELSEAL_HOME") or Path.home() / ".modelseal")
+    return Path(os.environ.get("MODELSEAL_HOME") or Path.home() / HOME_NAME)
+
+
+def own_default_home() -> Path | None:
+    """``~/.modelseal`` of this user as the password database has it (not ``$HOME``)."""
+    try:
+        return Path(pwd.getpwuid(os.geteuid()).pw_dir) / HOME_NAME
+    except KeyError:  # a uid without an entry (some containers): no default to fall back on
+        return None
+
+
+def check_home(home: Path, error: type[ModelsealError]) -> None:
+    """Refuse ``home`` if others could change it (``check_private``, raising ``error``), or
+    if it does not exist (``KeystoreError``, as for a missing keystore), unless it is this
+    user's own default (``own_default_home``): a host that never ran ``modelseal init``
+    keeps nothing there, so nothing is lost. A missing home reached through
+    ``MODELSEAL_HOME`` or ``HOME`` would read as a host with no config.toml (no trust
+    policy, no ``host_env``, no key bindings) and no rollback records; ``modelseal init``
+    creates it, and an empty folder does for a host that keeps no keys."""
+    try:
+        st = os.stat(home)
+    except FileNotFoundError:
+        default = own_default_home()
+        if default is not None and os.path.abspath(home) == os.path.abspath(default):
+            return
+        raise KeystoreError(
+            f"no modelseal home at {home} (MODELSEAL_HOME, else $HOME/{HOME_NAME}): run 'modelseal init' first"
+            " (an empty folder of mode 700 does for a host that keeps no keys)"
+        ) from None
+    except OSError as e:
+        raise error(f"cannot check MODELSEAL_HOME {home}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise error(f"MODELSEAL_HOME {home} is not a folder")
+    check_private(home, "MODELSEAL_HOME", error)
 
 
 def check_private(path: Path, what: str, error: type[ModelsealError], *, parent: bool = False) -> None:
@@ -53,7 +92,9 @@ def _check(st: os.stat_result, path: Path, what: str, error: type[ModelsealError
 
 
 def checked_home(error: type[ModelsealError]) -> Path:
-    """``$MODELSEAL_HOME``, refused if someone else could change what it holds."""
+    """``$MODELSEAL_HOME``, refused if someone else could change what it holds. It may be
+    missing (the keyless signing layer then keeps no records); whatever loads config.toml
+    has refused a missing home already (``check_home``)."""
     home = modelseal_home()
     check_private(home, "MODELSEAL_HOME", error)
     return home

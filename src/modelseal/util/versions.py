@@ -25,6 +25,15 @@ from modelseal.util.home import checked_home
 MAX_VERSION = (1 << 53) - 1  # exact in every JSON implementation
 
 
+def record_path(path: str | os.PathLike[str]) -> str:
+    """How a record names a file (a trust policy, a revocation list): its folder resolved,
+    so every spelling of it (``//etc/x``, ``a/./b``, a symlinked folder) keeps one record,
+    and its own name as given, not resolved, so a symlink swapped in at that name does
+    not get a fresh, empty record."""
+    folder, name = os.path.split(os.fspath(path))
+    return os.path.join(os.path.realpath(folder or os.curdir), name)
+
+
 def is_version(value: Any, least: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_VERSION
 

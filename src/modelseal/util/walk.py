@@ -41,38 +41,40 @@ def is_within(child: Path, parent: Path) -> bool:
 FileId = tuple[int, int]  # (st_dev, st_ino)
 
 
-def walk_folder(root: Path) -> list[tuple[str, Path, FileId]]:
+def walk_folder(root: Path, *, refuse: Path | None = None) -> list[tuple[str, Path, FileId]]:
     """List the regular files under ``root`` as (POSIX relative path, real path, file id), sorted.
 
     Symlinks are followed only when they stay inside ``root``; one that leaves
     it (or dangles) is refused, as are symlinked folders and special files. A
     folder or entry that cannot be read is a ``StorageError``, never skipped: the
-    sealed output is all that is left once the plaintext is deleted.
+    sealed output is all that is left once the plaintext is deleted. ``refuse`` (the
+    keystore's folder) may not be any folder of the tree, under any name (a bind mount).
+
+    Each sub-folder is listed through a descriptor opened without following a symlink
+    and must be the very folder (device, inode) its parent's listing named: a folder
+    swapped for a symlink while the walk runs cannot bring files from elsewhere in.
     """
     root_real = Path(os.path.realpath(root))
+    banned = _id_of(refuse) if refuse is not None else None
     out: list[tuple[str, Path, FileId]] = []
     seen: set[FileId] = set()
-    stack = [root]
+    stack: list[tuple[Path, FileId | None]] = [(root, None)]
     while stack:  # iterative: no recursion limit on deep trees
-        folder = stack.pop()
-        try:
-            fst = os.stat(folder)
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError as e:
-            raise StorageError(f"cannot list the folder {folder}: {e.strerror}; nothing was sealed") from None
-        if (fst.st_dev, fst.st_ino) in seen:  # a bind mount of a folder above: the walk would never end
+        folder, want = stack.pop()
+        fst, entries = _list(folder, follow=want is None)
+        fid = (fst.st_dev, fst.st_ino)
+        if want is not None and fid != want:
+            raise PolicyDenied(f"{folder} changed while it was being walked; nothing was sealed")
+        if fid == banned:
+            raise PolicyDenied(f"{folder} is the keystore's folder: keys must never be sealed beside the data")
+        if fid in seen:  # a bind mount of a folder above: the walk would never end
             raise PolicyDenied(f"{folder} is a second name for a folder already walked (a bind mount?)")
-        seen.add((fst.st_dev, fst.st_ino))
-        for entry in entries:
-            p = Path(entry.path)
+        seen.add(fid)
+        for name, st in entries:
+            p = folder / name
             rel = p.relative_to(root).as_posix()
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                raise StorageError(f"cannot read {p}: {e.strerror}; nothing was sealed") from None
             if stat.S_ISDIR(st.st_mode):
-                stack.append(p)
+                stack.append((p, (st.st_dev, st.st_ino)))
                 continue
             real = p
             if stat.S_ISLNK(st.st_mode):
@@ -80,8 +82,45 @@ def walk_folder(root: Path) -> list[tuple[str, Path, FileId]]:
             if not stat.S_ISREG(st.st_mode):
                 raise PolicyDenied(f"{rel} is not a regular file")
             out.append((rel, real, (st.st_dev, st.st_ino)))
-    out.sort(key=lambda item: item[0].encode())
+    out.sort(key=lambda item: os.fsencode(item[0]))  # a name that is not UTF-8 is refused later, typed
     return out
+
+
+def _list(folder: Path, *, follow: bool) -> tuple[os.stat_result, list[tuple[str, os.stat_result]]]:
+    """The folder's identity and its entries with their own (not followed) status, read
+    through one descriptor (the root may be a symlink the operator named; a sub-folder
+    may not)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(folder, flags)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and not follow:
+            raise PolicyDenied(f"{folder} changed while it was being walked; nothing was sealed") from None
+        raise StorageError(f"cannot list the folder {folder}: {e.strerror}; nothing was sealed") from None
+    try:
+        try:
+            fst = os.fstat(fd)
+            with os.scandir(fd) as it:
+                names = [entry.name for entry in it]
+        except OSError as e:
+            raise StorageError(f"cannot list the folder {folder}: {e.strerror}; nothing was sealed") from None
+        entries = []
+        for name in names:
+            try:
+                entries.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
+            except OSError as e:
+                raise StorageError(f"cannot read {folder / name}: {e.strerror}; nothing was sealed") from None
+        return fst, entries
+    finally:
+        os.close(fd)
+
+
+def _id_of(path: Path) -> FileId | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _link_target(link: Path, rel: str, root_real: Path) -> tuple[os.stat_result, Path]:

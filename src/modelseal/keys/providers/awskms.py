@@ -11,9 +11,9 @@ ciphertext names its backing key), so recipients record version 1.
 
 One key has several spellings (key id, key ARN, alias name, alias ARN), and an
 alias can be re-pointed. ``canonical_name`` resolves any of them to the key ARN with
-``DescribeKey`` (cached for ``DESCRIBE_TTL`` seconds), and ``KeyService`` compares
-keys only through it, so an environment binding written with one spelling holds for
-all of them.
+``DescribeKey`` (cached for ``DESCRIBE_TTL`` seconds, at most ``DESCRIBE_CACHE_SIZE``
+spellings), and ``KeyService`` compares keys only through it, so an environment binding
+written with one spelling holds for all of them.
 
 AWS cannot run on the test machines: the tests use botocore's ``Stubber``,
 which checks every request against the real KMS API model, and say so.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from modelseal.format.header import Recipient
 
 # How long a resolved identity is reused: an alias re-pointed in KMS is followed within this time.
 DESCRIBE_TTL = 60.0
+# Spellings kept at most: names may come from artifacts, so the cache must not grow without bound.
+DESCRIBE_CACHE_SIZE = 256
 # A key id, key ARN, alias name or alias ARN (KMS's own alphabet for all four).
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9:/_.-]{0,2047}")
 
@@ -57,7 +60,7 @@ class AwsKmsProvider:
         self._factory = client_factory or self._default_client
         self._client: Any = None
         self._now = now
-        self._arns: dict[str, tuple[str, float]] = {}
+        self._arns: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -99,6 +102,9 @@ class AwsKmsProvider:
             raise KeyProviderError("awskms: DescribeKey returned no usable key ARN")
         with self._lock:
             self._arns[name] = (arn, self._now() + DESCRIBE_TTL)
+            self._arns.move_to_end(name)
+            while len(self._arns) > DESCRIBE_CACHE_SIZE:
+                self._arns.popitem(last=False)  # the oldest entry
         return arn
 
     def generate(self, name: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient]:
