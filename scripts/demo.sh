@@ -30,8 +30,9 @@ echo "== modelseal signing-key: a P-256 key pair for signing (model-signing comp
 echo "== modelseal seal model -> model.sealed, signed in the same pass (file names are not visible)"
 "$MS" seal "$OUT/model" "$OUT/model.sealed" --key demo-kek --context artifact=demo --sign-key "$OUT/release.pem" --name demo-model
 find "$OUT/model.sealed" -type f | sed "s|$OUT/||"
-echo "== modelseal verify: keyless (no keystore, no passphrase needed)"
-env -u MODELSEAL_PASSPHRASE MODELSEAL_HOME="$OUT/nowhere" "$MS" verify "$OUT/model.sealed" --public-key "$OUT/release.pub"
+echo "== modelseal verify: keyless (no keystore, no passphrase needed; an empty home of mode 700)"
+mkdir -p -m 700 "$OUT/verifier-home"
+env -u MODELSEAL_PASSPHRASE MODELSEAL_HOME="$OUT/verifier-home" "$MS" verify "$OUT/model.sealed" --public-key "$OUT/release.pub"
 echo "== modelseal inspect model.sealed"
 "$MS" inspect "$OUT/model.sealed"
 echo "== open it back: one member read straight into memory, then the whole folder"
