@@ -194,6 +194,23 @@ def _mark_pool_thread() -> None:
     _IN_POOL.active = True
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(chunk_size: int) -> tuple[memoryview, memoryview]:
+    """This thread's ciphertext and plaintext scratch for one chunk, reused from call to
+    call: a fresh private mapping per read (mmap, madvise, first-touch faults, munmap)
+    doubled the time of a 1 MiB random read. The plaintext one is out of core dumps."""
+    have = getattr(_SCRATCH, "size", 0)
+    if have < chunk_size:
+        _SCRATCH.cipher = memoryview(bytearray(chunk_size + TAG_LEN))
+        _SCRATCH.plain = secret_buffer(chunk_size)
+        _SCRATCH.size = chunk_size
+    cipher: memoryview = _SCRATCH.cipher
+    plain: memoryview = _SCRATCH.plain
+    return cipher[: chunk_size + TAG_LEN], plain[:chunk_size]
+
+
 def _forget_pool_in_child() -> None:
     # A forked child (a DataLoader worker, say) inherits the executor object but none of its
     # threads; idle-thread bookkeeping copied from the parent would stop it from starting
@@ -324,8 +341,15 @@ def decrypt_scatter(
     first, last = offset // cs, (end - 1) // cs + 1
 
     def job(run: range) -> None:
-        scratch = memoryview(bytearray(cs + TAG_LEN))
-        plain = secret_buffer(cs)  # plaintext: out of core dumps
+        nested = getattr(_SCRATCH, "busy", False)  # a source that itself decrypts (sealed:: over sealed::)
+        scratch, plain = (memoryview(bytearray(cs + TAG_LEN)), secret_buffer(cs)) if nested else _scratch(cs)
+        _SCRATCH.busy = True
+        try:
+            _decrypt_run(run, scratch, plain)
+        finally:
+            _SCRATCH.busy = nested
+
+    def _decrypt_run(run: range, scratch: memoryview, plain: memoryview) -> None:
         for i in run:
             c0 = i * cs
             n = layout.plain_len(i)
