@@ -42,6 +42,13 @@ class KeyProviderError(ModelsealError):
     exit_code = 5
 
 
+class ProviderUnavailable(KeyProviderError):
+    """The provider could not be reached, or refused this caller: a fault of the service,
+    not of the one artifact or key asked about."""
+
+    exit_code = 5
+
+
 class KeyNotFound(KeyProviderError):
     """No such key (or key version) in the provider."""
 

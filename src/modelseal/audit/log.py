@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -59,6 +60,8 @@ __all__ = [
     "public_key_hex",
     "read_checkpoint",
 ]
+
+_log = logging.getLogger("modelseal.audit")
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -127,7 +130,7 @@ class MerkleAuditLog:
         body = json.dumps({**asdict(event), "signer": signer}, sort_keys=True, separators=(",", ":"))
         with self._lock:
             with self.store.transaction() as tx:
-                frontier = self._checked_frontier(tx)
+                frontier = self._checked_frontier(tx, strict=False)
                 leaf = merkle.leaf_hash(body.encode())
                 head = frontier.append(leaf)
                 sig = self.signing_key.sign(_signed_message(frontier.size, head))
@@ -140,8 +143,16 @@ class MerkleAuditLog:
         change, so a change is not made that its event cannot record."""
         with self._lock, self.store.transaction() as tx:
             self._checked_frontier(tx)
+            # Ordinary events may have been recorded on top of an entry this host does not
+            # trust (so reads go on); a key change is made only on a log that verifies
+            # whole. Key changes are rare: one full pass over the log each is the price.
+            v, _, _ = check_rows(
+                tx.rows_after(0), self.trusted_keys(), merkle.Frontier(), unknown_ok=len(self.trusted_keys()) <= 1
+            )
+            if not v.ok:
+                raise AuditLogError(f"refusing a key change on an audit log that does not verify: {v.reason}")
 
-    def _checked_frontier(self, tx: AppendTx) -> merkle.Frontier:
+    def _checked_frontier(self, tx: AppendTx, *, strict: bool = True) -> merkle.Frontier:
         """The frontier of the log as it is, after checking it: that it still holds what
         this host last wrote, and that every entry since verifies (heads and signatures),
         so this host never signs on top of a forged or rolled-back log. Only the entries
@@ -166,7 +177,24 @@ class MerkleAuditLog:
             frontier = merkle.Frontier()
             v, _, _ = check_rows(tx.rows_after(0), trusted, frontier, unknown_ok=unknown_ok)
         if not v.ok:
-            raise AuditLogError(f"refusing to append to an audit log that does not verify: {v.reason}")
+            if strict:  # a key change (ready()) is refused on top of entries this host does not trust
+                raise AuditLogError(f"refusing to append to an audit log that does not verify: {v.reason}")
+            # An ordinary event (an unwrap) is still recorded, so one foreign or forged row
+            # cannot stop decryption on every host sharing the log; the structure must hold,
+            # and the row stays for `audit verify` to name.
+            frontier = self._structural_frontier(tx)
+            _log.warning("audit log %s: %s; recording this event anyway", self._state.path.name, v.reason)
+        return frontier
+
+    def _structural_frontier(self, tx: AppendTx) -> merkle.Frontier:
+        """The frontier over every row, checking only that each head is the tree head after
+        it (no signatures): enough to append consistently. A changed, moved or inserted
+        row still refuses the append."""
+        last = self._state.last_written(tx.head_at)
+        frontier = last.frontier if last is not None and last.frontier is not None else merkle.Frontier()
+        for seq, body, _leaf, head, _sig in tx.rows_after(frontier.size):
+            if seq != frontier.size + 1 or frontier.append(merkle.leaf_hash(body.encode())) != head:
+                raise AuditLogError(f"refusing to append to an audit log that does not verify: entry {seq} was changed")
         return frontier
 
     def _last_written(self, rows: list[Row]) -> HostState | None:

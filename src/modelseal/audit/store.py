@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from modelseal.errors import StorageError
 
@@ -244,14 +244,17 @@ _SECRET_PARAMS = frozenset({"password", "sslpassword"})
 
 
 def _without_password(url: str) -> str:
+    # One identity per database, however the URL is spelled (options, user, default port):
+    # a new spelling must not start a fresh record that would accept a rolled-back log.
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{unquote(parts.username)}@" if parts.username else ""
-    netloc += f"[{host}]" if ":" in host else host
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    host = (parts.hostname or query.get("host") or "localhost").lower()
+    port = query.get("port") or "5432"
     with contextlib.suppress(ValueError):
-        netloc += f":{parts.port}" if parts.port else ""
-    query = sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _SECRET_PARAMS)
-    return f"postgresql://{netloc}{parts.path}" + (f"?{urlencode(query)}" if query else "")
+        port = str(parts.port or port)
+    dbname = unquote(parts.path.lstrip("/")) or query.get("dbname") or unquote(parts.username or "")
+    netloc = f"[{host}]" if ":" in host else host
+    return f"postgresql://{netloc}:{port}/{dbname}"
 
 
 def open_store(target: Path | str) -> AuditStore:

@@ -142,7 +142,7 @@ def parse(doc: dict[str, Any]) -> Config:
 def _read(path: Path, what: str) -> dict[str, Any] | None:
     """The TOML document at ``path`` (None if there is none)."""
     try:
-        raw = read_limited(path, MAX_CONFIG, ConfigError, f"{what} {path}")
+        raw = read_limited(path, MAX_CONFIG, ConfigError, f"{what} {path}", regular=True)
     except FileNotFoundError:
         return None
     try:

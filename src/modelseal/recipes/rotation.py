@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelseal.audit.events import AuditEvent
-from modelseal.errors import ArtifactError, KeyNotFound, ModelsealError, StorageError
+from modelseal.errors import ArtifactError, KeyNotFound, ModelsealError, ProviderUnavailable, StorageError
 from modelseal.format.envelope import artifact_id, open_envelope, parse_slots
 from modelseal.format.file import RawArtifact, read_raw, write_slot_in_place
 from modelseal.format.folder import MANIFEST_NAME
@@ -292,11 +292,18 @@ def _transit_keys(
         fresh = provider.rewrap_many(ours, (), contexts=contexts)
         return list(zip(deks, fresh, strict=True))
     except ModelsealError as e:
-        if len(ours) == 1:
-            return [e]
+        if len(ours) == 1 or isinstance(e, ProviderUnavailable):
+            # The server itself failed (unreachable, no permission): every item would fail
+            # the same way, each after its own retries; trying them one by one would only
+            # multiply the outage's cost by the batch size.
+            return [e] * len(ours)
     out: list[tuple[bytes, Recipient] | ModelsealError] = []
-    for r, c in zip(ours, contexts, strict=True):
-        out += _transit_keys(svc, provider, key, [r], [c])
+    for i, (r, c) in enumerate(zip(ours, contexts, strict=True)):
+        one = _transit_keys(svc, provider, key, [r], [c])
+        out += one
+        if isinstance(one[0], ProviderUnavailable):  # the server went away meanwhile: stop here
+            out += [one[0]] * (len(ours) - i - 1)
+            break
     return out
 
 

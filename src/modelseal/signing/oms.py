@@ -151,18 +151,21 @@ class OmsResult:
     payload: bytes = b""  # the signed statement, exactly as signed
 
 
-# How many bytes of one plaintext file may be holes: a genuine file rarely has any (a
-# sparse copy of zero runs, or ZFS storing all-zero blocks as holes), an attack has 2^50.
-MAX_HOLES = 1 << 20
+# How many bytes of one plaintext file may be holes: at least this much, and up to 16
+# times what the file stores, so hashing stays proportional to what the disk holds. A
+# genuine sparse copy (zero runs of an untrained adapter, ZFS all-zero blocks) passes;
+# an attack has 2^50 bytes of holes over a few blocks.
+MAX_HOLES = 64 << 20
+HOLES_PER_STORED_BYTE = 16
 
 
-def _hole_bytes(fd: int, size: int) -> int:
-    """The bytes of holes in the file, counted up to just past ``MAX_HOLES`` with
+def _hole_bytes(fd: int, size: int, limit: int = MAX_HOLES) -> int:
+    """The bytes of holes in the file, counted up to just past ``limit`` with
     ``SEEK_DATA``/``SEEK_HOLE``: what the file system stores, not ``st_blocks``, which
     compression (ZFS, btrfs) also lowers. Each step costs an extent the disk holds."""
     holes, pos = 0, 0
     try:
-        while pos < size and holes <= MAX_HOLES:
+        while pos < size and holes <= limit:
             data = os.lseek(fd, pos, os.SEEK_DATA)
             holes += data - pos
             pos = os.lseek(fd, data, os.SEEK_HOLE)
@@ -182,9 +185,11 @@ def _hash_file(path: Path, hash_type: str) -> str:
     h = hashlib.new(hash_type)
     fd = open_regular(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        if _hole_bytes(fd, os.fstat(fd).st_size) > MAX_HOLES:
+        st = os.fstat(fd)
+        limit = max(MAX_HOLES, HOLES_PER_STORED_BYTE * st.st_blocks * 512)
+        if _hole_bytes(fd, st.st_size, limit) > limit:
             raise _fail(
-                f"{str(path)[:200]!r} is sparse (more than {MAX_HOLES} bytes of holes): refusing to hash them"
+                f"{str(path)[:200]!r} is sparse (more than {limit} bytes of holes): refusing to hash them"
                 " (copy it with cp --sparse=never to verify it)"
             )
         buf = bytearray(4 << 20)

@@ -44,8 +44,14 @@ def check_home(home: Path, error: type[ModelsealError]) -> None:
     try:
         st = os.stat(home)
     except FileNotFoundError:
+        # Only a home that MODELSEAL_HOME names explicitly must exist: a missing ~/.modelseal
+        # (under $HOME, which CI containers and `docker run --user` often point elsewhere)
+        # is a host that keeps no state. A host that needs its policy whatever the
+        # environment says declares it in /etc/modelseal/config.toml.
         default = own_default_home()
-        if default is not None and os.path.abspath(home) == os.path.abspath(default):
+        if not os.environ.get("MODELSEAL_HOME") or (
+            default is not None and os.path.abspath(home) == os.path.abspath(default)
+        ):
             return
         raise KeystoreError(
             f"no modelseal home at {home} (MODELSEAL_HOME, else $HOME/{HOME_NAME}): run 'modelseal init' first"

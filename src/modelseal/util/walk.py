@@ -56,6 +56,7 @@ def walk_folder(root: Path, *, refuse: Path | None = None) -> list[tuple[str, Pa
     """
     root_real = Path(os.path.realpath(root))
     banned = _id_of(refuse) if refuse is not None else None
+    banned_files = _file_ids(refuse) if refuse is not None else set()  # a hard link of keystore.json
     out: list[tuple[str, Path, FileId]] = []
     seen: set[FileId] = set()
     stack: list[tuple[Path, FileId | None]] = [(root, None)]
@@ -81,6 +82,10 @@ def walk_folder(root: Path, *, refuse: Path | None = None) -> list[tuple[str, Pa
                 st, real = _link_target(p, rel, root_real)
             if not stat.S_ISREG(st.st_mode):
                 raise PolicyDenied(f"{rel} is not a regular file")
+            if (st.st_dev, st.st_ino) in banned_files:
+                raise PolicyDenied(
+                    f"{rel} is a file of the keystore's folder: keys must never be sealed beside the data"
+                )
             out.append((rel, real, (st.st_dev, st.st_ino)))
     out.sort(key=lambda item: os.fsencode(item[0]))  # a name that is not UTF-8 is refused later, typed
     return out
@@ -113,6 +118,16 @@ def _list(folder: Path, *, follow: bool) -> tuple[os.stat_result, list[tuple[str
         return fst, entries
     finally:
         os.close(fd)
+
+
+def _file_ids(folder: Path) -> set[FileId]:
+    """The (device, inode) of the regular files directly in ``folder`` (none if unreadable)."""
+    try:
+        with os.scandir(folder) as it:
+            stats = [e.stat(follow_symlinks=False) for e in it]
+    except OSError:
+        return set()
+    return {(s.st_dev, s.st_ino) for s in stats if stat.S_ISREG(s.st_mode)}
 
 
 def _id_of(path: Path) -> FileId | None:

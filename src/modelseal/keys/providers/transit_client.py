@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
+from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, ProviderUnavailable
 
 RETRIES = 4
 
@@ -133,12 +133,12 @@ class TransitClient:
             ):
                 # A request that changes state (rotate, create) may have happened: never repeat it.
                 if attempt == RETRIES - 1 or not idempotent:
-                    raise KeyProviderError(f"transit: the server is unreachable during {what}") from None
+                    raise ProviderUnavailable(f"transit: the server is unreachable during {what}") from None
                 self._sleep(delay)
                 delay *= 2
             except hx.Forbidden:
                 if relogged or _env("BAO_TOKEN", "VAULT_TOKEN"):
-                    raise KeyProviderError(f"transit: permission denied for {what}") from None
+                    raise ProviderUnavailable(f"transit: permission denied for {what}") from None
                 relogged = True
                 self._client = None  # AppRole token expired: log in again
             except hx.InvalidPath:
