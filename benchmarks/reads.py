@@ -1,0 +1,144 @@
+"""The read patterns ordinary code uses, sealed against plaintext, in one run (issue 11's baseline).
+
+    python benchmarks/reads.py [--size-mib 512] [--rounds 3]
+
+One random file, sealed once; both page-cached. For each pattern: the plaintext file
+read the same way (the reference), then the sealed one through ``modelseal.open`` (or
+``sealed::`` for the fsspec rows); best of ROUNDS each. Prints GB/s and the ratio
+sealed/plain, which issue 11 wants at 0.7x or better for every pattern, and the
+median of random 1 MiB ``pread`` calls (target: under 1 ms).
+Figures, not pass/fail: docs/benchmarks.md has the latest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import modelseal
+from modelseal.audit.events import MemorySink
+from modelseal.keys import keystore
+from modelseal.keys.service import KeyService
+
+GB = 1e9
+MIB = 1 << 20
+
+
+def readinto_loop(f: BinaryIO, size: int) -> None:
+    buf = bytearray(size)
+    while f.readinto(buf):  # type: ignore[attr-defined]
+        pass
+
+
+def read_loop(f: BinaryIO, size: int) -> None:
+    while f.read(size):
+        pass
+
+
+class _Sink(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+PATTERNS: list[tuple[str, Callable[[BinaryIO], None]]] = [
+    ("readinto, 64 KiB buffer", lambda f: readinto_loop(f, 64 << 10)),
+    ("readinto, 1 MiB buffer", lambda f: readinto_loop(f, MIB)),
+    ("readinto, 8 MiB buffer", lambda f: readinto_loop(f, 8 * MIB)),
+    ("read(1 MiB) loop", lambda f: read_loop(f, MIB)),
+    ("read(8 MiB) loop", lambda f: read_loop(f, 8 * MIB)),
+    ("shutil.copyfileobj", lambda f: shutil.copyfileobj(f, _Sink())),
+    ("io.BufferedReader, 16 KiB reads", lambda f: read_loop(io.BufferedReader(f), 16 << 10)),  # type: ignore[arg-type]
+]
+
+
+def best_of(rounds: int, fn: Callable[[], None]) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="work folder (default: a temp folder under /tmp)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="modelseal-reads-", dir=args.dir))
+    try:
+        home = work / "home"
+        os.environ["MODELSEAL_HOME"] = str(home)
+        keystore.create(keystore.keystore_path(home), b"bench", scrypt_log2_n=14)
+        os.environ["MODELSEAL_PASSPHRASE"] = "bench"
+        svc = KeyService(sink=MemorySink())
+        svc.create("bench")
+        size = args.size_mib * MIB
+        plain = work / "data.bin"
+        with open(plain, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(MIB))
+        sealed = work / "data.sealed"
+        modelseal.seal(plain, sealed, "bench", keys=svc)
+        print(f"cores: {os.cpu_count()}  file: {args.size_mib} MiB (page-cached)")
+        print(f"{'pattern':36} {'plain':>10} {'sealed':>10} {'ratio':>7}")
+
+        def row(name: str, on_plain: Callable[[], None], on_sealed: Callable[[], None]) -> None:
+            on_plain()  # warm the page cache and the pool
+            tp = best_of(args.rounds, on_plain)
+            ts = best_of(args.rounds, on_sealed)
+            print(f"{name:36} {size / tp / GB:7.2f} GB/s {size / ts / GB:5.2f} GB/s {tp / ts:6.2f}x")
+
+        for name, pattern in PATTERNS:
+
+            def on_plain(p: Callable[[BinaryIO], None] = pattern) -> None:
+                with open(plain, "rb", buffering=0) as f:
+                    p(f)
+
+            def on_sealed(p: Callable[[BinaryIO], None] = pattern) -> None:
+                with modelseal.open(sealed, keys=svc, verify=False) as r:
+                    p(r)  # type: ignore[arg-type]
+
+            row(name, on_plain, on_sealed)
+        try:
+            import fsspec
+        except ImportError:
+            print("fsspec: not installed - sealed:: rows skipped")
+        else:
+
+            def fs_plain() -> None:
+                with fsspec.open(f"file://{plain}", "rb") as f:
+                    read_loop(f, MIB)
+
+            def fs_sealed() -> None:
+                with fsspec.open(f"sealed::file://{sealed}", "rb", sealed={"keys": svc}) as f:
+                    read_loop(f, MIB)
+
+            row("fsspec, default block size", fs_plain, fs_sealed)
+        with modelseal.open(sealed, keys=svc, verify=False) as r:
+            times = []
+            for _ in range(200):
+                off = random.randrange(0, size - MIB)  # a benchmark offset, not a secret
+                t = time.perf_counter()
+                r.pread(off, MIB)
+                times.append(time.perf_counter() - t)
+        print(f"{'1 MiB pread at random offsets':36} median {statistics.median(times) * 1e3:.2f} ms")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
