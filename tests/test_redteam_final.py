@@ -96,3 +96,13 @@ def test_a_hard_link_of_a_keystore_file_is_never_sealed(env: Env) -> None:
     with pytest.raises(PolicyDenied, match="keystore"):
         modelseal.seal(src, env.work / "m.sealed", "test-kek", keys=env.svc)
     assert not (env.work / "m.sealed").exists()
+
+
+def test_init_into_a_dangling_symlink_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelseal.cli import main
+
+    home = tmp_path / "home"
+    home.symlink_to(tmp_path / "gone")
+    monkeypatch.setenv("MODELSEAL_HOME", str(home))
+    monkeypatch.setenv("MODELSEAL_PASSPHRASE", "a passphrase for the test")
+    assert main(["init"]) == 6  # KeystoreError, not "internal error (FileExistsError)"

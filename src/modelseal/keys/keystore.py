@@ -151,7 +151,10 @@ def create(
     root = root_key or os.urandom(32)
     dont_dump(root)
     header = _wrapped_root_header(passphrase, root, scrypt_log2_n)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:  # a dangling symlink or a file in the way, say
+        raise KeystoreError(f"cannot create the keystore's folder {path.parent}: {e.strerror or e}") from None
     ks = UnlockedKeystore(path, root, header, {}, b"")
     try:
         ks.save(exclusive=True)  # never replaces a keystore, even one created concurrently
