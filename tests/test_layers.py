@@ -157,3 +157,10 @@ def test_module_is_small_and_says_what_it_owns(path: Path) -> None:
     text = path.read_text()
     assert len(text.splitlines()) <= 420, "split the module: about 400 lines at most"
     assert ast.get_docstring(ast.parse(text)), "a module docstring says what it owns and what it must not know"
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_docs_architecture_names_every_module(path: Path) -> None:
+    doc = (SRC.parent.parent / "docs" / "architecture.md").read_text()
+    name = path.parent.name if path.name == "__init__.py" else path.stem
+    assert f"`{name}`" in doc or f"`{name}/`" in doc, "docs/architecture.md must keep the map true"
