@@ -106,3 +106,38 @@ def test_init_into_a_dangling_symlink_is_a_one_line_error(tmp_path: Path, monkey
     monkeypatch.setenv("MODELSEAL_HOME", str(home))
     monkeypatch.setenv("MODELSEAL_PASSPHRASE", "a passphrase for the test")
     assert main(["init"]) == 6  # KeystoreError, not "internal error (FileExistsError)"
+
+
+def test_the_audit_hosts_file_follows_the_ownership_rule(tmp_path: Path) -> None:
+    from modelseal.audit.hosts import AuditConfigError, load_hosts
+
+    hosts = tmp_path / "audit-hosts.toml"
+    hosts.write_text("[hosts]\n")
+    hosts.chmod(0o600)
+    assert load_hosts(hosts) == {}
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file to another user")
+    os.chown(hosts, 65534, 65534)  # which audit keys are trusted: nobody else's to decide
+    with pytest.raises(AuditConfigError, match="another user"):
+        load_hosts(hosts)
+    os.unlink(hosts)
+    os.mkfifo(hosts, 0o600)
+    with pytest.raises(AuditConfigError, match="not a regular file"):
+        load_hosts(hosts)
+
+
+def test_a_checkpoint_chains_to_the_bytes_it_was_verified_against(env: Env) -> None:
+    import hashlib
+
+    from modelseal.audit.log import MerkleAuditLog
+
+    log = MerkleAuditLog(env.home / "audit.db")
+    from modelseal.audit.events import AuditEvent
+
+    log.emit(AuditEvent("wrap", "local:k", "ok", 1, None, "t", 1.0))
+    witness = env.work / "witness"
+    log.checkpoint(witness)
+    first = (witness / "latest.json").read_bytes()
+    log.emit(AuditEvent("wrap", "local:k", "ok", 1, None, "t", 2.0))
+    cp = log.checkpoint(witness)
+    assert cp["previous"] == hashlib.sha256(first).hexdigest()

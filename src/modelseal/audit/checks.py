@@ -8,9 +8,7 @@ are trusted are ``audit.log``'s.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from modelseal.audit import merkle
 from modelseal.audit.store import Row
 from modelseal.errors import ModelsealError
 from modelseal.util.bounded import json_loads
+from modelseal.util.files import read_limited
 
 _SIG_LABEL = b"modelseal/audit/v1\x00"
 LATEST = "latest.json"  # the witness's newest checkpoint
@@ -55,23 +54,28 @@ def signed_message(seq: int, head: bytes) -> bytes:
 
 def read_checkpoint(witness: Path, missing_ok: bool = False) -> dict[str, Any] | None:
     """The witness folder's latest checkpoint (``None`` if there is none and ``missing_ok``)."""
-    path = witness / LATEST
-    doc: Any = None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks
-        with os.fdopen(fd, "rb") as f:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                raw = f.read(MAX_CHECKPOINT + 1)
-                doc = _bounded(raw) if len(raw) <= MAX_CHECKPOINT else None
+    found = read_checkpoint_bytes(witness, missing_ok)
+    return None if found is None else found[0]
+
+
+def read_checkpoint_bytes(witness: Path, missing_ok: bool = False) -> tuple[dict[str, Any], bytes] | None:
+    """The latest checkpoint and the very bytes it was parsed from (to chain the next one
+    to what was verified, not to a file swapped in meanwhile)."""
+    try:  # a FIFO never blocks; a file over the limit is refused
+        raw = read_limited(
+            witness / LATEST, MAX_CHECKPOINT, AuditLogError, f"the checkpoint in {witness}", regular=True
+        )
     except FileNotFoundError:
         if missing_ok:
             return None
         raise AuditLogError(f"no readable checkpoint in {witness}") from None
-    except (OSError, ValueError):
+    try:
+        doc = _bounded(raw)
+    except ValueError:
         doc = None
     if not isinstance(doc, dict):
         raise AuditLogError(f"no readable checkpoint in {witness}")
-    return doc
+    return doc, raw
 
 
 def parse_checkpoint(cp: Mapping[str, Any]) -> tuple[Ed25519PublicKey, tuple[int, bytes]] | None:

@@ -18,9 +18,7 @@ refused if group or others may write it. Owns only this file; verification is
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from modelseal.errors import ModelsealError
 from modelseal.util.bounded import toml_loads
+from modelseal.util.files import read_limited
+from modelseal.util.home import check_private
 
 HOSTS_NAME = "audit-hosts.toml"
 MAX_HOSTS_FILE = 64 * 1024
@@ -102,21 +102,11 @@ def parse_hosts(text: str, where: str = HOSTS_NAME) -> dict[str, HostKey]:
 
 def load_hosts(path: Path) -> dict[str, HostKey]:
     """The hosts configured in ``path`` (none if it does not exist), keyed by key id."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks
+    try:  # trust configuration: a FIFO never blocks, and only its owner may change it
+        raw = read_limited(path, MAX_HOSTS_FILE, AuditConfigError, str(path), regular=True)
     except FileNotFoundError:
         return {}
-    except OSError as e:
-        raise AuditConfigError(f"cannot read {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise AuditConfigError(f"{path} is not a regular file")
-        if st.st_mode & 0o022:
-            raise AuditConfigError(f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}): chmod go-w")
-        raw = f.read(MAX_HOSTS_FILE + 1)
-    if len(raw) > MAX_HOSTS_FILE:
-        raise AuditConfigError(f"{path} is larger than {MAX_HOSTS_FILE} bytes")
+    check_private(path, HOSTS_NAME, AuditConfigError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -42,6 +42,7 @@ from modelseal.audit.checks import (
     check_rows,
     parse_checkpoint,
     read_checkpoint,
+    read_checkpoint_bytes,
 )
 from modelseal.audit.checks import signed_message as _signed_message
 from modelseal.audit.events import AuditEvent
@@ -318,7 +319,8 @@ class MerkleAuditLog:
         The log must verify against the witness's latest checkpoint first: a witness
         never moves back to a shorter or different log.
         """
-        v, rows, key = self._verify(read_checkpoint(witness, missing_ok=True))
+        found = read_checkpoint_bytes(witness, missing_ok=True)
+        v, rows, key = self._verify(None if found is None else found[0])
         if not v.ok:
             raise AuditLogError(f"the audit log does not verify: {v.reason}")
         if not rows or key is None:
@@ -331,10 +333,8 @@ class MerkleAuditLog:
             "time": self._now(),
         }
         witness.mkdir(parents=True, exist_ok=True)
-        try:  # chain each checkpoint to the previous one exported to this witness
-            cp["previous"] = hashlib.sha256((witness / LATEST).read_bytes()).hexdigest()
-        except FileNotFoundError:
-            cp["previous"] = None
+        # Chained to the previous checkpoint: the bytes just verified against, not a re-read.
+        cp["previous"] = None if found is None else hashlib.sha256(found[1]).hexdigest()
         data = json.dumps(cp, sort_keys=True, indent=1).encode() + b"\n"
         write_atomic(witness / f"checkpoint-{cp['size']:012d}.json", data, mode=0o644)
         write_atomic(witness / LATEST, data, mode=0o644)

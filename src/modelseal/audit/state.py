@@ -28,7 +28,7 @@ from pathlib import Path
 from modelseal.audit import merkle
 from modelseal.audit.checks import AuditLogError
 from modelseal.util.bounded import json_loads
-from modelseal.util.files import write_atomic
+from modelseal.util.files import read_limited, write_atomic
 
 MAX_STATE = 16 * 1024
 
@@ -90,18 +90,13 @@ class StateFiles:
 
 
 def _read(path: Path) -> HostState | None:
-    try:
-        raw = path.read_bytes()[: MAX_STATE + 1]
-    except FileNotFoundError:
-        return None
-    except OSError:
-        raise AuditLogError(f"the audit state file {path} is unreadable") from None
-
     def damaged(_why: str) -> AuditLogError:
         return AuditLogError(f"the audit state file {path} is damaged")
 
-    if len(raw) > MAX_STATE:
-        raise damaged("too large")
+    try:  # bounded, and a FIFO never blocks
+        raw = read_limited(path, MAX_STATE, damaged, str(path), regular=True)
+    except FileNotFoundError:
+        return None
     doc = json_loads(raw, max_depth=3, max_values=256, error=damaged)
     try:
         size, head, log = doc["size"], bytes.fromhex(doc["head"]), doc.get("log")

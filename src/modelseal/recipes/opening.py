@@ -20,6 +20,7 @@ from modelseal.format.folder import (
     MAX_MANIFEST,
     SealedFolder,
     parse_manifest,
+    require_folder_layout,
 )
 from modelseal.format.header import (
     KIND_FILE,
@@ -124,8 +125,7 @@ def open_folder(
 ) -> SealedFolder:
     """Open a sealed folder (``verify``, ``expect_name`` and ``expect_env`` as for ``open``)."""
     root = Path(path)
-    if not (root / MANIFEST_NAME).is_file():
-        raise FormatError(f"{root} is not a sealed folder (no {MANIFEST_NAME})")
+    require_folder_layout(root)
     owner = enclosing_folder(root)
     if owner is not None:  # a sealed folder planted inside another is none of its members
         raise FormatError(f"{root} lies inside the sealed folder {owner}: open that folder and name the member")

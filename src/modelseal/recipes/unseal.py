@@ -34,14 +34,15 @@ from modelseal.util.files import (
     write_atomic,
     write_new,
 )
+from modelseal.util.hardening import secret_buffer
 
 _OUT_WINDOW = 16 << 20
 
 
 def _write_plain(reader: SealedReader, dst: Path, progress: Progress | None) -> None:
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    buf = secret_buffer(min(_OUT_WINDOW, max(reader.size, 1)))  # plaintext: out of core dumps
     try:
-        buf = memoryview(bytearray(min(_OUT_WINDOW, max(reader.size, 1))))
         off = 0
         writeback = WritebackHint(fd)
         while off < reader.size:
@@ -58,6 +59,7 @@ def _write_plain(reader: SealedReader, dst: Path, progress: Progress | None) -> 
         raise StorageError(f"write failed: {e.strerror}") from None
     finally:
         os.close(fd)
+        buf[:] = bytes(len(buf))  # no plaintext left behind in this process either
 
 
 def unseal(

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.errors import PolicyDenied
-from modelseal.util.files import write_atomic
+from modelseal.util.bounded import json_loads
+from modelseal.util.files import read_limited, write_atomic
 from modelseal.util.home import checked_home
 
 MAX_VERSION = (1 << 53) - 1  # exact in every JSON implementation
@@ -38,6 +39,9 @@ def is_version(value: Any, least: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and least <= value <= MAX_VERSION
 
 
+MAX_RECORDS = 64 << 20  # half a million names and environments
+
+
 class VersionRecord:
     """The highest version seen for each key, in ``$MODELSEAL_HOME/<file_name>``."""
 
@@ -45,9 +49,13 @@ class VersionRecord:
         self.file_name = file_name
 
     def _read(self, home: Path) -> dict[str, Any]:
-        try:
-            doc = json.loads((home / self.file_name).read_bytes())
-        except (OSError, ValueError, RecursionError):
+        def damaged(why: str) -> ValueError:
+            return ValueError(why)
+
+        try:  # this host's own file, bounded all the same; missing or unreadable reads as no record
+            raw = read_limited(home / self.file_name, MAX_RECORDS, damaged, self.file_name, regular=True)
+            doc = json_loads(raw, max_depth=2, max_values=1_000_000, error=damaged)
+        except (OSError, ValueError):
             return {}
         return doc if isinstance(doc, dict) else {}
 
