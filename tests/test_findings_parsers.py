@@ -27,7 +27,6 @@ import pytest
 
 import modelseal
 from modelseal.errors import DecryptionError, PolicyDenied, VerificationError
-from modelseal.format.file import SealedReader
 from modelseal.format.folder import (
     MAX_MANIFEST,
     Entry,
@@ -37,6 +36,7 @@ from modelseal.format.folder import (
     read_manifest,
 )
 from modelseal.format.header import KIND_MANIFEST
+from modelseal.format.reader import SealedReader
 from modelseal.loaders.safetensors import SafetensorsError, parse_header
 from modelseal.recipes.writing import check_sealable
 from modelseal.signing.sigfile import MAX_SIGNATURES, SignatureFile
@@ -245,7 +245,8 @@ def test_bound_vectors(tmp_path: Path) -> None:
         from modelseal.audit.events import MemorySink
         from modelseal.errors import DecryptionError
         from modelseal.format.envelope import verify_with_dek
-        from modelseal.format.file import SealedReader, read_raw
+        from modelseal.format.file import read_raw
+        from modelseal.format.reader import SealedReader
         from modelseal.format.folder import parse_manifest
         from modelseal.format.source import FdSource
         from modelseal.keys.service import KeyService

@@ -14,7 +14,8 @@ import modelseal
 from modelseal.audit.events import MemorySink
 from modelseal.errors import DecryptionError, FormatError
 from modelseal.format.envelope import verify_with_dek
-from modelseal.format.file import SealedReader, read_raw
+from modelseal.format.file import read_raw
+from modelseal.format.reader import SealedReader
 from modelseal.format.source import FdSource
 from modelseal.keys import keystore
 from modelseal.keys.service import KeyService

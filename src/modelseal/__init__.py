@@ -29,8 +29,8 @@ from modelseal.errors import (
     StorageError,
     VerificationError,
 )
-from modelseal.format.file import SealedReader
 from modelseal.format.folder import SealedFolder
+from modelseal.format.reader import SealedReader
 from modelseal.recipes.context import expecting, trust_policy
 from modelseal.recipes.inspect import inspect
 from modelseal.recipes.opening import open, open_folder  # noqa: A004

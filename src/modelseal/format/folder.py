@@ -19,8 +19,9 @@ from typing import Any
 
 from modelseal.errors import DecryptionError, FormatError
 from modelseal.format.envelope import Opened, attachment_key, verify_with_dek
-from modelseal.format.file import RawArtifact, SealedReader, canonical_json, read_raw
+from modelseal.format.file import RawArtifact, canonical_json, read_raw
 from modelseal.format.header import KIND_BLOB, KIND_MANIFEST
+from modelseal.format.reader import SealedReader
 from modelseal.format.source import FdSource
 from modelseal.util.bounded import json_loads
 from modelseal.util.files import open_regular

@@ -30,9 +30,10 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from modelseal.errors import FormatError, StorageError, VerificationError
-from modelseal.format.file import RawArtifact, SealedReader, open_keys, read_raw
+from modelseal.format.file import RawArtifact, open_keys, read_raw
 from modelseal.format.folder import MANIFEST_NAME
 from modelseal.format.header import KIND_FILE
+from modelseal.format.reader import SealedReader
 from modelseal.format.source import CipherSource, FdSource, FileObjSource
 from modelseal.keys.service import KeyService
 from modelseal.loaders.common import split_member

@@ -12,9 +12,10 @@ from typing import Any
 
 from modelseal.errors import VerificationError
 from modelseal.format.envelope import artifact_id, decrypt_metadata, parse_slots
-from modelseal.format.file import RawArtifact, SealedReader, open_keys, parse_json_object
+from modelseal.format.file import RawArtifact, open_keys, parse_json_object
 from modelseal.format.folder import BLOB_DIR, read_manifest
 from modelseal.format.header import KIND_BLOB, KIND_FILE, KIND_MANIFEST, Slot
+from modelseal.format.reader import SealedReader
 from modelseal.keys.service import KeyService
 from modelseal.recipes.context import service, unwrapper
 from modelseal.recipes.opening import open_raw, primary_file

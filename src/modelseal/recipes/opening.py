@@ -14,7 +14,7 @@ from pathlib import Path
 
 from modelseal.errors import DecryptionError, FormatError
 from modelseal.format.envelope import attachment_key
-from modelseal.format.file import RawArtifact, SealedReader, open_keys, read_raw
+from modelseal.format.file import RawArtifact, open_keys, read_raw
 from modelseal.format.folder import (
     MANIFEST_NAME,
     MAX_MANIFEST,
@@ -26,6 +26,7 @@ from modelseal.format.header import (
     KIND_FILE,
     KIND_MANIFEST,
 )
+from modelseal.format.reader import SealedReader
 from modelseal.format.source import FdSource
 from modelseal.keys.service import KeyService
 from modelseal.recipes.context import (

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from modelseal.errors import DecryptionError, FormatError, StorageError
 from modelseal.format.envelope import artifact_id, new_dek
-from modelseal.format.file import RawArtifact, SealedReader, canonical_json, open_keys, read_raw, write_slot_in_place
+from modelseal.format.file import RawArtifact, canonical_json, open_keys, read_raw, write_slot_in_place
 from modelseal.format.header import KIND_BLOB, KIND_FILE, Recipient
+from modelseal.format.reader import SealedReader
 from modelseal.format.source import FdSource
 from modelseal.format.stream import Progress, ReadAt
 from modelseal.keys.service import KeyService

@@ -12,7 +12,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from modelseal.errors import DecryptionError, DestinationExists, PolicyDenied, StorageError, VerificationError
-from modelseal.format.file import SealedReader
+from modelseal.format.reader import SealedReader
 from modelseal.format.stream import Progress, WritebackHint
 from modelseal.keys.service import KeyService
 from modelseal.recipes.context import (

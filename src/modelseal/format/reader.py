@@ -1,0 +1,146 @@
+"""``SealedReader``: the seekable, thread-safe plaintext view of one sealed file.
+
+Random reads (``pread``/``preadinto``) decrypt only the chunks a range spans;
+sequential reads are served from a bounded read-ahead window decrypted on the
+shared pool. The header, the envelope and the length check live in ``file``.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Any
+
+from modelseal.format.envelope import FileKeys, decrypt_metadata
+from modelseal.format.file import RawArtifact, parse_json_object
+from modelseal.format.header import TAG_LEN, Recipient
+from modelseal.format.source import CipherSource
+from modelseal.format.stream import ChunkCipher, decrypt_into, decrypt_scatter
+from modelseal.util.hardening import secret_buffer
+
+
+class SealedReader(io.RawIOBase):
+    """Read-only, seekable view of a sealed file's plaintext.
+
+    ``pread``/``preadinto`` decrypt only the chunks a range spans, straight
+    into the caller's buffer, and are safe to call from several threads.
+    Small sequential reads go through a one-chunk cache.
+    """
+
+    def __init__(
+        self,
+        src: CipherSource,
+        raw: RawArtifact,
+        keys: FileKeys,
+        name: str | None = None,
+        owns_src: bool = True,
+        chunk_hashes: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        self._src = src
+        self._owns_src = owns_src
+        self.raw_artifact = raw
+        self._cipher = ChunkCipher(keys.payload, raw.layout, chunk_hashes)
+        self.verified = chunk_hashes is not None  # every chunk read is checked against a signature
+        self._keys = keys
+        self._pos = 0
+        self._lock = threading.Lock()
+        self._cache_index = -1
+        self._cache = secret_buffer(raw.layout.chunk_size)  # plaintext: out of core dumps
+        self.name = name
+        self.size = raw.core.plaintext_length
+        self.context = dict(raw.core.context)
+        self.recipients: tuple[Recipient, ...] = ()
+        self.attachment_key = b""  # set by recipes.opening.open: decrypts the signature file's attachments
+        self.verdict: Any = None  # the signature verdict, when verified on open
+        if self.size == 0:
+            # An empty plaintext is one empty chunk whose tag must still authenticate
+            # (docs/format.md, section 6); no read would ever decrypt it, so check it here.
+            self._cipher.read_chunk(src, 0, memoryview(bytearray(TAG_LEN)), memoryview(bytearray(0)))
+
+    def metadata(self) -> dict[str, Any]:
+        return parse_json_object(decrypt_metadata(self.raw_artifact.core, self._keys))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
+        if base is None:
+            raise ValueError("invalid whence")
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def preadinto(self, offset: int, buf: memoryview | bytearray, *, private: bool = False) -> int:
+        """Decrypt plaintext at ``offset`` into ``buf``; returns the byte count.
+
+        ``private=True`` promises that ``buf`` is fresh memory no other thread or
+        process can see until this returns (a tensor being loaded): whole chunks
+        are then decrypted in place, skipping a copy. Either way a failure zeroes
+        the range and raises DecryptionError.
+        """
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        view = memoryview(buf).cast("B")
+        if offset < 0:
+            raise ValueError("negative offset")
+        n = max(0, min(len(view), self.size - offset))
+        if n == 0:
+            return 0
+        cs = self._cipher.layout.chunk_size
+        i = offset // cs
+        if (offset + n - 1) // cs == i and n < cs:
+            with self._lock:
+                if self._cache_index != i:
+                    self._cache_index = -1
+                    clen = self._cipher.layout.plain_len(i)
+                    decrypt_into(self._cipher, self._src, i * cs, memoryview(self._cache)[:clen], private=True)
+                    self._cache_index = i
+                lo = offset - i * cs
+                view[:n] = self._cache[lo : lo + n]
+            return n
+        decrypt_into(self._cipher, self._src, offset, view[:n], private=private)
+        return n
+
+    def preadinto_many(self, offset: int, bufs: list[memoryview], *, private: bool = False) -> None:
+        """Fill consecutive buffers from plaintext ``offset`` in one parallel pass
+        (e.g. every tensor of a model). The range must lie inside the plaintext."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        if offset < 0 or offset + sum(len(b) for b in bufs) > self.size:
+            raise ValueError("range outside the plaintext")
+        decrypt_scatter(self._cipher, self._src, offset, [memoryview(b).cast("B") for b in bufs], private=private)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        buf = bytearray(max(0, min(size, self.size - offset)))
+        self.preadinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, buf: Any) -> int:
+        n = self.preadinto(self._pos, buf)
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        out = bytearray(max(0, self.size - self._pos))
+        self.readinto(out)
+        return bytes(out)
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a sealed reader has no plaintext file descriptor")
+
+    def close(self) -> None:
+        if not self.closed:
+            self._cache[:] = bytes(len(self._cache))
+            self._cache_index = -1
+            if self._owns_src:
+                self._src.close()
+        super().close()
