@@ -163,10 +163,11 @@ def test_review_regressions(
         transit.wrap("gone-kek", os.urandom(32), ())
     with pytest.raises(hvac.exceptions.InvalidPath):
         root.secrets.transit.read_key("gone-kek")
-    # A key made outside modelseal without derivation would ignore the context: refused.
-    root.secrets.transit.create_key("plain-kek")
-    with pytest.raises(KeyProviderError, match="derived"):
-        transit.wrap("plain-kek", os.urandom(32), normalize_context({"env": "prod"}))
+    # A key that cannot bind the context (no AEAD cipher) is refused; plain AEAD keys bind it
+    # as associated data (tests/test_transit_plain.py).
+    root.secrets.transit.create_key("rsa-kek", key_type="rsa-2048")
+    with pytest.raises(KeyProviderError, match="cannot bind the encryption context"):
+        transit.wrap("rsa-kek", os.urandom(32), normalize_context({"env": "prod"}))
     # The version recorded in a recipient must be the one in the ciphertext.
     transit.create("ver-kek")
     r = transit.wrap("ver-kek", os.urandom(32), ())

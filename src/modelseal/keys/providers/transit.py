@@ -6,14 +6,18 @@ or AppRole (``BAO_ROLE_ID`` and ``BAO_SECRET_ID``, or ``BAO_SECRET_ID_FILE``),
 logged in again when the token expires. TLS is verified (``BAO_CACERT``/
 ``VAULT_CACERT`` for a private CA); plain ``http`` is refused except to loopback.
 
-Keys are *derived* aes256-gcm96 keys: every encrypt and decrypt passes the
-canonical encryption context as the derivation context, so a wrap made for
-``env=prod`` cannot be unwrapped under any other context, and the server-side
-``rewrap`` (no plaintext leaves the server) still works. The key version is
-read from the ciphertext (``vault:vN:``), and ``min_decryption_version`` is the
-server's to enforce. Transient failures are retried with backoff, a bounded
-number of times; the key material never leaves OpenBao (the connection, settings
-and retries are ``transit_client``'s).
+Keys are non-exportable ``aes256-gcm96`` or ``chacha20-poly1305`` keys, and every
+encrypt and decrypt binds the canonical encryption context, so a wrap made for
+``env=prod`` cannot be unwrapped under any other context. How it is bound follows
+from the key as the server describes it (``binding``): a *derived* key takes it as
+the derivation context (the server-side ``rewrap`` works, no plaintext leaves the
+server); a plain key takes it as ``associated_data`` (Vault 1.13+, OpenBao), and the
+stored wrap says so with an ``ad:`` tag. The tag is checked, never obeyed: a wrap
+whose tag disagrees with the key fails closed, and a context is never left unbound.
+The key version is read from the ciphertext (``vault:vN:``), and
+``min_decryption_version`` is the server's to enforce. Transient failures are
+retried with backoff, a bounded number of times; the key material never leaves
+OpenBao (the connection, settings, key rules and retries are ``transit_client``'s).
 
 Lifecycle maps onto what Transit can express and nothing more: it has one switch,
 ``min_decryption_version``, and trims versions from the oldest up, so an enable,
@@ -23,27 +27,39 @@ disable or destroy that would move any version but the one named is refused.
 from __future__ import annotations
 
 import base64
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from modelseal.errors import DecryptionError, KeyNotFound, KeyProviderError
-from modelseal.format.header import Recipient, encode_context
+from modelseal.format.header import Recipient
 from modelseal.keys.providers.base import KeyInfo, KeyVersionInfo
 from modelseal.keys.providers.transit_client import (
+    AD,
+    AD_TAG,
+    DERIVED,
     RETRIES,
     TransitClient,
     allowed_mounts,
+    associated_data,
+    binding,
+    bound_fields,
     canonical_name,
+    derivation_context,
     split_name,
 )
 
 __all__ = [
+    "AD",
     "BATCH",
+    "DERIVED",
     "RETRIES",
     "TransitProvider",
     "allowed_mounts",
+    "associated_data",
+    "binding",
     "canonical_name",
     "derivation_context",
     "split_name",
@@ -51,10 +67,6 @@ __all__ = [
 
 _VERSION = re.compile(r"^(?:vault|bao):v(\d+):")
 BATCH = 100  # OpenBao refuses JSON with too many strings ("exceeded maximum number of strings"): about 1000, 4 per item
-
-
-def derivation_context(context: tuple[tuple[str, str], ...]) -> str:
-    return base64.b64encode(b"modelseal/transit/v1\x00" + encode_context(context)).decode()
 
 
 def _span(lo: int, hi: int) -> str:
@@ -68,25 +80,65 @@ class TransitProvider(TransitClient):
         self, client_factory: Callable[[], Any] | None = None, sleep: Callable[[float], None] = time.sleep
     ) -> None:
         super().__init__(client_factory, sleep)
-        self._checked: dict[str, float] = {}
+        self._checked: dict[str, tuple[float, str]] = {}
 
     # -- wrap / unwrap -------------------------------------------------
     def wrap(self, name: str, dek: bytes, context: tuple[tuple[str, str], ...]) -> Recipient:
+        return self._encrypt(name, self._check_key(name, fresh=True), [dek], [context], "wrap")[0]
+
+    def _encrypt(
+        self,
+        name: str,
+        how: str,
+        deks: Sequence[bytes],
+        contexts: Sequence[tuple[tuple[str, str], ...]],
+        what: str,
+    ) -> list[Recipient]:
+        """Batch ``encrypt`` of data keys, each bound to its context; ``how`` is the checked key's."""
         mount, key = split_name(name)
-        self._check_key(name, fresh=True)
-        resp = self._call(
-            f"wrap with transit:{name}",
-            lambda c: c.secrets.transit.encrypt_data(
-                key, plaintext=base64.b64encode(dek).decode(), context=derivation_context(context), mount_point=mount
-            ),
-        )
-        ct = resp["data"]["ciphertext"]
-        return Recipient("transit", name, self._version(ct), ct.encode())
+        out: list[Recipient] = []
+        for i in range(0, len(deks), BATCH):
+            batch = [
+                {"plaintext": base64.b64encode(d).decode(), **bound_fields(how, c)}
+                for d, c in zip(deks[i : i + BATCH], contexts[i : i + BATCH], strict=True)
+            ]
+            resp = self._call(
+                f"{what} with transit:{name}",
+                lambda c, b=batch: c.secrets.transit.encrypt_data(key, batch_input=b, mount_point=mount),  # type: ignore[misc]
+            )
+            for item in resp["data"]["batch_results"]:
+                if item.get("error"):
+                    raise self._classify(item["error"], f"{what} with transit:{name}")
+                out.append(self._recipient(name, how, item["ciphertext"]))
+        if len(out) != len(deks):
+            raise KeyProviderError(f"transit: {what} with transit:{name} returned the wrong number of results")
+        return out
+
+    def _recipient(self, name: str, how: str, ciphertext: str) -> Recipient:
+        tagged = AD_TAG + ciphertext if how == AD else ciphertext
+        return Recipient("transit", name, self._version(ciphertext), tagged.encode())
+
+    def _ciphertext(self, r: Recipient, name: str, how: str) -> str:
+        """The Transit ciphertext of a stored wrap, checked against the key's binding.
+
+        The ``ad:`` tag comes from the artifact and is only a claim: the binding is the
+        key's (``how``). A wrap that claims the other binding, names another key, or
+        records another version than its ciphertext holds fails closed."""
+        text = r.wrapped.decode("ascii", "replace")
+        claimed, ct = (AD, text[len(AD_TAG) :]) if text.startswith(AD_TAG) else (DERIVED, text)
+        if r.key_id != name or claimed != how or self._version(ct) != r.key_version:
+            raise DecryptionError()
+        return ct
 
     def generate(self, name: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient]:
-        """A data key made by Transit (``datakey``), bound to the context like a wrap."""
+        """A data key bound to the context like a wrap: made by Transit (``datakey``) under
+        a derived key; under a plain key from the OS CSPRNG and wrapped by ``encrypt``, whose
+        ``associated_data`` Vault documents (its ``datakey`` is not documented to bind it)."""
+        how = self._check_key(name, fresh=True)
+        if how == AD:
+            dek = os.urandom(32)
+            return dek, self._encrypt(name, how, [dek], [context], "generate a data key")[0]
         mount, key = split_name(name)
-        self._check_key(name, fresh=True)
         resp = self._call(
             f"generate a data key with transit:{name}",
             lambda c: c.secrets.transit.generate_data_key(
@@ -96,29 +148,28 @@ class TransitProvider(TransitClient):
         dek = base64.b64decode(resp["data"]["plaintext"])
         if len(dek) != 32:
             raise KeyProviderError("transit: datakey returned a key of the wrong size")
-        ct = resp["data"]["ciphertext"]
-        return dek, Recipient("transit", name, self._version(ct), ct.encode())
+        return dek, self._recipient(name, how, resp["data"]["ciphertext"])
 
-    def _check_key(self, name: str, fresh: bool = False) -> None:
-        """The key must exist and be a derived, non-exportable aes256-gcm96 key.
+    def _check_key(self, name: str, fresh: bool = False) -> str:
+        """The key must exist and be one ``binding`` accepts; returns its binding.
 
         Checked right before every wrap: Transit's encrypt would otherwise *create*
-        a missing key (upsert), and a non-derived key would ignore the context.
-        For unwraps the answer is cached for a minute (derivation cannot be
-        turned off once on). The token's policy should also deny ``create`` on
-        ``<mount>/encrypt/*`` so the server itself refuses to make keys.
+        a missing key (upsert). For unwraps the answer is cached for a minute (a
+        key's type and derivation are fixed at creation). The token's policy should
+        also deny ``create`` on ``<mount>/encrypt/*`` so the server itself refuses to
+        make keys.
         """
         now = time.monotonic()
-        if not fresh and self._checked.get(name, 0.0) > now:
-            return
+        cached = self._checked.get(name)
+        if not fresh and cached is not None and cached[0] > now:
+            return cached[1]
         mount, key = split_name(name)
         data = self._call(f"read transit:{name}", lambda c: c.secrets.transit.read_key(key, mount_point=mount))["data"]
-        if not data.get("derived") or data.get("type") != "aes256-gcm96" or data.get("exportable"):
-            raise KeyProviderError(
-                f"transit:{name} must be a derived, non-exportable aes256-gcm96 key"
-                " (create it with modelseal key create)"
-            )
-        self._checked[name] = now + 60.0
+        how = binding(name, data)
+        if fresh and how == AD:
+            self._prove_ad_bound(name)  # before a wrap: never a silently unbound one
+        self._checked[name] = (now + 60.0, how)
+        return how
 
     def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> bytes:
         return self.unwrap_many([recipient], context)[0]
@@ -137,19 +188,17 @@ class TransitProvider(TransitClient):
             return out
         name = recipients[0].key_id
         mount, key = split_name(name)
-        if any(
-            r.key_id != name or self._version(r.wrapped.decode("ascii", "replace")) != r.key_version for r in recipients
-        ):
-            raise DecryptionError()  # the recorded version must be the one inside the ciphertext
-        self._check_key(name)
-        dctxs = [derivation_context(c) for c in (contexts or [context] * len(recipients))]
-        if len(dctxs) != len(recipients):
+        if any(r.key_id != name for r in recipients):
+            raise DecryptionError()
+        ctxs = list(contexts or [context] * len(recipients))
+        if len(ctxs) != len(recipients):
             raise KeyProviderError("one context per recipient is needed")
+        how = self._check_key(name)
+        cts = [self._ciphertext(r, name, how) for r in recipients]
         for i in range(0, len(recipients), BATCH):
-            part = recipients[i : i + BATCH]
             batch = [
-                {"ciphertext": r.wrapped.decode("ascii", "replace"), "context": d}
-                for r, d in zip(part, dctxs[i : i + BATCH], strict=True)
+                {"ciphertext": ct, **bound_fields(how, c)}
+                for ct, c in zip(cts[i : i + BATCH], ctxs[i : i + BATCH], strict=True)
             ]
             resp = self._call(
                 f"unwrap with transit:{recipients[0].key_id}",
@@ -162,6 +211,8 @@ class TransitProvider(TransitClient):
                 if len(dek) != 32:
                     raise DecryptionError()
                 out.append(dek)
+        if len(out) != len(recipients):  # a short answer must not shift data keys between artifacts
+            raise KeyProviderError("transit: unwrap returned the wrong number of results")
         return out
 
     def rewrap_many(
@@ -170,7 +221,11 @@ class TransitProvider(TransitClient):
         context: tuple[tuple[str, str], ...],
         contexts: Sequence[tuple[tuple[str, str], ...]] | None = None,
     ) -> list[Recipient]:
-        """Server-side rewrap to the newest key version: no plaintext key leaves OpenBao."""
+        """Rewrap to the newest key version, keeping each wrap's binding.
+
+        Derived keys: server-side ``rewrap``, no plaintext key leaves OpenBao. Plain keys:
+        Transit's ``rewrap`` takes no ``associated_data`` (it fails authentication), so the
+        data keys are decrypted and encrypted again, bound to the same contexts."""
         out: list[Recipient] = []
         if not recipients:
             return out
@@ -178,14 +233,17 @@ class TransitProvider(TransitClient):
         mount, key = split_name(name)
         if any(r.key_id != name for r in recipients):
             raise KeyProviderError("rewrap_many takes recipients of one key")
-        self._check_key(name, fresh=True)  # rewrap, like encrypt, must not create a key
-        dctxs = [derivation_context(c) for c in (contexts or [context] * len(recipients))]
-        if len(dctxs) != len(recipients):
+        ctxs = list(contexts or [context] * len(recipients))
+        if len(ctxs) != len(recipients):
             raise KeyProviderError("one context per recipient is needed")
+        how = self._check_key(name, fresh=True)  # rewrap, like encrypt, must not create a key
+        if how == AD:
+            return self._encrypt(name, how, self.unwrap_many(recipients, context, ctxs), ctxs, "rewrap")
+        cts = [self._ciphertext(r, name, how) for r in recipients]
         for i in range(0, len(recipients), BATCH):
             batch = [
-                {"ciphertext": r.wrapped.decode("ascii", "replace"), "context": d}
-                for r, d in zip(recipients[i : i + BATCH], dctxs[i : i + BATCH], strict=True)
+                {"ciphertext": ct, **bound_fields(how, c)}
+                for ct, c in zip(cts[i : i + BATCH], ctxs[i : i + BATCH], strict=True)
             ]
             resp = self._call(
                 f"rewrap with transit:{name}",
@@ -196,8 +254,9 @@ class TransitProvider(TransitClient):
             for item in resp["data"]["batch_results"]:
                 if item.get("error"):
                     raise self._classify(item["error"], f"rewrap with transit:{name}")
-                ct = item["ciphertext"]
-                out.append(Recipient("transit", name, self._version(ct), ct.encode()))
+                out.append(self._recipient(name, how, item["ciphertext"]))
+        if len(out) != len(recipients):
+            raise KeyProviderError(f"transit: rewrap with transit:{name} returned the wrong number of results")
         return out
 
     @staticmethod

@@ -1,22 +1,25 @@
 """The connection half of the ``transit:`` provider: OpenBao / Vault through ``hvac``.
 
 Owns the operator-side settings (address, TLS, credentials, the mount allow-list), the
-key-name rules, and one request with bounded retries and error mapping. Nothing read
+key-name rules, the key rules (which Transit keys are accepted, and how a wrap under each
+binds the encryption context), and one request with bounded retries and error mapping. Nothing read
 from an artifact becomes a setting here: an artifact's key name is checked against the
 segment rules and the operator's allowed mounts before any request names it.
 """
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, ProviderUnavailable
+from modelseal.format.header import encode_context
 
 RETRIES = 4
 
@@ -58,6 +61,49 @@ def canonical_name(name: str) -> str:
     return f"{mount}/{key}"
 
 
+DERIVED = "derived"  # a derived key: the context is the key-derivation context; the wrap is bare
+AD = "ad"  # a plain AEAD key: the context is the associated data; the wrap is tagged ``ad:``
+AD_TAG = "ad:"
+_AEAD_TYPES = ("aes256-gcm96", "chacha20-poly1305")
+
+
+def derivation_context(context: tuple[tuple[str, str], ...]) -> str:
+    return base64.b64encode(b"modelseal/transit/v1\x00" + encode_context(context)).decode()
+
+
+def associated_data(context: tuple[tuple[str, str], ...]) -> str:
+    """Never empty: even the empty context binds the label, so an unbound wrap never opens."""
+    return base64.b64encode(b"modelseal/transit-ad/v1\x00" + encode_context(context)).decode()
+
+
+def binding(name: str, key: Mapping[str, Any]) -> str:
+    """How a wrap under this key binds the context, from the server's ``read key`` answer.
+
+    Refused: exportable keys (the KEK could leave the server) and every type that
+    cannot bind associated data (rsa, ecdsa, ed25519, hmac, managed keys), or binds it
+    under a key weaker than the 256-bit data key (aes128-gcm96, offered by Vault).
+    """
+    ktype = key.get("type")
+    if key.get("exportable"):
+        raise KeyProviderError(
+            f"transit:{name} is exportable, so its key material can leave the server; use a non-exportable key"
+            " (create one with modelseal key create)"
+        )
+    if ktype not in _AEAD_TYPES:
+        raise KeyProviderError(
+            f"transit:{name} is a {ktype!r} key, which cannot bind the encryption context;"
+            " use a non-exportable aes256-gcm96 or chacha20-poly1305 key (create one with modelseal key create)"
+        )
+    return DERIVED if key.get("derived") else AD
+
+
+def bound_fields(how: str, context: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The request fields that bind ``context`` under a key of binding ``how``."""
+    if how == DERIVED:
+        return {"context": derivation_context(context)}
+    return {"associated_data": associated_data(context)}
+
+
 def _is_loopback(host: str | None) -> bool:
     if host in ("localhost",):
         return True
@@ -76,6 +122,44 @@ class TransitClient:
         self._factory = client_factory or self._client_from_env
         self._client: Any = None
         self._sleep = sleep
+        self._ad_proven: set[str] = set()
+
+    def _prove_ad_bound(self, name: str) -> None:
+        """Before the first wrap under a plain key: the server must really bind associated data.
+
+        A server that does not know ``associated_data`` (Vault before 1.13) ignores it, and
+        every wrap would silently bind no context. So encrypt a random probe under one
+        associated data and require that decrypting it under another fails authentication.
+        """
+        if name in self._ad_proven:
+            return
+        mount, key = split_name(name)
+        probe = base64.b64encode(os.urandom(32)).decode()
+        ad = [base64.b64encode(b"modelseal/transit-ad/probe\x00" + x).decode() for x in (b"a", b"b")]
+        ct = self._call(
+            f"check transit:{name}",
+            lambda c: c.secrets.transit.encrypt_data(key, plaintext=probe, associated_data=ad[0], mount_point=mount),
+        )["data"]["ciphertext"]
+        try:
+            self._call(
+                f"check transit:{name}",
+                lambda c: c.secrets.transit.decrypt_data(key, ciphertext=ct, associated_data=ad[1], mount_point=mount),
+            )
+        except DecryptionError:
+            self._ad_proven.add(name)
+            return
+        except ProviderUnavailable as e:
+            if "permission denied" not in str(e):
+                raise
+            raise ProviderUnavailable(
+                f"transit:{name}: permission denied for the decrypt that proves the server binds associated_data"
+                " (one random probe before the first wrap under a plain key); grant transit decrypt on this key"
+                " to the sealing token, or use a derived key"
+            ) from None
+        raise KeyProviderError(
+            f"transit:{name}: the server ignores associated_data (Vault before 1.13?), so a plain key would bind"
+            " no context; use a derived key (modelseal key create)"
+        )
 
     def _client_from_env(self) -> Any:
         import hvac
@@ -144,7 +228,11 @@ class TransitClient:
             except hx.InvalidPath:
                 raise KeyNotFound(f"transit: no such key or mount for {what}") from None
             except hx.InvalidRequest as e:
-                raise self._classify(str(e), what) from None
+                # The server's own messages only: str(e) also holds the request URL, whose
+                # path names the operation and the key (".../decrypt/NAME") and must not classify.
+                errors = getattr(e, "errors", None)
+                text = "; ".join(str(x) for x in errors) if errors else str(e).split(", on ")[0]
+                raise self._classify(text, what) from None
         raise KeyProviderError(f"transit: {what} failed")
 
     @staticmethod
@@ -157,7 +245,5 @@ class TransitClient:
         if "authentication failed" in m or "invalid ciphertext" in m or "decrypt" in m:
             return DecryptionError()
         if "derivation" in m or "context" in m:
-            return KeyProviderError(
-                f"transit: the key must be a derived key (create it with modelseal key create) ({what})"
-            )
+            return KeyProviderError(f"transit: the server refused the key's encryption context ({what})")
         return KeyProviderError(f"transit: the server refused {what}")
