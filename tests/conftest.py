@@ -32,6 +32,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     work.mkdir()
     monkeypatch.setenv("MODELSEAL_HOME", str(home))
     monkeypatch.setenv("MODELSEAL_PASSPHRASE", PASSPHRASE)
+    monkeypatch.delenv("MODELSEAL_AGENT_SOCK", raising=False)  # a developer's own agent session must not leak in
     keystore.clear_cache()
     monkeypatch.setattr(recipes_context, "_service", None)  # the process-wide default KeyService
     # The smallest scrypt cost the keystore accepts keeps tests fast; the CLI's init uses 2^17.

@@ -22,6 +22,7 @@ import copy
 import fcntl
 import getpass
 import hashlib
+import hmac
 import json
 import os
 import sys
@@ -265,6 +266,30 @@ def unlock(
     ks = UnlockedKeystore(path, root, _header_of(doc), _open_body(doc, root), sig)
     _CACHE[str(path)] = (ks, now() + CACHE_TTL, passphrase)
     return ks
+
+
+def unlock_uncached(path: Path, passphrase: bytes) -> UnlockedKeystore:
+    """Unlock ``path`` with ``passphrase`` now, paying the KDF, outside the process cache
+    (``keys.agent``: the one unlock of an agent, whose key bytes it keeps itself)."""
+    raw = _read_file(path)
+    doc = _parse_doc(raw)
+    _check_mode(path)
+    root = _unwrap_root(doc, passphrase)
+    return UnlockedKeystore(path, root, _header_of(doc), _open_body(doc, root), hashlib.sha256(raw).digest())
+
+
+def reread(path: Path, root_key: Any, header: dict[str, Any], signature: bytes) -> UnlockedKeystore | None:
+    """``path`` as it is now, opened with ``root_key`` (no KDF); None if it still hashes to
+    ``signature``. ``KeystoreError`` if it is gone, readable by others, damaged, or under
+    another root than ``header`` (rotated, recovered, replaced): unlock it again."""
+    raw = _read_file(path)
+    _check_mode(path)
+    if hmac.compare_digest(sig := hashlib.sha256(raw).digest(), signature):
+        return None
+    doc = _parse_doc(raw)
+    if _header_of(doc) != header:
+        raise KeystoreError(f"keystore {path} was re-wrapped or replaced: unlock it again")
+    return UnlockedKeystore(path, root_key, _header_of(doc), _open_body(doc, root_key), sig)
 
 
 def _header_of(doc: dict[str, Any]) -> dict[str, Any]:

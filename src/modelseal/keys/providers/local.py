@@ -4,6 +4,11 @@ Wrapping is AES-256-GCM under the newest active KEK version with a random
 96-bit nonce; the associated data binds the key name, the version and the
 canonical encryption context, so a wrap made for one context or key cannot
 be unwrapped under another.
+
+With ``MODELSEAL_AGENT_SOCK`` set, ``wrap``, ``unwrap``, ``list`` and ``info`` are done by
+the agent (``keys.agent``, through ``keys.agent_client``), which holds the unlocked
+keystore: no passphrase and no KDF in this process. Lifecycle operations rewrite the
+keystore and still unlock it here with the passphrase; the agent notices the new file.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError
 from modelseal.format.header import Recipient, encode_context
-from modelseal.keys import keystore
+from modelseal.keys import agent_client, keystore
 from modelseal.keys.providers.base import KeyInfo, KeyVersionInfo
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -36,7 +41,8 @@ def _aad(name: str, version: int, context: tuple[tuple[str, str], ...]) -> bytes
     )
 
 
-def _info(name: str, entry: dict[str, Any]) -> KeyInfo:
+def key_info(name: str, entry: dict[str, Any]) -> KeyInfo:
+    """The public description of one key table entry (no key material)."""
     versions = tuple(
         KeyVersionInfo(int(v), float(d["created"]), str(d["state"]))
         for v, d in sorted(entry["versions"].items(), key=lambda kv: int(kv[0]))
@@ -46,6 +52,57 @@ def _info(name: str, entry: dict[str, Any]) -> KeyInfo:
 
 def _new_version(now: float) -> dict[str, Any]:
     return {"created": now, "state": "active", "material": base64.b64encode(os.urandom(32)).decode()}
+
+
+def entry_of(keys: dict[str, Any], name: str) -> dict[str, Any]:
+    entry = keys.get(name)
+    if not isinstance(entry, dict):
+        raise KeyNotFound(f"no key local:{name} in the keystore")
+    return entry
+
+
+# The KEK of one version: (version, its table entry) -> 32 key bytes (any buffer).
+Material = Callable[[int, dict[str, Any]], Any]
+
+
+def _material(version: int, data: dict[str, Any]) -> bytes:
+    return base64.b64decode(data["material"])
+
+
+def wrap_entry(
+    name: str, entry: dict[str, Any], dek: bytes, context: tuple[tuple[str, str], ...], material: Material
+) -> Recipient:
+    """Wrap ``dek`` under the newest version of ``entry``, which must be active. Shared by
+    the provider and ``keys.agent``, which holds the KEKs in memory of its own."""
+    version = max(int(v) for v in entry["versions"])
+    data = entry["versions"][str(version)]
+    if data["state"] != "active":
+        raise KeyDisabled(f"newest version {version} of local:{name} is {data['state']}; rotate the key first")
+    nonce = os.urandom(12)
+    ct = AESGCM(material(version, data)).encrypt(nonce, dek, _aad(name, version, context))
+    return Recipient("local", name, version, nonce + ct)
+
+
+def unwrap_entry(
+    entry: dict[str, Any], recipient: Recipient, context: tuple[tuple[str, str], ...], material: Material
+) -> bytes:
+    """Unwrap ``recipient`` with its version of ``entry``: refused unless that version is
+    active and at least the minimum decryption version."""
+    name, version = recipient.key_id, recipient.key_version
+    data = entry["versions"].get(str(version))
+    if data is None:
+        raise KeyNotFound(f"local:{name} has no version {version}")
+    if data["state"] != "active":  # pending-destroy never unwraps, overdue or not, saved or not
+        raise KeyDisabled(f"version {version} of local:{name} is {data['state']}")
+    if version < int(entry.get("min_decryption_version", 1)):
+        raise KeyDisabled(f"version {version} of local:{name} is below the minimum decryption version")
+    w = recipient.wrapped
+    if len(w) != 12 + 32 + 16:
+        raise DecryptionError()
+    try:
+        return AESGCM(material(version, data)).decrypt(w[:12], w[12:], _aad(name, version, context))
+    except InvalidTag:
+        raise DecryptionError() from None
 
 
 class LocalProvider:
@@ -72,38 +129,21 @@ class LocalProvider:
 
     # -- wrap / unwrap -------------------------------------------------
     def _entry(self, keys: dict[str, Any], name: str) -> dict[str, Any]:
-        entry = keys.get(name)
-        if not isinstance(entry, dict):
-            raise KeyNotFound(f"no key local:{name} in the keystore")
-        return entry
+        return entry_of(keys, name)
 
     def wrap(self, name: str, dek: bytes, context: tuple[tuple[str, str], ...]) -> Recipient:
-        entry = self._entry(keystore.unlock(self.path, self._passphrase).keys, name)
-        version = max(int(v) for v in entry["versions"])
-        data = entry["versions"][str(version)]
-        if data["state"] != "active":
-            raise KeyDisabled(f"newest version {version} of local:{name} is {data['state']}; rotate the key first")
-        nonce = os.urandom(12)
-        ct = AESGCM(base64.b64decode(data["material"])).encrypt(nonce, dek, _aad(name, version, context))
-        return Recipient("local", name, version, nonce + ct)
+        agent = agent_client.from_env()
+        if agent is not None:  # the agent holds the KEKs: no passphrase, no KDF here
+            return agent.wrap(self.path, name, dek, context)
+        entry = entry_of(keystore.unlock(self.path, self._passphrase).keys, name)
+        return wrap_entry(name, entry, dek, context, _material)
 
     def unwrap(self, recipient: Recipient, context: tuple[tuple[str, str], ...]) -> bytes:
-        name, version = recipient.key_id, recipient.key_version
-        entry = self._entry(keystore.unlock(self.path, self._passphrase).keys, name)
-        data = entry["versions"].get(str(version))
-        if data is None:
-            raise KeyNotFound(f"local:{name} has no version {version}")
-        if data["state"] != "active":  # pending-destroy never unwraps, overdue or not, saved or not
-            raise KeyDisabled(f"version {version} of local:{name} is {data['state']}")
-        if version < int(entry.get("min_decryption_version", 1)):
-            raise KeyDisabled(f"version {version} of local:{name} is below the minimum decryption version")
-        w = recipient.wrapped
-        if len(w) != 12 + 32 + 16:
-            raise DecryptionError()
-        try:
-            return AESGCM(base64.b64decode(data["material"])).decrypt(w[:12], w[12:], _aad(name, version, context))
-        except InvalidTag:
-            raise DecryptionError() from None
+        agent = agent_client.from_env()
+        if agent is not None:
+            return agent.unwrap(self.path, recipient, context)
+        entry = entry_of(keystore.unlock(self.path, self._passphrase).keys, recipient.key_id)
+        return unwrap_entry(entry, recipient, context, _material)
 
     # -- lifecycle -----------------------------------------------------
     def create(self, name: str) -> KeyInfo:
@@ -114,14 +154,14 @@ class LocalProvider:
                 raise KeyProviderError(f"key local:{name} already exists")
             now = self._now()
             ks.keys[name] = {"created": now, "min_decryption_version": 1, "versions": {"1": _new_version(now)}}
-            return _info(name, ks.keys[name])
+            return key_info(name, ks.keys[name])
 
     def rotate(self, name: str) -> KeyInfo:
         with self._update() as ks:
             entry = self._entry(ks.keys, name)
             latest = max(int(v) for v in entry["versions"])
             entry["versions"][str(latest + 1)] = _new_version(self._now())
-            return _info(name, entry)
+            return key_info(name, entry)
 
     def set_version_state(self, name: str, version: int, state: str) -> KeyInfo:
         if state not in ("active", "disabled"):
@@ -138,7 +178,7 @@ class LocalProvider:
                     else f"version {version} of local:{name} is destroyed and cannot be changed"
                 )
             data["state"] = state
-            return _info(name, entry)
+            return key_info(name, entry)
 
     def set_min_decryption_version(self, name: str, version: int) -> KeyInfo:
         with self._update() as ks:
@@ -146,7 +186,7 @@ class LocalProvider:
             if not 1 <= version <= max(int(v) for v in entry["versions"]):
                 raise KeyProviderError(f"local:{name} has no version {version}")
             entry["min_decryption_version"] = version
-            return _info(name, entry)
+            return key_info(name, entry)
 
     def destroy(self, name: str, version: int | None, after: float = 0.0) -> KeyInfo:
         """Crypto-shred: erase the KEK material from the keystore for good.
@@ -174,7 +214,7 @@ class LocalProvider:
                     data["state"], data["material"] = "destroyed", None
                     data.pop("destroy_after", None)
             keystore.purge_overdue(ks.keys, self._now())  # so the report shows what the save erases
-            return _info(name, entry)
+            return key_info(name, entry)
 
     def cancel_destroy(self, name: str, version: int | None) -> KeyInfo:
         """Undo a scheduled destruction; the versions come back disabled (enable them explicitly).
@@ -196,7 +236,7 @@ class LocalProvider:
                 if data["state"] == "pending-destroy":
                     data["state"] = "disabled"
                     data.pop("destroy_after", None)
-            info = _info(name, entry)
+            info = key_info(name, entry)
         if refused:
             raise KeyDisabled(
                 f"the waiting period of version {', '.join(refused)} of local:{name} is over: "
@@ -213,11 +253,17 @@ class LocalProvider:
             return keystore.purge_overdue(ks.keys, self._now())
 
     def list(self) -> list[KeyInfo]:
+        agent = agent_client.from_env()
+        if agent is not None:
+            return agent.list(self.path)
         keys = keystore.unlock(self.path, self._passphrase).keys
-        return [_info(n, keys[n]) for n in sorted(keys)]
+        return [key_info(n, keys[n]) for n in sorted(keys)]
 
     def info(self, name: str) -> KeyInfo:
-        return _info(name, self._entry(keystore.unlock(self.path, self._passphrase).keys, name))
+        agent = agent_client.from_env()
+        if agent is not None:
+            return agent.info(self.path, name)
+        return key_info(name, self._entry(keystore.unlock(self.path, self._passphrase).keys, name))
 
 
-__all__ = ["LocalProvider"]
+__all__ = ["LocalProvider", "entry_of", "key_info", "unwrap_entry", "wrap_entry"]
