@@ -1,10 +1,17 @@
 """Throughput of the sealed format against plain reads and age, measured in one run.
 
-    python benchmarks/throughput.py [--size-mib 1024] [--rss-gib 4]
+    python benchmarks/throughput.py [--size-mib 1024] [--rss-gib 4] [--writes-rounds 3] [--writes-only]
 
 Prints GB/s and ratios against (a) reading the plaintext file with readinto
 and (b) age 1.x doing the same work, all on page-cached files in one run.
 Peak RSS of a seal is measured in a child process on a --rss-gib file.
+
+The writes section (issue 11) seals the file and a folder of 4 equal shards through
+the CLI (a subprocess: interpreter start and scrypt included) and through the API
+(no scrypt), each timed right after its own `dd bs=16M conv=fsync` of the 1 GiB
+file to the same disk: the ratio is that pair's, the figure the median over
+--writes-rounds rounds. --compare-writes adds the paths not chosen (O_DIRECT output,
+one folder file at a time).
 Figures, not pass/fail: see docs/benchmarks.md for the latest.
 """
 
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import modelseal
@@ -76,11 +84,97 @@ def child_seal_rss(src: Path, dst: Path, home: Path) -> int:
     return int(out.stdout.strip()) * 1024
 
 
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _clear(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    os.sync()  # the deletion's own I/O (discard, journal) is not charged to the next run
+
+
+def writes(work: Path, src: Path, svc: KeyService, rounds: int, compare: bool) -> None:
+    """Durable writes of the same bytes: seal (CLI and API, file and folder) against dd."""
+    from modelseal.format import writer
+    from modelseal.recipes import writing
+
+    size = src.stat().st_size
+    shards = work / "shards"
+    shards.mkdir()
+    with open(src, "rb") as f:
+        for k in range(4):
+            (shards / f"model-{k:05d}-of-00004.bin").write_bytes(f.read(size // 4))
+    dd_out, out = work / "dd.out", work / "w.sealed"
+    cli = [str(Path(sys.executable).parent / "modelseal"), "seal", "--key", "local:bench", "--force"]
+
+    def dd(_what: Path) -> None:  # the reference is always the one file: the same bytes, one fsync
+        subprocess.run(["dd", f"if={src}", f"of={dd_out}", "bs=16M", "conv=fsync"], check=True, capture_output=True)
+
+    def api(what: Path, direct: bool = False, parallel: int = 2) -> Callable[[], None]:
+        def run() -> None:
+            writer.DIRECT, writing.FOLDER_PARALLEL = direct, parallel
+            try:
+                modelseal.seal(what, out, key="bench", force=True, keys=svc)
+            finally:
+                writer.DIRECT, writing.FOLDER_PARALLEL = False, 2
+
+        return run
+
+    cases: list[tuple[str, Path, Callable[[], None]]] = [
+        (
+            "CLI seal, 1 GiB file",
+            src,
+            lambda: subprocess.run([*cli, str(src), str(out)], check=True, capture_output=True),
+        ),
+        (
+            "CLI seal, 4-shard folder",
+            shards,
+            lambda: subprocess.run([*cli, str(shards), str(out)], check=True, capture_output=True),
+        ),
+        ("API seal, 1 GiB file", src, api(src)),
+        ("API seal, 4-shard folder", shards, api(shards)),
+    ]
+    if compare:
+        cases += [
+            ("API seal, file, O_DIRECT", src, api(src, direct=True)),
+            ("API seal, folder, O_DIRECT", shards, api(shards, direct=True)),
+            ("API seal, folder, 1 at a time", shards, api(shards, parallel=1)),
+        ]
+    ratios: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    refs: list[float] = []
+    for _ in range(rounds):
+        for name, what, fn in cases:
+            t_dd = _timed(lambda: dd(what))  # noqa: B023
+            _clear(dd_out)
+            t = _timed(fn)
+            _clear(out)
+            refs.append(size / t_dd / GB)
+            rates[name].append(size / t / GB)
+            ratios[name].append(t_dd / t)
+    print(f"writes: {size / MIB:.0f} MiB, {rounds} rounds, each seal paired with its own dd (median of the pairs)")
+    lo, hi = min(refs), max(refs)
+    print(f"dd bs=16M conv=fsync           {statistics.median(refs):6.2f} GB/s   (reference; {lo:.2f}-{hi:.2f})")
+    for name, _, _ in cases:
+        r = ratios[name]
+        med, rate = statistics.median(r), statistics.median(rates[name])
+        print(f"{name:30s} {rate:6.2f} GB/s   {med:5.2f}x dd  (pairs {min(r):.2f}-{max(r):.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rss-gib", type=int, default=4)
     ap.add_argument("--dir", default=None, help="work folder (default: a temp folder under /tmp)")
+    ap.add_argument("--writes-rounds", type=int, default=3, help="rounds of the writes section (0: skip it)")
+    ap.add_argument("--writes-only", action="store_true", help="only the writes section")
+    ap.add_argument("--compare-writes", action="store_true", help="also the write paths not chosen")
     args = ap.parse_args()
     size = args.size_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="msbench-", dir=args.dir))
@@ -93,8 +187,12 @@ def main() -> None:
         svc.create("bench")
         src, sealed = work / "plain.bin", work / "plain.sealed"
         make_file(src, size)
-        buf = bytearray(size)
         print(f"cores: {os.cpu_count()}  file: {size / MIB:.0f} MiB (page-cached)")
+        if args.writes_rounds:
+            writes(work, src, svc, args.writes_rounds, args.compare_writes)
+        if args.writes_only:
+            return
+        buf = bytearray(size)
 
         t_plain = best_of(3, lambda: plain_readinto(src, buf))
         r_plain = size / t_plain / GB

@@ -188,3 +188,64 @@ def test_folder_replace_failure_restores_the_original(env: Env, monkeypatch: pyt
     assert _snapshot(dst) == before
     assert sorted(p.name for p in env.work.iterdir()) == ["model", "s"]
     assert modelseal.open_folder(dst, keys=env.svc).read("config.json") == (model / "config.json").read_bytes()
+
+
+def test_direct_write_failure_midway_keeps_existing_destination(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staged O_DIRECT path (format/writer.py): an I/O error on a direct write after
+    some stages are on disk leaves no temp file and the old artifact intact."""
+    import fcntl
+
+    from modelseal.format import writer
+
+    monkeypatch.setattr(writer, "DIRECT", True)  # off by default (docs/decisions.md), still supported
+    src = env.work / "d.bin"
+    src.write_bytes(os.urandom(9 << 20))  # stages of 4 MiB: two whole ones, then the last
+    dst = env.work / "d.sealed"
+    modelseal.seal(src, dst, key="test-kek", keys=env.svc)
+    before = _snapshot(env.work)
+    real, direct_writes = os.pwrite, []
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_writes.append(offset)
+            if len(direct_writes) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(writer.os, "pwrite", pwrite)
+        with pytest.raises(StorageError, match=r"^write failed: Input/output error$"):
+            modelseal.seal(src, dst, key="test-kek", keys=env.svc, force=True)
+    assert len(direct_writes) == 2
+    assert _snapshot(env.work) == before
+    assert modelseal.open(dst, keys=env.svc).read() == src.read_bytes()
+
+
+def test_parallel_folder_failure_stops_the_other_files(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files of a folder are sealed in parallel: one failing stops the rest, nothing is left."""
+    from modelseal.recipes import seal as seal_recipe
+
+    model = make_model_folder(env.work / "model")
+    for k in range(4):
+        (model / f"shard-{k}.bin").write_bytes(os.urandom(2 << 20))
+    before = _snapshot(env.work)
+    real_reader = seal_recipe.fd_reader
+
+    def reader(fd: int) -> stream.ReadAt:
+        read_at = real_reader(fd)
+        if os.fstat(fd).st_size == 2 << 20:
+
+            def failing(buf: memoryview, offset: int) -> None:
+                if offset >= 1 << 20:
+                    raise StorageError("source file changed size while it was being sealed")
+                read_at(buf, offset)
+
+            return failing
+        return read_at
+
+    with monkeypatch.context() as m:
+        m.setattr(seal_recipe, "fd_reader", reader)
+        with pytest.raises(StorageError, match="changed size"):
+            modelseal.seal(model, env.work / "model.sealed", key="test-kek", keys=env.svc)
+    assert _snapshot(env.work) == before
+    assert sorted(p.name for p in env.work.iterdir()) == ["model"]

@@ -52,6 +52,29 @@ def test_torch_refuses_pickles_that_need_code(env: Env) -> None:
     assert mtorch.load(sealed, weights_only=False, keys=env.svc)["obj"].x == 1
 
 
+def test_torch_load_streams_and_a_tampered_chunk_raises_decryption_error(env: Env) -> None:
+    from modelseal.errors import DecryptionError
+    from modelseal.format.file import read_raw
+    from modelseal.format.source import FdSource
+
+    sd = {f"w{i}": torch.randn(300_000) for i in range(8)}  # ~9.6 MB: ten 1 MiB chunks
+    plain = env.work / "big.pt"
+    torch.save(sd, plain)
+    sealed = _seal(env, plain)
+    got = mtorch.load(sealed, keys=env.svc)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    with open(sealed, "r+b") as f:
+        layout = read_raw(FdSource(f.fileno(), owns=False)).layout
+        assert layout.count >= 8
+        off = layout.offset(layout.count // 2) + 100  # inside the tensor records, past the pickle
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(DecryptionError):  # not torch's RuntimeError around it
+        mtorch.load(sealed, keys=env.svc)
+
+
 def test_torch_member_of_sealed_folder(env: Env) -> None:
     folder = env.work / "ckpt"
     folder.mkdir()

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -23,6 +25,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, KeystoreError, ModelsealError
 from modelseal.format.header import (
     KIND_BLOB,
+    KIND_FILE,
+    KIND_MANIFEST,
     MAC_LEN,
     SALT_LEN,
     SUITE_V1,
@@ -143,6 +147,33 @@ def verify_with_dek(core: CoreHeader, dek: bytes) -> FileKeys:
     if not hmac.compare_digest(_hmac(keys.mac, core.mac_input), core.mac):
         raise DecryptionError()
     return keys
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_FILES = 100_000  # section 8: entries of a folder manifest
+
+
+def _count(value: object, top: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
+
+
+def check_metadata(core: CoreHeader, meta: Mapping[str, Any]) -> None:
+    """Section 7's schema for the header's kind, checked on open (no plaintext needed):
+    kind 1 ``{"name", "sha256", "size"}`` with ``size`` = L; kind 2 ``{"files",
+    "sha256"}`` (the count and the digest are compared with the manifest by its reader);
+    kind 3 ``{}``. Digests are 64 lowercase hex digits. Any defect: DecryptionError."""
+    keys = set(meta)
+    digest = meta.get("sha256")
+    hexdigest = isinstance(digest, str) and _HEX64.fullmatch(digest) is not None
+    if core.kind == KIND_FILE:
+        ok = keys == {"name", "sha256", "size"} and isinstance(meta["name"], str) and hexdigest
+        ok = ok and _count(meta["size"], 1 << 64) and meta["size"] == core.plaintext_length
+    elif core.kind == KIND_MANIFEST:
+        ok = keys == {"files", "sha256"} and hexdigest and _count(meta["files"], MAX_FILES)
+    else:
+        ok = not keys
+    if not ok:
+        raise DecryptionError()
 
 
 def decrypt_metadata(core: CoreHeader, keys: FileKeys) -> bytes:

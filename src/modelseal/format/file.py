@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelseal.errors import DecryptionError, StorageError
-from modelseal.format.envelope import HeaderPlan, Opened, new_slot_bytes, open_envelope
+from modelseal.format.envelope import (
+    HeaderPlan,
+    Opened,
+    check_metadata,
+    decrypt_metadata,
+    new_slot_bytes,
+    open_envelope,
+)
 from modelseal.format.header import MAGIC, CoreHeader, Recipient, parse_core, peek_version
 from modelseal.format.source import CipherSource
 from modelseal.format.stream import (
@@ -26,12 +33,12 @@ from modelseal.format.stream import (
     ChunkLayout,
     Progress,
     ReadAt,
-    encrypt_file_range,
     pwrite_all,
 )
+from modelseal.format.writer import encrypt_file_range
 from modelseal.util.bounded import json_loads
 
-_HEADER_READ = 160 * 1024  # bigger than the largest core header the bounds allow
+_HEADER_READ = 160 * 1024  # bigger than the largest core header the bounds allow (135,565 bytes)
 
 
 @dataclass(frozen=True)
@@ -67,11 +74,12 @@ def read_raw(src: CipherSource) -> RawArtifact:
 
 
 def open_keys(raw: RawArtifact, unwrap: Callable[[Recipient], bytes], src: CipherSource | None = None) -> Opened:
-    """Open the envelope. With ``src``, a failure is retried once on freshly read slots:
-    a reader racing a rewrap may have copied one slot before and one after the
-    writer's two steps, and seen neither valid."""
+    """Open the envelope, then check the metadata block (section 7: canonical JSON, the
+    schema of its kind, ``size`` = L). With ``src``, a failure to open is retried once on
+    freshly read slots: a reader racing a rewrap may have copied one slot before and one
+    after the writer's two steps, and seen neither valid."""
     try:
-        return open_envelope(raw.core, raw.slots, unwrap)
+        opened = open_envelope(raw.core, raw.slots, unwrap)
     except DecryptionError:
         if src is None or not raw.core.slot_size:
             raise
@@ -79,17 +87,29 @@ def open_keys(raw: RawArtifact, unwrap: Callable[[Recipient], bytes], src: Ciphe
         n = raw.core.slot_size
         if again == raw.slots[0] + raw.slots[1] or len(again) != 2 * n:
             raise
-        return open_envelope(raw.core, (again[:n], again[n:]), unwrap)
+        opened = open_envelope(raw.core, (again[:n], again[n:]), unwrap)
+    check_metadata(raw.core, parse_json_object(decrypt_metadata(raw.core, opened.keys)))
+    return opened
 
 
 def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The one canonical JSON encoding of the format (docs/format.md, section 2): sorted
+    keys (by code point), no white space, non-ASCII as raw UTF-8, ``json.dumps``' escapes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:
-    """The encrypted metadata (at most 64 KiB): one flat JSON object, bounded before parsing."""
+    """The encrypted metadata (at most 64 KiB): one flat JSON object, bounded before parsing,
+    and accepted only in its canonical encoding (which also rules out duplicate keys, a
+    BOM, white space, escapes where raw UTF-8 is due, and a lone surrogate)."""
     obj = json_loads(data, max_depth=2, max_values=4096, error=lambda _why: DecryptionError())
     if not isinstance(obj, dict):
+        raise DecryptionError()
+    try:
+        canonical = canonical_json(obj)
+    except ValueError:  # a lone surrogate (UnicodeEncodeError), NaN: not canonical JSON
+        raise DecryptionError() from None
+    if canonical != data:
         raise DecryptionError()
     return obj
 

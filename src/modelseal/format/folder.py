@@ -10,6 +10,7 @@ blob names; bounds checked first and everything in linear time) and
 from __future__ import annotations
 
 import bisect
+import hashlib
 import hmac
 import re
 from collections.abc import Callable, Iterator
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.errors import DecryptionError, FormatError
-from modelseal.format.envelope import Opened, attachment_key, verify_with_dek
-from modelseal.format.file import RawArtifact, canonical_json, read_raw
+from modelseal.format.envelope import Opened, attachment_key, check_metadata, decrypt_metadata, verify_with_dek
+from modelseal.format.file import RawArtifact, canonical_json, parse_json_object, read_raw
 from modelseal.format.header import KIND_BLOB, KIND_MANIFEST
 from modelseal.format.reader import SealedReader
 from modelseal.format.source import FdSource
@@ -132,17 +133,31 @@ def parse_manifest(data: bytes) -> list[Entry]:
         raise DecryptionError()
     # Last, when every string is known to be UTF-8: only the one canonical encoding is
     # accepted (which also rules out duplicate keys).
-    if canonical_json(doc) != data:
+    try:
+        canonical = canonical_json(doc)
+    except ValueError:  # a lone surrogate or NaN somewhere: not canonical JSON
+        raise DecryptionError() from None
+    if canonical != data:
         raise DecryptionError()
     return out
 
 
 def read_manifest(reader: SealedReader) -> list[Entry]:
     """Decrypt and validate a manifest, refusing one that claims more than 64 MiB before
-    a buffer of that size is allocated (``readall`` allocates the claimed length)."""
+    a buffer of that size is allocated (``readall`` allocates the claimed length). Its
+    metadata must count the entries and hold the manifest plaintext's SHA-256 (the
+    schema itself was checked when the envelope was opened)."""
     if reader.raw_artifact.core.kind != KIND_MANIFEST or reader.size > MAX_MANIFEST:
         raise DecryptionError()
-    return parse_manifest(reader.readall())
+    data = reader.readall()
+    entries = parse_manifest(data)
+    meta = reader.metadata()
+    digest = meta.get("sha256")
+    if meta.get("files") != len(entries) or not isinstance(digest, str):
+        raise DecryptionError()
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest().encode(), digest.encode("utf-8", "replace")):
+        raise DecryptionError()
+    return entries
 
 
 def _no_file_is_a_folder(paths: list[bytes]) -> bool:
@@ -221,6 +236,7 @@ class SealedFolder:
             keys = verify_with_dek(core, self._opened.dek)
             if not hmac.compare_digest(core.mac.hex(), e.header_mac) or core.plaintext_length != e.size:
                 raise DecryptionError()  # a blob swapped in from elsewhere in the folder
+            check_metadata(core, parse_json_object(decrypt_metadata(core, keys)))  # kind 3: exactly {}
             table = self._check(f"{BLOB_DIR}/{e.blob}", raw) if self._check else None
             return SealedReader(src, raw, keys, name=path, chunk_hashes=table)
         except BaseException:

@@ -14,9 +14,21 @@ from typing import Any
 from modelseal.format.envelope import FileKeys, decrypt_metadata
 from modelseal.format.file import RawArtifact, parse_json_object
 from modelseal.format.header import TAG_LEN, Recipient
+from modelseal.format.readahead import ReadAhead
 from modelseal.format.source import CipherSource
-from modelseal.format.stream import ChunkCipher, decrypt_into, decrypt_scatter
+from modelseal.format.stream import ChunkCipher, decrypt_into, decrypt_scatter, in_pool_thread, workers
 from modelseal.util.hardening import secret_buffer
+
+
+def _process_private(buf: Any) -> bool:
+    """Whether ``buf`` is a ``bytearray`` (or a view of one): heap memory of this process,
+    which no other process can map. Whole chunks may then be decrypted in place: bytes being
+    written by a read mean nothing until it returns, and a failed read zeroes them. Anything
+    else (an mmap, a NumPy array, a shared tensor) might be shared memory, and only ever
+    receives plaintext that has already authenticated."""
+    if type(buf) is bytearray:
+        return True
+    return type(buf) is memoryview and type(buf.obj) is bytearray
 
 
 class SealedReader(io.RawIOBase):
@@ -24,7 +36,10 @@ class SealedReader(io.RawIOBase):
 
     ``pread``/``preadinto`` decrypt only the chunks a range spans, straight
     into the caller's buffer, and are safe to call from several threads.
-    Small sequential reads go through a one-chunk cache.
+    Reads through the file position that continue where the last one ended are
+    sequential: they are served from a bounded read-ahead window (``readahead``)
+    decrypted on the pool while the caller consumes. Small random reads go through
+    a one-chunk cache.
     """
 
     def __init__(
@@ -47,6 +62,12 @@ class SealedReader(io.RawIOBase):
         self._lock = threading.Lock()
         self._cache_index = -1
         self._cache = secret_buffer(raw.layout.chunk_size)  # plaintext: out of core dumps
+        self._seq_end = 0  # where the last readinto ended: a read from here is sequential
+        self._ahead: ReadAhead | None = None  # allocated on the first sequential read
+        self._ahead_start = -1  # the plaintext offset of the chunk in _ahead_data
+        self._ahead_data = memoryview(b"")
+        self._chunked = raw.layout.count > 1  # one chunk: the one-chunk cache is read-ahead enough
+        self._direct_min = 2 * workers() * raw.layout.chunk_size  # a read this big keeps every core busy alone
         self.name = name
         self.size = raw.core.plaintext_length
         self.context = dict(raw.core.context)
@@ -121,17 +142,65 @@ class SealedReader(io.RawIOBase):
 
     def pread(self, offset: int, size: int) -> bytes:
         buf = bytearray(max(0, min(size, self.size - offset)))
-        self.preadinto(offset, buf)
+        self.preadinto(offset, buf, private=True)  # our own fresh buffer: whole chunks decrypted in place
         return bytes(buf)
 
     def readinto(self, buf: Any) -> int:
-        n = self.preadinto(self._pos, buf)
-        self._pos += n
+        """Read from the current position. A read that continues where the previous one
+        ended is served from the read-ahead window; any other read is a ``preadinto``."""
+        pos = self._pos
+        view = memoryview(buf).cast("B")
+        if pos == self._seq_end:
+            with self._lock:  # the fast path: the whole read lies in the chunk at hand
+                data = self._ahead_data
+                lo = pos - self._ahead_start
+                if lo >= 0 and lo + len(view) <= len(data) and not self.closed:
+                    view[:] = data[lo : lo + len(view)]
+                    self._pos = self._seq_end = pos + len(view)
+                    return len(view)
+            if len(view) >= self._direct_min and _process_private(buf):
+                n = self.preadinto(pos, view, private=True)  # big reads: every core decrypts straight in
+                self._pos = self._seq_end = pos + n
+                return n
+            if self._chunked and not in_pool_thread():  # never wait on the pool from inside it
+                n = self._read_sequential(pos, view)
+                self._pos = self._seq_end = pos + n
+                return n
+        n = self.preadinto(pos, view)
+        self._pos = self._seq_end = pos + n
+        return n
+
+    def _read_sequential(self, pos: int, view: memoryview) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        n = max(0, min(len(view), self.size - pos))
+        cs = self._cipher.layout.chunk_size
+        got = 0
+        with self._lock:
+            try:
+                if self._ahead is None:
+                    self._ahead = ReadAhead(self._cipher, self._src)
+                while got < n:
+                    at = pos + got
+                    i = at // cs
+                    if i * cs != self._ahead_start:
+                        self._ahead_data = memoryview(b"")
+                        self._ahead_data = self._ahead.chunk(i)
+                        self._ahead_start = i * cs
+                    lo = at - self._ahead_start
+                    take = min(len(self._ahead_data) - lo, n - got)
+                    view[got : got + take] = self._ahead_data[lo : lo + take]
+                    got += take
+            except BaseException:
+                self._ahead_start = -1
+                view[:n] = bytes(n)
+                raise
         return n
 
     def readall(self) -> bytes:
         out = bytearray(max(0, self.size - self._pos))
-        self.readinto(out)
+        n = self.preadinto(self._pos, out, private=True)  # our own fresh buffer: decrypted in place
+        self._pos = self._seq_end = self._pos + n
         return bytes(out)
 
     def fileno(self) -> int:
@@ -141,6 +210,12 @@ class SealedReader(io.RawIOBase):
         if not self.closed:
             self._cache[:] = bytes(len(self._cache))
             self._cache_index = -1
+            with self._lock:
+                if self._ahead is not None:
+                    self._ahead.close()  # waits for its workers before the source closes
+                    self._ahead = None
+                self._ahead_start = -1
+                self._ahead_data = memoryview(b"")
             if self._owns_src:
                 self._src.close()
         super().close()

@@ -246,9 +246,17 @@ def read_member(
         reader.close()
 
 
+_ZEROS = bytes(1 << 20)
+
+
 def wipe(buf: bytearray) -> None:
-    """Overwrite a plaintext buffer we own once it has been handed on."""
-    buf[:] = bytes(len(buf))
+    """Overwrite a plaintext buffer we own once it has been handed on, 1 MiB at a time
+    (a zero copy of the whole buffer would allocate, and first-touch, as much again)."""
+    view = memoryview(buf)
+    step = len(_ZEROS)
+    for at in range(0, len(view), step):
+        n = min(step, len(view) - at)
+        view[at : at + n] = _ZEROS[:n]
 
 
 def _memfd_from(reader: RandomAccess) -> int:

@@ -19,7 +19,7 @@ from modelseal.format.folder import (
     MANIFEST_NAME,
     MAX_MANIFEST,
     SealedFolder,
-    parse_manifest,
+    read_manifest,
     require_folder_layout,
 )
 from modelseal.format.header import (
@@ -142,13 +142,15 @@ def open_sealed_folder(
     check = reader_check(verdict)
     src, raw = open_raw(manifest)
     try:
-        if raw.core.kind != KIND_MANIFEST or raw.core.plaintext_length > MAX_MANIFEST:
+        if raw.core.kind != KIND_MANIFEST:  # an intact header of another kind: not a folder
+            raise FormatError(f"{manifest} is not a sealed folder's manifest (kind {raw.core.kind})")
+        if raw.core.plaintext_length > MAX_MANIFEST:
             raise DecryptionError()
         check_env(dict(raw.core.context).get("env", ""), expect_env, str(root))
         table = check(MANIFEST_NAME, raw)
         opened = open_keys(raw, unwrapper(service(keys), raw), src)
         with SealedReader(src, raw, opened.keys, owns_src=False, chunk_hashes=table) as r:
-            entries = parse_manifest(r.readall())
+            entries = read_manifest(r)
     finally:
         src.close()
     folder = SealedFolder(root, raw, opened, entries, check if verdict is not None and verdict.signed else None)

@@ -7,7 +7,8 @@ signing happens before the rename, so a failed signing replaces nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from modelseal.format.header import (
     normalize_context,
     parse_core,
 )
-from modelseal.format.stream import Progress, fd_reader
+from modelseal.format.stream import Progress, ReadAt, fd_reader
 from modelseal.keys.service import KeyService
 from modelseal.recipes.context import (
     check_keys_apart,
@@ -30,7 +31,7 @@ from modelseal.recipes.context import (
     service,
 )
 from modelseal.recipes.writing import (
-    FolderSource,
+    Shard,
     check_sealable,
     new_data_key,
     seal_stream,
@@ -43,6 +44,7 @@ from modelseal.signing.sigfile import seal_attachment, signature_path, signed_ou
 from modelseal.signing.signers import Signer
 from modelseal.signing.verification import add_signature
 from modelseal.util.files import (
+    FileId,
     atomic_output,
     is_within,
     open_regular,
@@ -180,17 +182,21 @@ def _seal_folder(
     files = walk_folder(src, refuse=modelseal_home())  # not even through a bind mount inside
     check_sealable([rel for rel, _, _ in files])
 
-    def sources() -> FolderSource:
-        for rel, real, file_id in files:
+    def opener(real: Path, file_id: FileId) -> Callable[[], AbstractContextManager[tuple[int, ReadAt]]]:
+        @contextmanager
+        def open_one() -> Iterator[tuple[int, ReadAt]]:
             fd = open_walked(real, file_id)
             try:
-                yield rel, os.fstat(fd).st_size, fd_reader(fd)
+                yield os.fstat(fd).st_size, fd_reader(fd)
             finally:
                 os.close(fd)
 
+        return open_one
+
+    shards = [Shard(rel, opener(real, file_id)) for rel, real, file_id in files]  # sealed in parallel
     sig_id = None
     with atomic_output(dst, force, is_dir=True) as tmp:
-        f = write_folder(tmp, sources(), dek, ctx, wrap, progress, hash_chunks=sign_key is not None)
+        f = write_folder(tmp, shards, dek, ctx, wrap, progress, hash_chunks=sign_key is not None)
         if dst.is_dir():  # replaced with --force: its signatures become history
             supersede(signature_path(dst), signature_path(tmp))
         if sign_key is not None:

@@ -2,18 +2,23 @@
 sealed file, a folder's blobs and manifest, a fresh data key and its wraps.
 
 Writes only to the temporary paths it is handed; choosing, renaming and signing the output
-are the callers'.
+are the callers'. A folder's files are sealed ``FOLDER_PARALLEL`` at a time, each with its
+own SHA-256 thread, so hashing runs in parallel and one file's final fsync overlaps the
+next file's encryption.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelseal.errors import PolicyDenied
+from modelseal.errors import PolicyDenied, StorageError
 from modelseal.format.envelope import HeaderPlan, new_dek
 from modelseal.format.file import canonical_json, write_sealed
 from modelseal.format.folder import (
@@ -85,7 +90,18 @@ def seal_stream(
     return Written(plan.artifact_id, digest, plan.mac.hex(), header, b"".join(table) if table is not None else None)
 
 
-FolderSource = Iterator[tuple[str, int, ReadAt]]
+FolderSource = Iterator[tuple[str, int, ReadAt]]  # sealed one after the other
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One file of a folder, opened only when it is sealed: ``open()`` yields (length, reader)."""
+
+    path: str
+    open: Callable[[], AbstractContextManager[tuple[int, ReadAt]]]
+
+
+FOLDER_PARALLEL = 2  # files sealed at once (measured: docs/benchmarks.md, "Writes")
 
 
 @dataclass
@@ -98,34 +114,44 @@ class WrittenFolder:
 
 def write_folder(
     tmp: Path,
-    sources: FolderSource,
+    sources: FolderSource | Sequence[Shard],
     dek: bytes,
     ctx: tuple[tuple[str, str], ...],
     recipients: Callable[[str], tuple[Recipient, ...]],
     progress: Progress | None,
     hash_chunks: bool = False,
 ) -> WrittenFolder:
-    """Seal each (path, length, reader) as an opaque blob, then the manifest naming them."""
+    """Seal each file as an opaque blob, then the manifest naming them (in the sources' order).
+
+    ``Shard``s are sealed ``FOLDER_PARALLEL`` at a time; an iterator of (path, length,
+    reader) one after the other. On the first failure the other files stop at their
+    next chunk, and the error is raised once every writer has stopped.
+    """
     (tmp / BLOB_DIR).mkdir(mode=0o700)
-    entries: list[Entry] = []
-    commits: list[FileCommitment] = []
-    for rel, length, read_at in sources:
-        blob = secrets.token_hex(16)
+
+    def blob(rel: str, length: int, read_at: ReadAt, report: Progress | None) -> tuple[Entry, FileCommitment | None]:
+        name = secrets.token_hex(16)
         w = seal_stream(
             read_at,
             length,
-            tmp / BLOB_DIR / blob,
+            tmp / BLOB_DIR / name,
             kind=KIND_BLOB,
             dek=dek,
             context=ctx,
             metadata=lambda _d: b"{}",
             recipients=lambda _a: (),
-            progress=progress,
+            progress=report,
             hash_chunks=hash_chunks,
         )
-        entries.append(Entry(rel, length, w.sha256, blob, w.mac))
-        if w.table is not None:
-            commits.append(commit_written(f"{BLOB_DIR}/{blob}", w.header, w.table))
+        commit = commit_written(f"{BLOB_DIR}/{name}", w.header, w.table) if w.table is not None else None
+        return Entry(rel, length, w.sha256, name, w.mac), commit
+
+    if isinstance(sources, Sequence):
+        done = _parallel_blobs(sources, blob, progress)
+    else:
+        done = [blob(rel, length, read_at, progress) for rel, length, read_at in sources]
+    entries = [e for e, _ in done]
+    commits = [c for _, c in done if c is not None]
     fsync_dir(tmp / BLOB_DIR)
     manifest = encode_manifest(entries)
     w = seal_stream(
@@ -143,6 +169,46 @@ def write_folder(
     if w.table is not None:
         commits.append(commit_written(MANIFEST_NAME, w.header, w.table))
     return WrittenFolder(w.artifact_id, entries, commits, w.header)
+
+
+def _parallel_blobs(
+    shards: Sequence[Shard],
+    blob: Callable[[str, int, ReadAt, Progress | None], tuple[Entry, FileCommitment | None]],
+    progress: Progress | None,
+) -> list[tuple[Entry, FileCommitment | None]]:
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def report(n: int) -> None:
+        if progress is not None:
+            with lock:  # the caller's callback (a progress bar) need not be thread-safe
+                progress(n)
+
+    def one(shard: Shard) -> tuple[Entry, FileCommitment | None]:
+        if stop.is_set():
+            raise StorageError("stopped: another file of the folder failed")
+        with shard.open() as (length, read_at):
+
+            def guarded(buf: memoryview, offset: int) -> None:
+                if stop.is_set():
+                    raise StorageError("stopped: another file of the folder failed")
+                read_at(buf, offset)
+
+            return blob(shard.path, length, guarded, report if progress is not None else None)
+
+    with ThreadPoolExecutor(FOLDER_PARALLEL, thread_name_prefix="modelseal-file") as pool:
+        futures = [pool.submit(one, s) for s in shards]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)  # the first failure in time, not in order
+            for f in futures:
+                if f.done() and not f.cancelled() and f.exception() is not None:
+                    f.result()
+            return [f.result() for f in futures]
+        except BaseException:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def new_data_key(

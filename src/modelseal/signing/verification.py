@@ -93,6 +93,19 @@ def _read_header(path: Path, rel: str) -> RawArtifact:
         src.close()
 
 
+def check_tables(sf: SignatureFile, commits: list[FileCommitment]) -> None:
+    """The signature file's ``chunks`` (section 11.3) of a signed artifact: exactly one
+    table per sealed file, each equal to the table of the chunks as stored. A deep
+    verification hashed them all, so it can tell; a table that is missing or wrong would
+    make every verified read of that file fail, so the artifact is refused now rather
+    than passing ``verify`` and failing on load."""
+    if set(sf.chunks) != {c.path for c in commits}:
+        raise VerificationError("the signature file's chunk tables do not list exactly the artifact's sealed files")
+    for c in commits:
+        if not hmac.compare_digest(sf.chunks[c.path], c.table):
+            raise VerificationError(f"the signature file's chunk table for {c.path} does not match the sealed file")
+
+
 def _lazy_commitments(root: Path, sf: SignatureFile) -> tuple[list[FileCommitment], dict[str, RawArtifact]]:
     """Commitments from the real headers and the signature file's chunk tables; the
     chunks themselves are checked later, as readers read them."""
@@ -137,7 +150,7 @@ def verify_artifact(
         for p in policies:
             evaluate(root, p, sf, *heads, headers_only=True, **pins)
     commits, raws = hash_artifact(root) if deep else _lazy_commitments(root, sf)
-    verdict = _decide(root, policies, sf, commits, raws, pins)
+    verdict = _decide(root, policies, sf, commits, raws, pins, tables=lambda: check_tables(sf, commits))
     verdict.tables = {c.path: c.table for c in commits}
     verdict.headers = {c.path: c.header for c in commits}
     return verdict
@@ -180,13 +193,17 @@ def _decide(
     commits: list[FileCommitment],
     raws: dict[str, RawArtifact],
     pins: dict[str, Any],
+    tables: Callable[[], None] | None = None,
 ) -> Verdict:
     """Every policy decides on the same commitments; the first one's verdict is returned,
-    and the accepted version is recorded only once all of them passed."""
+    and the accepted version is recorded only once all of them passed (and ``tables``,
+    the check of the signature file's chunk tables, passed too)."""
     verdicts = [evaluate(root, p, sf, commits, raws, **pins) for p in policies]
     first = verdicts[0]
     if len({(v.name, v.version) for v in verdicts}) > 1:
         raise VerificationError("the trust policies in force accept this artifact under different names or versions")
+    if tables is not None:
+        tables()
     if first.signed and first.name is not None:
         for p in policies:
             remember_accepted(p.identity(), first.env, first.name, first.version)
@@ -218,7 +235,7 @@ def verify_single(
     if table is None or len(table) != CHUNK_HASH_LEN * raw.layout.count:
         raise VerificationError(f"the signature file of {label} has no chunk table for it")
     c = commit(FILE_PATH, raw, table)
-    verdict = _decide(Path(label), policies, sf, [c], {FILE_PATH: raw}, pins)
+    verdict = _decide(Path(label), policies, sf, [c], {FILE_PATH: raw}, pins, tables=lambda: check_tables(sf, [c]))
     verdict.tables, verdict.headers = {FILE_PATH: table}, {FILE_PATH: c.header}
     return verdict
 
