@@ -1,6 +1,6 @@
 """Throughput of the sealed format against plain reads and age, measured in one run.
 
-    python benchmarks/throughput.py [--size-mib 1024] [--rss-gib 4] [--writes-rounds 3] [--writes-only]
+    python benchmarks/throughput.py [--size-mib 1024] [--rss-gib 4] [--writes-rounds 3] [--writes-only] [--reads]
 
 Prints GB/s and ratios against (a) reading the plaintext file with readinto
 and (b) age 1.x doing the same work, all on page-cached files in one run.
@@ -12,6 +12,8 @@ the CLI (a subprocess: interpreter start and scrypt included) and through the AP
 file to the same disk: the ratio is that pair's, the figure the median over
 --writes-rounds rounds. --compare-writes adds the paths not chosen (O_DIRECT output,
 one folder file at a time).
+--reads adds every read pattern of issue 11 (benchmarks/reads.py), each against the
+same pattern on the plaintext file and against the AES floor, on the same file.
 Figures, not pass/fail: see docs/benchmarks.md for the latest.
 """
 
@@ -28,6 +30,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reads
 
 import modelseal
 from modelseal.audit.events import MemorySink
@@ -175,6 +180,9 @@ def main() -> None:
     ap.add_argument("--writes-rounds", type=int, default=3, help="rounds of the writes section (0: skip it)")
     ap.add_argument("--writes-only", action="store_true", help="only the writes section")
     ap.add_argument("--compare-writes", action="store_true", help="also the write paths not chosen")
+    ap.add_argument(
+        "--reads", action="store_true", help="also every read pattern of benchmarks/reads.py on the same file"
+    )
     args = ap.parse_args()
     size = args.size_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="msbench-", dir=args.dir))
@@ -294,6 +302,10 @@ def main() -> None:
             print(f"age -d (decrypt to memory){r_age_dec:6.2f} GB/s   unseal is {r_open / r_age_dec:5.2f}x age")
         else:
             print("age: not installed (apt-get install age) - comparison skipped")
+
+        if args.reads:
+            print("read patterns (benchmarks/reads.py), on the same file:")
+            reads.report(work, src, sealed, svc, 3)
 
         if args.rss_gib:
             big, big_sealed = work / "big.bin", work / "big.sealed"

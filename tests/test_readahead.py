@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,7 +156,9 @@ def test_concurrent_pread_while_streaming(sealed: tuple[Path, bytes], keys: KeyS
     assert got == data
 
 
-def test_big_reads_into_a_bytearray_decrypt_in_place(sealed: tuple[Path, bytes], keys: KeyService) -> None:
+def test_big_reads_use_every_core_and_keep_unverified_bytes_out_of_the_buffer(
+    sealed: tuple[Path, bytes], keys: KeyService
+) -> None:
     path, data = sealed
     with modelseal.open(path, keys=keys, verify=False) as r:
         big = bytearray(r._direct_min + 5)
@@ -175,19 +178,128 @@ def test_big_read_of_a_tampered_chunk_leaves_zeroes(sealed: tuple[Path, bytes], 
         assert big == bytes(len(big))
 
 
-def test_only_bytearrays_count_as_process_private() -> None:
-    import mmap
+def test_another_thread_never_sees_forged_plaintext_in_the_callers_buffer(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller's buffer (a bytearray too) only ever receives authenticated plaintext: a
+    tampered chunk of an all-zero file would otherwise show its flipped bit to a thread
+    watching the buffer while the read runs."""
+    monkeypatch.setattr(writing, "DEFAULT_CHUNK_LOG2", 16)
+    src, out = env.work / "zeros.bin", env.work / "zeros.sealed"
+    src.write_bytes(bytes(40 * CS))
+    modelseal.seal(src, out, "test-kek", keys=env.svc)
+    with open(out, "r+b") as f:
+        layout = read_raw(FdSource(f.fileno(), owns=False)).layout
+        for i in range(layout.count):
+            f.seek(layout.offset(i) + 5)
+            f.write(b"\x01")  # every chunk forged: its plaintext would hold a 1
+    seen = threading.Event()
+    stop = threading.Event()
+    buf = bytearray(16 * CS)
 
-    import numpy as np
+    def watch() -> None:
+        view = memoryview(buf)
+        while not stop.is_set():
+            if any(view[k * CS + 5] for k in range(16)):
+                seen.set()
 
-    from modelseal.format.reader import _process_private
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        with modelseal.open(out, keys=env.svc, verify=False) as r:
+            assert len(buf) >= r._direct_min  # the parallel path that once decrypted in place
+            for _ in range(100):
+                r.seek(0)
+                with pytest.raises(DecryptionError):
+                    r.readinto(buf)
+    finally:
+        stop.set()
+        t.join()
+    assert not seen.is_set()
 
-    ba = bytearray(10)
-    assert _process_private(ba)
-    assert _process_private(memoryview(ba)[2:])
-    assert not _process_private(mmap.mmap(-1, 4096))  # could be MAP_SHARED
-    assert not _process_private(memoryview(mmap.mmap(-1, 4096)))
-    assert not _process_private(np.zeros(10, np.uint8))
+
+def test_reads_racing_close_return_the_right_bytes_or_fail_typed(sealed: tuple[Path, bytes], keys: KeyService) -> None:
+    from modelseal.errors import ModelsealError
+
+    path, data = sealed
+    for trial in range(60):
+        r = modelseal.open(path, keys=keys, verify=False)
+        outcome: list[object] = []
+
+        def read(r: Any = r, trial: int = trial, outcome: list[object] = outcome) -> None:
+            try:
+                for k in range(5):
+                    if trial % 2:
+                        outcome.append((CS // 2, r.pread(CS // 2, 2 * CS)))
+                    else:
+                        outcome.append((k * 3 * CS, r.read(3 * CS)))
+            except (ValueError, ModelsealError) as e:  # closed: refused, or the source went away
+                outcome.append(e)
+
+        t = threading.Thread(target=read)
+        t.start()
+        r.close()
+        t.join()
+        for o in outcome:
+            if isinstance(o, tuple):
+                at, got = o
+                assert got == data[at : at + len(got)]  # never zeroes passed off as data
+        assert r._ahead is None and bytes(r._cache) == bytes(len(r._cache))
+
+
+def test_a_forked_child_reads_on_after_the_parent_read_ahead(sealed: tuple[Path, bytes], keys: KeyService) -> None:
+    import signal
+    import time
+
+    from modelseal.format import stream
+
+    path, data = sealed
+    r = modelseal.open(path, keys=keys, verify=False)
+    try:
+        for _ in range(stream.workers()):
+            stream.submit(lambda: time.sleep(0.5))  # the pool is busy at the fork: futures still pending
+        assert r.read(100) == data[:100]
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit status
+            signal.alarm(20)
+            ok = r.read(3 * CS) == data[100 : 100 + 3 * CS]
+            r.close()
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+    finally:
+        r.close()
+
+
+def test_sealed_over_sealed_from_two_threads_does_not_deadlock(
+    sealed: tuple[Path, bytes], keys: KeyService, env: Env
+) -> None:
+    import random
+
+    from modelseal.loaders.fs import SealedFileSystem
+
+    inner, data = sealed
+    outer = env.work / "twice.sealed"  # sealed twice: sealed:: over sealed:: gives back the plaintext
+    modelseal.seal(inner, outer, "test-kek", keys=keys)
+    fs = SealedFileSystem(fs=SealedFileSystem(keys=keys), keys=keys)
+    done = [0, 0]
+    with fs.open(str(outer), "rb") as f:
+        r = f.raw
+
+        def work(k: int) -> None:
+            rnd = random.Random(k)  # test offsets, not secrets
+            for _ in range(30):
+                off = rnd.randrange(0, len(data) - 8 * CS)
+                assert r.pread(off, 8 * CS) == data[off : off + 8 * CS]
+                done[k] += 1
+
+        ts = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not any(t.is_alive() for t in ts), f"deadlocked after {done} reads"
+    assert done == [30, 30]
 
 
 def test_huge_page_hint_is_best_effort_and_never_changes_contents() -> None:

@@ -9,7 +9,8 @@ its error is raised when, and only when, the caller reads that chunk. A
 speculative chunk nobody reads never raises.
 
 Memory is bounded: ``depth`` slots of one chunk each, allocated on first
-use, ``depth`` a few chunks per core and at most ``MAX_BYTES`` in all.
+use, ``depth`` a few chunks per core and at most ``MAX_BYTES`` in all (or two
+chunks, for chunks over 12 MiB: double buffering is the least that overlaps).
 """
 
 from __future__ import annotations
@@ -85,9 +86,17 @@ class ReadAhead:
                 f.result()
             except BaseException:
                 slot.index = -1  # a retry decrypts again rather than trusting the zeroed slot
-                slot.future = None
+                if f.done():  # interrupted while waiting (KeyboardInterrupt): keep it to settle later
+                    slot.future = None
                 raise
         return slot.buf[: self._cipher.layout.plain_len(i)]
+
+    def forget(self) -> None:
+        """In a forked child: the parent's workers do not exist here and their futures
+        never complete. Drop them without waiting; every slot is decrypted again."""
+        for slot in self._slots:
+            slot.future = None
+            slot.index = -1
 
     def close(self) -> None:
         """Wait for every worker still writing into a slot, then zero the ring."""

@@ -7,28 +7,34 @@ shared pool. The header, the envelope and the length check live in ``file``.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import threading
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 from modelseal.format.envelope import FileKeys, decrypt_metadata
 from modelseal.format.file import RawArtifact, parse_json_object
 from modelseal.format.header import TAG_LEN, Recipient
 from modelseal.format.readahead import ReadAhead
-from modelseal.format.source import CipherSource
+from modelseal.format.source import CipherSource, holding_source_lock
 from modelseal.format.stream import ChunkCipher, decrypt_into, decrypt_scatter, in_pool_thread, workers
 from modelseal.util.hardening import secret_buffer
 
+_LIVE: weakref.WeakSet[SealedReader] = weakref.WeakSet()
 
-def _process_private(buf: Any) -> bool:
-    """Whether ``buf`` is a ``bytearray`` (or a view of one): heap memory of this process,
-    which no other process can map. Whole chunks may then be decrypted in place: bytes being
-    written by a read mean nothing until it returns, and a failed read zeroes them. Anything
-    else (an mmap, a NumPy array, a shared tensor) might be shared memory, and only ever
-    receives plaintext that has already authenticated."""
-    if type(buf) is bytearray:
-        return True
-    return type(buf) is memoryview and type(buf.obj) is bytearray
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) has none of the parent's threads: a lock one of
+    # them held stays locked, a read it had in flight never ends, a read-ahead future never
+    # completes. Every live reader starts the child with fresh locks and an empty window.
+    for reader in list(_LIVE):
+        reader._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SealedReader(io.RawIOBase):
@@ -52,6 +58,9 @@ class SealedReader(io.RawIOBase):
         chunk_hashes: bytes | None = None,
     ) -> None:
         super().__init__()
+        self._state = threading.Condition()  # guards _busy and _closing
+        self._busy = 0  # reads in flight
+        self._closing = True  # until constructed: a failed __init__ leaves nothing to close
         self._src = src
         self._owns_src = owns_src
         self.raw_artifact = raw
@@ -74,6 +83,8 @@ class SealedReader(io.RawIOBase):
         self.recipients: tuple[Recipient, ...] = ()
         self.attachment_key = b""  # set by recipes.opening.open: decrypts the signature file's attachments
         self.verdict: Any = None  # the signature verdict, when verified on open
+        self._closing = False
+        _LIVE.add(self)
         if self.size == 0:
             # An empty plaintext is one empty chunk whose tag must still authenticate
             # (docs/format.md, section 6); no read would ever decrypt it, so check it here.
@@ -108,11 +119,13 @@ class SealedReader(io.RawIOBase):
         are then decrypted in place, skipping a copy. Either way a failure zeroes
         the range and raises DecryptionError.
         """
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
         view = memoryview(buf).cast("B")
         if offset < 0:
             raise ValueError("negative offset")
+        with self._reading():
+            return self._preadinto(offset, view, private)
+
+    def _preadinto(self, offset: int, view: memoryview, private: bool) -> int:
         n = max(0, min(len(view), self.size - offset))
         if n == 0:
             return 0
@@ -134,11 +147,10 @@ class SealedReader(io.RawIOBase):
     def preadinto_many(self, offset: int, bufs: list[memoryview], *, private: bool = False) -> None:
         """Fill consecutive buffers from plaintext ``offset`` in one parallel pass
         (e.g. every tensor of a model). The range must lie inside the plaintext."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
         if offset < 0 or offset + sum(len(b) for b in bufs) > self.size:
             raise ValueError("range outside the plaintext")
-        decrypt_scatter(self._cipher, self._src, offset, [memoryview(b).cast("B") for b in bufs], private=private)
+        with self._reading():
+            decrypt_scatter(self._cipher, self._src, offset, [memoryview(b).cast("B") for b in bufs], private=private)
 
     def pread(self, offset: int, size: int) -> bytes:
         buf = bytearray(max(0, min(size, self.size - offset)))
@@ -151,18 +163,18 @@ class SealedReader(io.RawIOBase):
         pos = self._pos
         view = memoryview(buf).cast("B")
         if pos == self._seq_end:
-            with self._lock:  # the fast path: the whole read lies in the chunk at hand
+            with self._reading(), self._lock:  # the fast path: the whole read lies in the chunk at hand
                 data = self._ahead_data
                 lo = pos - self._ahead_start
-                if lo >= 0 and lo + len(view) <= len(data) and not self.closed:
+                if lo >= 0 and lo + len(view) <= len(data):
                     view[:] = data[lo : lo + len(view)]
                     self._pos = self._seq_end = pos + len(view)
                     return len(view)
-            if len(view) >= self._direct_min and _process_private(buf):
-                n = self.preadinto(pos, view, private=True)  # big reads: every core decrypts straight in
+            if len(view) >= self._direct_min:
+                n = self.preadinto(pos, view)  # big reads: every core decrypts and copies its own part
                 self._pos = self._seq_end = pos + n
                 return n
-            if self._chunked and not in_pool_thread():  # never wait on the pool from inside it
+            if self._chunked and not in_pool_thread() and not holding_source_lock():  # never wait on the pool
                 n = self._read_sequential(pos, view)
                 self._pos = self._seq_end = pos + n
                 return n
@@ -171,12 +183,10 @@ class SealedReader(io.RawIOBase):
         return n
 
     def _read_sequential(self, pos: int, view: memoryview) -> int:
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
         n = max(0, min(len(view), self.size - pos))
         cs = self._cipher.layout.chunk_size
         got = 0
-        with self._lock:
+        with self._reading(), self._lock:
             try:
                 if self._ahead is None:
                     self._ahead = ReadAhead(self._cipher, self._src)
@@ -206,16 +216,46 @@ class SealedReader(io.RawIOBase):
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a sealed reader has no plaintext file descriptor")
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Count a read in flight; refused once closing. ``close`` waits for the count to
+        reach zero before it zeroes anything or closes the source."""
+        with self._state:
+            if self._closing:
+                raise ValueError("I/O operation on closed file")
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._state.notify_all()
+
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._state = threading.Condition()
+        self._busy = 0
+        if self._ahead is not None:
+            self._ahead.forget()
+        self._ahead_start = -1
+        self._ahead_data = memoryview(b"")
+
     def close(self) -> None:
-        if not self.closed:
+        with self._state:
+            if self._closing:
+                return
+            self._closing = True  # new reads are refused from here on
+            while self._busy:
+                self._state.wait()
+        with self._lock:
             self._cache[:] = bytes(len(self._cache))
             self._cache_index = -1
-            with self._lock:
-                if self._ahead is not None:
-                    self._ahead.close()  # waits for its workers before the source closes
-                    self._ahead = None
-                self._ahead_start = -1
-                self._ahead_data = memoryview(b"")
-            if self._owns_src:
-                self._src.close()
+            if self._ahead is not None:
+                self._ahead.close()  # waits for its workers before the source closes
+                self._ahead = None
+            self._ahead_start = -1
+            self._ahead_data = memoryview(b"")
+        if self._owns_src:
+            self._src.close()
         super().close()

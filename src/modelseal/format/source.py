@@ -13,6 +13,21 @@ import os
 import threading
 from typing import BinaryIO, Protocol
 
+from modelseal.errors import StorageError
+
+_HOLDING = threading.local()
+
+
+def holding_source_lock() -> bool:
+    """True while this thread reads through a ``FileObjSource`` (holding its lock). A source
+    that itself decrypts (``sealed::`` over a sealed file) then runs on this thread: it must
+    not wait on the shared pool, whose threads may all be waiting for this very lock."""
+    return bool(getattr(_HOLDING, "depth", 0))
+
+
+def _storage_error(e: OSError) -> StorageError:
+    return StorageError(f"reading the sealed file failed: {e.strerror or type(e).__name__}")
+
 
 class CipherSource(Protocol):
     @property
@@ -44,11 +59,14 @@ class FdSource:
 
     def readinto_at(self, buf: memoryview, offset: int) -> int:
         got = 0
-        while got < len(buf):
-            n = os.preadv(self.fd, [buf[got:]], offset + got)
-            if n <= 0:
-                break
-            got += n
+        try:
+            while got < len(buf):
+                n = os.preadv(self.fd, [buf[got:]], offset + got)
+                if n <= 0:
+                    break
+                got += n
+        except OSError as e:
+            raise _storage_error(e) from None
         return got
 
     def close(self) -> None:
@@ -74,15 +92,21 @@ class FileObjSource:
 
     def readinto_at(self, buf: memoryview, offset: int) -> int:
         with self._lock:
-            self._f.seek(offset)
-            got = 0
-            while got < len(buf):
-                chunk = self._f.read(len(buf) - got)
-                if not chunk:
-                    break
-                buf[got : got + len(chunk)] = chunk
-                got += len(chunk)
-            return got
+            _HOLDING.depth = getattr(_HOLDING, "depth", 0) + 1
+            try:
+                self._f.seek(offset)
+                got = 0
+                while got < len(buf):
+                    chunk = self._f.read(len(buf) - got)
+                    if not chunk:
+                        break
+                    buf[got : got + len(chunk)] = chunk
+                    got += len(chunk)
+                return got
+            except OSError as e:
+                raise _storage_error(e) from None
+            finally:
+                _HOLDING.depth -= 1
 
     def close(self) -> None:
         if self._owns:

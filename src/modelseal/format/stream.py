@@ -19,7 +19,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from blake3 import blake3
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from modelseal.errors import DecryptionError, StorageError, VerificationError
 from modelseal.format.header import TAG_LEN
-from modelseal.format.source import CipherSource
+from modelseal.format.source import CipherSource, holding_source_lock
 from modelseal.util.hardening import secret_buffer
 
 Progress = Callable[[int], None]
@@ -284,7 +284,7 @@ def run_parallel(job: Callable[[range], None], first: int, last: int) -> None:
     from one of its own threads runs inline, so nested use cannot deadlock.
     """
     n = min(workers(), max(1, last - first))
-    if n == 1 or getattr(_IN_POOL, "active", False):
+    if n == 1 or getattr(_IN_POOL, "active", False) or holding_source_lock():
         job(range(first, last))
         return
     runs = list(_stripes(first, last, n))
@@ -294,7 +294,11 @@ def run_parallel(job: Callable[[range], None], first: int, last: int) -> None:
         job(runs[0])  # the calling thread takes the first run instead of idling while it waits
     except BaseException as e:
         mine = e
-    errors = [mine] + [f.exception() for f in futures]  # every run has finished before anything is raised
+    try:
+        errors = [mine] + [f.exception() for f in futures]  # every run has finished before anything is raised
+    except BaseException:
+        wait(futures)  # interrupted (KeyboardInterrupt): the caller zeroes buffers the runs still write
+        raise
     for err in errors:
         if err is not None:
             raise err
