@@ -122,17 +122,17 @@ class SealedReader(io.RawIOBase):
         view = memoryview(buf).cast("B")
         if offset < 0:
             raise ValueError("negative offset")
-        with self._reading():
-            return self._preadinto(offset, view, private)
-
-    def _preadinto(self, offset: int, view: memoryview, private: bool) -> int:
         n = max(0, min(len(view), self.size - offset))
         if n == 0:
+            if self._closing:
+                raise ValueError("I/O operation on closed file")
             return 0
         cs = self._cipher.layout.chunk_size
         i = offset // cs
         if (offset + n - 1) // cs == i and n < cs:
             with self._lock:
+                if self._closing:
+                    raise ValueError("I/O operation on closed file")
                 if self._cache_index != i:
                     self._cache_index = -1
                     clen = self._cipher.layout.plain_len(i)
@@ -141,7 +141,8 @@ class SealedReader(io.RawIOBase):
                 lo = offset - i * cs
                 view[:n] = self._cache[lo : lo + n]
             return n
-        decrypt_into(self._cipher, self._src, offset, view[:n], private=private)
+        with self._reading():
+            decrypt_into(self._cipher, self._src, offset, view[:n], private=private)
         return n
 
     def preadinto_many(self, offset: int, bufs: list[memoryview], *, private: bool = False) -> None:
@@ -163,7 +164,9 @@ class SealedReader(io.RawIOBase):
         pos = self._pos
         view = memoryview(buf).cast("B")
         if pos == self._seq_end:
-            with self._reading(), self._lock:  # the fast path: the whole read lies in the chunk at hand
+            with self._lock:  # the fast path: the whole read lies in the chunk at hand
+                if self._closing:  # close sets it before it takes this lock to zero anything
+                    raise ValueError("I/O operation on closed file")
                 data = self._ahead_data
                 lo = pos - self._ahead_start
                 if lo >= 0 and lo + len(view) <= len(data):
@@ -186,7 +189,9 @@ class SealedReader(io.RawIOBase):
         n = max(0, min(len(view), self.size - pos))
         cs = self._cipher.layout.chunk_size
         got = 0
-        with self._reading(), self._lock:
+        with self._lock:  # held for the whole read: close zeroes the ring only after it
+            if self._closing:
+                raise ValueError("I/O operation on closed file")
             try:
                 if self._ahead is None:
                     self._ahead = ReadAhead(self._cipher, self._src)
@@ -218,8 +223,9 @@ class SealedReader(io.RawIOBase):
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        """Count a read in flight; refused once closing. ``close`` waits for the count to
-        reach zero before it zeroes anything or closes the source."""
+        """Count a read that runs without ``_lock`` (the parallel paths); refused once
+        closing. ``close`` waits for the count to reach zero before it zeroes anything or
+        closes the source. Reads under ``_lock`` check ``_closing`` under it instead."""
         with self._state:
             if self._closing:
                 raise ValueError("I/O operation on closed file")
