@@ -264,3 +264,28 @@ def test_batched_unwrap_and_rewrap_with_associated_data(root: hvac.Client) -> No
         p.unwrap_many(rewrapped, (), contexts=wrong)
     with pytest.raises(DecryptionError):
         p.rewrap_many(rewrapped, (), contexts=wrong)
+
+
+def test_a_failed_batch_keeps_no_data_key_in_the_error_chain(root: hvac.Client) -> None:
+    """Transit answers a batch with one bad item with a 400 whose body holds the other items'
+    plaintexts (data keys); the error raised must not carry that response along."""
+    import traceback
+
+    root.secrets.transit.create_key("leak-check")
+    p = TransitProvider()
+    deks = [os.urandom(32) for _ in range(3)]
+    ctxs = [normalize_context({"env": x}) for x in ("a", "b", "c")]
+    wrapped = [p.wrap("leak-check", d, c) for d, c in zip(deks, ctxs, strict=True)]
+    wrong = [ctxs[0], normalize_context({"env": "wrong"}), ctxs[2]]
+    with pytest.raises(DecryptionError) as info:
+        p.unwrap_many(wrapped, ctxs[0], contexts=wrong)
+    text = "".join(traceback.format_exception(info.value, chain=True))
+    chain: list[BaseException] = []
+    e: BaseException | None = info.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    assert len(chain) == 1  # nothing attached: the hvac error is gone with its response
+    for d in deks:
+        b64 = base64.b64encode(d).decode()
+        assert b64 not in text

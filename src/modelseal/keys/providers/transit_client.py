@@ -113,6 +113,21 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+
+def _server_messages(e: Exception) -> str:
+    """The server's error messages only. ``str(e)`` also holds the request URL, whose path
+    names the operation and the key (".../decrypt/NAME"), and for a batch the whole
+    response, data keys of the items that succeeded included: neither may classify."""
+    errors = getattr(e, "errors", None)
+    if errors:
+        return "; ".join(str(x) for x in errors)
+    doc = getattr(e, "json", None)
+    data = doc.get("data") if isinstance(doc, dict) else None
+    items = data.get("batch_results") if isinstance(data, dict) else None
+    if isinstance(items, list):
+        return "; ".join(str(i["error"]) for i in items if isinstance(i, dict) and i.get("error"))
+    return ""
+
 class TransitClient:
     """An hvac client from the operator's environment, and ``_call`` around every request."""
 
@@ -203,6 +218,7 @@ class TransitClient:
         delay = 0.2
         relogged = False
         for attempt in range(RETRIES):
+            refused: Exception | None = None
             try:
                 if self._client is None:
                     self._client = self._factory()
@@ -228,11 +244,11 @@ class TransitClient:
             except hx.InvalidPath:
                 raise KeyNotFound(f"transit: no such key or mount for {what}") from None
             except hx.InvalidRequest as e:
-                # The server's own messages only: str(e) also holds the request URL, whose
-                # path names the operation and the key (".../decrypt/NAME") and must not classify.
-                errors = getattr(e, "errors", None)
-                text = "; ".join(str(x) for x in errors) if errors else str(e).split(", on ")[0]
-                raise self._classify(text, what) from None
+                refused = self._classify(_server_messages(e), what)
+            if refused is not None:
+                # Raised outside the handler: the hvac error (whose text holds the whole response,
+                # the data keys of a batch's successful items included) is not kept as __context__.
+                raise refused
         raise KeyProviderError(f"transit: {what} failed")
 
     @staticmethod
