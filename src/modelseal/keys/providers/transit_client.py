@@ -113,7 +113,6 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-
 def _server_messages(e: Exception) -> str:
     """The server's error messages only. ``str(e)`` also holds the request URL, whose path
     names the operation and the key (".../decrypt/NAME"), and for a batch the whole
@@ -127,6 +126,7 @@ def _server_messages(e: Exception) -> str:
     if isinstance(items, list):
         return "; ".join(str(i["error"]) for i in items if isinstance(i, dict) and i.get("error"))
     return ""
+
 
 class TransitClient:
     """An hvac client from the operator's environment, and ``_call`` around every request."""
