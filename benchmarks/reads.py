@@ -96,23 +96,29 @@ def aes_floor(sealed: Path, svc: KeyService, rounds: int) -> float:
 
 
 def aes_floor_chunks(sealed: Path, svc: KeyService, n: int, reps: int) -> float:
-    """Median seconds to decrypt ``n`` chunks of this artifact (ciphertext in memory, at
-    random places) split across every core: the floor of one random read spanning them."""
+    """Median seconds to decrypt ``n`` consecutive chunks at a random place of this artifact
+    (the whole ciphertext in memory, so the chunks are as cold as a random read finds them),
+    split across every core: the floor of one random read spanning them."""
     with modelseal.open(sealed, keys=svc, verify=False) as r:
         cipher = r._cipher
         layout = cipher.layout
-        first = random.randrange(0, layout.count - n)  # a benchmark offset, not a secret
         with open(sealed, "rb") as f:
-            f.seek(layout.offset(first))
-            cts = [memoryview(f.read(layout.chunk_size + 16)) for _ in range(n)]
+            cts = []
+            for i in range(layout.count):
+                f.seek(layout.offset(i))
+                cts.append(memoryview(f.read(layout.plain_len(i) + 16)))
         outs = [memoryview(bytearray(layout.chunk_size)) for _ in range(n)]
         pool = ThreadPoolExecutor(os.cpu_count() or 1)
         try:
             times = []
             for _ in range(reps):
+                first = random.randrange(0, layout.count - n)  # a benchmark offset, not a secret
                 t = time.perf_counter()
-                futures = [pool.submit(cipher.decrypt_chunk, first + k, cts[k], outs[k]) for k in range(1, n)]
-                cipher.decrypt_chunk(first, cts[0], outs[0])
+                futures = [
+                    pool.submit(cipher.decrypt_chunk, first + k, cts[first + k], outs[k][: layout.plain_len(first + k)])
+                    for k in range(1, n)
+                ]
+                cipher.decrypt_chunk(first, cts[first], outs[0][: layout.plain_len(first)])
                 for fut in futures:
                     fut.result()
                 times.append(time.perf_counter() - t)
