@@ -132,6 +132,9 @@ def _keystore_keys(svc: KeyService) -> list[str]:
     try:
         return [info.uri for info in svc.list("local")]
     except ModelsealError:
+        path = getattr(svc.provider("local"), "path", None)
+        if isinstance(path, Path) and path.exists():
+            raise  # a keystore that is there but cannot be read (locked agent, wrong passphrase): say so
         return []  # no keystore here: no local key to vouch for
 
 
