@@ -109,3 +109,22 @@ class SigningKeyError(ModelsealError):
     """A signing or verification key cannot be read (wrong passphrase, unsupported type)."""
 
     exit_code = 2
+
+
+class CertificateError(ModelsealError):
+    """A certificate or the internal CA is refused: not issued by this CA, expired,
+    malformed, a bad identity in it, or a pin set that does not match or has no backup."""
+
+    exit_code = 13
+
+
+class CertificateRevoked(CertificateError):
+    """The certificate's serial is on the CA's denylist."""
+
+    exit_code = 14
+
+
+class IdentityError(CertificateError):
+    """A malformed SPIFFE-style identity (``spiffe://DOMAIN/ENV/KIND/NAME``) given by an operator."""
+
+    exit_code = 2

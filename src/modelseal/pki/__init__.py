@@ -1,5 +1,11 @@
-"""Layer 4 (beside signing), reserved: the internal CA, SPIFFE-style identities, certificate issue,
-renewal and revocation (the registry and transport issue). Its private keys live in keys (layer 3).
+"""Layer 4 (beside signing): the internal CA, SPIFFE-style identities, certificate issue,
+renewal, revocation and pins (docs/pki.md). Its private keys are sealed under a KEK of
+``keys`` (layer 3).
 
-Nothing here yet; docs/architecture.md says what may import what.
+``identity`` (the ``spiffe://DOMAIN/ENV/KIND/NAME`` grammar), ``store`` (the files under
+``$MODELSEAL_HOME/ca/`` and the sealing of CA keys), ``ca`` (init, load, intermediate
+roll-over), ``issue`` (leaf issue, renew, revoke, the certificate folder), ``verify``
+(``identity_of`` for the server and client), ``pins`` (RFC 7469-style pin sets) and
+``denylist`` (revoked serials). A later ``transit-pki`` backend (OpenBao's PKI engine)
+sits beside ``ca``/``issue`` behind the same ``issue``/``renew``/``revoke`` calls.
 """
