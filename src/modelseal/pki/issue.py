@@ -56,9 +56,17 @@ class Issued:
         return denylist.serial_hex(self.cert.serial_number)
 
 
+def _shown(d: dt.timedelta) -> str:
+    seconds = int(d.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def _check_ttl(ttl: dt.timedelta) -> None:
     if ttl > MAX_TTL:
-        raise PolicyDenied(f"a certificate lifetime of {ttl} is above this CA's maximum of {MAX_TTL}")
+        raise PolicyDenied(f"a certificate lifetime of {_shown(ttl)} is above this CA's maximum of {_shown(MAX_TTL)}")
     if ttl < MIN_TTL:
         raise PolicyDenied(f"a certificate lifetime below {MIN_TTL} is refused")
 
