@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 sys.path.insert(0, str(Path(__file__).parent))
 import competitors
+from floors import CORES, on_every_core
 
 import modelseal
 import modelseal.safetensors as mst
@@ -79,23 +79,15 @@ def aes_floor(size: int, rounds: int) -> float:
     n = max(1, size // MIB)
     block = os.urandom(MIB)
     cts = [aead.encrypt(i.to_bytes(12, "big"), block, None) for i in range(n)]
-    cores = os.cpu_count() or 1
 
     def once() -> float:
         out = memoryview(np.empty(n * MIB, np.uint8))  # fresh pages, first touched by the decryption
 
         def work(k: int) -> None:
-            for i in range(k, n, cores):
+            for i in range(k, n, CORES):
                 aead.decrypt_into(i.to_bytes(12, "big"), cts[i], None, out[i * MIB : (i + 1) * MIB])
 
-        t = time.perf_counter()
-        others = [threading.Thread(target=work, args=(k,)) for k in range(1, cores)]
-        for th in others:
-            th.start()
-        work(0)
-        for th in others:
-            th.join()
-        return time.perf_counter() - t
+        return on_every_core(work)
 
     return min(once() for _ in range(rounds))
 
@@ -108,7 +100,6 @@ def read_floor(sealed: Path, svc: KeyService, rounds: int) -> float:
     with modelseal.open(sealed, keys=svc, verify=False) as r:
         cipher, layout = r._cipher, r._cipher.layout  # the benchmark borrows the reader's key
         fd = os.open(sealed, os.O_RDONLY)
-        cores = os.cpu_count() or 1
         try:
 
             def once() -> float:
@@ -117,19 +108,12 @@ def read_floor(sealed: Path, svc: KeyService, rounds: int) -> float:
 
                 def work(k: int) -> None:
                     ct = memoryview(mmap.mmap(-1, cs + 16))
-                    for i in range(k, layout.count, cores):
+                    for i in range(k, layout.count, CORES):
                         n = layout.plain_len(i)
                         os.preadv(fd, [ct[: n + 16]], layout.offset(i))
                         cipher.decrypt_chunk(i, ct[: n + 16], out[i * cs : i * cs + n])
 
-                t = time.perf_counter()
-                others = [threading.Thread(target=work, args=(k,)) for k in range(1, cores)]
-                for th in others:
-                    th.start()
-                work(0)
-                for th in others:
-                    th.join()
-                return time.perf_counter() - t
+                return on_every_core(work)
 
             return min(once() for _ in range(rounds))
         finally:

@@ -18,13 +18,16 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
+
+sys.path.insert(0, str(Path(__file__).parent))
+from floors import CORES, ciphertext_chunks, on_every_core
 
 import modelseal
 from modelseal.audit.events import MemorySink
@@ -65,66 +68,40 @@ PATTERNS: list[tuple[str, Callable[[BinaryIO], None]]] = [
 ]
 
 
-def aes_floor(sealed: Path, svc: KeyService, rounds: int) -> float:
-    """AES-256-GCM decryption of this artifact's chunks on every core, the ciphertext already
-    in memory and the output a reused per-thread buffer: the compute ceiling of any sealed
-    read, with no file read and no copy to the caller. Best of ``rounds`` (seconds)."""
-    with modelseal.open(sealed, keys=svc, verify=False) as r:
-        cipher = r._cipher  # the benchmark borrows the reader's chunk cipher: same key, same layout
-        layout = cipher.layout
-        cts = []
-        with open(sealed, "rb") as f:
-            for i in range(layout.count):
-                f.seek(layout.offset(i))
-                cts.append(memoryview(f.read(layout.plain_len(i) + 16)))
-        cores = os.cpu_count() or 1
+def aes_floor(cipher: Any, cts: list[memoryview], rounds: int) -> float:
+    """AES-256-GCM decryption of this artifact's chunks ``cts`` on every core, the ciphertext
+    already in memory and the output a reused per-thread buffer: the compute ceiling of any
+    sealed read, with no file read and no copy to the caller. Best of ``rounds`` (seconds)."""
+    layout = cipher.layout
 
-        def work(k: int) -> None:
-            out = memoryview(bytearray(layout.chunk_size))
-            for i in range(k, layout.count, cores):
-                cipher.decrypt_chunk(i, cts[i], out[: layout.plain_len(i)])
+    def work(k: int) -> None:
+        out = memoryview(bytearray(layout.chunk_size))
+        for i in range(k, layout.count, CORES):
+            cipher.decrypt_chunk(i, cts[i], out[: layout.plain_len(i)])
 
-        def once() -> None:
-            others = [threading.Thread(target=work, args=(k,)) for k in range(1, cores)]
-            for t in others:
-                t.start()
-            work(0)
-            for t in others:
-                t.join()
-
-        return best_of(rounds, once)
+    return min(on_every_core(work) for _ in range(rounds))
 
 
-def aes_floor_chunks(sealed: Path, svc: KeyService, n: int, reps: int) -> float:
+def aes_floor_chunks(cipher: Any, cts: list[memoryview], n: int, reps: int) -> float:
     """Median seconds to decrypt ``n`` consecutive chunks at a random place of this artifact
     (the whole ciphertext in memory, so the chunks are as cold as a random read finds them),
     split across every core: the floor of one random read spanning them."""
-    with modelseal.open(sealed, keys=svc, verify=False) as r:
-        cipher = r._cipher
-        layout = cipher.layout
-        with open(sealed, "rb") as f:
-            cts = []
-            for i in range(layout.count):
-                f.seek(layout.offset(i))
-                cts.append(memoryview(f.read(layout.plain_len(i) + 16)))
-        outs = [memoryview(bytearray(layout.chunk_size)) for _ in range(n)]
-        pool = ThreadPoolExecutor(os.cpu_count() or 1)
-        try:
-            times = []
-            for _ in range(reps):
-                first = random.randrange(0, layout.count - n)  # a benchmark offset, not a secret
-                t = time.perf_counter()
-                futures = [
-                    pool.submit(cipher.decrypt_chunk, first + k, cts[first + k], outs[k][: layout.plain_len(first + k)])
-                    for k in range(1, n)
-                ]
-                cipher.decrypt_chunk(first, cts[first], outs[0][: layout.plain_len(first)])
-                for fut in futures:
-                    fut.result()
-                times.append(time.perf_counter() - t)
-        finally:
-            pool.shutdown()
-        return statistics.median(times)
+    layout = cipher.layout
+    outs = [memoryview(bytearray(layout.chunk_size)) for _ in range(n)]
+    with ThreadPoolExecutor(CORES) as pool:
+        times = []
+        for _ in range(reps):
+            first = random.randrange(0, layout.count - n)  # a benchmark offset, not a secret
+            t = time.perf_counter()
+            futures = [
+                pool.submit(cipher.decrypt_chunk, first + k, cts[first + k], outs[k][: layout.plain_len(first + k)])
+                for k in range(1, n)
+            ]
+            cipher.decrypt_chunk(first, cts[first], outs[0][: layout.plain_len(first)])
+            for fut in futures:
+                fut.result()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def best_of(rounds: int, fn: Callable[[], None]) -> float:
@@ -222,7 +199,12 @@ def report(work: Path, plain: Path, sealed: Path, svc: KeyService, rounds: int) 
         ts = best_of(rounds, lambda: pd.read_csv(f"sealed::file://{csv_sealed}", storage_options=opts))
         name = f"pandas.read_csv ({csv_size / MIB:.0f} MiB CSV)"
         print(f"{name:36} {csv_size / tp / GB:7.2f} GB/s {csv_size / ts / GB:5.2f} GB/s {tp / ts:6.2f}x")
-    t_floor = aes_floor(sealed, svc, rounds)
+    with modelseal.open(sealed, keys=svc, verify=False) as r:
+        cipher = r._cipher  # the benchmark borrows the reader's chunk cipher: same key, same layout
+        cts = ciphertext_chunks(sealed, cipher.layout)  # read once, for both floors
+        t_floor = aes_floor(cipher, cts, rounds)
+        two = aes_floor_chunks(cipher, cts, 2, 200)
+    del cts
     print(
         f"{'floor: AES-GCM on all cores':36} {size / t_floor / GB:18.2f} GB/s"
         f"   (no read can beat it; ceiling of the ratio here: see docs/benchmarks.md)"
@@ -237,7 +219,6 @@ def report(work: Path, plain: Path, sealed: Path, svc: KeyService, rounds: int) 
     print(f"{'1 MiB pread at random offsets':36} median {statistics.median(times) * 1e3:.2f} ms")
     # A 1 MiB read at a random offset spans two 1 MiB chunks, and GCM authenticates whole
     # chunks: its floor is decrypting two chunks (ciphertext in memory) on all cores.
-    two = aes_floor_chunks(sealed, svc, 2, 200)
     print(f"{'  floor: two chunks on all cores':36} median {two * 1e3:.2f} ms")
 
 

@@ -38,10 +38,12 @@ class _Slot:
     future: Future[None] | None = field(default=None)
 
     def settle(self) -> None:
-        """Wait for this slot's decryption (if any) to finish, ignoring its outcome."""
+        """Wait for this slot's decryption (if any) to finish, ignoring its outcome. An
+        interrupt during the wait (KeyboardInterrupt) propagates: the slot is then left as
+        it is, never handed to another chunk while its worker may still write into it."""
         f = self.future
         if f is not None and not f.cancel():
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception):  # the job's own error, raised when its chunk is read
                 f.result()
 
 

@@ -59,12 +59,16 @@ def server_context(tls_dir: Path) -> ssl.SSLContext:
     ca, cert, key = _files(tls_dir)
     ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.num_tickets = 0
+    _trust(ctx, ca)
+    _load_chain(ctx, cert, key)
+    return ctx
+
+
+def _trust(ctx: ssl.SSLContext, ca: Path) -> None:
     try:
         ctx.load_verify_locations(cafile=ca)
     except (ssl.SSLError, OSError):
         raise CertificateError(f"{ca} holds no usable CA certificate") from None
-    _load_chain(ctx, cert, key)
-    return ctx
 
 
 def reload(ctx: ssl.SSLContext, tls_dir: Path) -> None:
@@ -82,10 +86,7 @@ def client_context(tls_dir: Path) -> ssl.SSLContext:
     ca, cert, key = _files(tls_dir)
     ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     ctx.check_hostname = True
-    try:
-        ctx.load_verify_locations(cafile=ca)
-    except (ssl.SSLError, OSError):
-        raise CertificateError(f"{ca} holds no usable CA certificate") from None
+    _trust(ctx, ca)
     _load_chain(ctx, cert, key)
     return ctx
 

@@ -102,17 +102,32 @@ def harden_loader() -> None:
         disable_core_dumps(permanent=False)
 
 
+def _advise(start: int, end: int, advice: int | None) -> bool:
+    """``madvise(start, end - start, advice)`` on page-aligned bounds; False if it did not take."""
+    if advice is None or end <= start:
+        return False
+    try:
+        return int(_libc().madvise(start, end - start, advice)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _writable_address(buf: Any) -> tuple[int, int] | None:
+    """(address, length) of a writable, contiguous, non-empty buffer, else None."""
+    view = memoryview(buf)
+    if view.nbytes == 0 or view.readonly or not view.c_contiguous:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(view.cast("B"))), view.nbytes
+
+
 def _madvise(address: int, length: int) -> bool:
-    if _MADV_DONTDUMP is None or length <= 0:
+    if length <= 0:
         return False
     # madvise works on whole pages: round outwards. The neighbours of the buffer on those
     # pages are left out of a dump too, which hides more, never less.
     start = address - address % _PAGE
     end = -(-(address + length) // _PAGE) * _PAGE
-    try:
-        return int(_libc().madvise(start, end - start, _MADV_DONTDUMP)) == 0
-    except (OSError, AttributeError):
-        return False
+    return _advise(start, end, _MADV_DONTDUMP)
 
 
 _MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
@@ -124,21 +139,18 @@ def prefer_huge_pages(buf: Any) -> bool:
     about to be filled in full (a tensor being loaded). A speed hint that shares this module's
     madvise plumbing: measured here, first-touch faults on 4 KiB pages cost more than the
     AES-GCM decryption that fills them (a 16 MiB torch tensor: 24 ms against 9 ms with huge
-    pages). It changes where memory lives, never what it holds. Best effort."""
-    if _MADV_HUGEPAGE is None or not _LINUX:
+    pages). It changes where memory lives, never what it holds. Best effort; rounds inwards,
+    so no neighbouring memory is touched."""
+    if not _LINUX:
         return False
     try:
-        view = memoryview(buf)
-        if view.nbytes < HUGE_PAGE or view.readonly or not view.c_contiguous:
-            return False
-        address = ctypes.addressof(ctypes.c_char.from_buffer(view.cast("B")))
-        start = -(-address // HUGE_PAGE) * HUGE_PAGE
-        end = (address + view.nbytes) // HUGE_PAGE * HUGE_PAGE
-        if end <= start:
-            return False
-        return int(_libc().madvise(start, end - start, _MADV_HUGEPAGE)) == 0
-    except (TypeError, ValueError, BufferError, OSError, AttributeError):
+        found = _writable_address(buf)
+    except (TypeError, ValueError, BufferError):
         return False
+    if found is None or found[1] < HUGE_PAGE:
+        return False
+    address, length = found
+    return _advise(-(-address // HUGE_PAGE) * HUGE_PAGE, (address + length) // HUGE_PAGE * HUGE_PAGE, _MADV_HUGEPAGE)
 
 
 def dont_dump(buf: Any) -> bool:
@@ -159,12 +171,8 @@ def dont_dump(buf: Any) -> bool:
                 return False
             address = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
             return address is not None and _madvise(address, len(buf))
-        view = memoryview(buf)
-        if view.nbytes == 0 or view.readonly or not view.c_contiguous:
-            return False
-        view = view.cast("B")
-        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-        return _madvise(address, view.nbytes)
+        found = _writable_address(buf)
+        return found is not None and _madvise(*found)
     except (TypeError, ValueError, BufferError, OSError):
         return False
 
