@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("keys",),
     ("signing", "pki"),
     ("recipes", "governance"),
-    ("loaders", "registry", "telemetry", "recovery", "evidence"),
+    ("registry",),
+    ("loaders", "telemetry", "recovery", "evidence"),
     ("server",),
     ("cli",),
 ]

@@ -128,3 +128,34 @@ class IdentityError(CertificateError):
     """A malformed SPIFFE-style identity (``spiffe://DOMAIN/ENV/KIND/NAME``) given by an operator."""
 
     exit_code = 2
+
+
+class RegistryError(ModelsealError):
+    """A registry operation failed: the server refused it (its OCI error code and one-line
+    reason are in the message), a transfer failed, or the registry's stores failed."""
+
+    exit_code = 15
+
+
+class RegistryRefused(RegistryError):
+    """The registry answered with an OCI error: ``status`` and ``code`` say which
+    (``MANIFEST_INVALID``, ``DENIED``, ``NAME_UNKNOWN``, ...)."""
+
+    exit_code = 15
+
+    def __init__(self, message: str, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class BlobStoreError(RegistryError):
+    """The blob store failed (I/O, the S3 service); nothing partial becomes visible."""
+
+    exit_code = 15
+
+
+class DigestMismatch(RegistryError):
+    """Bytes that do not hash to the digest they were named by (an upload, a pulled blob)."""
+
+    exit_code = 15

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.keys.service import KeyService
-from modelseal.server import app
+from modelseal.server import app, runner
 
 
 def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
     del svc  # the registry will use it; the base endpoint needs no key
-    listen = app.parse_listen(args.listen)
-    app.serve(listen, Path(args.tls_dir), args.env)
+    listen = runner.parse_listen(args.listen)
+    runner.serve(listen, Path(args.tls_dir), app.make_app, args.env)
     return 0
 
 
