@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # One command: install modelseal with its test extras into .venv, lint, type-check, run every test.
 set -euo pipefail
-# SoftHSM2 for the pkcs11: provider tests (a Debian package; OpenBao and SeaweedFS come from PyPI).
-if ! command -v softhsm2-util >/dev/null 2>&1; then
+# Debian packages the tests run for real: SoftHSM2 (pkcs11: providers), CNCF distribution
+# (docker-registry, push/pull interop) and nginx (the registry benchmark's reference).
+# OpenBao, SeaweedFS and sslyze come from PyPI with the test extra.
+MISSING=""
+for pair in softhsm2-util:softhsm2 docker-registry:docker-registry nginx:nginx; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || MISSING="$MISSING ${pair##*:}"
+done
+if [ -n "$MISSING" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq softhsm2 >/dev/null
+  # The tests start their own instances on 127.0.0.1 (by PID); the packages' default services are not used.
+  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq $MISSING >/dev/null
 fi
 . "$(dirname "$0")/setup.sh" test
 cd "$ROOT"

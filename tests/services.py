@@ -263,3 +263,25 @@ def model_signing_cli() -> Path:
         )
         stamp.touch()
     return cli
+
+
+SSLYZE_VERSION = "6.3.1"
+
+
+def sslyze_python() -> Path:
+    """The Python of a venv holding sslyze (PyPI), created once beside .venv: sslyze 6.x
+    requires cryptography < 47 and modelseal >= 50, so the two never share a venv.
+    Run it as ``[sslyze_python(), "-m", "sslyze", ...]``."""
+    root = Path(__file__).resolve().parent.parent
+    venv = Path(os.environ.get("MODELSEAL_SSLYZE_VENV", root / ".venv-sslyze"))
+    python = venv / "bin" / "python"
+    stamp = venv / f".sslyze-{SSLYZE_VERSION}"
+    if not stamp.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"sslyze=={SSLYZE_VERSION}"],
+            check=True,
+            timeout=600,
+        )
+        stamp.touch()
+    return python
