@@ -27,8 +27,8 @@ from modelseal.errors import (
     ModelsealError,
     PolicyDenied,
 )
+from modelseal.pki import backend, denylist, identity, issue, pins, store, verify
 from modelseal.pki import ca as pki_ca
-from modelseal.pki import denylist, identity, issue, pins, store, verify
 from modelseal.pki.identity import Identity
 from tests.conftest import Env
 
@@ -463,3 +463,93 @@ def test_cli_refuses_dir_of_another_user(env: Env, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert main(["cert", "issue", "a", "--kind", "user", "--env", "prod", "--out", str(theirs)]) == 8
     assert "another user" in _err(capsys)
+
+
+# --- the configured maximum lifetime and the backend checks -------------------------------------
+
+
+def _config(env: Env, text: str) -> None:
+    path = env.home / "config.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+def test_configured_max_ttl_on_issue_and_renew(env: Env, ca: pki_ca.CA, capsys: pytest.CaptureFixture[str]) -> None:
+    out = env.work / "svc"
+    issue.write_dir(issue.issue(env.svc, ident(), ttl=dt.timedelta(days=3)), out)
+    _config(env, '[pki]\nmax_ttl = "2d"\n')
+    with pytest.raises(PolicyDenied, match="maximum of 2d"):
+        issue.issue(env.svc, ident(), ttl=dt.timedelta(days=2, seconds=1))
+    assert issue.issue(env.svc, ident(), ttl=dt.timedelta(days=2)).cert.not_valid_after_utc
+    renewed = issue.renew(env.svc, out)  # a 3d leaf renews as a 2d one: the lowered maximum applies
+    assert (
+        renewed.cert.not_valid_after_utc - renewed.cert.not_valid_before_utc == dt.timedelta(days=2) + pki_ca.BACKDATE
+    )
+    _config(env, '[pki]\nmax_ttl = "12h"\n')
+    default = issue.issue(env.svc, ident())  # the 24 h default gives way to a lower maximum
+    assert (
+        default.cert.not_valid_after_utc - default.cert.not_valid_before_utc == dt.timedelta(hours=12) + pki_ca.BACKDATE
+    )
+    args = ["cert", "issue", "a", "--kind", "user", "--env", "prod", "--out", str(env.work / "a")]
+    assert main([*args, "--ttl", "13h"]) == 8
+    assert "maximum of 12h" in _err(capsys)
+    assert not (env.work / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[pki]\nmax_ttl = "8d"\n',  # never above the 7 d ceiling
+        '[pki]\nmax_ttl = "1m"\n',
+        "[pki]\nmax_ttl = 3600\n",
+        '[pki]\nmax_ttl = "3 days"\n',
+        '[pki]\nbackend = "acme"\n',
+        '[pki]\ntransit_mount = "../sys"\n',
+        '[pki]\nmaxttl = "1d"\n',
+        'pki = "x"\n',
+    ],
+)
+def test_pki_config_refused(env: Env, ca: pki_ca.CA, text: str) -> None:
+    _config(env, text)
+    with pytest.raises(backend.PkiConfigError):
+        issue.issue(env.svc, ident())
+    assert issue.list_issued(ca) == []
+
+
+def test_pki_config_must_be_private(env: Env, ca: pki_ca.CA) -> None:
+    _config(env, '[pki]\nmax_ttl = "1d"\n')
+    (env.home / "config.toml").chmod(0o666)
+    with pytest.raises(ModelsealError, match="writable"):
+        issue.issue(env.svc, ident())
+
+
+def test_sign_csr_takes_only_the_key_of_the_csr(env: Env, ca: pki_ca.CA) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = backend.make_csr(key, [x509.UniformResourceIdentifier(f"spiffe://{TD}/prod/server/admin")])
+    signed = issue.sign_csr(issue.LocalIssuer(env.svc, ca), ident(), csr)
+    assert verify_issued(issue.Issued(signed.identity, signed.cert, signed.chain, signed.root, key), ca) == ident()
+    assert signed.cert.public_key() == key.public_key()
+    p384 = backend.make_csr(ec.generate_private_key(ec.SECP384R1()), [])
+    with pytest.raises(CertificateError, match="P-256"):
+        issue.sign_csr(issue.LocalIssuer(env.svc, ca), ident(), p384)
+
+
+class _LaxIssuer(issue.LocalIssuer):
+    """A backend that signs more than it was asked to (as a lax OpenBao role would)."""
+
+    def sign(
+        self,
+        identity: Identity,
+        csr: x509.CertificateSigningRequest,
+        sans: list[x509.GeneralName],
+        ttl: dt.timedelta,
+        now: dt.datetime,
+    ) -> backend.Signed:
+        return super().sign(identity, csr, [*sans, x509.DNSName("evil.example.org")], ttl, now)
+
+
+def test_a_backend_answer_with_other_names_is_refused(env: Env, ca: pki_ca.CA) -> None:
+    with pytest.raises(CertificateError, match="other names"):
+        issue.issue(env.svc, ident(), ca=_LaxIssuer(env.svc, ca))
+    assert issue.list_issued(ca) == []
+    assert [e.result for e in env.sink.events if e.operation == "cert-issue"][-1] == "CertificateError"

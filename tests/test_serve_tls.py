@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,36 +70,57 @@ def client(env: Env, name: str, envname: str = "prod", **kw: object) -> ssl.SSLC
     return tls.client_context(make_dir(env, env.work / f"client-{name}-{envname}", "service", name, envname, **kw))
 
 
-@pytest.fixture
-def server(env: Env) -> Iterator[Server]:
-    ca = pki_ca.init_ca(env.svc, TD)
-    tls_dir = make_dir(env, env.work / "server-tls", "server", "registry", ips=["127.0.0.1"])
+def wait_ready(env: Env, proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30) -> None:
+    ctx = client(env, "probe")
+    deadline = time.monotonic() + timeout
+    while request(ctx, port) != 200:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then SIGKILL after 30 s; the exit status."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+@contextmanager
+def running(env: Env, tls_dir: Path, command: list[str] | None = None, log_name: str = "serve.log") -> Iterator[Server]:
+    """``modelseal serve`` (or ``command``, given the port) on a free port, ready, stopped by PID."""
+    ca = pki_ca.load_ca()
     port = free_port()
-    log = open(env.work / "serve.log", "wb")  # noqa: SIM115
+    log_path = env.work / log_name
+    log = open(log_path, "wb")  # noqa: SIM115
+    argv = command or [*SERVE, "--listen", "127.0.0.1:{port}", "--tls-dir", str(tls_dir), "--env", "prod"]
     proc = subprocess.Popen(
-        [*SERVE, "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls_dir), "--env", "prod"],
+        [a.replace("{port}", str(port)) for a in argv],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
         env=dict(os.environ),
+        cwd=Path(__file__).resolve().parent.parent,
     )
-    ctx = client(env, "probe")
-    deadline = time.monotonic() + 30
-    while request(ctx, port) != 200:
-        assert proc.poll() is None, (env.work / "serve.log").read_text()
-        assert time.monotonic() < deadline, (env.work / "serve.log").read_text()
-        time.sleep(0.2)
     try:
+        wait_ready(env, proc, port, log_path)
         yield Server(port, tls_dir, proc, ca, env)
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
         log.close()
+
+
+@pytest.fixture
+def server(env: Env) -> Iterator[Server]:
+    pki_ca.init_ca(env.svc, TD)
+    tls_dir = make_dir(env, env.work / "server-tls", "server", "registry", ips=["127.0.0.1"])
+    with running(env, tls_dir) as s:
+        yield s
 
 
 def test_valid_prod_service_gets_200_and_clean_shutdown(server: Server) -> None:

@@ -1,6 +1,7 @@
 """The ``modelseal`` command line: a thin shell over the recipes in ``modelseal.recipes``.
 
-One module per command group (``keys``, ``artifacts``, ``signing``, ``audit``, ``agent``, ``pki``, ``serve``); this one
+One module per command group (``keys``, ``artifacts``, ``signing``, ``audit``, ``agent``, ``pki``, ``serve``,
+``registry``); this one
 builds the parser and turns every error into one line on stderr and a documented exit
 code (``modelseal.errors``, docs/cli.md); no traceback unless ``MODELSEAL_DEBUG=1``.
 Progress goes to stderr, only when it is a terminal.
@@ -13,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from modelseal.cli import agent, artifacts, audit, keys, pki, serve, signing
+from modelseal.cli import agent, artifacts, audit, keys, pki, registry, serve, signing
 from modelseal.cli.common import escape
 from modelseal.errors import ModelsealError
 from modelseal.keys.service import KeyService
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     pki.add_ca(sub)
     pki.add_cert(sub)
     serve.add_serve(sub)
+    registry.add_push(sub)
+    registry.add_pull(sub)
     return p
 
 

@@ -15,8 +15,8 @@ from typing import Any
 from modelseal.cli.agent import parse_ttl
 from modelseal.cli.common import escape, fmt_time
 from modelseal.keys.service import KeyService
+from modelseal.pki import backend, denylist, issue, pins, store, transit_pki
 from modelseal.pki import ca as pki_ca
-from modelseal.pki import denylist, issue, pins, store
 from modelseal.pki.identity import KINDS, Identity
 
 
@@ -27,7 +27,34 @@ def _summary(issued: issue.Issued, out: Path) -> None:
     )
 
 
+def _init_transit(args: argparse.Namespace, svc: KeyService, cfg: backend.Settings) -> int:
+    mount = args.mount or cfg.transit_mount
+    role = args.role or cfg.transit_role
+    if not mount or not role:
+        raise backend.PkiConfigError(
+            "ca init --backend transit-pki needs --mount and --role (or [pki] transit_mount and transit_role)"
+        )
+    ca = transit_pki.init(
+        svc,
+        args.trust_domain,
+        mount,
+        role,
+        server_role=args.server_role or cfg.transit_server_role,
+        root_mount=args.root_mount or cfg.transit_root_mount,
+        backup_pin=args.backup_pin,
+        force=args.force,
+    )
+    print(f"CA for spiffe://{ca.trust_domain}/ is OpenBao's {escape(ca.mount)} (role {escape(ca.role)})")
+    _show_pins(ca.pins(), False)
+    return 0
+
+
 def cmd_ca_init(args: argparse.Namespace, svc: KeyService) -> int:
+    cfg = backend.settings()
+    if (args.backend or cfg.backend) == "transit-pki":
+        return _init_transit(args, svc, cfg)
+    if args.backup_pin is not None:
+        raise backend.PkiConfigError("--backup-pin is for --backend transit-pki: the local CA makes its own")
     ca = pki_ca.init_ca(svc, args.trust_domain, args.key, force=args.force)
     print(f"CA for spiffe://{ca.trust_domain}/ at {escape(ca.folder)} (keys sealed under {escape(ca.kek)})")
     _print_pins(ca, False)
@@ -35,14 +62,19 @@ def cmd_ca_init(args: argparse.Namespace, svc: KeyService) -> int:
 
 
 def cmd_ca_rotate(args: argparse.Namespace, svc: KeyService) -> int:
+    issuer = issue.load_issuer(svc)
+    if isinstance(issuer, transit_pki.TransitPKI):
+        rolled = transit_pki.rotate_intermediate(issuer)
+        print("the OpenBao mount's default issuer is now the backup key's; give clients the new backup pin:")
+        _show_pins(rolled.pins(), False)
+        return 0
     ca = pki_ca.rotate_intermediate(svc)
     print(f"issuing CA is now generation {ca.generation}; give clients the new backup pin:")
     _print_pins(ca, False)
     return 0
 
 
-def _print_pins(ca: pki_ca.CA, as_json: bool) -> None:
-    shown = {"live": pins.pin_of(ca.issuing), "backup": pins.pin_of_key(ca.next_public), "root": pins.pin_of(ca.root)}
+def _show_pins(shown: dict[str, str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(shown, indent=2, sort_keys=True))
         return
@@ -50,15 +82,27 @@ def _print_pins(ca: pki_ca.CA, as_json: bool) -> None:
         print(f"{k + ' pin':12} {v}")
 
 
+def _print_pins(ca: pki_ca.CA, as_json: bool) -> None:
+    _show_pins(
+        {"live": pins.pin_of(ca.issuing), "backup": pins.pin_of_key(ca.next_public), "root": pins.pin_of(ca.root)},
+        as_json,
+    )
+
+
 def cmd_ca_pins(args: argparse.Namespace, svc: KeyService) -> int:
-    _print_pins(pki_ca.load_ca(), args.json)
+    issuer = issue.load_issuer(svc)
+    if isinstance(issuer, transit_pki.TransitPKI):
+        _show_pins(issuer.pins(), args.json)
+    else:
+        _print_pins(pki_ca.load_ca(issuer.folder), args.json)
     return 0
 
 
 def cmd_cert_issue(args: argparse.Namespace, svc: KeyService) -> int:
-    ca = pki_ca.load_ca()
-    identity = Identity.of(ca.trust_domain, args.env, args.kind, args.name)
-    issued = issue.issue(svc, identity, dns=args.dns, ips=args.ip, ttl=dt.timedelta(seconds=args.ttl), ca=ca)
+    issuer = issue.load_issuer(svc)
+    identity = Identity.of(issuer.trust_domain, args.env, args.kind, args.name)
+    ttl = None if args.ttl is None else dt.timedelta(seconds=args.ttl)
+    issued = issue.issue(svc, identity, dns=args.dns, ips=args.ip, ttl=ttl, ca=issuer)
     issue.write_dir(issued, Path(args.out), force=args.force)
     _summary(issued, Path(args.out))
     return 0
@@ -106,6 +150,14 @@ def add_ca(sub: Any) -> None:
         "--key", default=store.DEFAULT_KEK, metavar="URI", help="KEK sealing the CA keys (default local:modelseal-ca)"
     )
     i.add_argument("--force", action="store_true", help="replace an existing CA (its certificates stop verifying)")
+    i.add_argument(
+        "--backend", choices=backend.BACKENDS, help="local (default, or [pki] backend) or transit-pki: OpenBao's PKI"
+    )
+    i.add_argument("--mount", metavar="MOUNT", help="transit-pki: the issuing CA's PKI mount ([pki] transit_mount)")
+    i.add_argument("--role", metavar="ROLE", help="transit-pki: the role leaves are signed under ([pki] transit_role)")
+    i.add_argument("--server-role", metavar="ROLE", help="transit-pki: the role of server leaves (default --role)")
+    i.add_argument("--root-mount", metavar="MOUNT", help="transit-pki: the root's mount, for rotate-intermediate")
+    i.add_argument("--backup-pin", metavar="PIN", help="transit-pki: the backup pin of a key kept outside OpenBao")
     i.set_defaults(fn=cmd_ca_init)
     r = csub.add_parser("rotate-intermediate", help="roll the issuing CA over to the standby key (the backup pin)")
     r.set_defaults(fn=cmd_ca_rotate)
@@ -123,7 +175,7 @@ def add_cert(sub: Any) -> None:
     i.add_argument("--env", required=True, metavar="ENV")
     i.add_argument("--dns", action="append", default=[], metavar="HOST", help="server only; repeatable")
     i.add_argument("--ip", action="append", default=[], metavar="ADDR", help="server only; repeatable")
-    i.add_argument("--ttl", type=parse_ttl, default=issue.DEFAULT_TTL.total_seconds(), help="lifetime (default 24h)")
+    i.add_argument("--ttl", type=parse_ttl, help="lifetime (default 24h, or [pki] max_ttl if lower)")
     i.add_argument("--out", required=True, metavar="DIR", help="writes DIR/cert.pem, DIR/key.pem, DIR/ca.pem")
     i.add_argument("--force", action="store_true", help="replace the certificate files already in DIR")
     i.set_defaults(fn=cmd_cert_issue)

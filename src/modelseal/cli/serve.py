@@ -1,31 +1,60 @@
-"""The ``modelseal serve`` command: parse the flags, hand over to ``server.app.serve``.
+"""The ``modelseal serve`` command: parse the flags, open the registry, hand over to
+``server.runner.serve``.
 
-Thin: the TLS folder and listen address are the operator's; no flag value reaches a
-certificate check except as configuration of this process.
+Thin: the TLS folder, listen address, data folder and store URLs are the operator's; no
+flag value reaches a certificate check except as configuration of this process. The
+registry is opened by the ``build`` closure, so each process that builds the application
+opens its own database connections.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from modelseal.keys.service import KeyService
+from modelseal.pki import issue
+from modelseal.registry import policy
+from modelseal.registry.service import Limits, open_registry
 from modelseal.server import app, runner
+from modelseal.server.identity import Authorizer
+
+
+def default_data() -> Path:
+    """``$MODELSEAL_HOME/registry`` when MODELSEAL_HOME is set, else ``./modelseal-data``."""
+    home = os.environ.get("MODELSEAL_HOME")
+    return Path(home) / "registry" if home else Path("modelseal-data")
 
 
 def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
-    del svc  # the registry will use it; the base endpoint needs no key
+    # The registry stores ciphertext only and holds no key; svc is used only by
+    # --issue-certificates (the CA's key, unwrapped in each worker that signs a renewal).
     listen = runner.parse_listen(args.listen)
-    runner.serve(listen, Path(args.tls_dir), app.make_app, args.env)
+    data = Path(args.data) if args.data else default_data()
+    grace = float(args.gc_grace)
+    limits = Limits(link_grace=grace, blob_grace=min(grace, Limits.blob_grace), upload_ttl=max(grace, 60.0))
+    open_registry(data, args.db, args.blobs, args.content, limits).close()  # refuse a bad store before listening
+    if args.issue_certificates:
+        issue.load_issuer(svc)  # refuse a missing or unreadable CA before listening
+
+    def build(auth: Authorizer) -> web.Application:
+        registry = open_registry(data, args.db, args.blobs, args.content, limits)
+        issuer = issue.load_issuer(svc) if args.issue_certificates else None
+        return app.make_app(auth, registry, float(args.gc_interval), float(args.body_timeout), issuer)
+
+    runner.serve(listen, Path(args.tls_dir), build, args.env, workers=args.workers, renew=args.renew)
     return 0
 
 
 def add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the mutual-TLS registry server (docs/serve.md)",
-        description="Serve the OCI base endpoint GET /v2/ over TLS 1.3 with a required client certificate "
+        help="run the mutual-TLS OCI registry server (docs/serve.md, docs/registry.md)",
+        description="Serve the OCI distribution API over TLS 1.3 with a required client certificate "
         "of this CA. SIGHUP reloads the server certificate; SIGTERM/SIGINT stop cleanly.",
     )
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on, e.g. 127.0.0.1:5000")
@@ -38,7 +67,43 @@ def add_serve(sub: Any) -> None:
         help="the environment served (default: the server certificate's); callers of another one get 403",
     )
     p.add_argument(
-        "--data", metavar="DIR", help="accepted for later (the registry's database and blobs); unused for now"
+        "--data", metavar="DIR", help="the registry's database and blobs (default: $MODELSEAL_HOME/registry)"
+    )
+    p.add_argument(
+        "--content",
+        choices=policy.POLICIES,
+        default=policy.SEALED_ONLY,
+        help="sealed-only (default): only modelseal ciphertext and signatures; any: a general OCI registry",
+    )
+    p.add_argument("--db", metavar="URL", help="postgresql://... (default: SQLite under --data)")
+    p.add_argument("--blobs", metavar="URL", help="s3://BUCKET/PREFIX or file:///PATH (default: a folder under --data)")
+    p.add_argument("--gc-interval", type=float, default=app.GC_INTERVAL, metavar="S", help="seconds between GC passes")
+    p.add_argument(
+        "--gc-grace",
+        type=float,
+        default=Limits.link_grace,
+        metavar="S",
+        help="seconds a pushed blob no manifest references is kept (default: one day)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=app.BODY_TIMEOUT,
+        metavar="S",
+        help="seconds an upload may send nothing before it is refused (slow clients)",
+    )
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per core)")
+    p.add_argument(
+        "--renew",
+        choices=runner.RENEWAL_MODES,
+        default="auto",
+        help="server certificate renewal: auto (the local CA if it can, else watch --tls-dir), local, watch",
+    )
+    p.add_argument(
+        "--issue-certificates",
+        action="store_true",
+        help="serve POST /modelseal/v1/certificates/renew: callers renew their own certificate (same identity) "
+        "through the CA of $MODELSEAL_HOME; the CA key is then used inside the workers (docs/pki.md)",
     )
     p.set_defaults(fn=cmd_serve)
 

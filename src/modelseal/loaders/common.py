@@ -1,7 +1,8 @@
 """Shared plumbing of the ML loaders: finding the artifact, reading it into memory.
 
 Owns: resolving a path to a sealed file, a sealed folder, or a member of a
-sealed folder (``model.sealed/config.json``); the explicit plaintext escape
+sealed folder (``model.sealed/config.json``), or of an ``oci://`` reference (pulled into the
+ciphertext cache, ``registry.cache``); the explicit plaintext escape
 hatch (``allow_plaintext=True``, for migrations); reading a whole member into
 memory; and ``memfd_view``, which shows a sealed folder to libraries that
 insist on a directory path as a folder of symlinks to anonymous in-memory
@@ -137,10 +138,20 @@ def split_member(path: Path) -> tuple[Path, str | None]:
     return root, rel.as_posix()
 
 
+def local_path(path: str | os.PathLike[str]) -> Path:
+    """``path``, or for ``oci://...`` the artifact's copy in the registry cache (``registry.cache``)."""
+    if isinstance(path, str) and path.startswith("oci://"):
+        from modelseal.registry import cache
+
+        return cache.fetch(path)
+    return Path(path)
+
+
 def resolve_member(path: str | os.PathLike[str], member: str | None) -> tuple[Path, str | None]:
     """The artifact and the member a loader was asked for: ``member=`` is relative to the
-    member the path already names, if any (``x.sealed/sub`` with ``member="a.bin"``)."""
-    p, implied = split_member(Path(path))
+    member the path already names, if any (``x.sealed/sub`` with ``member="a.bin"``).
+    ``oci://HOST:PORT/REPO:TAG`` is pulled, verified, into the ciphertext cache first."""
+    p, implied = split_member(local_path(path))
     if implied is not None and member is not None:
         return p, f"{implied}/{member}"
     return p, member if member is not None else implied
@@ -291,7 +302,7 @@ def memfd_view(
     until it lets go of it.
     """
     harden_loader()
-    p = _whole_folder(Path(path))
+    p = _whole_folder(local_path(path))
     if not is_sealed_folder(p):
         if p.is_dir() and plaintext_ok(p, allow_plaintext, keys):
             _refuse_special_files(p)

@@ -6,6 +6,7 @@ renewal, revocation and pins (docs/pki.md). Its private keys are sealed under a 
 ``$MODELSEAL_HOME/ca/`` and the sealing of CA keys), ``ca`` (init, load, intermediate
 roll-over), ``issue`` (leaf issue, renew, revoke, the certificate folder), ``verify``
 (``identity_of`` for the server and client), ``pins`` (RFC 7469-style pin sets) and
-``denylist`` (revoked serials). A later ``transit-pki`` backend (OpenBao's PKI engine)
-sits beside ``ca``/``issue`` behind the same ``issue``/``renew``/``revoke`` calls.
+``denylist`` (revoked serials), ``backend`` (the ``Issuer`` seam and the ``[pki]``
+settings), ``transit_pki`` (OpenBao's PKI engine as issuer) and ``renewal`` (a client
+renewing its own certificate over mTLS).
 """

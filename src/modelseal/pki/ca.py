@@ -43,10 +43,19 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def audit(svc: KeyService, op: str, trust_domain: str, result: str, artifact: str | None = None) -> None:
-    """One audit event of a CA operation, in the KeyService's sink. Key ``ca:DOMAIN``; the
-    artifact field carries the certificate serial (hex) where there is one."""
-    svc.sink.emit(AuditEvent(op, f"ca:{trust_domain}", result, None, artifact))
+def audit_event(op: str, trust_domain: str, result: str, serial: str | None, actor: str | None) -> AuditEvent:
+    """One audit event of a CA operation: key ``ca:DOMAIN``, the certificate serial (hex) in
+    the artifact field, and as actor the identity that asked over mTLS, if one did."""
+    if actor is None:
+        return AuditEvent(op, f"ca:{trust_domain}", result, None, serial)
+    return AuditEvent(op, f"ca:{trust_domain}", result, None, serial, actor)
+
+
+def audit(
+    svc: KeyService, op: str, trust_domain: str, result: str, artifact: str | None = None, actor: str | None = None
+) -> None:
+    """One audit event of a CA operation (``audit_event``), in the KeyService's sink."""
+    svc.sink.emit(audit_event(op, trust_domain, result, artifact, actor))
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,8 @@ def load_ca(folder: Path | None = None) -> CA:
     if doc is None:
         raise CertificateError(f"no CA at {folder}: run 'modelseal ca init' first")
     try:
+        if doc["format"] == "modelseal-ca-transit-pki-v1":
+            raise CertificateError(f"the CA at {folder} is OpenBao's (transit-pki): it holds no local CA keys")
         if doc["format"] != CA_FORMAT:
             raise CertificateError(f"{folder / CA_FILE} is not a modelseal CA file")
         trust_domain = check_trust_domain(str(doc["trust_domain"]))
@@ -282,4 +293,16 @@ def rotate_intermediate(svc: KeyService, ca: CA | None = None, *, now: dt.dateti
     return load_ca(ca.folder)
 
 
-__all__ = ["BACKDATE", "CA", "DEFAULT_TRUST_DOMAIN", "audit", "init_ca", "load_ca", "rotate_intermediate", "utcnow"]
+__all__ = [
+    "BACKDATE",
+    "CA",
+    "CA_FILE",
+    "CA_FORMAT",
+    "DEFAULT_TRUST_DOMAIN",
+    "audit",
+    "audit_event",
+    "init_ca",
+    "load_ca",
+    "rotate_intermediate",
+    "utcnow",
+]

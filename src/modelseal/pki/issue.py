@@ -1,9 +1,12 @@
-"""Leaf certificates: issue, renew, and the certificate folder they are written to.
+"""Leaf certificates: issue, renew, revoke, and the certificate folder they are written to.
 
-A leaf is a fresh P-256 key made here, a certificate signed by the CA's issuing key with
-the identity as its only URI SAN (server certificates add DNS and IP SANs), a random
-159-bit serial, ``notBefore`` five minutes back for clock skew and a lifetime of at most
-``MAX_TTL``. Server certificates carry serverAuth and clientAuth, the others clientAuth.
+A leaf is a fresh P-256 key made here and a CSR for it, signed by the issuing backend
+(``backend.Issuer``: the local CA, ``LocalIssuer``, or OpenBao's PKI engine,
+``transit_pki``; ``load_issuer`` picks the one ``ca.json`` names). The identity is the
+leaf's only URI SAN (server certificates add DNS and IP SANs). The local CA writes a
+random 159-bit serial, ``notBefore`` five minutes back for clock skew, serverAuth and
+clientAuth for servers, clientAuth for the others. The lifetime is refused above the
+issuer's maximum: ``[pki] max_ttl`` of config.toml, itself at most ``MAX_TTL`` (7 days).
 
 The folder ``DIR`` holds ``cert.pem`` (leaf, then intermediate), ``key.pem`` (PKCS#8,
 0600) and ``ca.pem`` (the root). It is written whole into a temporary sibling folder and
@@ -15,7 +18,6 @@ forward by the next access. Every issued certificate is recorded in ``issued.jso
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,97 +31,120 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from modelseal.errors import CertificateError, CertificateRevoked, ModelsealError, PolicyDenied, StorageError
 from modelseal.keys.service import KeyService
 from modelseal.pki import denylist, store
-from modelseal.pki.ca import BACKDATE, CA, audit, load_ca, utcnow
+from modelseal.pki.backend import (
+    DEFAULT_TTL,
+    MAX_TTL,
+    MIN_TTL,
+    Issuer,
+    Settings,
+    Signed,
+    check_signed,
+    check_ttl,
+    csr_public_key,
+    make_csr,
+    sans_of,
+    settings,
+)
+from modelseal.pki.backend import sans as make_sans
+from modelseal.pki.ca import BACKDATE, CA, CA_FILE, CA_FORMAT, audit, load_ca, utcnow
 from modelseal.pki.identity import Identity
 from modelseal.pki.verify import identity_of
 from modelseal.util.files import atomic_output, read_limited, write_new
 
-DEFAULT_TTL = dt.timedelta(hours=24)
-MAX_TTL = dt.timedelta(days=7)
-MIN_TTL = dt.timedelta(minutes=5)
 ISSUED_FILE = "issued.json"
 MAX_ISSUED = 20_000
-MAX_SANS = 32
 FILES = ("cert.pem", "key.pem", "ca.pem")
 
 
 @dataclass(frozen=True)
-class Issued:
-    identity: Identity
-    cert: x509.Certificate
+class Issued(Signed):
+    """A signed leaf and its private key, as ``write_dir`` writes them."""
+
     key: ec.EllipticCurvePrivateKey
-    chain: list[x509.Certificate]  # the intermediate(s)
-    root: x509.Certificate
+
+
+class LocalIssuer:
+    """The local CA as an ``Issuer``: signs with the issuing key unsealed through ``svc``."""
+
+    def __init__(self, svc: KeyService, ca: CA) -> None:
+        self.svc = svc
+        self.ca = ca
 
     @property
-    def serial(self) -> str:
-        return denylist.serial_hex(self.cert.serial_number)
+    def trust_domain(self) -> str:
+        return self.ca.trust_domain
+
+    @property
+    def folder(self) -> Path:
+        return self.ca.folder
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.ca.root
+
+    def sign(
+        self,
+        identity: Identity,
+        csr: x509.CertificateSigningRequest,
+        sans: list[x509.GeneralName],
+        ttl: dt.timedelta,
+        now: dt.datetime,
+    ) -> Signed:
+        cert = _leaf(self.ca, self.ca.issuing_key(self.svc), identity, csr_public_key(csr), sans, now, ttl)
+        return Signed(identity, cert, self.ca.chain, self.ca.root)
+
+    def revoke_upstream(self, serial: int) -> None:
+        return None  # the denylist is the local CA's revocation
+
+    def audit(self, op: str, result: str, serial: str | None = None, actor: str | None = None) -> None:
+        audit(self.svc, op, self.ca.trust_domain, result, serial, actor)
 
 
-def _shown(d: dt.timedelta) -> str:
-    seconds = int(d.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+def load_issuer(svc: KeyService, folder: Path | None = None) -> Issuer:
+    """The backend the CA at ``folder`` (default ``$MODELSEAL_HOME/ca``) was made with."""
+    from modelseal.pki import transit_pki
+
+    folder = folder or store.ca_dir()
+    doc = store.read_json(folder, CA_FILE)
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if fmt == transit_pki.CA_FORMAT:
+        return transit_pki.load(svc, folder)
+    if fmt not in (None, CA_FORMAT):
+        raise CertificateError(f"{folder / CA_FILE} is not a modelseal CA file")
+    return LocalIssuer(svc, load_ca(folder))
 
 
-def _check_ttl(ttl: dt.timedelta) -> None:
-    if ttl > MAX_TTL:
-        raise PolicyDenied(f"a certificate lifetime of {_shown(ttl)} is above this CA's maximum of {_shown(MAX_TTL)}")
-    if ttl < MIN_TTL:
-        raise PolicyDenied(f"a certificate lifetime below {MIN_TTL} is refused")
-
-
-def _sans(identity: Identity, dns: Sequence[str], ips: Sequence[str]) -> list[x509.GeneralName]:
-    if len(dns) + len(ips) > MAX_SANS:
-        raise PolicyDenied(f"at most {MAX_SANS} DNS and IP names")
-    if (dns or ips) and identity.kind != "server":
-        raise PolicyDenied("only server certificates carry DNS and IP names")
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
-    for h in dns:
-        h2 = h.lower().rstrip(".")
-        labels = h2.removeprefix("*.").split(".")
-        if (
-            not h2
-            or len(h2) > 253
-            or not all(0 < len(x) <= 63 and x.replace("-", "").isalnum() and x.isascii() for x in labels)
-        ):
-            raise ValueError(f"--dns takes a host name, got {h[:80]!r}")
-        names.append(x509.DNSName(h2))
-    for a in ips:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(a)))
-        except ValueError:
-            raise ValueError(f"--ip takes an IPv4 or IPv6 address, got {a[:80]!r}") from None
-    return names
+def _issuer(svc: KeyService, ca: CA | Issuer | None) -> Issuer:
+    if ca is None:
+        return load_issuer(svc)
+    return LocalIssuer(svc, ca) if isinstance(ca, CA) else ca
 
 
 def _leaf(
     ca: CA,
     signer: ec.EllipticCurvePrivateKey,
     identity: Identity,
+    public: ec.EllipticCurvePublicKey,
     sans: list[x509.GeneralName],
     t: dt.datetime,
     ttl: dt.timedelta,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+) -> x509.Certificate:
     not_after = t + ttl
     if not_after > ca.issuing.not_valid_after_utc:
         raise CertificateError(
             "the issuing CA expires before this certificate would: run 'modelseal ca rotate-intermediate'"
         )
-    key = ec.generate_private_key(ec.SECP256R1())
     ekus = (
         [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         if identity.kind == "server"
         else [ExtendedKeyUsageOID.CLIENT_AUTH]
     )
     ski = ca.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
         .issuer_name(ca.issuing.subject)
-        .public_key(key.public_key())
+        .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(t - BACKDATE)
         .not_valid_after(not_after)
@@ -127,11 +152,46 @@ def _leaf(
         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(signer, hashes.SHA256())
     )
-    return cert, key
+
+
+def sign_csr(
+    issuer: Issuer,
+    identity: Identity,
+    csr: x509.CertificateSigningRequest,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    ttl: dt.timedelta | None = None,
+    now: dt.datetime | None = None,
+    config: Settings | None = None,
+    op: str = "cert-issue",
+    actor: str | None = None,
+) -> Signed:
+    """Have ``issuer`` sign ``csr`` for ``identity`` (the CSR's key only: its names are not
+    read), check the answer (``backend.check_signed``), record and audit it."""
+    try:
+        if identity.trust_domain != issuer.trust_domain:
+            raise PolicyDenied(
+                f"this CA issues for trust domain {issuer.trust_domain!r}, not {identity.trust_domain!r}"
+            )
+        cfg = config or settings()
+        ttl = cfg.default_ttl if ttl is None else ttl
+        check_ttl(ttl, cfg.max_ttl)
+        names = make_sans(identity, dns, ips)
+        csr_public_key(csr)
+        t = now or utcnow()
+        signed = issuer.sign(identity, csr, names, ttl, t)
+        check_signed(signed, csr, names, ttl, t, validate_path=now is None)
+        _record(issuer.folder, signed.cert, identity, time.time() if now is None else now.timestamp())
+    except ModelsealError as e:
+        issuer.audit(op, type(e).__name__, None, actor)
+        raise
+    issuer.audit(op, "ok", signed.serial, actor)
+    return signed
 
 
 def issue(
@@ -140,30 +200,26 @@ def issue(
     *,
     dns: Sequence[str] = (),
     ips: Sequence[str] = (),
-    ttl: dt.timedelta = DEFAULT_TTL,
+    ttl: dt.timedelta | None = None,
     now: dt.datetime | None = None,
-    ca: CA | None = None,
+    ca: CA | Issuer | None = None,
+    config: Settings | None = None,
 ) -> Issued:
-    """Issue a certificate for ``identity`` (of the CA's trust domain), recorded and audited."""
-    ca = ca or load_ca()
+    """Issue a certificate and a fresh key for ``identity`` (of the CA's trust domain); the
+    lifetime defaults to 24 h (or the configured maximum, if lower). Recorded and audited."""
+    issuer = _issuer(svc, ca)
+    key = ec.generate_private_key(ec.SECP256R1())
     try:
-        if identity.trust_domain != ca.trust_domain:
-            raise PolicyDenied(f"this CA issues for trust domain {ca.trust_domain!r}, not {identity.trust_domain!r}")
-        _check_ttl(ttl)
-        sans = _sans(identity, dns, ips)
-        t = now or utcnow()
-        cert, key = _leaf(ca, ca.issuing_key(svc), identity, sans, t, ttl)
-        _record(ca, cert, identity, time.time() if now is None else now.timestamp())
+        csr = make_csr(key, make_sans(identity, dns, ips))
     except ModelsealError as e:
-        audit(svc, "cert-issue", ca.trust_domain, type(e).__name__)
+        issuer.audit("cert-issue", type(e).__name__)
         raise
-    issued = Issued(identity, cert, key, ca.chain, ca.root)
-    audit(svc, "cert-issue", ca.trust_domain, "ok", issued.serial)
-    return issued
+    s = sign_csr(issuer, identity, csr, dns=dns, ips=ips, ttl=ttl, now=now, config=config)
+    return Issued(s.identity, s.cert, s.chain, s.root, key)
 
 
-def _record(ca: CA, cert: x509.Certificate, identity: Identity, t: float) -> None:
-    doc = store.read_json(ca.folder, ISSUED_FILE) or {"issued": []}
+def _record(folder: Path, cert: x509.Certificate, identity: Identity, t: float) -> None:
+    doc = store.read_json(folder, ISSUED_FILE) or {"issued": []}
     rows = doc.get("issued") if isinstance(doc, dict) else None
     if not isinstance(rows, list):
         raise CertificateError(f"the CA file {ISSUED_FILE} is malformed")
@@ -176,7 +232,7 @@ def _record(ca: CA, cert: x509.Certificate, identity: Identity, t: float) -> Non
             "issued_at": t,
         }
     )
-    store.write(ca.folder, ISSUED_FILE, store.dump_json({"issued": rows[-MAX_ISSUED:]}))
+    store.write(folder, ISSUED_FILE, store.dump_json({"issued": rows[-MAX_ISSUED:]}))
 
 
 def not_after_of(row: dict[str, object]) -> float:
@@ -184,19 +240,21 @@ def not_after_of(row: dict[str, object]) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-def list_issued(ca: CA | None = None) -> list[dict[str, object]]:
-    ca = ca or load_ca()
-    doc = store.read_json(ca.folder, ISSUED_FILE) or {"issued": []}
+def list_issued(ca: CA | Issuer | None = None) -> list[dict[str, object]]:
+    folder = store.ca_dir() if ca is None else ca.folder
+    doc = store.read_json(folder, ISSUED_FILE) or {"issued": []}
     rows = doc.get("issued") if isinstance(doc, dict) else None
     if not isinstance(rows, list):
         raise CertificateError(f"the CA file {ISSUED_FILE} is malformed")
     return [r for r in rows if isinstance(r, dict)]
 
 
-def write_dir(issued: Issued, out: Path, *, force: bool = False) -> None:
-    """Write ``out``/cert.pem, key.pem, ca.pem as one atomic folder swap (see the module
-    docstring). An existing ``out`` must be this user's and hold only those files, and is
-    replaced only with ``force`` (an empty one always)."""
+def write_dir(
+    issued: Issued, out: Path, *, force: bool = False, anchors: Sequence[x509.Certificate] | None = None
+) -> None:
+    """Write ``out``/cert.pem, key.pem, ca.pem (``anchors``, default the issuer's root) as one
+    atomic folder swap (see the module docstring). An existing ``out`` must be this user's
+    and hold only those files, and is replaced only with ``force`` (an empty one always)."""
     store.check_out_dir(out)
     if out.is_dir():
         extra = sorted(p.name for p in out.iterdir() if p.name not in FILES)
@@ -209,7 +267,7 @@ def write_dir(issued: Issued, out: Path, *, force: bool = False) -> None:
     key = issued.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    root = issued.root.public_bytes(serialization.Encoding.PEM)
+    root = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in anchors or [issued.root])
     with atomic_output(out, force, is_dir=True) as tmp:
         try:
             write_new(tmp / "key.pem", key, 0o600)
@@ -233,50 +291,67 @@ def read_chain(folder: Path) -> list[x509.Certificate]:
     return certs
 
 
-def renew(svc: KeyService, folder: Path, *, now: dt.datetime | None = None, ca: CA | None = None) -> Issued:
+def renewal_terms(leaf: x509.Certificate, max_ttl: dt.timedelta) -> tuple[list[str], list[str], dt.timedelta]:
+    """The DNS names, IP addresses and lifetime a renewal of ``leaf`` keeps: the old lifetime,
+    capped at the issuer's maximum (a lowered maximum applies at the next renewal)."""
+    names = sans_of(leaf)
+    dns = [n.value for n in names if isinstance(n, x509.DNSName)]
+    ips = [str(n.value) for n in names if isinstance(n, x509.IPAddress)]
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc - BACKDATE
+    return dns, ips, max(MIN_TTL, min(lifetime, max_ttl, MAX_TTL))
+
+
+def renew(
+    svc: KeyService,
+    folder: Path,
+    *,
+    now: dt.datetime | None = None,
+    ca: CA | Issuer | None = None,
+    config: Settings | None = None,
+) -> Issued:
     """Renew the certificate in ``folder`` while it is valid: same identity, SANs and kind,
-    a fresh key, the same lifetime (capped at ``MAX_TTL``); the folder is replaced whole."""
-    ca = ca or load_ca()
+    a fresh key, the same lifetime (capped at the maximum); the folder is replaced whole."""
+    issuer = _issuer(svc, ca)
+    cfg = config or settings()
     t = now or utcnow()
     try:
         certs = read_chain(folder)
-        old = certs[0]
         try:
-            identity = identity_of(certs, [ca.root], t, denylist.load(ca.folder), trust_domain=ca.trust_domain)
+            identity = identity_of(
+                certs, [issuer.root], t, denylist.load(issuer.folder), trust_domain=issuer.trust_domain
+            )
         except CertificateRevoked:
             raise
         except CertificateError as e:
             raise CertificateError(
                 f"cannot renew {folder}: {e} (expired, or not issued by this CA: issue a new one)"
             ) from None
-        san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = san.get_values_for_type(x509.DNSName)
-        ips = [str(a) for a in san.get_values_for_type(x509.IPAddress)]
-        lifetime = old.not_valid_after_utc - old.not_valid_before_utc - BACKDATE
-        ttl = max(MIN_TTL, min(lifetime, MAX_TTL))
+        dns, ips, ttl = renewal_terms(certs[0], cfg.max_ttl)
     except ModelsealError as e:
-        audit(svc, "cert-renew", ca.trust_domain, type(e).__name__)
+        issuer.audit("cert-renew", type(e).__name__)
         raise
-    issued = issue(svc, identity, dns=dns, ips=ips, ttl=ttl, now=now, ca=ca)
+    issued = issue(svc, identity, dns=dns, ips=ips, ttl=ttl, now=now, ca=issuer, config=cfg)
     write_dir(issued, folder, force=True)
-    audit(svc, "cert-renew", ca.trust_domain, "ok", issued.serial)
+    issuer.audit("cert-renew", "ok", issued.serial)
     return issued
 
 
-def revoke(svc: KeyService, serial: int, reason: str = "", *, ca: CA | None = None) -> bool:
-    """Deny ``serial`` at once (idempotent: False if it was listed). Audited."""
-    ca = ca or load_ca()
+def revoke(svc: KeyService, serial: int, reason: str = "", *, ca: CA | Issuer | None = None) -> bool:
+    """Deny ``serial`` at once (idempotent: False if it was listed), then revoke it at the
+    backend (OpenBao's ``pki/revoke``; nothing for the local CA). Audited."""
+    issuer = _issuer(svc, ca)
     hexed = denylist.serial_hex(serial)
     not_after = None
-    for r in list_issued(ca):
+    for r in list_issued(issuer):
         if str(r.get("serial")) == hexed:
             not_after = not_after_of(r) or None
     try:
-        added = denylist.add(serial, reason, not_after, ca.folder)
+        added = denylist.add(serial, reason, not_after, issuer.folder)
+        issuer.revoke_upstream(serial)
     except ModelsealError as e:
-        audit(svc, "cert-revoke", ca.trust_domain, type(e).__name__, hexed)
+        issuer.audit("cert-revoke", type(e).__name__, hexed)
         raise
-    audit(svc, "cert-revoke", ca.trust_domain, "ok", hexed)
+    issuer.audit("cert-revoke", "ok", hexed)
     return added
 
 
@@ -285,10 +360,14 @@ __all__ = [
     "FILES",
     "MAX_TTL",
     "Issued",
+    "LocalIssuer",
     "issue",
     "list_issued",
+    "load_issuer",
     "read_chain",
     "renew",
+    "renewal_terms",
     "revoke",
+    "sign_csr",
     "write_dir",
 ]

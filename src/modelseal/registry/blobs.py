@@ -1,8 +1,8 @@
 """The registry's blob store: content-addressed ciphertext, and the parts of uploads in progress.
 
-One tiny interface, two backends chosen by URL scheme (``open_blobs``): a local folder
-(the embedded default, ``registry.localblobs``) and S3 (``registry.s3blobs``, SeaweedFS
-in the tests). The store holds bytes only. Which blobs exist for the API, which uploads
+One tiny interface, two backends chosen by URL scheme (``registry.stores.open_blobs``):
+a local folder (the embedded default, ``registry.localblobs``) and S3
+(``registry.s3blobs``, SeaweedFS in the tests). The store holds bytes only. Which blobs exist for the API, which uploads
 are open, their offsets and part lists, and what references what are the metadata
 store's; a blob in the store that the metadata does not list is invisible and is swept.
 
@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from modelseal.errors import BlobStoreError, DigestMismatch
 
@@ -99,25 +97,6 @@ class BlobStore(Protocol):
         ...
 
 
-def open_blobs(url: str | None, data: Path) -> BlobStore:
-    """The store for ``--blobs URL``: None or ``file:///abs/path`` is a folder (None: ``data/blobs``),
-    ``s3://BUCKET/PREFIX`` is S3 (endpoint and credentials from the standard AWS settings)."""
-    if url is None:
-        from modelseal.registry.localblobs import LocalBlobs
-
-        return LocalBlobs(data / "blobs")
-    parts = urlsplit(url)
-    if parts.scheme == "file" and parts.path.startswith("/") and not parts.netloc:
-        from modelseal.registry.localblobs import LocalBlobs
-
-        return LocalBlobs(Path(parts.path))
-    if parts.scheme == "s3" and parts.netloc:
-        from modelseal.registry.s3blobs import S3Blobs
-
-        return S3Blobs(parts.netloc, parts.path.strip("/"))
-    raise ValueError("--blobs takes file:///PATH or s3://BUCKET/PREFIX")
-
-
 __all__ = [
     "BlobStore",
     "BlobStoreError",
@@ -125,5 +104,4 @@ __all__ = [
     "PartWriter",
     "check_hex",
     "check_upload",
-    "open_blobs",
 ]

@@ -1,14 +1,22 @@
-"""``modelseal serve``'s listener: one TLS 1.3 mutual-TLS socket (``server.tls``) running an
-aiohttp application until SIGTERM or SIGINT, then it stops accepting, lets open requests
-finish (bounded) and returns. SIGHUP reloads the server certificate from ``--tls-dir``.
-There is no plaintext listener.
+"""``modelseal serve``'s process model: one listening TLS 1.3 mutual-TLS socket, bound by
+the parent and shared by N forked workers (default: one per core), each running the
+aiohttp application on its own event loop. There is no plaintext listener.
+
+The parent (``server.workers``) supervises, watches ``--tls-dir`` and renews the server
+certificate (``server.renewal``); a worker builds its own application (``build`` is called
+after the fork: the application's database connections are the worker's), accepts through
+``server.hygiene.Listener`` and handles SIGTERM (stop accepting, finish open requests,
+bounded) and SIGHUP (reload the whole TLS context, ``tls.LiveContext``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,13 +24,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from modelseal.errors import CertificateError
-from modelseal.server import tls
+from modelseal.errors import CertificateError, ModelsealError
+from modelseal.server import renewal, tls
+from modelseal.server.hygiene import Limits, Listener
 from modelseal.server.identity import Authorizer
+from modelseal.server.workers import Supervisor
 
 log = logging.getLogger("modelseal.server")
 
-SHUTDOWN_GRACE = 10.0
+SHUTDOWN_GRACE = Limits.shutdown_grace
+BACKLOG = 1024
+RENEWAL_MODES = ("auto", "local", "watch")
 AppFactory = Callable[[Authorizer], web.Application]
 
 
@@ -52,41 +64,127 @@ def authorizer_for(tls_dir: Path, env: str | None, ca_folder: Path | None = None
     return Authorizer.for_server(own.trust_domain, own.env, ca_folder)
 
 
-async def _run(listen: Listen, tls_dir: Path, app: web.Application) -> None:
-    ctx = tls.server_context(tls_dir)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+def bind(listen: Listen, backlog: int = BACKLOG) -> socket.socket:
+    """The listening socket every worker accepts from (inherited over fork)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise ModelsealError(f"cannot listen on {listen.host}:{listen.port}: {e.strerror}") from None
+    return sock
+
+
+@dataclass(frozen=True)
+class _WorkerSpec:
+    sock: socket.socket
+    tls_dir: Path
+    build: AppFactory
+    env: str | None
+    ca_folder: Path | None
+    limits: Limits
+    parent: int
+
+    def __call__(self, index: int, ready_fd: int) -> int:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes SIGINT and sends SIGTERM
+        live = tls.LiveContext(self.tls_dir)
+        app = self.build(authorizer_for(self.tls_dir, self.env, self.ca_folder))
+        asyncio.run(_run_worker(self, index, live, app, ready_fd))
+        return 0
+
+
+async def _run_worker(spec: _WorkerSpec, index: int, live: tls.LiveContext, app: web.Application, ready: int) -> None:
+    limits = spec.limits
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=limits.shutdown_grace)
     await runner.setup()
+    assert runner.server is not None
+    listener = Listener(spec.sock, live, runner.server, limits)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_hup() -> None:
         try:
-            tls.reload(ctx, tls_dir)
-            log.warning("reloaded the server certificate from %s", tls_dir)
+            live.reload()
+            log.info("worker %d reloaded %s", index, spec.tls_dir)
         except CertificateError as e:
-            log.error("certificate reload refused, keeping the old one: %s", e)
+            log.error("worker %d: reload refused, keeping the old certificate: %s", index, e)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
     try:
-        site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx)
-        await site.start()
-        print(f"modelseal serve: listening on {listen.host}:{listen.port} (TLS 1.3, mutual)", file=sys.stderr)
-        await stop.wait()
+        listener.start()
+        os.write(ready, b"R")
+        os.close(ready)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if os.getppid() != spec.parent:
+                log.error("worker %d: the parent process is gone; stopping", index)
+                break
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        await listener.stop()
         await runner.cleanup()
+        log.info("worker %d stopped after %d connections", index, listener.accepted)
 
 
 def serve(
-    listen: Listen, tls_dir: Path, build: AppFactory, env: str | None = None, ca_folder: Path | None = None
+    listen: Listen,
+    tls_dir: Path,
+    build: AppFactory,
+    env: str | None = None,
+    ca_folder: Path | None = None,
+    *,
+    workers: int | None = None,
+    limits: Limits | None = None,
+    renew: str = "auto",
 ) -> None:
-    """Run the application ``build(authorizer)`` until SIGTERM/SIGINT (returns after a clean shutdown)."""
-    auth = authorizer_for(tls_dir, env, ca_folder)
-    logging.basicConfig(level=logging.INFO, format="modelseal serve: %(message)s", stream=sys.stderr)
-    asyncio.run(_run(listen, tls_dir, build(auth)))
+    """Run the application ``build(authorizer)`` in ``workers`` processes (default: one per
+    core) until SIGTERM/SIGINT; returns after a clean shutdown.
+
+    ``renew``: ``auto`` renews the server certificate through the local CA when it can
+    (``renewal.local_ca``) and otherwise waits for ``--tls-dir`` to be renewed; ``local``
+    requires the local CA (refused at start otherwise); ``watch`` never renews itself."""
+    if renew not in RENEWAL_MODES:
+        raise ValueError(f"renew takes one of {', '.join(RENEWAL_MODES)}, got {renew[:40]!r}")
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    if not 1 <= count <= 256:
+        raise ValueError(f"--workers takes 1 to 256, got {count}")
+    limits = limits or Limits()
+    authorizer_for(tls_dir, env, ca_folder)  # refuse a wrong environment before any fork
+    tls.server_context(tls_dir)  # and a folder that does not load
+    logging.basicConfig(level=logging.INFO, format="modelseal serve[%(process)d]: %(message)s", stream=sys.stderr)
+    renewer_ca, why = renewal.local_ca(tls_dir, ca_folder) if renew != "watch" else (None, "renew=watch")
+    if renew == "local" and renewer_ca is None:
+        raise CertificateError(f"cannot renew the server certificate here: {why}")
+    watch = renewal.FolderWatch(tls_dir)
+    renewer = renewal.Renewer(tls_dir, renewer_ca)
+    sock = bind(listen)
+
+    def tick(sup: Supervisor) -> None:
+        if watch.changed():
+            log.warning("%s changed; the workers reload it", tls_dir)
+            sup.signal_workers(signal.SIGHUP)
+        renewer.tick(sup)
+
+    spec = _WorkerSpec(sock, tls_dir, build, env, ca_folder, limits, os.getpid())
+    sup = Supervisor(
+        count, spec, limits.shutdown_grace, tick=tick, on_hup=lambda: setattr(watch, "last", renewal.stamp(tls_dir))
+    )
+    print(
+        f"modelseal serve: listening on {listen.host}:{listen.port} (TLS 1.3, mutual; {count} workers; "
+        f"certificate renewal: {'through ' + why if renewer_ca else 'watching ' + str(tls_dir) + ' (' + why + ')'})",
+        file=sys.stderr,
+    )
+    try:
+        sup.run()
+    except KeyboardInterrupt:
+        pass  # SIGINT/SIGTERM while the workers were starting: they are stopped
+    finally:
+        sock.close()
 
 
-__all__ = ["AppFactory", "Listen", "authorizer_for", "parse_listen", "serve"]
+__all__ = ["RENEWAL_MODES", "SHUTDOWN_GRACE", "AppFactory", "Listen", "authorizer_for", "bind", "parse_listen", "serve"]

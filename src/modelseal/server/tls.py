@@ -5,16 +5,25 @@ then intermediate, ``key.pem``, ``ca.pem`` the root).
 Only the standard ``ssl`` module (OpenSSL) verifies here: the client chain, its validity
 period and its clientAuth purpose are checked by OpenSSL at the handshake against ``ca.pem``.
 No certificate validation of our own. The application then reads the already verified leaf
-(``server.identity``). ``reload`` swaps the server certificate on the live context: new
-handshakes get the new one, open connections keep theirs.
+(``server.identity``).
+
+Reload: ``LiveContext`` builds a whole new server context from the folder (certificate,
+key *and* trust anchors) and swaps it in; the listener (``server.hygiene``) hands each new
+connection the context current at accept, so open connections keep theirs. The folder is
+read through one directory descriptor, so a folder swapped by ``pki.issue.write_dir``
+(``renameat2`` exchange) is read as the old three files or the new three, never a mix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from modelseal.errors import CertificateError
 from modelseal.pki.identity import Identity
@@ -23,6 +32,10 @@ from modelseal.pki.verify import uri_identity
 CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
+# The one key-exchange group (OpenSSL 3.0's default list adds x448 and secp521r1, which
+# Mozilla's modern profile rejects; Python 3.11 can set one group only, not a list).
+KEX_GROUP = "prime256v1"
+MAX_PEM = 1 << 20
 
 
 def _files(tls_dir: Path) -> tuple[Path, Path, Path]:
@@ -33,73 +46,131 @@ def _files(tls_dir: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+@contextlib.contextmanager
+def _snapshot(tls_dir: Path) -> Iterator[Path]:
+    """A path to ``tls_dir`` pinned to the directory it is now (``/proc/self/fd/N``): a
+    folder swapped meanwhile is not seen half-way. Falls back to the path itself."""
+    try:
+        fd = os.open(tls_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield tls_dir  # _files reports what is missing
+        return
+    try:
+        pinned = Path(f"/proc/self/fd/{fd}")
+        yield pinned if pinned.is_dir() else tls_dir
+    finally:
+        os.close(fd)
+
+
 def _tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.set_ecdh_curve(KEX_GROUP)
     return ctx
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+def _check_leaf_key(cert: Path, shown: Path) -> x509.Certificate:
+    """The leaf of ``cert``; its key must be ECDSA P-256 (the CA issues no other, and the
+    server presents no other: docs/serve.md)."""
+    try:
+        with open(cert, "rb") as f:
+            leaf = x509.load_pem_x509_certificates(f.read(MAX_PEM))[0]
+    except (ValueError, IndexError, OSError):
+        raise CertificateError(f"{shown / CERT_FILE} holds no certificate") from None
+    key = leaf.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise CertificateError(f"{shown / CERT_FILE}: the server key must be ECDSA P-256")
+    return leaf
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path, shown: Path) -> None:
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError):
         # OpenSSL's text may quote the key file's parse state; say only which folder.
-        raise CertificateError(f"cannot load {cert.name}/{key.name} of {cert.parent}: not a matching pair") from None
+        raise CertificateError(f"cannot load {cert.name}/{key.name} of {shown}: not a matching pair") from None
+
+
+def _trust(ctx: ssl.SSLContext, ca: Path, shown: Path) -> None:
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except (ssl.SSLError, OSError):
+        raise CertificateError(f"{shown / CA_FILE} holds no usable CA certificate") from None
 
 
 def server_context(tls_dir: Path) -> ssl.SSLContext:
     """The server side: TLS 1.3 only, a client certificate REQUIRED and verified against
-    ``TLS_DIR/ca.pem``, the server's own chain and key from ``cert.pem``/``key.pem``.
+    ``TLS_DIR/ca.pem``, the server's own chain and key (ECDSA P-256) from
+    ``cert.pem``/``key.pem``, all three read from one snapshot of the folder.
 
     Session tickets are off (``num_tickets = 0``): every connection is a full handshake, so
     the client certificate's validity is checked by OpenSSL on each one, never carried
     over by resumption."""
-    ca, cert, key = _files(tls_dir)
-    ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    ctx.num_tickets = 0
-    _trust(ctx, ca)
-    _load_chain(ctx, cert, key)
+    with _snapshot(tls_dir) as base:
+        ca, cert, key = _files(base)
+        _check_leaf_key(cert, tls_dir)
+        ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        ctx.num_tickets = 0
+        _trust(ctx, ca, tls_dir)
+        _load_chain(ctx, cert, key, tls_dir)
     return ctx
-
-
-def _trust(ctx: ssl.SSLContext, ca: Path) -> None:
-    try:
-        ctx.load_verify_locations(cafile=ca)
-    except (ssl.SSLError, OSError):
-        raise CertificateError(f"{ca} holds no usable CA certificate") from None
 
 
 def reload(ctx: ssl.SSLContext, tls_dir: Path) -> None:
     """Load ``TLS_DIR``'s certificate and key into the live ``ctx``: handshakes from now on
     present them, open connections are unaffected. The pair is first loaded into a scratch
-    context, so a broken folder leaves ``ctx`` serving the old certificate."""
-    _, cert, key = _files(tls_dir)
-    _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
-    _load_chain(ctx, cert, key)
+    context, so a broken folder leaves ``ctx`` serving the old certificate. Trust anchors
+    are not replaced (OpenSSL can only add them): ``LiveContext.reload`` does both."""
+    with _snapshot(tls_dir) as base:
+        _, cert, key = _files(base)
+        _check_leaf_key(cert, tls_dir)
+        _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key, tls_dir)
+        _load_chain(ctx, cert, key, tls_dir)
+
+
+class LiveContext:
+    """The server context new connections get: ``current``, replaced whole by ``reload``
+    (certificate, key and ``ca.pem``), so a trust anchor removed from ``ca.pem`` is gone for
+    every new handshake. A folder that does not load leaves ``current`` as it was."""
+
+    def __init__(self, tls_dir: Path) -> None:
+        self.tls_dir = tls_dir
+        self.current = server_context(tls_dir)
+
+    def reload(self) -> None:
+        """Raises ``CertificateError`` (and keeps the old context) if the folder is broken."""
+        self.current = server_context(self.tls_dir)
 
 
 def client_context(tls_dir: Path) -> ssl.SSLContext:
     """The client side: TLS 1.3 only, verifies the server's chain against ``ca.pem`` and its
-    host name or IP address against the certificate, presents ``cert.pem``/``key.pem``."""
-    ca, cert, key = _files(tls_dir)
-    ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-    ctx.check_hostname = True
-    _trust(ctx, ca)
-    _load_chain(ctx, cert, key)
+    host name or IP address against the certificate, presents ``cert.pem``/``key.pem``.
+    It offers the server's one key-exchange group, so no handshake needs a retry."""
+    with _snapshot(tls_dir) as base:
+        ca, cert, key = _files(base)
+        ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        ctx.check_hostname = True
+        _trust(ctx, ca, tls_dir)
+        _load_chain(ctx, cert, key, tls_dir)
     return ctx
+
+
+def own_leaf(tls_dir: Path) -> x509.Certificate:
+    """The folder's own leaf, parsed only (the folder is the operator's, not a peer's)."""
+    _, cert, _ = _files(tls_dir)
+    try:
+        with open(cert, "rb") as f:
+            return x509.load_pem_x509_certificates(f.read(MAX_PEM))[0]
+    except (ValueError, IndexError, OSError):
+        raise CertificateError(f"{cert} holds no certificate") from None
 
 
 def own_identity(tls_dir: Path) -> Identity:
     """The identity of the folder's own leaf (its trust domain and environment are the
-    server's). Parsed only; the folder is the operator's, not a peer's."""
-    _, cert, _ = _files(tls_dir)
-    try:
-        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
-    except (ValueError, IndexError):
-        raise CertificateError(f"{cert} holds no certificate") from None
-    return uri_identity(leaf)
+    server's)."""
+    return uri_identity(own_leaf(tls_dir))
 
 
-__all__ = ["client_context", "own_identity", "reload", "server_context"]
+__all__ = ["LiveContext", "client_context", "own_identity", "own_leaf", "reload", "server_context"]
