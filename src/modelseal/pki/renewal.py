@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -99,9 +99,14 @@ def _reason(body: bytes) -> str:
     return " ".join(text.split())[:200].encode("unicode_escape").decode()
 
 
-def renew_via(host: str, port: int, tls_dir: Path, *, now: dt.datetime | None = None, timeout: float = 30.0) -> Issued:
-    """Renew the certificate in ``tls_dir`` at the modelseal server ``host:port`` (see the
-    module docstring). Raises ``CertificateError`` (nothing changed) on any refusal."""
+Post = Callable[[bytes], tuple[int, bytes]]
+
+
+def renew_with(post: Post, tls_dir: Path, *, now: dt.datetime | None = None) -> Issued:
+    """Renew the certificate in ``tls_dir``, sending the CSR with ``post(body) -> (status,
+    answer)`` over a connection authenticated with that certificate (``renew_via``'s own, or
+    the registry client's pinned one). Raises ``CertificateError`` (nothing changed) on any
+    refusal."""
     t = now or utcnow()
     chain = read_chain(tls_dir)
     leaf = chain[0]
@@ -111,7 +116,7 @@ def renew_via(host: str, port: int, tls_dir: Path, *, now: dt.datetime | None = 
     anchors = anchors_of(tls_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     csr = make_csr(key, sans_of(leaf)).public_bytes(serialization.Encoding.PEM)
-    status, body = _post(host, port, client_context(tls_dir), csr, timeout)
+    status, body = post(csr)
     if status != 200:
         raise CertificateError(f"the server refused the renewal ({status}): {_reason(body)}")
     if len(body) > MAX_CHAIN_BYTES:
@@ -128,6 +133,14 @@ def renew_via(host: str, port: int, tls_dir: Path, *, now: dt.datetime | None = 
     issued = Issued(identity, certs[0], certs[1:], anchors[0], key)
     write_dir(issued, tls_dir, force=True, anchors=anchors)
     return issued
+
+
+def renew_via(host: str, port: int, tls_dir: Path, *, now: dt.datetime | None = None, timeout: float = 30.0) -> Issued:
+    """Renew the certificate in ``tls_dir`` at the modelseal server ``host:port`` over a
+    connection of its own (see the module docstring; no pins: the registry client's
+    ``registry.renewing`` renews over its pinned connections)."""
+    ctx = client_context(tls_dir)
+    return renew_with(lambda body: _post(host, port, ctx, body, timeout), tls_dir, now=now)
 
 
 def renew_if_due(
@@ -150,4 +163,5 @@ __all__ = [
     "due",
     "renew_if_due",
     "renew_via",
+    "renew_with",
 ]

@@ -30,7 +30,7 @@ from modelseal.format.header import KIND_BLOB, KIND_FILE, KIND_MANIFEST
 from modelseal.format.source import FdSource
 from modelseal.recipes import verify as recipes_verify
 from modelseal.recipes.context import Verify, policy_for
-from modelseal.registry import download, layout, settings, upload
+from modelseal.registry import download, layout, renewing, settings, upload
 from modelseal.registry.client import Repository, sha256_file
 from modelseal.registry.layout import Descriptor
 from modelseal.registry.progress import Progress, ProgressCallback
@@ -76,6 +76,7 @@ def open_repository(
     if transport is None:
         s = settings.load(endpoints=endpoints, tls_dir=tls_dir, pins=pins)
         transport = Transport(settings.endpoints_for(ref, s), settings.require_tls_dir(s), s.pins, sink=sink)
+        renewing.renew_if_due(transport)
     return Repository(transport, ref.name)
 
 
