@@ -85,6 +85,8 @@ class Bench:
         self.ms("init")
         self.ms("key", "create", "bench")
         self.ms("ca", "init", "--trust-domain", "bench.example")
+        pins = json.loads(self.ms("ca", "pins", "--json"))
+        self.pins = ["--pin", pins["live"], "--pin", pins["backup"]]
         self.server_tls = work / "server-tls"
         self.client_tls = work / "client-tls"
         self.issue_server()
@@ -311,10 +313,10 @@ def main() -> None:
         with modelseal_serve(b, mport) as proc:
             ref = f"127.0.0.1:{mport}/bench/big:v1"
             t = time.perf_counter()
-            subprocess.run([*MS, "push", str(b.big), ref, "--tls-dir", str(b.client_tls)], env=b.env, check=True)
+            subprocess.run([*MS, "push", str(b.big), ref, "--tls-dir", str(b.client_tls), *b.pins], env=b.env, check=True)
             push_s = time.perf_counter() - t
             subprocess.run(
-                [*MS, "push", str(b.small), f"127.0.0.1:{mport}/bench/small:v1", "--tls-dir", str(b.client_tls)],
+                [*MS, "push", str(b.small), f"127.0.0.1:{mport}/bench/small:v1", "--tls-dir", str(b.client_tls), *b.pins],
                 env=b.env, check=True,
             )  # fmt: skip
             big_url = f"https://127.0.0.1:{mport}/v2/bench/big/blobs/{manifest_blob(b, mport, 'bench/big', 'v1')}"
@@ -322,7 +324,7 @@ def main() -> None:
             ms_pull = best_pull(b, big_url, args.rounds)
             dst = work / "pulled"
             t = time.perf_counter()
-            subprocess.run([*MS, "pull", ref, str(dst), "--tls-dir", str(b.client_tls)], env=b.env, check=True)
+            subprocess.run([*MS, "pull", ref, str(dst), "--tls-dir", str(b.client_tls), *b.pins], env=b.env, check=True)
             client_pull_s = time.perf_counter() - t
             ms_hs = handshakes(b, mport)
             ms_conc = concurrent(b, small_url, args.clients)

@@ -120,7 +120,10 @@ def _seaweedfs_once(workdir: Path) -> Iterator[str]:
     ]
     log = workdir / "seaweedfs.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # SeaweedFS adopts AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from its environment and then
+        # requires them, so the readiness probe below would get 403 forever.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         _wait_http(f"http://127.0.0.1:{s3}/", proc, log)
         yield f"http://127.0.0.1:{s3}"

@@ -229,13 +229,18 @@ def test_the_disk_filling_during_an_upload_serves_no_partial_blob(env: Env, smal
     data = small_disk / "data"
     with running_server(env, data=data) as server:
         c = server.client()
-        big = sealed(env, 5 << 20)  # its part fits on the 8 MiB disk, the part plus the blob do not
-        d = sha(big)
+        # A committed part becomes the blob by a hard link (no copy), so the disk fills while
+        # a chunk is written: the first chunk fits on the 8 MiB disk, the second does not.
+        big = sealed(env, 5 << 20)
+        more = os.urandom(4 << 20)
+        d = sha(big + more)
         loc = c.request("POST", f"/v2/{REPO}/blobs/uploads/").header("Location")
         assert c.request("PATCH", str(loc), big, {"Content-Range": f"0-{len(big) - 1}"}).status == 202
-        r = c.request("PUT", f"{loc}?digest={d}", b"")
+        r = c.request("PATCH", str(loc), more, {"Content-Range": f"{len(big)}-{len(big) + len(more) - 1}"})
         assert "disk is full" in one_line_error(r, 507, "UNKNOWN")
+        assert c.request("GET", str(loc)).header("Range") == f"0-{len(big) - 1}"  # the failed chunk left nothing
         assert c.request("HEAD", f"/v2/{REPO}/blobs/{d}").status == 404
+        assert c.request("DELETE", str(loc)).status == 204
         assert [p for p in (data / "blobs").rglob("*") if p.is_file()] == []  # no partial blob, no parts left
         huge = os.urandom(9 << 20)  # a chunk bigger than the disk: the part itself fails
         loc = c.request("POST", f"/v2/{REPO}/blobs/uploads/").header("Location")

@@ -12,16 +12,23 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from modelseal.keys.service import KeyService
-from modelseal.pki import issue
-from modelseal.registry import policy
-from modelseal.registry.service import Limits, open_registry
-from modelseal.server import app, runner
-from modelseal.server.identity import Authorizer
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from modelseal.server.identity import Authorizer
+
+# The defaults are stated here so that building the parser does not import aiohttp (every
+# modelseal command builds it); tests/test_registry_serve_cli.py checks them against the
+# server's own constants.
+CONTENT_POLICIES = ("sealed-only", "any")
+RENEWAL_MODES = ("auto", "local", "watch")
+GC_INTERVAL = 60.0
+GC_GRACE = 86400.0
+BODY_TIMEOUT = 30.0
 
 
 def default_data() -> Path:
@@ -33,6 +40,10 @@ def default_data() -> Path:
 def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
     # The registry stores ciphertext only and holds no key; svc is used only by
     # --issue-certificates (the CA's key, unwrapped in each worker that signs a renewal).
+    from modelseal.pki import issue
+    from modelseal.registry.service import Limits, open_registry
+    from modelseal.server import app, runner
+
     listen = runner.parse_listen(args.listen)
     data = Path(args.data) if args.data else default_data()
     grace = float(args.gc_grace)
@@ -71,31 +82,31 @@ def add_serve(sub: Any) -> None:
     )
     p.add_argument(
         "--content",
-        choices=policy.POLICIES,
-        default=policy.SEALED_ONLY,
+        choices=CONTENT_POLICIES,
+        default=CONTENT_POLICIES[0],
         help="sealed-only (default): only modelseal ciphertext and signatures; any: a general OCI registry",
     )
     p.add_argument("--db", metavar="URL", help="postgresql://... (default: SQLite under --data)")
     p.add_argument("--blobs", metavar="URL", help="s3://BUCKET/PREFIX or file:///PATH (default: a folder under --data)")
-    p.add_argument("--gc-interval", type=float, default=app.GC_INTERVAL, metavar="S", help="seconds between GC passes")
+    p.add_argument("--gc-interval", type=float, default=GC_INTERVAL, metavar="S", help="seconds between GC passes")
     p.add_argument(
         "--gc-grace",
         type=float,
-        default=Limits.link_grace,
+        default=GC_GRACE,
         metavar="S",
         help="seconds a pushed blob no manifest references is kept (default: one day)",
     )
     p.add_argument(
         "--body-timeout",
         type=float,
-        default=app.BODY_TIMEOUT,
+        default=BODY_TIMEOUT,
         metavar="S",
         help="seconds an upload may send nothing before it is refused (slow clients)",
     )
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per core)")
     p.add_argument(
         "--renew",
-        choices=runner.RENEWAL_MODES,
+        choices=RENEWAL_MODES,
         default="auto",
         help="server certificate renewal: auto (the local CA if it can, else watch --tls-dir), local, watch",
     )

@@ -2,15 +2,21 @@
 
 Layout under the root (docs/registry.md, "Storage layout")::
 
-    blobs/sha256/<2 hex>/<64 hex>     complete, verified blobs (read-only, 0600)
-    uploads/<32 hex>/<index>          committed parts of an upload in progress
-    uploads/<32 hex>/.<index>.*       a part being written (never read)
-    tmp/                              blobs being assembled (never read)
+    blobs/sha256/<2 hex>/<64 hex>/<8 digits>   a complete, verified blob: its segments, in order
+    uploads/<32 hex>/<index>                    committed parts of an upload in progress (0600)
+    uploads/<32 hex>/.<index>.*                 a part being written (never read)
+    tmp/                                        blobs being assembled (never read)
 
-Every write goes to a temporary name, is fsynced, renamed into place and its folder
-fsynced: a crash leaves either nothing or the whole file, so no partial blob is ever
-visible under ``blobs/``. Names come only from ``check_hex``/``check_upload`` (hex only) and
-part indexes (ints), so no request text ever becomes a path.
+A blob is a folder of segments: ``assemble`` hashes the committed parts in order and, if
+they match the digest, hard-links them into a folder under ``tmp/``, fsyncs it and renames
+it into place. The bytes are written and fsynced once, when the part is committed, never
+copied: a 1 GiB push costs one write of 1 GiB, not two. A part is immutable once committed
+(a part written again under the same index is a new file renamed over the old name, so a
+blob's link still names the old bytes). Every write goes to a temporary name, is fsynced,
+renamed into place and its folder fsynced: a crash leaves either nothing or the whole
+blob, so no partial blob is ever visible under ``blobs/``. Names come only from
+``check_hex``/``check_upload`` (hex only) and part indexes (ints), so no request text
+ever becomes a path.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from modelseal.errors import BlobStoreError, DigestMismatch
+from modelseal.format.stream import WritebackHint
 from modelseal.registry.blobs import HEX64, UPLOAD_ID, check_hex, check_upload
 from modelseal.util.files import fsync_dir
 
@@ -49,6 +56,7 @@ class _Part:
         except OSError as e:
             raise _io_error("start an upload part", e) from None
         self._size = 0
+        self._writeback = WritebackHint(self._fd)  # the commit's fsync then has little left to wait for
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None, "part already committed or aborted"
@@ -58,6 +66,7 @@ class _Part:
                 n = os.write(self._fd, view)
                 view = view[n:]
                 self._size += n
+            self._writeback.advance(self._size)
         except OSError as e:
             self.abort()
             raise _io_error("write an upload part", e) from None
@@ -91,7 +100,7 @@ class LocalBlobs:
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def blob_path(self, digest_hex: str) -> Path:
-        """Where the blob lives (whether or not it exists); for a zero-copy file response."""
+        """The folder of the blob's segments (whether or not it exists)."""
         check_hex(digest_hex)
         return self.root / "blobs" / "sha256" / digest_hex[:2] / digest_hex
 
@@ -116,43 +125,74 @@ class LocalBlobs:
         h = hashlib.sha256()
         size = 0
         try:
-            with open(tmp, "xb", buffering=0) as out:
-                for index in parts:
-                    with open(folder / str(int(index)), "rb", buffering=0) as part:
-                        while chunk := part.read(COPY_CHUNK):
-                            h.update(chunk)
-                            out.write(chunk)
-                            size += len(chunk)
-                os.fsync(out.fileno())
-            if h.hexdigest() != digest_hex:
-                raise DigestMismatch("the uploaded bytes do not hash to the digest given")
-            os.chmod(tmp, 0o400)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+            # Open every part once: the links are checked to be the inodes that were hashed.
+            files = [io.FileIO(folder / str(int(index)), "rb") for index in parts]
         except FileNotFoundError:
             raise BlobStoreError("blob store: a part of the upload is missing") from None
         except OSError as e:
             raise _io_error("assemble a blob", e) from None
+        try:
+            for f in files:
+                while chunk := f.read(COPY_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+            if h.hexdigest() != digest_hex:
+                raise DigestMismatch("the uploaded bytes do not hash to the digest given")
+            os.mkdir(tmp, 0o700)
+            for i, (index, f) in enumerate(zip(parts, files, strict=True)):
+                seg = tmp / _segment(i)
+                os.link(folder / str(int(index)), seg)
+                if not os.path.samestat(os.stat(seg), os.fstat(f.fileno())):
+                    # the part was written again since it was hashed: not the bytes checked
+                    raise BlobStoreError("blob store: a part of the upload changed while it was assembled")
+            fsync_dir(tmp)
+            final.parent.mkdir(exist_ok=True)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # another process assembled the same digest first: the same bytes
+            fsync_dir(final.parent)
+        except OSError as e:
+            raise _io_error("assemble a blob", e) from None
         finally:
-            tmp.unlink(missing_ok=True)
+            for f in files:
+                f.close()
+            shutil.rmtree(tmp, ignore_errors=True)
         return size
+
+    def _segments(self, digest_hex: str) -> list[tuple[Path, int]]:
+        """The blob's segment files and sizes, in order; FileNotFoundError if there is no blob."""
+        folder = self.blob_path(digest_hex)
+        out = []
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it if e.name.isdigit() and len(e.name) == _SEGMENT_DIGITS)
+        for name in names:
+            out.append((folder / name, (folder / name).stat().st_size))
+        return out  # an empty blob is a folder with no segment
 
     def size(self, digest_hex: str) -> int | None:
         try:
-            return self.blob_path(digest_hex).stat().st_size
-        except FileNotFoundError:
+            return sum(n for _, n in self._segments(digest_hex))
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def read(self, digest_hex: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         try:
-            f = io.FileIO(self.blob_path(digest_hex), "rb")
-        except FileNotFoundError:
+            segments = self._segments(digest_hex)
+        except (FileNotFoundError, NotADirectoryError):
             raise BlobStoreError("blob store: no such blob") from None
-        return _chunks(f, start, length)
+        return _read_segments(segments, start, length)
 
     def delete(self, digest_hex: str) -> None:
-        self.blob_path(digest_hex).unlink(missing_ok=True)
+        final = self.blob_path(digest_hex)
+        gone = self.root / "tmp" / f"{digest_hex}.deleted.{secrets.token_hex(6)}"
+        try:
+            os.rename(final, gone)  # disappears at once, whole
+        except FileNotFoundError:
+            return
+        shutil.rmtree(gone, ignore_errors=True)
 
     def digests(self) -> Iterator[str]:
         for fan in sorted((self.root / "blobs" / "sha256").iterdir()):
@@ -171,25 +211,43 @@ class LocalBlobs:
         for p in (self.root / "tmp").iterdir():
             try:
                 if p.stat().st_mtime < older_than:
-                    p.unlink()
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
                     n += 1
             except FileNotFoundError:
                 pass
         return n
 
 
-def _chunks(f: io.FileIO, start: int, length: int | None) -> Iterator[bytes]:
-    with f:
-        f.seek(start)
-        left = length
-        while left is None or left > 0:
-            want = READ_CHUNK if left is None else min(READ_CHUNK, left)
-            chunk = f.read(want)
-            if not chunk:
-                break
-            if left is not None:
-                left -= len(chunk)
-            yield chunk
+_SEGMENT_DIGITS = 8
+
+
+def _segment(i: int) -> str:
+    return f"{i:0{_SEGMENT_DIGITS}d}"
+
+
+def _read_segments(segments: list[tuple[Path, int]], start: int, length: int | None) -> Iterator[bytes]:
+    """The bytes ``[start, start+length)`` across the segments, READ_CHUNK at a time."""
+    left = length
+    offset = 0
+    for path, n in segments:
+        if left is not None and left <= 0:
+            return
+        if start >= offset + n:
+            offset += n
+            continue
+        with io.FileIO(path, "rb") as f:
+            f.seek(max(0, start - offset))
+            while left is None or left > 0:
+                chunk = f.read(READ_CHUNK if left is None else min(READ_CHUNK, left))
+                if not chunk:
+                    break
+                if left is not None:
+                    left -= len(chunk)
+                yield chunk
+        offset += n
 
 
 __all__ = ["LocalBlobs"]

@@ -238,14 +238,6 @@ class Registry:
     def read_blob(self, row: BlobRow, start: int = 0, length: int | None = None) -> Iterator[bytes]:
         return self.blobs.read(row.storage, start, length)
 
-    def blob_file(self, row: BlobRow) -> Path | None:
-        """The blob's file when the store is a local folder (for a zero-copy response)."""
-        path_of = getattr(self.blobs, "blob_path", None)
-        if path_of is None:
-            return None
-        path = path_of(row.storage)
-        return path if isinstance(path, Path) and path.is_file() else None
-
     def delete_blob(self, repo: str, digest_text: str) -> None:
         self.blob(repo, digest_text)
         self.meta.blob_unlink(repo, str(names.parse_digest(digest_text)))

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from modelseal.registry.meta import BlobRow, ManifestRow, NewManifest, Referrer, Upload
 from modelseal.registry.sqldb import HOLD_TTL, Busy, Q
@@ -337,6 +337,9 @@ def open_meta(db: str | None, data: Path) -> SqlMeta:
     if parts.scheme == "sqlite" and parts.path.startswith("/") and not parts.netloc:
         return SqlMeta.sqlite(Path(parts.path))
     if parts.scheme in ("postgresql", "postgres"):
+        if parts.password is not None or "password" in parse_qs(parts.query):
+            # a flag is visible to every user of the host (ps, /proc/PID/cmdline)
+            raise ValueError("--db must not carry a password: use PGPASSFILE or PGPASSWORD (docs/deploy.md)")
         return SqlMeta.postgres(db)
     raise ValueError("--db takes postgresql://... or sqlite:///PATH")
 
