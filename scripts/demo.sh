@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command: install modelseal into .venv and run a short demo on the embedded
-# defaults (local keystore, local files). Everything it makes goes under ./demo-out.
+# defaults (local keystore, local files, a registry on SQLite and a folder on 127.0.0.1).
+# Everything it makes goes under ./demo-out.
 set -euo pipefail
-. "$(dirname "$0")/setup.sh"
+. "$(dirname "$0")/setup.sh" server
 MS="$VENV/bin/modelseal"
 OUT="$ROOT/demo-out"
 rm -rf "$OUT"
@@ -48,6 +49,40 @@ echo "== rotate the key and rewrap (header only)"
 "$MS" key rotate demo-kek >/dev/null
 "$MS" rewrap "$OUT/model.sealed"
 "$MS" verify "$OUT/model.sealed" --public-key "$OUT/release.pub" | tail -1
+echo "== the registry: an internal CA, a server and a client certificate (24 h, P-256, SPIFFE identities)"
+"$MS" ca init --trust-domain demo.example >/dev/null
+"$MS" cert issue demo-registry --kind server --env prod --ip 127.0.0.1 --out "$OUT/server-tls" >/dev/null
+"$MS" cert issue demo-trainer --kind service --env prod --out "$OUT/client-tls" >/dev/null
+PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+echo "== modelseal serve on 127.0.0.1:$PORT (TLS 1.3, client certificates required, ciphertext only)"
+"$MS" serve --listen "127.0.0.1:$PORT" --tls-dir "$OUT/server-tls" --data "$OUT/registry" --workers 1 2>"$OUT/serve.log" &
+SERVE_PID=$!
+trap 'kill "$SERVE_PID" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  grep -q "listening" "$OUT/serve.log" 2>/dev/null && break
+  kill -0 "$SERVE_PID" 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }
+  sleep 0.1
+done
+PINS="$("$MS" ca pins --json | "$VENV/bin/python" -c 'import json, sys; d = json.load(sys.stdin); print("--pin", d["live"], "--pin", d["backup"])')"
+echo "== modelseal push (the signature travels as an OCI referrer), then pull into a new place"
+# shellcheck disable=SC2086  # PINS is two flags with their values
+"$MS" push "$OUT/model.sealed" "127.0.0.1:$PORT/demo/model:v1" --tls-dir "$OUT/client-tls" $PINS
+# A trust policy: pull verifies the signature under it before anything lands in the destination.
+cat >"$OUT/trust.toml" <<TOML
+version = 1
+strict = true
+[signers.release]
+keys = ["$OUT/release.pub"]
+[[rules]]
+artifacts = ["*"]
+environments = ["*"]
+signers = ["release"]
+TOML
+chmod 600 "$OUT/trust.toml"
+# shellcheck disable=SC2086
+MODELSEAL_TRUST="$OUT/trust.toml" "$MS" pull "127.0.0.1:$PORT/demo/model:v1" "$OUT/pulled.sealed" --tls-dir "$OUT/client-tls" $PINS
+kill -TERM "$SERVE_PID" && wait "$SERVE_PID" || true
+trap - EXIT
 echo "== every key operation is in the tamper-evident audit log"
 "$MS" audit log | tail -4
 "$MS" audit verify
