@@ -98,6 +98,10 @@ class Bench:
         out = subprocess.run([*MS, *args], env=self.env, check=True, capture_output=True, text=True)
         return out.stdout
 
+    def client(self, *args: str) -> None:
+        """Run the client CLI (``push``, ``pull``) with this world's client TLS folder and pins."""
+        subprocess.run([*MS, *args, "--tls-dir", str(self.client_tls), *self.pins], env=self.env, check=True)
+
     def issue_server(self) -> None:
         self.ms(
             "cert", "issue", "bench-registry", "--kind", "server", "--env", "prod", "--ip", "127.0.0.1",
@@ -313,18 +317,15 @@ def main() -> None:
         with modelseal_serve(b, mport) as proc:
             ref = f"127.0.0.1:{mport}/bench/big:v1"
             t = time.perf_counter()
-            subprocess.run([*MS, "push", str(b.big), ref, "--tls-dir", str(b.client_tls), *b.pins], env=b.env, check=True)
+            b.client("push", str(b.big), ref)
             push_s = time.perf_counter() - t
-            subprocess.run(
-                [*MS, "push", str(b.small), f"127.0.0.1:{mport}/bench/small:v1", "--tls-dir", str(b.client_tls), *b.pins],
-                env=b.env, check=True,
-            )  # fmt: skip
+            b.client("push", str(b.small), f"127.0.0.1:{mport}/bench/small:v1")
             big_url = f"https://127.0.0.1:{mport}/v2/bench/big/blobs/{manifest_blob(b, mport, 'bench/big', 'v1')}"
             small_url = f"https://127.0.0.1:{mport}/v2/bench/small/blobs/{manifest_blob(b, mport, 'bench/small', 'v1')}"
             ms_pull = best_pull(b, big_url, args.rounds)
             dst = work / "pulled"
             t = time.perf_counter()
-            subprocess.run([*MS, "pull", ref, str(dst), "--tls-dir", str(b.client_tls), *b.pins], env=b.env, check=True)
+            b.client("pull", ref, str(dst))
             client_pull_s = time.perf_counter() - t
             ms_hs = handshakes(b, mport)
             ms_conc = concurrent(b, small_url, args.clients)

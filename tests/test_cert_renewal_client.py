@@ -160,7 +160,8 @@ def test_client_renews_itself_with_same_identity(server: Server) -> None:
     want = Identity.of(TD, "prod", "service", "trainer")
     assert verify.identity_of(chain, [server.ca.root], pki_ca.utcnow(), trust_domain=TD) == want
     assert verify.uri_identity(old) == want
-    assert new.not_valid_after_utc - new.not_valid_before_utc == issue.DEFAULT_TTL + pki_ca.BACKDATE
+    # the presented certificate's own lifetime, not the default 24 h
+    assert new.not_valid_after_utc - new.not_valid_before_utc == old.not_valid_after_utc - old.not_valid_before_utc
     renewed = [e for e in events(server) if e["operation"] == "cert-renew"]
     assert [(e["result"], e["actor"], e["artifact"]) for e in renewed] == [("ok", want.uri, issued.serial)]
     # The renewed certificate authenticates the next renewal, and the old one still works until it expires.
@@ -237,11 +238,66 @@ def test_bad_csr_bodies(server: Server) -> None:
 
 
 def test_configured_max_ttl_bounds_the_renewal(server: Server) -> None:
-    config = server.env.home / "config.toml"
+    tls_dir = folder(server.env, "short", ttl=dt.timedelta(hours=3))
+    config = server.env.home / "config.toml"  # lowered after the issue: applies at the renewal
     config.write_text('[pki]\nmax_ttl = "2h"\n')
     config.chmod(0o600)
-    tls_dir = folder(server.env, "short", ttl=dt.timedelta(hours=1))
     new = renewal.renew_via("127.0.0.1", server.port, tls_dir).cert
     assert new.not_valid_after_utc - new.not_valid_before_utc == dt.timedelta(hours=2) + pki_ca.BACKDATE
     serial = denylist.serial_hex(new.serial_number)
     assert serial in {str(r["serial"]) for r in issue.list_issued(server.ca)}
+
+
+def test_a_short_lived_certificate_renews_to_its_own_lifetime(server: Server) -> None:
+    tls_dir = folder(server.env, "contractor", ttl=dt.timedelta(minutes=15))
+    old = issue.read_chain(tls_dir)[0]
+    span = old.not_valid_after_utc - old.not_valid_before_utc
+    for _ in range(2):  # and again from the renewed one: it never grows
+        new = renewal.renew_via("127.0.0.1", server.port, tls_dir).cert
+        assert new.not_valid_after_utc - new.not_valid_before_utc <= span  # not the default 24 h
+        assert new.not_valid_after_utc - pki_ca.utcnow() <= dt.timedelta(minutes=15, seconds=5)
+    assert issue.read_chain(tls_dir)[0] == new
+
+
+def test_revoking_a_certificate_denies_every_renewal_of_it(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelseal.cli import main
+
+    tls_dir = folder(server.env, "stolen", ttl=dt.timedelta(minutes=30))
+    first = issue.read_chain(tls_dir)[0]
+    second = renewal.renew_via("127.0.0.1", server.port, tls_dir).cert  # the thief renews, twice
+    third = renewal.renew_via("127.0.0.1", server.port, tls_dir).cert
+    rows = {str(r["serial"]): r for r in issue.list_issued(server.ca)}
+    hexed = [denylist.serial_hex(c.serial_number) for c in (first, second, third)]
+    assert rows[hexed[1]][denylist.PARENT] == hexed[0] and rows[hexed[2]][denylist.PARENT] == hexed[1]
+    assert ping(tls_dir, server.port) == 200
+    capsys.readouterr()
+    assert main(["cert", "revoke", hexed[0], "--reason", "laptop stolen"]) == 0  # the operator revokes the first
+    out = capsys.readouterr().out
+    assert f"serial {hexed[0]} revoked" in out
+    assert f"serial {hexed[1]} revoked (renewed from {hexed[0]})" in out
+    assert f"serial {hexed[2]} revoked (renewed from {hexed[0]})" in out
+    entries = denylist.load(server.ca.folder).entries
+    assert entries[first.serial_number].reason == "laptop stolen"
+    for c in (second, third):
+        assert entries[c.serial_number].reason == f"renewed from revoked certificate {hexed[0]} (laptop stolen)"
+    assert ping(tls_dir, server.port) == 403  # the newest renewal is refused at once
+    before = (tls_dir / "cert.pem").read_bytes()
+    with pytest.raises(CertificateError, match=r"\(403\).*revoked"):
+        renewal.renew_via("127.0.0.1", server.port, tls_dir)
+    assert (tls_dir / "cert.pem").read_bytes() == before
+
+
+def test_renewal_is_refused_while_an_ancestor_is_revoked(server: Server) -> None:
+    tls_dir = folder(server.env, "heir", ttl=dt.timedelta(hours=1))
+    first = issue.read_chain(tls_dir)[0]
+    second = renewal.renew_via("127.0.0.1", server.port, tls_dir).cert
+    # Only the ancestor is listed (a denylist from before this fix, or a revocation racing
+    # the renewal): the renewed certificate still authenticates, but cannot renew itself.
+    denylist.add(first.serial_number, "test", None, server.ca.folder)
+    assert ping(tls_dir, server.port) == 200
+    with pytest.raises(
+        CertificateError, match=rf"\(403\).*renewed from revoked certificate {denylist.serial_hex(first.serial_number)}"
+    ):
+        renewal.renew_via("127.0.0.1", server.port, tls_dir)
+    assert issue.read_chain(tls_dir)[0] == second
+    assert [e["result"] for e in events(server) if e["operation"] == "cert-renew"][-1] == "CertificateRevoked"

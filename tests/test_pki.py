@@ -311,6 +311,70 @@ def test_renew(env: Env, ca: pki_ca.CA) -> None:
         issue.renew(env.svc, out, now=pki_ca.utcnow() + dt.timedelta(hours=5))
 
 
+def test_renewals_are_recorded_and_revocation_follows_them(env: Env, ca: pki_ca.CA) -> None:
+    out = env.work / "chain"
+    issue.write_dir(issue.issue(env.svc, ident(), ttl=dt.timedelta(minutes=10)), out)
+    first = issue.read_chain(out)[0]
+    second = issue.renew(env.svc, out).cert
+    third = issue.renew(env.svc, out).cert
+    for c in (second, third):  # the short lifetime is kept, never the default 24 h
+        assert c.not_valid_after_utc - c.not_valid_before_utc == dt.timedelta(minutes=10) + pki_ca.BACKDATE
+    rows = {str(r["serial"]): r for r in issue.list_issued(ca)}
+    hexed = [denylist.serial_hex(c.serial_number) for c in (first, second, third)]
+    assert denylist.PARENT not in rows[hexed[0]]
+    assert rows[hexed[1]][denylist.PARENT] == hexed[0] and rows[hexed[2]][denylist.PARENT] == hexed[1]
+    other = issue.issue(env.svc, ident(name="bystander"))
+    env.sink.events.clear()
+    assert issue.revoke_all(env.svc, second.serial_number, "stolen") == (True, [hexed[2]])
+    listed = denylist.load(ca.folder)
+    assert not listed.revoked(first.serial_number) and not listed.revoked(other.cert.serial_number)
+    assert listed.entries[third.serial_number].reason == f"renewed from revoked certificate {hexed[1]} (stolen)"
+    assert {(e.operation, e.result, e.artifact) for e in env.sink.events} == {
+        ("cert-revoke", "ok", hexed[1]),
+        ("cert-revoke", "ok", hexed[2]),
+    }
+    assert issue.revoke_all(env.svc, second.serial_number) == (False, [])  # idempotent
+    with pytest.raises(CertificateRevoked):
+        issue.renew(env.svc, out)
+
+
+def test_renewal_refused_while_an_ancestor_is_revoked(env: Env, ca: pki_ca.CA) -> None:
+    out = env.work / "heir"
+    issue.write_dir(issue.issue(env.svc, ident(), ttl=dt.timedelta(hours=1)), out)
+    first = issue.read_chain(out)[0]
+    second = issue.renew(env.svc, out).cert
+    denylist.add(first.serial_number, "test", None, ca.folder)  # the ancestor only
+    with pytest.raises(
+        CertificateRevoked, match=f"renewed from revoked certificate {denylist.serial_hex(first.serial_number)}"
+    ):
+        issue.renew(env.svc, out)
+    assert issue.read_chain(out)[0] == second
+    # A renewal whose parent was revoked while it was being signed is denied once recorded.
+    csr = backend.make_csr(ec.generate_private_key(ec.SECP256R1()), [])
+    with pytest.raises(CertificateRevoked):
+        issue.sign_csr(issue.LocalIssuer(env.svc, ca), ident(), csr, renewed_from=second.serial_number)
+    late = [r for r in issue.list_issued(ca) if r.get(denylist.PARENT) == denylist.serial_hex(second.serial_number)]
+    assert len(late) == 1 and denylist.load(ca.folder).revoked(denylist.parse_serial(str(late[0]["serial"])))
+
+
+def test_a_certificate_valid_for_less_than_the_minimum_cannot_renew(env: Env, ca: pki_ca.CA) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = pki_ca.utcnow()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    short = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(minutes=2))
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(PolicyDenied, match="cannot renew itself"):
+        issue.renewal_terms(short, backend.MAX_TTL)
+
+
 def test_renew_refuses_other_ca(env: Env, ca: pki_ca.CA, tmp_path: Path) -> None:
     other = pki_ca.init_ca(env.svc, TD, folder=tmp_path / "other-ca")
     out = env.work / "foreign"

@@ -292,3 +292,12 @@ def test_renewal_endpoint_logic_with_openbao(env: Env, bao: Bao) -> None:
         ("CertificateError", caller.uri),
     ]
     assert renewals[1].artifact == signed.serial
+    # The renewal keeps the presented lifetime (not the role's default), is recorded as renewed
+    # from the held certificate, and revoking that one revokes it too, locally and in OpenBao.
+    span = held.cert.not_valid_after_utc - held.cert.not_valid_before_utc
+    assert signed.cert.not_valid_after_utc - pki_ca.utcnow() <= span
+    rows = {str(r["serial"]): r for r in issue.list_issued(issuer)}
+    assert rows[signed.serial][denylist.PARENT] == held.serial
+    assert issue.revoke_all(env.svc, held.cert.serial_number, "test", ca=issuer) == (True, [signed.serial])
+    assert denylist.is_revoked(signed.cert.serial_number, issuer.folder)
+    assert _revoked_in_bao(bao, signed.cert.serial_number) and _revoked_in_bao(bao, held.cert.serial_number)

@@ -119,3 +119,20 @@ def test_a_folder_too_big_for_one_manifest_is_refused_at_push() -> None:
     layers += [layout.layer_for(f"blobs/{i:032x}", "sha256:" + f"{i:064x}", 1) for i in range(20_000)]
     with pytest.raises(RegistryError, match="MiB"):
         layout.artifact_manifest(layers)
+
+
+def test_sizes_are_bounded_at_push_and_at_pull() -> None:
+    tib = layout.MAX_LAYER_SIZE
+    assert layout.MAX_LAYER_SIZE == layout.MAX_ARTIFACT_SIZE == 1 << 40
+    ok = layout.artifact_manifest([layout.layer_for(".", D1, tib)])
+    assert layout.parse_artifact(ok)[0].descriptor.size == tib  # 1 TiB itself is allowed
+    with pytest.raises(RegistryError, match="over the 1 TiB limit"):
+        layout.artifact_manifest([layout.layer_for(".", D1, tib + 1)])
+    together = [layout.layer_for("manifest.mseal", D1, 1), layout.layer_for(BLOB_A, D2, tib // 2)]
+    with pytest.raises(RegistryError, match="come to"):
+        layout.artifact_manifest([*together, layout.layer_for(BLOB_B, D3, tib // 2)])
+    doc = json.loads(ok)
+    for size in (tib + 1, 1 << 62, (1 << 63) - 1):
+        doc["layers"][0]["size"] = size
+        with pytest.raises(RegistryError, match="over the 1 TiB limit"):
+            layout.parse_artifact(json.dumps(doc).encode())

@@ -16,7 +16,7 @@ from modelseal.errors import RegistryRefused
 from modelseal.registry import policy
 from tests.conftest import Env
 
-EMPTY_D = "sha256:" + "e" * 64
+EMPTY_D = policy.EMPTY_DIGEST
 LAYER_D = "sha256:" + "1" * 64
 SIG_D = "sha256:" + "2" * 64
 
@@ -64,11 +64,12 @@ def test_plaintext_formats_are_refused_by_name(tmp_path: Path) -> None:
 def test_json_signature_and_empty() -> None:
     assert policy.classify(b"", 0) == policy.EMPTY
     assert policy.classify(b"{}", 2) == policy.JSON_BLOB
+    for other in (b"{ }", b"[]", b'{"a":1}'):  # only the exact empty config is a JSON blob
+        with pytest.raises(RegistryRefused):
+            policy.classify(other, len(other))
     sig = json.dumps({"mediaType": policy.MODELSEAL_SIGNATURES, "signatures": []}).encode()
-    assert policy.classify(sig, len(sig)) == policy.SIGNATURE
-    big = json.dumps({"x": "a" * (policy.MAX_JSON_BLOB + 1)}).encode()
-    with pytest.raises(RegistryRefused):
-        policy.classify(big, len(big))
+    with pytest.raises(RegistryRefused, match="not one"):  # it claims the type but is no signature file
+        policy.classify(sig, len(sig))
 
 
 def manifest(**over: object) -> dict[str, object]:
@@ -115,6 +116,7 @@ def test_manifest_refusals() -> None:
     )
     denied(manifest(), "not a modelseal sealed file", {**KINDS, LAYER_D: policy.JSON_BLOB})
     denied(manifest(), "signature document", {**KINDS, SIG_D: policy.JSON_BLOB})
+    denied(manifest(), "signature document", {**KINDS, SIG_D: policy.SIGSTORE})  # the kind must match the type
     layer = {"mediaType": "application/vnd.modelseal.sealed.v1", "digest": LAYER_D, "size": 10}
     denied(manifest(layers=[{**layer, "data": "AAAA"}]), "inline data")
     denied(manifest(layers=[{**layer, "urls": ["https://x"]}]), "urls")
@@ -124,7 +126,7 @@ def test_metadata_stays_opaque() -> None:
     layer = {"mediaType": "application/vnd.modelseal.sealed.v1", "digest": LAYER_D, "size": 10}
     denied(
         manifest(layers=[{**layer, "annotations": {"org.opencontainers.image.title": "model.safetensors"}}]),
-        "names a file",
+        "not one modelseal writes",
     )
-    denied(manifest(annotations={"description": "weights/model-00001.safetensors"}), "plaintext file name")
-    denied(manifest(annotations={"org.cnai.model.filepath": "x"}), "names a file")
+    denied(manifest(annotations={"description": "weights/model-00001.safetensors"}), "not one modelseal writes")
+    denied(manifest(annotations={"org.cnai.model.filepath": "x"}), "not one modelseal writes")

@@ -69,28 +69,28 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
 
 def push(reg: Registry, data: bytes, repo: str = REPO) -> str:
     up = reg.start_upload(repo, ME)
-    return reg.finish(repo, up, sha(data), None, [data], len(data)).digest
+    return reg.finish(repo, up, ME, sha(data), None, [data], len(data)).digest
 
 
 def test_upload_chunks_finish_and_read(make: object) -> None:
     reg = make()  # type: ignore[operator]
     up = reg.start_upload(REPO, ME)
-    assert reg.append(REPO, up, 0, [b"abc", b"def"], 6).received == 6
-    assert reg.upload_status(REPO, up).parts == (0,)
+    assert reg.append(REPO, up, ME, 0, [b"abc", b"def"], 6).received == 6
+    assert reg.upload_status(REPO, up, ME).parts == (0,)
     with pytest.raises(RegistryRefused) as e:
-        reg.append(REPO, up, 3, [b"xyz"], 3)  # overlap
+        reg.append(REPO, up, ME, 3, [b"xyz"], 3)  # overlap
     assert e.value.status == 416
     with pytest.raises(RegistryRefused) as e:
-        reg.append(REPO, up, 9, [b"xyz"], 3)  # gap
+        reg.append(REPO, up, ME, 9, [b"xyz"], 3)  # gap
     assert e.value.status == 416
     with pytest.raises(RegistryRefused) as e:
-        reg.append(REPO, up, 6, [b"toolong"], 3)
+        reg.append(REPO, up, ME, 6, [b"toolong"], 3)
     assert e.value.code == "SIZE_INVALID"
-    assert reg.upload_status(REPO, up).received == 6  # a refused chunk leaves nothing
-    row = reg.finish(REPO, up, sha(b"abcdefghi"), 6, [b"ghi"], 3)
+    assert reg.upload_status(REPO, up, ME).received == 6  # a refused chunk leaves nothing
+    row = reg.finish(REPO, up, ME, sha(b"abcdefghi"), 6, [b"ghi"], 3)
     assert row.size == 9 and b"".join(reg.read_blob(reg.blob(REPO, row.digest), 2, 4)) == b"cdef"
     with pytest.raises(RegistryRefused) as e:
-        reg.upload_status(REPO, up)
+        reg.upload_status(REPO, up, ME)
     assert e.value.code == "BLOB_UPLOAD_UNKNOWN"
     with pytest.raises(RegistryRefused):
         reg.blob("other/repo", row.digest)  # blobs are per repository
@@ -102,8 +102,8 @@ def test_chunks_alternate_between_two_instances(make: object) -> None:
     up = a.start_upload(REPO, ME)
     step = 100_000
     for i, off in enumerate(range(0, len(data), step)):
-        (a if i % 2 == 0 else b).append(REPO, up, off, [data[off : off + step]], len(data[off : off + step]))
-    row = b.finish(REPO, up, sha(data), None, [], 0)
+        (a if i % 2 == 0 else b).append(REPO, up, ME, off, [data[off : off + step]], len(data[off : off + step]))
+    row = b.finish(REPO, up, ME, sha(data), None, [], 0)
     assert b"".join(a.read_blob(a.blob(REPO, row.digest))) == data
 
 
@@ -119,7 +119,7 @@ def test_racing_chunks_one_wins_and_nothing_mixes(make: object) -> None:
             yield byte * 50_000
 
         try:
-            reg.append(REPO, up, 0, slow(), 50_000)
+            reg.append(REPO, up, ME, 0, slow(), 50_000)
             results.append("ok:" + byte.decode())
         except RegistryRefused as e:
             results.append(str(e.status))
@@ -131,7 +131,7 @@ def test_racing_chunks_one_wins_and_nothing_mixes(make: object) -> None:
         t.join()
     assert sorted(r[:2] for r in results) == ["41", "ok"]
     winner = next(r for r in results if r.startswith("ok"))[-1].encode()
-    row = a.finish(REPO, up, sha(winner * 50_000), None, [], 0)
+    row = a.finish(REPO, up, ME, sha(winner * 50_000), None, [], 0)
     assert row.size == 50_000
 
 
@@ -139,12 +139,12 @@ def test_digest_mismatch_leaves_nothing(make: object, tmp_path: Path) -> None:
     reg = make()  # type: ignore[operator]
     up = reg.start_upload(REPO, ME)
     with pytest.raises(RegistryRefused) as e:
-        reg.finish(REPO, up, sha(b"expected"), None, [b"actual"], 6)
+        reg.finish(REPO, up, ME, sha(b"expected"), None, [b"actual"], 6)
     assert e.value.code == "DIGEST_INVALID"
     assert list(LocalBlobs(tmp_path / "blobs").digests()) == []
     assert list(LocalBlobs(tmp_path / "blobs").uploads()) == []
     with pytest.raises(RegistryRefused):
-        reg.upload_status(REPO, up)
+        reg.upload_status(REPO, up, ME)
 
 
 def test_sha512_blob_and_manifest(make: object) -> None:
@@ -152,8 +152,8 @@ def test_sha512_blob_and_manifest(make: object) -> None:
     data = b"sha512 content"
     d = "sha512:" + hashlib.sha512(data).hexdigest()
     up = reg.start_upload(REPO, ME)
-    reg.append(REPO, up, 0, [data[:5]], 5)
-    assert reg.finish(REPO, up, d, 5, [data[5:]], len(data) - 5).digest == d
+    reg.append(REPO, up, ME, 0, [data[:5]], 5)
+    assert reg.finish(REPO, up, ME, d, 5, [data[5:]], len(data) - 5).digest == d
     assert b"".join(reg.read_blob(reg.blob(REPO, d))) == data
     cfg = push(reg, b"{}")
     body = json.dumps(
@@ -195,7 +195,7 @@ def test_gc_sweeps_unreferenced_blobs_online_and_keeps_referenced(make: object, 
     ).encode()
     reg.put_manifest(REPO, "v1", body, policy.MANIFEST_TYPE)
     abandoned = reg.start_upload(REPO, ME)
-    reg.append(REPO, abandoned, 0, [b"partial"], 7)
+    reg.append(REPO, abandoned, ME, 0, [b"partial"], 7)
     assert gc.collect(reg).links == 0  # within the grace period nothing goes
     clock.t += 101
     swept = gc.collect(reg)
@@ -215,7 +215,7 @@ def test_gc_never_sweeps_a_blob_being_assembled(make: object, tmp_path: Path) ->
     store = LocalBlobs(tmp_path / "blobs")
     data = b"being pushed"
     up = reg.start_upload(REPO, ME)
-    reg.append(REPO, up, 0, [data], len(data))
+    reg.append(REPO, up, ME, 0, [data], len(data))
     key = sha(data).split(":")[1]
     reg.meta.hold_pending(key, up, reg.now())  # what finish takes before assemble
     store.assemble(up, (0,), key)  # the bytes exist, the row does not yet
@@ -231,7 +231,7 @@ def test_sealed_only_refuses_plaintext_and_keeps_ciphertext(make: object, env: E
     plain = len(header).to_bytes(8, "little") + header + b"\0\0\0\0"
     up = reg.start_upload(REPO, ME)
     with pytest.raises(RegistryRefused, match="safetensors") as e:
-        reg.finish(REPO, up, sha(plain), None, [plain], len(plain))
+        reg.finish(REPO, up, ME, sha(plain), None, [plain], len(plain))
     assert e.value.status == 403
     with pytest.raises(RegistryRefused):
         reg.blob(REPO, sha(plain))

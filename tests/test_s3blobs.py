@@ -173,9 +173,30 @@ def test_assemble_is_idempotent(store: S3Blobs) -> None:
     assert store.assemble(up, [0], hexd) == len(data)
     assert store.assemble(up, [0], hexd) == len(data)
     store.delete_upload(up)
-    # Once the blob exists nothing more is checked: another upload (even without parts) gets its size.
-    assert store.assemble(_upload(), [0, 1], hexd) == len(data)
+    again = _upload()
+    _put(store, again, 0, data)
+    assert store.assemble(again, [0], hexd) == len(data)  # the same bytes: accepted, not copied again
     assert list(store.digests()) == [hexd]
+
+
+def test_a_stored_digest_is_not_taken_without_its_bytes(store: S3Blobs) -> None:
+    """Finding 1: a claim of a digest the store holds proves nothing; the parts are hashed."""
+    data = os.urandom(10 * MiB)
+    hexd = hashlib.sha256(data).hexdigest()
+    first = _upload()
+    _put(store, first, 0, data)
+    assert store.assemble(first, [0], hexd) == len(data)
+    wrong = _upload()
+    _put(store, wrong, 0, b"garbage-not-the-blob")
+    with pytest.raises(DigestMismatch):
+        store.assemble(wrong, [0], hexd)
+    empty = _upload()
+    _put(store, empty, 0, b"")
+    with pytest.raises(DigestMismatch):
+        store.assemble(empty, [0], hexd)
+    with pytest.raises(BlobStoreError):
+        store.assemble(_upload(), [0, 1], hexd)  # parts that do not exist
+    assert _read(store, hexd) == data and _multiparts(store) == []
 
 
 def test_a_part_is_replaced_whole(store: S3Blobs) -> None:

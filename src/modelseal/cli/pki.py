@@ -116,8 +116,10 @@ def cmd_cert_renew(args: argparse.Namespace, svc: KeyService) -> int:
 
 def cmd_cert_revoke(args: argparse.Namespace, svc: KeyService) -> int:
     serial = denylist.parse_serial(args.serial)
-    added = issue.revoke(svc, serial, args.reason)
+    added, renewals = issue.revoke_all(svc, serial, args.reason)
     print(f"serial {denylist.serial_hex(serial)} {'revoked' if added else 'was revoked already'}")
+    for hexed in renewals:
+        print(f"serial {hexed} revoked (renewed from {denylist.serial_hex(serial)})")
     return 0
 
 
@@ -182,7 +184,7 @@ def add_cert(sub: Any) -> None:
     r = csub.add_parser("renew", help="renew the still-valid certificate in DIR (fresh key, same identity)")
     r.add_argument("dir", metavar="DIR")
     r.set_defaults(fn=cmd_cert_renew)
-    v = csub.add_parser("revoke", help="deny a certificate serial at once")
+    v = csub.add_parser("revoke", help="deny a certificate serial and every certificate renewed from it, at once")
     v.add_argument("serial", metavar="SERIAL", help="hex, as openssl x509 -serial prints it")
     v.add_argument("--reason", default="", help="recorded with the serial")
     v.set_defaults(fn=cmd_cert_revoke)

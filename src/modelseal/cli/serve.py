@@ -101,7 +101,7 @@ def add_serve(sub: Any) -> None:
         type=float,
         default=BODY_TIMEOUT,
         metavar="S",
-        help="seconds an upload may send nothing before it is refused (slow clients)",
+        help="seconds each MiB of a request body (or its rest) may take before it is refused (a minimum rate)",
     )
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: one per core)")
     p.add_argument(

@@ -12,7 +12,11 @@ The folder ``DIR`` holds ``cert.pem`` (leaf, then intermediate), ``key.pem`` (PK
 0600) and ``ca.pem`` (the root). It is written whole into a temporary sibling folder and
 swapped in with one ``renameat2(RENAME_EXCHANGE)`` (``util.files.atomic_output``), so a
 reader sees the old three files or the new three, never a mix; a crash is rolled back or
-forward by the next access. Every issued certificate is recorded in ``issued.json``.
+forward by the next access. Every issued certificate is recorded in ``issued.json``, a
+renewal with the serial it was renewed from: ``revoke`` denies a serial and every
+certificate renewed from it, transitively, and a renewal is refused while the certificate
+or any of its ancestors is revoked (``check_lineage``; re-checked once the new one is
+recorded, so a revocation running at the same time cannot miss it).
 """
 
 from __future__ import annotations
@@ -170,9 +174,12 @@ def sign_csr(
     config: Settings | None = None,
     op: str = "cert-issue",
     actor: str | None = None,
+    renewed_from: int | None = None,
 ) -> Signed:
     """Have ``issuer`` sign ``csr`` for ``identity`` (the CSR's key only: its names are not
-    read), check the answer (``backend.check_signed``), record and audit it."""
+    read), check the answer (``backend.check_signed``), record and audit it. A renewal names
+    the serial it renews (``renewed_from``): recorded, and the new certificate is denied and
+    refused if that serial or an ancestor was revoked meanwhile."""
     try:
         if identity.trust_domain != issuer.trust_domain:
             raise PolicyDenied(
@@ -186,7 +193,9 @@ def sign_csr(
         t = now or utcnow()
         signed = issuer.sign(identity, csr, names, ttl, t)
         check_signed(signed, csr, names, ttl, t, validate_path=now is None)
-        _record(issuer.folder, signed.cert, identity, time.time() if now is None else now.timestamp())
+        _record(issuer.folder, signed.cert, identity, time.time() if now is None else now.timestamp(), renewed_from)
+        if renewed_from is not None:
+            _recheck(issuer.folder, signed.cert, renewed_from)
     except ModelsealError as e:
         issuer.audit(op, type(e).__name__, None, actor)
         raise
@@ -204,9 +213,11 @@ def issue(
     now: dt.datetime | None = None,
     ca: CA | Issuer | None = None,
     config: Settings | None = None,
+    renewed_from: int | None = None,
 ) -> Issued:
     """Issue a certificate and a fresh key for ``identity`` (of the CA's trust domain); the
-    lifetime defaults to 24 h (or the configured maximum, if lower). Recorded and audited."""
+    lifetime defaults to 24 h (or the configured maximum, if lower). Recorded and audited
+    (``renewed_from``: see ``sign_csr``)."""
     issuer = _issuer(svc, ca)
     key = ec.generate_private_key(ec.SECP256R1())
     try:
@@ -214,25 +225,46 @@ def issue(
     except ModelsealError as e:
         issuer.audit("cert-issue", type(e).__name__)
         raise
-    s = sign_csr(issuer, identity, csr, dns=dns, ips=ips, ttl=ttl, now=now, config=config)
+    s = sign_csr(issuer, identity, csr, dns=dns, ips=ips, ttl=ttl, now=now, config=config, renewed_from=renewed_from)
     return Issued(s.identity, s.cert, s.chain, s.root, key)
 
 
-def _record(folder: Path, cert: x509.Certificate, identity: Identity, t: float) -> None:
+def _record(folder: Path, cert: x509.Certificate, identity: Identity, t: float, parent: int | None) -> None:
+    row: dict[str, object] = {
+        "serial": denylist.serial_hex(cert.serial_number),
+        "identity": identity.uri,
+        "not_after": cert.not_valid_after_utc.timestamp(),
+        "issued_at": t,
+    }
+    if parent is not None:
+        row[denylist.PARENT] = denylist.serial_hex(parent)
+    with denylist.locked(folder):  # several server workers renew at once
+        rows = [r for r in _rows(folder) if not_after_of(r) + denylist.GRACE > t]
+        store.write(folder, ISSUED_FILE, store.dump_json({"issued": [*rows, row][-MAX_ISSUED:]}))
+
+
+def _rows(folder: Path) -> list[dict[str, object]]:
     doc = store.read_json(folder, ISSUED_FILE) or {"issued": []}
     rows = doc.get("issued") if isinstance(doc, dict) else None
     if not isinstance(rows, list):
         raise CertificateError(f"the CA file {ISSUED_FILE} is malformed")
-    rows = [r for r in rows if isinstance(r, dict) and not_after_of(r) + denylist.GRACE > t]
-    rows.append(
-        {
-            "serial": denylist.serial_hex(cert.serial_number),
-            "identity": identity.uri,
-            "not_after": cert.not_valid_after_utc.timestamp(),
-            "issued_at": t,
-        }
-    )
-    store.write(folder, ISSUED_FILE, store.dump_json({"issued": rows[-MAX_ISSUED:]}))
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def check_lineage(folder: Path, serial: int) -> None:
+    """Refuse (``CertificateRevoked``) a renewal of ``serial`` if it, or any certificate it
+    was renewed from (by the records of the CA at ``folder``), is revoked."""
+    denylist.check_lineage(_rows(folder), serial, folder)
+
+
+def _recheck(folder: Path, cert: x509.Certificate, parent: int) -> None:
+    # Read after the record is written; ``revoke_all`` reads the records after it writes the
+    # denylist: one of the two sees the other, so no renewal slips past a revocation.
+    try:
+        check_lineage(folder, parent)
+    except CertificateRevoked as e:
+        denylist.add(cert.serial_number, f"{e} when it was renewed", cert.not_valid_after_utc.timestamp(), folder)
+        raise
 
 
 def not_after_of(row: dict[str, object]) -> float:
@@ -241,12 +273,7 @@ def not_after_of(row: dict[str, object]) -> float:
 
 
 def list_issued(ca: CA | Issuer | None = None) -> list[dict[str, object]]:
-    folder = store.ca_dir() if ca is None else ca.folder
-    doc = store.read_json(folder, ISSUED_FILE) or {"issued": []}
-    rows = doc.get("issued") if isinstance(doc, dict) else None
-    if not isinstance(rows, list):
-        raise CertificateError(f"the CA file {ISSUED_FILE} is malformed")
-    return [r for r in rows if isinstance(r, dict)]
+    return _rows(store.ca_dir() if ca is None else ca.folder)
 
 
 def write_dir(
@@ -292,13 +319,18 @@ def read_chain(folder: Path) -> list[x509.Certificate]:
 
 
 def renewal_terms(leaf: x509.Certificate, max_ttl: dt.timedelta) -> tuple[list[str], list[str], dt.timedelta]:
-    """The DNS names, IP addresses and lifetime a renewal of ``leaf`` keeps: the old lifetime,
-    capped at the issuer's maximum (a lowered maximum applies at the next renewal)."""
+    """The DNS names, IP addresses and lifetime a renewal of ``leaf`` keeps: the old lifetime
+    (notAfter - notBefore, less the local CA's back-dating), capped at the issuer's maximum (a
+    lowered maximum applies at the next renewal) and never below ``MIN_TTL``. So a renewal
+    never outlives, from its issue, the whole validity of the certificate it renews: a leaf
+    valid for less than ``MIN_TTL`` in all is refused."""
     names = sans_of(leaf)
     dns = [n.value for n in names if isinstance(n, x509.DNSName)]
     ips = [str(n.value) for n in names if isinstance(n, x509.IPAddress)]
-    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc - BACKDATE
-    return dns, ips, max(MIN_TTL, min(lifetime, max_ttl, MAX_TTL))
+    span = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    if span < MIN_TTL:
+        raise PolicyDenied(f"a certificate valid for less than {MIN_TTL} in all cannot renew itself: issue a new one")
+    return dns, ips, max(MIN_TTL, min(span - BACKDATE, max_ttl, MAX_TTL))
 
 
 def renew(
@@ -326,33 +358,44 @@ def renew(
             raise CertificateError(
                 f"cannot renew {folder}: {e} (expired, or not issued by this CA: issue a new one)"
             ) from None
+        check_lineage(issuer.folder, certs[0].serial_number)
         dns, ips, ttl = renewal_terms(certs[0], cfg.max_ttl)
     except ModelsealError as e:
         issuer.audit("cert-renew", type(e).__name__)
         raise
-    issued = issue(svc, identity, dns=dns, ips=ips, ttl=ttl, now=now, ca=issuer, config=cfg)
+    parent = certs[0].serial_number
+    issued = issue(svc, identity, dns=dns, ips=ips, ttl=ttl, now=now, ca=issuer, config=cfg, renewed_from=parent)
     write_dir(issued, folder, force=True)
     issuer.audit("cert-renew", "ok", issued.serial)
     return issued
 
 
 def revoke(svc: KeyService, serial: int, reason: str = "", *, ca: CA | Issuer | None = None) -> bool:
-    """Deny ``serial`` at once (idempotent: False if it was listed), then revoke it at the
-    backend (OpenBao's ``pki/revoke``; nothing for the local CA). Audited."""
+    """``revoke_all``; True if ``serial`` itself was not listed yet."""
+    return revoke_all(svc, serial, reason, ca=ca)[0]
+
+
+def revoke_all(
+    svc: KeyService, serial: int, reason: str = "", *, ca: CA | Issuer | None = None
+) -> tuple[bool, list[str]]:
+    """Deny ``serial`` and every certificate renewed from it, transitively, at once (the
+    entries of the renewals say which serial they follow), then revoke each at the backend
+    (OpenBao's ``pki/revoke``; nothing for the local CA). Idempotent. Audited per serial.
+    Returns whether ``serial`` was newly listed and the renewals newly listed (hex)."""
     issuer = _issuer(svc, ca)
     hexed = denylist.serial_hex(serial)
-    not_after = None
-    for r in list_issued(issuer):
-        if str(r.get("serial")) == hexed:
-            not_after = not_after_of(r) or None
     try:
-        added = denylist.add(serial, reason, not_after, issuer.folder)
-        issuer.revoke_upstream(serial)
+        listed = denylist.deny_lineage(serial, reason, lambda: _rows(issuer.folder), issuer.folder)
+        for s in listed:
+            issuer.revoke_upstream(s)
     except ModelsealError as e:
         issuer.audit("cert-revoke", type(e).__name__, hexed)
         raise
-    issuer.audit("cert-revoke", "ok", hexed)
-    return added
+    for s in listed:
+        issuer.audit("cert-revoke", "ok", denylist.serial_hex(s))
+    if serial not in listed:
+        issuer.audit("cert-revoke", "ok", hexed)
+    return serial in listed, [denylist.serial_hex(s) for s in listed if s != serial]
 
 
 __all__ = [
@@ -361,6 +404,7 @@ __all__ = [
     "MAX_TTL",
     "Issued",
     "LocalIssuer",
+    "check_lineage",
     "issue",
     "list_issued",
     "load_issuer",
@@ -368,6 +412,7 @@ __all__ = [
     "renew",
     "renewal_terms",
     "revoke",
+    "revoke_all",
     "sign_csr",
     "write_dir",
 ]

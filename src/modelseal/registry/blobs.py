@@ -71,7 +71,8 @@ class BlobStore(Protocol):
     def assemble(self, upload: str, parts: Sequence[int], digest_hex: str) -> int:
         """Concatenate ``parts`` (in order) into the blob ``digest_hex``, hashing as it goes.
         Returns the blob's size. Raises DigestMismatch, leaving no blob, if the hash differs.
-        If the blob already exists, checks nothing more and returns its size. The parts are
+        The parts are hashed even if the blob already exists (then only the
+        copy is skipped): a known digest is never taken without its bytes. The parts are
         left in place: the caller deletes the upload after recording the blob."""
         ...
 

@@ -16,7 +16,9 @@ tagged ``sha256-<hex of the artifact manifest's digest>`` (the OCI tag-scheme fa
 
 Manifests are encoded as compact JSON with sorted keys, with no timestamp in the artifact's
 own manifest, so pushing the same sealed bytes twice gives the same digest. Parsing is
-strict: anything not written here is refused.
+strict: anything not written here is refused. A layer, and an artifact's layers together,
+are at most 1 TiB (``MAX_LAYER_SIZE``, ``MAX_ARTIFACT_SIZE``), at push and at pull: a size
+is a number the registry chose, never a reason to allocate without bound.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ MAX_MANIFEST = 4 << 20  # what registries accept (distribution, the spec's SHOUL
 MAX_LAYERS = 100_001  # a folder's manifest and at most 100 000 blobs (format.folder.MAX_ENTRIES)
 MAX_REFERRERS = 1024
 MAX_SIZE = (1 << 63) - 1
+MAX_LAYER_SIZE = 1 << 40  # 1 TiB: a sealed file modelseal pushes or pulls, at most
+MAX_ARTIFACT_SIZE = 1 << 40  # 1 TiB: all of an artifact's sealed files together, at most
 _BLOB_PATH = re.compile(r"blobs/[0-9a-f]{32}")
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 _CREATED = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
@@ -114,6 +118,7 @@ def artifact_manifest(layers: list[Layer]) -> bytes:
     paths = [layer.path for layer in layers]
     if paths != [FILE_PATH] and (MANIFEST_PATH not in paths or FILE_PATH in paths or len(set(paths)) != len(paths)):
         raise RegistryError("an artifact is one sealed file, or a sealed folder's manifest.mseal and blobs")
+    check_sizes([layer.descriptor.size for layer in layers])
     ordered = sorted(layers, key=lambda layer: (layer.path != MANIFEST_PATH, layer.path))
     data = encode(
         {
@@ -127,6 +132,14 @@ def artifact_manifest(layers: list[Layer]) -> bytes:
     if len(data) > MAX_MANIFEST:
         raise RegistryError(f"the OCI manifest of this folder would exceed {MAX_MANIFEST >> 20} MiB: too many files")
     return data
+
+
+def check_sizes(sizes: list[int]) -> None:
+    """Refuse a layer over ``MAX_LAYER_SIZE``, or layers over ``MAX_ARTIFACT_SIZE`` together."""
+    if any(size > MAX_LAYER_SIZE for size in sizes):
+        raise RegistryError(f"the artifact has a layer of {max(sizes)} bytes, over the 1 TiB limit: refused")
+    if sum(sizes) > MAX_ARTIFACT_SIZE:
+        raise RegistryError(f"the artifact's layers come to {sum(sizes)} bytes, over the 1 TiB limit: refused")
 
 
 def signature_manifest(signatures: Descriptor, subject: Descriptor, created: str) -> bytes:
@@ -218,6 +231,7 @@ def parse_artifact(data: bytes) -> list[Layer]:
     paths = [layer.path for layer in layers]
     if len(set(paths)) != len(paths) or (paths != [FILE_PATH] and paths[0] != MANIFEST_PATH):
         raise _bad("artifact layer list")
+    check_sizes([layer.descriptor.size for layer in layers])
     return layers
 
 
@@ -262,11 +276,14 @@ __all__ = [
     "FOLDER_MANIFEST",
     "IMAGE_INDEX",
     "IMAGE_MANIFEST",
+    "MAX_ARTIFACT_SIZE",
+    "MAX_LAYER_SIZE",
     "SEALED_FILE",
     "SIGNATURES",
     "Descriptor",
     "Layer",
     "artifact_manifest",
+    "check_sizes",
     "fallback_tag",
     "layer_for",
     "newest_signatures",

@@ -7,22 +7,23 @@ Layout under the root (docs/registry.md, "Storage layout")::
     uploads/<32 hex>/.<index>.*                 a part being written (never read)
     tmp/                                        blobs being assembled (never read)
 
-A blob is a folder of segments: ``assemble`` hashes the committed parts in order and, if
-they match the digest, hard-links them into a folder under ``tmp/``, fsyncs it and renames
-it into place. The bytes are written and fsynced once, when the part is committed, never
-copied: a 1 GiB push costs one write of 1 GiB, not two. A part is immutable once committed
-(a part written again under the same index is a new file renamed over the old name, so a
-blob's link still names the old bytes). Every write goes to a temporary name, is fsynced,
-renamed into place and its folder fsynced: a crash leaves either nothing or the whole
-blob, so no partial blob is ever visible under ``blobs/``. Names come only from
-``check_hex``/``check_upload`` (hex only) and part indexes (ints), so no request text
-ever becomes a path.
+A blob is a folder of segments: ``assemble`` hashes the committed parts in order (always,
+even when the blob already exists) and, if they match the digest, hard-links them into a
+folder under ``tmp/``, fsyncs it and renames it into place. The bytes are written and
+fsynced once, when the part is committed, never copied: a 1 GiB push costs one write of
+1 GiB, not two. A part is immutable once committed (a part written again under the same
+index is a new file renamed over the old name, so a blob's link still names the old
+bytes). Every write goes to a temporary name, is fsynced, renamed into place and its
+folder fsynced: a crash leaves either nothing or the whole blob, so no partial blob is
+ever visible under ``blobs/``. Names come only from ``check_hex``/``check_upload`` (hex
+only) and part indexes (ints), so no request text ever becomes a path.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import io
 import os
 import secrets
@@ -116,10 +117,9 @@ class LocalBlobs:
         shutil.rmtree(self._upload_dir(upload), ignore_errors=True)
 
     def assemble(self, upload: str, parts: Sequence[int], digest_hex: str) -> int:
+        """The parts are hashed even when the blob exists (a claim of a known digest proves
+        nothing); only the linking is skipped then (``registry.blobs.BlobStore.assemble``)."""
         final = self.blob_path(digest_hex)
-        have = self.size(digest_hex)
-        if have is not None:
-            return have
         folder = self._upload_dir(upload)
         tmp = self.root / "tmp" / f"{digest_hex}.{secrets.token_hex(6)}"
         h = hashlib.sha256()
@@ -136,8 +136,10 @@ class LocalBlobs:
                 while chunk := f.read(COPY_CHUNK):
                     h.update(chunk)
                     size += len(chunk)
-            if h.hexdigest() != digest_hex:
+            if not hmac.compare_digest(h.hexdigest(), digest_hex):
                 raise DigestMismatch("the uploaded bytes do not hash to the digest given")
+            if self.size(digest_hex) is not None:
+                return size  # the same bytes are already stored
             os.mkdir(tmp, 0o700)
             for i, (index, f) in enumerate(zip(parts, files, strict=True)):
                 seg = tmp / _segment(i)

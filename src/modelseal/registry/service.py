@@ -3,14 +3,15 @@ the metadata store (``registry.sqlmeta``) and the blob store (``registry.blobs``
 
 Synchronous and HTTP-free: the server runs these calls in a thread pool and maps each
 ``RegistryRefused`` (status, OCI code, one-line message) to its answer. Names, tags and
-digests are validated here (``registry.names``) before they reach either store.
+digests are validated here (``registry.names``) before they reach either store. An upload
+belongs to the identity that started it: any other gets 404, as for a missing one.
 
-An upload becomes a blob only in ``finish``: the parts are concatenated and hashed by the
-blob store, which makes the blob exist only if its SHA-256 matches; then, under
-``sealed-only``, it is classified (``registry.policy``); only then does one metadata
-transaction make it visible in the repository. A chunk is appended by compare-and-set on
-the upload's byte count, with a part index no other request ever gets, so chunks of one
-upload may go to different instances, and two racing chunks never mix.
+An upload becomes a blob only in ``finish``: the parts are always concatenated and hashed
+by the blob store, which makes the blob exist only if its SHA-256 matches; then, under
+``sealed-only``, it is classified and its payload sampled (``registry.policy``); only then
+does one metadata transaction make it visible in the repository. A chunk (``Chunk``) is
+appended by compare-and-set on the upload's byte count, with a part index no other request
+ever gets, so chunks of one upload may go to different instances, and two never mix.
 
 Digests: sha256 everywhere; sha512 for manifests, and for blobs whose bytes all went through
 this one process (their SHA-256, the storage key, is computed on the way: up to 64 MiB).
@@ -19,7 +20,9 @@ this one process (their SHA-256, the storage key, is computed on the way: up to 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -96,21 +99,22 @@ class Registry:
             self._running.popitem(last=False)
         return upload
 
-    def upload_status(self, repo: str, upload: str) -> Upload:
+    def upload_status(self, repo: str, upload: str, owner: str) -> Upload:
+        """The upload ``upload`` of ``repo`` if ``owner`` started it. Another identity's
+        upload is answered exactly as a missing one (404), so an id's existence never leaks."""
         names.check_name(repo)
         row = self.meta.upload_get(upload) if UPLOAD_ID.fullmatch(upload) else None
-        if row is None or row.repo != repo:
+        if row is None or row.repo != repo or row.owner != owner:
             raise refused(404, "BLOB_UPLOAD_UNKNOWN", "no such upload in this repository")
         return row
 
-    def append(self, repo: str, upload: str, start: int | None, chunks: Iterable[bytes], length: int | None) -> Upload:
-        """Append one chunk. ``start`` is the Content-Range start (None: at the current end);
-        a start elsewhere is a gap or an overlap: 416. ``length`` is the announced size."""
-        row = self.upload_status(repo, upload)
+    def begin_chunk(self, repo: str, upload: str, owner: str, start: int | None, length: int | None) -> Chunk:
+        """Open the next chunk of an upload. ``start`` is the Content-Range start (None: at
+        the current end); a start elsewhere is a gap or an overlap: 416. ``length`` is the
+        announced size. The caller ``write``s the body, then ``close``s (or ``abort``s)."""
+        row = self.upload_status(repo, upload, owner)
         if start is not None and start != row.received:
-            raise refused(
-                416, "BLOB_UPLOAD_INVALID", f"the chunk starts at {start}, the upload has {row.received} bytes"
-            )
+            raise refused(416, "BLOB_UPLOAD_INVALID", f"the chunk starts at {start}; the upload has {row.received}")
         index = self.meta.upload_reserve(upload, self.now())
         if index is None:
             raise refused(404, "BLOB_UPLOAD_UNKNOWN", "no such upload in this repository")
@@ -118,45 +122,38 @@ class Registry:
         if running is not None and running.received != row.received:
             running = None
             self._running.pop(upload, None)
-        writer = self.blobs.part_writer(upload, index)
-        size = 0
+        return Chunk(self, row, owner, index, running, length)
+
+    def append(
+        self, repo: str, upload: str, owner: str, start: int | None, chunks: Iterable[bytes], length: int | None
+    ) -> Upload:
+        """Append one chunk from an iterable of byte strings (see ``begin_chunk``)."""
+        chunk = self.begin_chunk(repo, upload, owner, start, length)
         try:
-            for chunk in chunks:
-                size += len(chunk)
-                if length is not None and size > length:
-                    raise refused(400, "SIZE_INVALID", "the body is longer than its Content-Length/Content-Range")
-                writer.write(chunk)
-                if running is not None and running.received + size <= RUNNING_HASH_LIMIT:
-                    running.sha256.update(chunk)
-                    running.sha512.update(chunk)
-            if length is not None and size != length:
-                raise refused(400, "SIZE_INVALID", f"the body has {size} bytes, {length} were announced")
-            if size == 0:
-                writer.abort()
-                return row
-            committed = writer.commit()
+            for data in chunks:
+                chunk.write(data)
         except BaseException:
-            writer.abort()
-            self._running.pop(upload, None)
+            chunk.abort()
             raise
-        if not self.meta.upload_advance(upload, row.received, index, committed, self.now()):
-            self._running.pop(upload, None)
-            now = self.upload_status(repo, upload)
-            raise refused(
-                416, "BLOB_UPLOAD_INVALID", f"another chunk was appended first; the upload has {now.received} bytes"
-            )
-        if running is not None:
-            running.received = row.received + committed if running.received + size <= RUNNING_HASH_LIMIT else -1
-        return self.upload_status(repo, upload)
+        return chunk.close()
 
     def finish(
-        self, repo: str, upload: str, digest_text: str, start: int | None, chunks: Iterable[bytes], length: int | None
+        self,
+        repo: str,
+        upload: str,
+        owner: str,
+        digest_text: str,
+        start: int | None = None,
+        chunks: Iterable[bytes] = (),
+        length: int | None = 0,
     ) -> BlobRow:
-        """Close the upload (with an optional last chunk) as the blob ``digest_text``."""
+        """Close the upload (with an optional last chunk) as the blob ``digest_text``. The
+        parts are always hashed (``BlobStore.assemble``), whether or not the store already
+        holds that digest: a blob is linked into ``repo`` only for bytes its caller sent."""
         digest = names.parse_digest(digest_text)
-        row = self.upload_status(repo, upload)
+        row = self.upload_status(repo, upload, owner)
         if length != 0 or start is not None:
-            row = self.append(repo, upload, start, chunks, length)
+            row = self.append(repo, upload, owner, start, chunks, length)
         storage = self._storage_key(upload, digest, row)
         try:
             self._hold(storage, upload)
@@ -203,15 +200,19 @@ class Registry:
         if self.content == policy.ANY:
             return policy.UNCHECKED
         head = b"".join(self.blobs.read(storage, 0, min(size, policy.HEAD_BYTES)))
-        return policy.classify(head, size)
+        kind = policy.classify(head, size)
+        if kind == policy.SEALED:  # the payload is read back through the store, as it will be served
+            windows = policy.cipher_windows(head, size)
+            policy.check_ciphertext([b"".join(self.blobs.read(storage, at, n)) for at, n in windows])
+        return kind
 
     def _drop_upload(self, upload: str) -> None:
         self._running.pop(upload, None)
         self.meta.upload_delete(upload)
         self.blobs.delete_upload(upload)
 
-    def cancel(self, repo: str, upload: str) -> None:
-        self.upload_status(repo, upload)
+    def cancel(self, repo: str, upload: str, owner: str) -> None:
+        self.upload_status(repo, upload, owner)
         self._drop_upload(upload)
 
     def mount(self, repo: str, digest_text: str, source: str | None, may_read: Callable[[str], bool]) -> BlobRow | None:
@@ -323,8 +324,6 @@ class Registry:
         return got[:want], len(got) > want
 
     def referrers(self, repo: str, digest_text: str, artifact_type: str | None) -> list[dict[str, object]]:
-        import json
-
         names.check_name(repo)
         subject = str(names.parse_digest(digest_text))
         out: list[dict[str, object]] = []
@@ -332,6 +331,77 @@ class Registry:
             annotations = json.loads(r.annotations) if r.annotations else None
             out.append(referrer_descriptor(r.media_type, r.digest, r.size, r.artifact_type, annotations))
         return out
+
+
+class Chunk:
+    """One chunk of an upload being received (``Registry.begin_chunk``): ``write`` any number
+    of times (from any thread, one at a time), then ``close`` (the part is committed and the
+    upload advanced by compare-and-set; returns the upload) or ``abort`` (nothing is left).
+    Calls are serialized, so an ``abort`` waits for a ``write`` still running."""
+
+    def __init__(
+        self, reg: Registry, row: Upload, owner: str, index: int, running: _Running | None, length: int | None
+    ) -> None:
+        self._reg, self._row, self._owner, self._running, self._length = reg, row, owner, running, length
+        self._writer = reg.blobs.part_writer(row.id, index)
+        self._index, self._size = index, 0
+        self._lock = threading.Lock()
+        self._open = True
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if not self._open:
+                raise refused(400, "BLOB_UPLOAD_INVALID", "the chunk was already closed")
+            try:
+                self._size += len(data)
+                if self._length is not None and self._size > self._length:
+                    raise refused(400, "SIZE_INVALID", "the body is longer than its Content-Length/Content-Range")
+                self._writer.write(data)
+                running = self._running
+                if running is not None and running.received + self._size <= RUNNING_HASH_LIMIT:
+                    running.sha256.update(data)
+                    running.sha512.update(data)
+            except BaseException:
+                self._abort()
+                raise
+
+    def close(self) -> Upload:
+        with self._lock:
+            if not self._open:
+                raise refused(400, "BLOB_UPLOAD_INVALID", "the chunk was already closed")
+            reg, row, size = self._reg, self._row, self._size
+            try:
+                if self._length is not None and size != self._length:
+                    raise refused(400, "SIZE_INVALID", f"the body has {size} bytes, {self._length} were announced")
+                if size == 0:
+                    self._writer.abort()
+                    self._open = False
+                    return row
+                committed = self._writer.commit()
+                self._open = False
+            except BaseException:
+                self._abort()
+                raise
+        if not reg.meta.upload_advance(row.id, row.received, self._index, committed, reg.now()):
+            reg._running.pop(row.id, None)
+            now = reg.upload_status(row.repo, row.id, self._owner)
+            raise refused(
+                416, "BLOB_UPLOAD_INVALID", f"another chunk was appended first; the upload has {now.received} bytes"
+            )
+        running = self._running
+        if running is not None:
+            running.received = row.received + committed if running.received + size <= RUNNING_HASH_LIMIT else -1
+        return reg.upload_status(row.repo, row.id, self._owner)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._open:
+            self._open = False
+            self._writer.abort()
+            self._reg._running.pop(self._row.id, None)
 
 
 def open_registry(
@@ -346,4 +416,4 @@ def open_registry(
     return Registry(open_meta(db, data), open_blobs(blobs, data), content, limits)
 
 
-__all__ = ["Limits", "Registry", "open_registry", "refused"]
+__all__ = ["Chunk", "Limits", "Registry", "open_registry", "refused"]

@@ -5,27 +5,47 @@ few at once, big ones in resumable chunks), then the manifest under the tag, the
 signature file as a referrer (``registry.layout``), listed under the ``sha256-<hex>`` tag too
 when the registry does not index referrers itself (no ``OCI-Subject`` in its answer).
 
-``pull`` fetches into a partial folder beside ``DST`` (``download``): every blob's SHA-256
+``pull`` fetches into a partial folder beside ``DST`` (``download``): sizes bounded (1 TiB,
+``layout.check_sizes``) and checked against the free space first, every blob's SHA-256
 checked, each file's sealed header kind checked, then the signatures verified under the trust
 policy (``recipes.verify``) on the assembled artifact, and only then is it renamed into
-``DST``: a folder in one swap, a file together with its ``.msig`` (``signing.sigfile``). A
-refused artifact (a digest, header, signature or policy failure, a registry refusal) leaves
-nothing behind; an interrupted pull leaves its hidden partial folder, and the next pull of
-the same manifest resumes from it. Only ciphertext is ever written.
+``DST``: a folder in one swap, a file together with its ``.msig`` (``signing.sigfile``).
+
+Signatures: the newest ``MAX_SIGNATURE_CANDIDATES`` signature referrers are fetched (each
+bounded, digest-checked, parsed; junk skipped), and only signature files whose statements
+commit to this artifact's sealed files count (``download.fits``). Under a trust policy the
+first of them that verifies is kept, and if none does the pull is refused, naming how many
+were tried; with none at all the policy judges the artifact unsigned. Without a policy the
+newest of them is written beside the artifact, unverified.
+
+A refused artifact (a size, space, digest, header, signature or policy failure, a registry
+refusal, any local file failure: ``StorageError``, never a raw ``OSError``) leaves nothing
+behind; an interrupted pull (the network lost, Ctrl-C) leaves only its hidden partial folder,
+and the next pull of the same manifest resumes from it. Only ciphertext is ever written.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modelseal.audit.events import AuditSink
-from modelseal.errors import FormatError, ModelsealError, RegistryError, RegistryRefused, StorageError
-from modelseal.format.file import read_raw
+from modelseal.errors import (
+    FormatError,
+    ModelsealError,
+    RegistryError,
+    RegistryRefused,
+    Revoked,
+    StorageError,
+    VerificationError,
+)
+from modelseal.format.file import RawArtifact, read_raw
 from modelseal.format.header import KIND_BLOB, KIND_FILE, KIND_MANIFEST
 from modelseal.format.source import FdSource
 from modelseal.recipes import verify as recipes_verify
@@ -33,6 +53,7 @@ from modelseal.recipes.context import Verify, policy_for
 from modelseal.registry import download, layout, renewing, settings, upload
 from modelseal.registry.client import Repository, sha256_file
 from modelseal.registry.layout import Descriptor
+from modelseal.registry.names import shown
 from modelseal.registry.progress import Progress, ProgressCallback
 from modelseal.registry.reference import Reference, parse_reference
 from modelseal.registry.transport import RegistryUnavailable, Transport
@@ -40,9 +61,11 @@ from modelseal.signing import pending
 from modelseal.signing.commitment import sealed_members
 from modelseal.signing.evaluation import Verdict
 from modelseal.signing.sigfile import MAX_SIGFILE, SignatureFile, now_rfc3339, signature_path, signed_output
+from modelseal.signing.trust import TrustPolicy
 from modelseal.util.files import check_destination, open_regular, read_limited, remove_path, replace
 
-MAX_SIGNATURE_CANDIDATES = 8
+_log = logging.getLogger("modelseal")
+MAX_SIGNATURE_CANDIDATES = 8  # signature referrers a pull tries, newest first
 _KINDS = {layout.FILE_PATH: KIND_FILE, layout.MANIFEST_PATH: KIND_MANIFEST}
 
 
@@ -80,14 +103,16 @@ def open_repository(
     return Repository(transport, ref.name)
 
 
-def _check_kind(path: Path, rel: str) -> None:
+def _check_kind(path: Path, rel: str) -> RawArtifact:
+    """Check the sealed header kind of the file at artifact path ``rel``; its header."""
     fd = open_regular(path)
     try:
-        kind = read_raw(FdSource(fd)).core.kind
+        raw = read_raw(FdSource(fd))
     finally:
         os.close(fd)
-    if kind != _KINDS.get(rel, KIND_BLOB):
+    if raw.core.kind != _KINDS.get(rel, KIND_BLOB):
         raise FormatError("a layer of the artifact is not the kind of sealed file its place needs")
+    return raw
 
 
 def _signature_bytes(root: Path) -> bytes | None:
@@ -174,8 +199,14 @@ def attach_signatures(repo: Repository, subject: Descriptor, data: bytes) -> str
     sig_digest = layout.sha256_digest(data)
     existing, _ = _referrers(repo, subject.digest)
     for d in existing[:MAX_SIGNATURE_CANDIDATES]:
-        got = repo.get_manifest(d.digest)
-        if got is not None and layout.parse_signature_manifest(got[0], subject.digest).digest == sig_digest:
+        try:
+            got = repo.get_manifest(d.digest)
+            same = got is not None and layout.parse_signature_manifest(got[0], subject.digest).digest == sig_digest
+        except RegistryUnavailable:
+            raise
+        except RegistryError:  # a junk referrer: not ours, not in the way
+            continue
+        if same:
             return d.digest
     repo.put_blob_bytes(data)
     created = now_rfc3339()
@@ -192,41 +223,57 @@ def attach_signatures(repo: Repository, subject: Descriptor, data: bytes) -> str
     return digest
 
 
-def fetch_signatures(repo: Repository, digest: str) -> bytes | None:
-    """The newest signature file attached to the artifact ``digest``, digest-checked (None: unsigned)."""
+def fetch_signatures(repo: Repository, digest: str) -> tuple[list[bytes], int]:
+    """The distinct signature files attached to the artifact ``digest``, newest first, from at
+    most ``MAX_SIGNATURE_CANDIDATES`` referrers, each bounded, digest-checked and parsed (junk
+    is skipped); and how many referrers were tried."""
     found, _ = _referrers(repo, digest)
-    if not found:
+    tried = found[:MAX_SIGNATURE_CANDIDATES]
+    return download.signature_files(repo, tried, digest), len(tried)
+
+
+def _choose(
+    out: Path, sigs: list[bytes], tried: int, policy: TrustPolicy | None, checks: dict[str, Any]
+) -> Verdict | None:
+    """Put the signature file chosen among ``sigs`` (newest first, each one of this artifact)
+    beside ``out``: under a policy the first that verifies (refused if none does); without one
+    the newest. No signature file at all: the policy decides on the unsigned artifact."""
+    target = signature_path(out)
+    if policy is None:
+        if sigs:
+            target.write_bytes(sigs[0])
         return None
-    got = repo.get_manifest(found[0].digest)
-    if got is None:
-        raise RegistryError("the registry lists a signature manifest it does not have")
-    layer = layout.parse_signature_manifest(got[0], digest)
-    if layer.size > MAX_SIGFILE:
-        raise RegistryError("the registry's signature file is larger than any modelseal writes")
-    with repo.blob(layer.digest) as resp:
-        data = resp.read(MAX_SIGFILE + 1)
-    if layout.sha256_digest(data) != layer.digest:
-        raise RegistryError("the signature file does not hash to its digest: refused")
-    return data
+    if not sigs:
+        return recipes_verify.verify_artifact(out, policy, deep=True, **checks)
+    failures: list[VerificationError] = []
+    for data in sigs:
+        target.write_bytes(data)
+        try:
+            return recipes_verify.verify_artifact(out, policy, deep=True, **checks)
+        except VerificationError as e:
+            failures.append(e)
+    target.unlink()
+    kind = next((type(e) for e in failures if isinstance(e, Revoked)), type(failures[0]))
+    raise kind(
+        f"none of the {len(sigs)} signature files attached to the artifact verifies under the trust policy"
+        f" ({tried} referrers tried, newest first; the newest: {failures[0]})"
+    )
 
 
-def _assemble(partial: Path, layers: list[layout.Layer], files: dict[str, Path], sig: bytes | None) -> Path:
+def _assemble(partial: Path, layers: list[layout.Layer], files: dict[str, Path]) -> tuple[Path, dict[str, RawArtifact]]:
+    """The artifact put together in ``partial``, and the header of each of its sealed files."""
     if [x.path for x in layers] == [layout.FILE_PATH]:
         out = partial / "artifact"
         os.replace(files[layers[0].descriptor.digest], out)
-        _check_kind(out, layout.FILE_PATH)
-        if sig is not None:
-            (partial / "artifact.msig").write_bytes(sig)
-        return out
+        return out, {layout.FILE_PATH: _check_kind(out, layout.FILE_PATH)}
     out = partial / "out"
     remove_path(out)
     (out / "blobs").mkdir(mode=0o700, parents=True)
+    raws: dict[str, RawArtifact] = {}
     for x in layers:
         os.replace(files[x.descriptor.digest], out / x.path)
-        _check_kind(out / x.path, x.path)
-    if sig is not None:
-        (out / "signatures.msig").write_bytes(sig)
-    return out
+        raws[x.path] = _check_kind(out / x.path, x.path)
+    return out, raws
 
 
 def _lock(partial: Path) -> int:
@@ -259,48 +306,57 @@ def pull(
 ) -> Pulled:
     """Pull ``HOST:PORT/REPO:TAG`` (or ``@sha256:...``) into ``dst``, verified first (module doc).
     ``verify``: None takes the trust policy in force, if any; True requires one; False skips
-    signatures (digests and headers are checked all the same); or a ``TrustPolicy``."""
+    signatures (digests and headers are checked all the same); or a ``TrustPolicy``. A local
+    file failure is a ``StorageError``, never a raw ``OSError``."""
     r = parse_reference(ref)
     out_path = Path(dst)
-    check_destination(out_path, force)
-    policy = policy_for(verify, None)
-    if strict and policy is None:
-        raise ValueError("strict verification needs a trust policy (verify=, MODELSEAL_TRUST or config.toml)")
-    repo = open_repository(r, tls_dir=tls_dir, pins=pins, endpoints=endpoints, sink=sink, transport=transport)
-    got = repo.get_manifest(r.reference)
-    if got is None:
-        raise RegistryRefused(f"the registry has no artifact {r} (404 MANIFEST_UNKNOWN)", 404, "MANIFEST_UNKNOWN")
-    manifest, digest = got
-    layers = layout.parse_artifact(manifest)
-    if len({x.descriptor.digest for x in layers}) != len(layers):
-        raise RegistryError("the artifact names one blob twice: refused")
-    partial = download.partial_folder(out_path.parent / f".{out_path.name}.pull-{digest[7:23]}")
-    lock = _lock(partial)
     try:
-        total = sum(x.descriptor.size for x in layers)
-        bar = Progress(f"pull {r.name}", total, progress)
-        files = download.fetch_all(repo, [x.descriptor for x in layers], partial, bar, jobs=jobs, part=part)
-        bar.finish()
-        sig = fetch_signatures(repo, digest)
-        out = _assemble(partial, layers, files, sig)
-        verdict = None
-        if policy is not None:
-            verdict = recipes_verify.verify_artifact(
-                out, policy, strict=strict, deep=True, expect_name=expect_name, expect_env=expect_env
-            )
-        _move(out, out_path, force, sig is not None)
-    except RegistryUnavailable:
-        raise  # interrupted, not refused: the partial folder stays for the next pull to resume
-    except ModelsealError:
-        remove_path(partial)
-        raise
-    finally:
-        os.close(lock)
+        check_destination(out_path, force)
+        policy = policy_for(verify, None)
+        if strict and policy is None:
+            raise ValueError("strict verification needs a trust policy (verify=, MODELSEAL_TRUST or config.toml)")
+        repo = open_repository(r, tls_dir=tls_dir, pins=pins, endpoints=endpoints, sink=sink, transport=transport)
+        got = repo.get_manifest(r.reference)
+        if got is None:
+            raise RegistryRefused(f"the registry has no artifact {r} (404 MANIFEST_UNKNOWN)", 404, "MANIFEST_UNKNOWN")
+        manifest, digest = got
+        layers = layout.parse_artifact(manifest)  # sizes bounded (layout.MAX_ARTIFACT_SIZE)
+        if len({x.descriptor.digest for x in layers}) != len(layers):
+            raise RegistryError("the artifact names one blob twice: refused")
+        partial = download.partial_folder(out_path.parent / f".{out_path.name}.pull-{digest[7:23]}")
+        lock = _lock(partial)
+        try:
+            total = sum(x.descriptor.size for x in layers)
+            bar = Progress(f"pull {r.name}", total, progress)
+            files = download.fetch_all(repo, [x.descriptor for x in layers], partial, bar, jobs=jobs, part=part)
+            bar.finish()
+            out, raws = _assemble(partial, layers, files)
+            sigs, tried = fetch_signatures(repo, digest)
+            fitting = [data for data in sigs if download.fits(data, raws)]
+            if len(fitting) < tried:
+                _log.info("pull %s: %d of %d signature referrers are junk", r, tried - len(fitting), tried)
+            checks = {"strict": strict, "expect_name": expect_name, "expect_env": expect_env}
+            verdict = _choose(out, fitting, tried, policy, checks)
+            _move(out, out_path, force, signature_path(out).exists())
+        except RegistryUnavailable:
+            raise  # interrupted, not refused: the partial folder stays for the next pull to resume
+        except (ModelsealError, OSError):
+            remove_path(partial)
+            raise
+        finally:
+            os.close(lock)
+    except OSError as e:
+        raise StorageError(f"the pull into {out_path.parent} failed on a local file: {_why(e)}") from None
     remove_path(partial)
     return Pulled(out_path, digest, total, verdict)
 
 
+def _why(e: OSError) -> str:
+    return shown(e.strerror or type(e).__name__, 120)
+
+
 def _move(out: Path, dst: Path, force: bool, signed: bool) -> None:
+    """Move the verified artifact into ``dst``, a lone file together with its signature file."""
     if out.is_dir():
         replace(out, dst, force)
         return

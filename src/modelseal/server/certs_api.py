@@ -3,11 +3,15 @@ one it presents (the client half is ``pki.renewal``).
 
 The body is a PEM CSR (at most ``MAX_CSR`` bytes, P-256, its self-signature checked: proof
 that the caller holds the new key). The new leaf names EXACTLY the identity of the caller's
-verified certificate (``request[IDENTITY]``), the same DNS and IP names, the issuer's
-default lifetime. The CSR's subject is ignored; its SANs, if any, must be exactly those
-names: a CSR asking for anything else is refused (403), never obeyed. The presented
-certificate must still be valid at the time of the request (a kept-alive connection can
-outlive it) and not on the denylist (read afresh). The issue is audited with the caller as
+verified certificate (``request[IDENTITY]``), the same DNS and IP names, and the presented
+certificate's own lifetime, capped at the issuer's maximum (``pki.issue.renewal_terms``:
+a short-lived certificate never renews itself into a longer one). The CSR's subject is
+ignored; its SANs, if any, must be exactly those names: a CSR asking for anything else is
+refused (403), never obeyed. The presented certificate must still be valid at the time of
+the request (the identity middleware refuses an expired one too), and neither it nor any
+certificate it was renewed from may be on the denylist (read afresh,
+``pki.issue.check_lineage``); the new certificate is recorded as renewed from it, so
+``cert revoke`` of any ancestor denies it too. The issue is audited with the caller as
 actor. Signing runs in a worker thread: the local CA unwraps its key, OpenBao is a request.
 
 Errors are one-line OCI-style bodies: 400 a malformed CSR, 403 refused, 413 too large,
@@ -24,8 +28,8 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from modelseal.errors import CertificateError, CertificateRevoked, ModelsealError, PolicyDenied
-from modelseal.pki import denylist, issue
+from modelseal.errors import CertificateError, ModelsealError, PolicyDenied
+from modelseal.pki import issue
 from modelseal.pki.backend import Issuer, Settings, Signed, csr_public_key, sans, sans_of, settings
 from modelseal.pki.ca import utcnow
 from modelseal.pki.identity import Identity
@@ -61,37 +65,54 @@ def _names(names: list[x509.GeneralName]) -> list[tuple[str, str]]:
 
 
 def _terms(
-    issuer: Issuer, caller: Identity, leaf_der: bytes, csr: x509.CertificateSigningRequest, now: dt.datetime
-) -> tuple[list[str], list[str], Settings]:
-    try:
-        leaf = x509.load_der_x509_certificate(leaf_der)
-    except ValueError:
-        raise CertificateError("the presented certificate does not parse") from None
+    issuer: Issuer, caller: Identity, leaf: x509.Certificate, csr: x509.CertificateSigningRequest, now: dt.datetime
+) -> tuple[list[str], list[str], dt.timedelta, Settings]:
     if uri_identity(leaf) != caller:
         raise PolicyDenied("the presented certificate does not name the caller")  # the middleware's own reading
     if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
         raise CertificateError("the presented certificate is not valid now: it cannot renew itself")
-    if denylist.load(issuer.folder).revoked(leaf.serial_number):
-        raise CertificateRevoked(f"certificate {denylist.serial_hex(leaf.serial_number)} is revoked")
+    issue.check_lineage(issuer.folder, leaf.serial_number)
     cfg = settings()
-    dns, ips, _ = issue.renewal_terms(leaf, cfg.max_ttl)
+    dns, ips, ttl = issue.renewal_terms(leaf, cfg.max_ttl)
     asked = sans_of(csr)
     if asked and _names(asked) != _names(sans(caller, dns, ips)):
         raise PolicyDenied(f"the CSR names other identities or hosts than the caller's certificate ({caller})")
-    return dns, ips, cfg
+    return dns, ips, ttl, cfg
 
 
 def renew_for(
-    issuer: Issuer, caller: Identity, leaf_der: bytes, csr: x509.CertificateSigningRequest, now: dt.datetime
+    issuer: Issuer,
+    caller: Identity,
+    leaf_der: bytes,
+    csr: x509.CertificateSigningRequest,
+    now: dt.datetime | None = None,
 ) -> Signed:
     """Sign ``csr`` for ``caller``, whose presented leaf is ``leaf_der`` (see the module
-    docstring). Every refusal and every issue is audited, the caller as actor."""
+    docstring). Every refusal and every issue is audited, the caller as actor. ``now`` is
+    for tests only: given, the backend's answer is not path-validated (a back-dated CA)."""
+    t = now or utcnow()
     try:
-        dns, ips, cfg = _terms(issuer, caller, leaf_der, csr, now)
+        try:
+            leaf = x509.load_der_x509_certificate(leaf_der)
+        except ValueError:
+            raise CertificateError("the presented certificate does not parse") from None
+        dns, ips, ttl, cfg = _terms(issuer, caller, leaf, csr, t)
     except ModelsealError as e:
         issuer.audit("cert-renew", type(e).__name__, None, caller.uri)
         raise
-    return issue.sign_csr(issuer, caller, csr, dns=dns, ips=ips, now=now, config=cfg, op="cert-renew", actor=caller.uri)
+    return issue.sign_csr(
+        issuer,
+        caller,
+        csr,
+        dns=dns,
+        ips=ips,
+        ttl=ttl,
+        now=now,
+        config=cfg,
+        op="cert-renew",
+        actor=caller.uri,
+        renewed_from=leaf.serial_number,
+    )
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -116,9 +137,7 @@ def add_routes(app: web.Application, issuer: Issuer) -> None:
             body += chunk
         try:
             csr = parse_csr(bytes(body))
-            signed = await asyncio.get_running_loop().run_in_executor(
-                None, renew_for, issuer, caller, der, csr, utcnow()
-            )
+            signed = await asyncio.get_running_loop().run_in_executor(None, renew_for, issuer, caller, der, csr)
         except BadCSR as e:
             return _error(400, "CSR_INVALID", str(e))
         except (CertificateError, PolicyDenied) as e:

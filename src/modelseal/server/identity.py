@@ -5,16 +5,23 @@ The chain was verified by OpenSSL at the handshake against ``ca.pem`` (``server.
 TLS 1.3 only, ``CERT_REQUIRED``, no session resumption), so a connection without a valid
 client certificate never reaches a handler. Python's ``ssl`` has no verify callback, so
 what OpenSSL cannot know is checked here, per request, on the leaf OpenSSL accepted: its
-one ``spiffe://`` URI SAN (``pki.verify.uri_identity``), the trust domain and environment
-of this server, and the CA's denylist (``pki.denylist``, re-read when the file changes).
+one ``spiffe://`` URI SAN (``pki.verify.uri_identity``), its validity period *now* (OpenSSL
+checked it once, at the handshake, and a kept-alive connection can outlive the
+certificate), the trust domain and environment of this server, and the CA's denylist
+(``pki.denylist``, re-read when the file changes). The leaf is parsed once per connection
+(``PeerLeaf``, kept by ``hygiene.GuardedHandler``). A refusal about the certificate (401,
+403) also closes the connection: it would be refused again on every request.
 The identity is data: it never becomes a path or a setting.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import math
 import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +69,38 @@ class DenylistCache:
         return self._list
 
 
+@dataclass(frozen=True)
+class PeerLeaf:
+    """What the per-request check needs of a connection's verified leaf, parsed once:
+    its serial, its identity (None: it names no valid one) and validity (POSIX seconds)."""
+
+    serial: int
+    identity: Identity | None
+    not_before: float
+    not_after: float
+
+
+def parse_leaf(der: bytes | None) -> PeerLeaf | None:
+    """The ``PeerLeaf`` of the DER leaf ``der``; None without one."""
+    if not der:
+        return None
+    try:
+        leaf = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return PeerLeaf(0, None, -math.inf, math.inf)
+    try:
+        ident: Identity | None = uri_identity(leaf)
+    except (ValueError, CertificateError):
+        ident = None
+    return PeerLeaf(
+        leaf.serial_number, ident, leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+    )
+
+
+def _utc(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass
 class Authorizer:
     """The per-request identity check of one server: its trust domain and environment."""
@@ -74,54 +113,92 @@ class Authorizer:
     def for_server(cls, trust_domain: str, env: str, ca_folder: Path | None = None) -> Authorizer:
         return cls(trust_domain, env, DenylistCache(ca_folder or store.ca_dir()))
 
-    def identity(self, der: bytes | None) -> Identity:
+    def identity(self, der: bytes | None, now: float | None = None) -> Identity:
         """The identity of the verified leaf ``der``, or ``Refused``."""
-        if not der:
+        return self.check(parse_leaf(der), now)
+
+    def check(self, peer: PeerLeaf | None, now: float | None = None) -> Identity:
+        """The identity of the connection's parsed leaf ``peer`` at ``now``, or ``Refused``."""
+        if peer is None:
             raise Refused(401, "a client certificate is required")
-        try:
-            leaf = x509.load_der_x509_certificate(der)
-            ident = uri_identity(leaf)
-        except (ValueError, CertificateError):
-            raise Refused(403, "the client certificate names no valid identity") from None
+        ident = peer.identity
+        if ident is None:
+            raise Refused(403, "the client certificate names no valid identity")
+        t = time.time() if now is None else now
+        if t >= peer.not_after:
+            raise Refused(401, f"the client certificate expired at {_utc(peer.not_after)}: connect with a renewed one")
+        if t < peer.not_before:
+            raise Refused(401, f"the client certificate is not valid before {_utc(peer.not_before)}")
         if ident.trust_domain != self.trust_domain:
             raise Refused(403, f"identity {ident} is not of trust domain {self.trust_domain}")
         try:
-            listed = self.revoked.current().revoked(leaf.serial_number)
+            listed = self.revoked.current().revoked(peer.serial)
         except CertificateError:
             log.error("the denylist cannot be read; refusing requests")
             raise Refused(503, "the revocation list is unavailable") from None
         if listed:
-            raise Refused(403, f"certificate {denylist.serial_hex(leaf.serial_number)} is revoked")
+            raise Refused(403, f"certificate {denylist.serial_hex(peer.serial)} is revoked")
         if ident.env != self.env:
             raise Refused(403, f"identity {ident} is of environment {ident.env}, this server serves {self.env}")
         return ident
 
 
-def peer_der(request: web.Request) -> bytes | None:
-    """The verified peer certificate (DER) of the request's TLS connection, or None."""
-    transport = request.transport
-    if transport is None:
-        return None
-    obj = transport.get_extra_info("ssl_object")
+def transport_der(transport: object) -> bytes | None:
+    """The verified peer certificate (DER) of a TLS transport, or None."""
+    get = getattr(transport, "get_extra_info", None)
+    obj = get("ssl_object") if get is not None else None
     if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
         return None
     return obj.getpeercert(binary_form=True)
 
 
+def peer_der(request: web.Request) -> bytes | None:
+    """The verified peer certificate (DER) of the request's TLS connection, or None."""
+    return transport_der(request.transport)
+
+
+def connection_peer(transport: object) -> PeerLeaf | None:
+    """The parsed leaf of a TLS transport (``hygiene.GuardedHandler`` keeps it per connection)."""
+    return parse_leaf(transport_der(transport))
+
+
+def request_peer(request: web.Request) -> PeerLeaf | None:
+    """The request's connection leaf: the one its handler parsed at connect, else parsed now."""
+    cached = getattr(request.protocol, "peer", None)
+    if isinstance(cached, PeerLeaf):
+        return cached
+    return parse_leaf(peer_der(request))
+
+
 def middleware(auth: Authorizer) -> Middleware:
     """The aiohttp middleware: set ``request[IDENTITY]`` or answer 401/403/503 with a
-    one-line JSON reason."""
+    one-line JSON reason; after a 401 or 403 the connection is closed."""
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            request[IDENTITY] = auth.identity(peer_der(request))
+            request[IDENTITY] = auth.check(request_peer(request))
         except Refused as r:
             log.info("refused %s %s: %s", request.method, request.path[:200].encode("unicode_escape"), r.reason)
-            return web.json_response({"errors": [{"code": "DENIED", "message": r.reason}]}, status=r.status)
+            resp = web.json_response({"errors": [{"code": "DENIED", "message": r.reason}]}, status=r.status)
+            if r.status in (401, 403):
+                resp.force_close()
+            return resp
         return await handler(request)
 
     return identify
 
 
-__all__ = ["IDENTITY", "Authorizer", "DenylistCache", "Refused", "middleware", "peer_der"]
+__all__ = [
+    "IDENTITY",
+    "Authorizer",
+    "DenylistCache",
+    "PeerLeaf",
+    "Refused",
+    "connection_peer",
+    "middleware",
+    "parse_leaf",
+    "peer_der",
+    "request_peer",
+    "transport_der",
+]

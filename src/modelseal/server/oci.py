@@ -3,19 +3,23 @@
 A handler parses the request, asks ``allowed`` and calls ``registry.service.Registry`` in a
 thread pool; a ``RegistryRefused`` becomes its status with an OCI error body, any other
 registry failure a 503 (507 for a full disk). ``Location`` headers are relative
-(``/v2/<name>/...``). Request bodies are streamed to the blob store in ~1 MiB batches
-(``server.ocihttp.BodyPump``), with a per-read timeout and at most a few bodies in flight
-per identity. Names, tags and digests reach the registry only as text it validates; the
-raw path is used and any percent-encoding in it is refused, so ``%2F`` cannot split a name.
+(``/v2/<name>/...``). Request bodies are read on the event loop in ~1 MiB batches at a
+minimum rate (``server.ocihttp.body_batches``); only the write of each batch runs in the
+pool, while the next one is read, so a slow client holds no thread. Bodies in flight (blob
+chunks and manifests) are bounded per identity and per worker (``ocihttp.UploadSlots``), and
+an upload is only ever touched by the identity that started it. Names, tags and digests
+reach the registry only as text it validates; the raw path is used and any percent-encoding
+in it is refused, so ``%2F`` cannot split a name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,7 +27,9 @@ from aiohttp import web
 
 from modelseal.errors import BlobStoreError, RegistryError, RegistryRefused
 from modelseal.pki.identity import Identity
+from modelseal.registry import names
 from modelseal.registry.manifests import MAX_MANIFEST
+from modelseal.registry.meta import Upload
 from modelseal.registry.service import Registry
 from modelseal.server import ocihttp as h
 from modelseal.server.identity import IDENTITY
@@ -112,16 +118,54 @@ async def blob(request: web.Request, name: str, digest: str) -> web.StreamRespon
 # -- uploads (end-4a/b, end-5, end-6, end-11, end-13, end-14) --------------------------------
 
 
-async def _with_body(request: web.Request, fn: Callable[[h.BodyPump], Any]) -> Any:
+@contextlib.asynccontextmanager
+async def _body_slot(request: web.Request) -> AsyncIterator[None]:
     who = request[IDENTITY].uri
     slots = request.app[SLOTS]
-    if not slots.take(who):
-        raise h.bad(429, "TOOMANYREQUESTS", f"at most {slots.limit} uploads at once per identity")
-    pump = h.BodyPump(request, asyncio.get_running_loop(), request.app[BODY_TIMEOUT])
+    why = slots.take(who)
+    if why is not None:
+        raise h.bad(429, "TOOMANYREQUESTS", why)
     try:
-        return await _call(request, fn, pump)
+        yield
     finally:
         slots.give(who)
+
+
+async def _send_chunk(request: web.Request, name: str, upload: str, start: int | None, length: int | None) -> Upload:
+    """Stream the request body into the next chunk of ``upload``: each batch is written in
+    the pool while the next one is read on the loop (two batches in memory at most). The
+    caller holds a body slot."""
+    reg = _reg(request)
+    chunk = await _call(request, reg.begin_chunk, name, upload, request[IDENTITY].uri, start, length)
+    writing: asyncio.Future[None] | None = None
+    try:
+        async for batch in h.body_batches(request, request.app[BODY_TIMEOUT]):
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(_call(request, chunk.write, batch))
+        if writing is not None:
+            await writing
+        row: Upload = await _call(request, chunk.close)
+        return row
+    except BaseException:
+        if writing is not None:
+            writing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(_call(request, chunk.abort))  # waits for a write still running
+        raise
+
+
+async def _finish(
+    request: web.Request, name: str, upload: str, digest: str, start: int | None, length: int | None
+) -> web.Response:
+    reg = _reg(request)
+    names.parse_digest(digest)  # before any byte of the body is read
+    async with _body_slot(request):  # the assembly (hashing the whole blob) holds the slot too
+        if length != 0 or start is not None:
+            await _send_chunk(request, name, upload, start, length)
+        row = await _call(request, reg.finish, name, upload, request[IDENTITY].uri, digest)
+    return web.Response(
+        status=201, headers={"Location": _loc(name, f"blobs/{row.digest}"), "Docker-Content-Digest": row.digest}
+    )
 
 
 async def start_upload(request: web.Request, name: str, _: str) -> web.StreamResponse:
@@ -140,20 +184,17 @@ async def start_upload(request: web.Request, name: str, _: str) -> web.StreamRes
     digest = q.get("digest")
     if digest is None or mount is not None:
         return web.Response(status=202, headers=_upload_headers(name, upload, 0))
-    length = h.content_length(request)
-    row = await _with_body(request, lambda body: reg.finish(name, upload, digest, None, body, length))
-    return web.Response(
-        status=201, headers={"Location": _loc(name, f"blobs/{row.digest}"), "Docker-Content-Digest": row.digest}
-    )
+    return await _finish(request, name, upload, digest, None, h.content_length(request))
 
 
 async def upload(request: web.Request, name: str, upload: str) -> web.StreamResponse:
     reg = _reg(request)
+    owner = request[IDENTITY].uri
     if request.method == "GET":
-        row = await _call(request, reg.upload_status, name, upload)
+        row = await _call(request, reg.upload_status, name, upload, owner)
         return web.Response(status=204, headers=_upload_headers(name, upload, row.received))
     if request.method == "DELETE":
-        await _call(request, reg.cancel, name, upload)
+        await _call(request, reg.cancel, name, upload, owner)
         return web.Response(status=204)
     length = h.content_length(request)
     span = h.content_range(request.headers.get("Content-Range"))
@@ -163,7 +204,7 @@ async def upload(request: web.Request, name: str, upload: str) -> web.StreamResp
         if length is not None and length != ranged:
             raise h.bad(400, "SIZE_INVALID", "Content-Length differs from the Content-Range")
         length = ranged
-        status = await _call(request, reg.upload_status, name, upload)
+        status = await _call(request, reg.upload_status, name, upload, owner)
         if start != status.received:  # before any byte is read: a gap or an overlap
             return h.error(
                 416,
@@ -172,38 +213,32 @@ async def upload(request: web.Request, name: str, upload: str) -> web.StreamResp
                 headers=_upload_headers(name, upload, status.received),
             )
     if request.method == "PATCH":
-        row = await _with_body(request, lambda body: reg.append(name, upload, start, body, length))
+        async with _body_slot(request):
+            row = await _send_chunk(request, name, upload, start, length)
         return web.Response(status=202, headers=_upload_headers(name, upload, row.received))
     digest = request.query.get("digest")
     if digest is None:
         raise h.bad(400, "DIGEST_INVALID", "closing an upload takes ?digest=")
-    blob_row = await _with_body(request, lambda body: reg.finish(name, upload, digest, start, body, length))
-    return web.Response(
-        status=201,
-        headers={"Location": _loc(name, f"blobs/{blob_row.digest}"), "Docker-Content-Digest": blob_row.digest},
-    )
+    return await _finish(request, name, upload, digest, start, length)
 
 
 # -- manifests (end-3, end-7, end-9) ------------------------------------------------------
 
 
 async def _read_manifest(request: web.Request) -> bytes:
+    """The manifest body (at most 4 MiB), read at the same minimum rate as blob bodies; the
+    caller holds a body slot."""
     length = h.content_length(request)
     if length is not None and length > MAX_MANIFEST:
         raise h.bad(413, "SIZE_INVALID", f"a manifest over {MAX_MANIFEST} bytes is refused")
     parts: list[bytes] = []
     size = 0
-    while True:
-        try:
-            chunk = await asyncio.wait_for(request.content.readany(), request.app[BODY_TIMEOUT])
-        except TimeoutError:
-            raise h.bad(408, "MANIFEST_INVALID", "the client stopped sending the manifest") from None
-        if not chunk:
-            return b"".join(parts)
-        size += len(chunk)
+    async for batch in h.body_batches(request, request.app[BODY_TIMEOUT], code="MANIFEST_INVALID"):
+        size += len(batch)
         if size > MAX_MANIFEST:
             raise h.bad(413, "SIZE_INVALID", f"a manifest over {MAX_MANIFEST} bytes is refused")
-        parts.append(chunk)
+        parts.append(batch)
+    return b"".join(parts)
 
 
 async def manifest(request: web.Request, name: str, reference: str) -> web.StreamResponse:
@@ -212,12 +247,13 @@ async def manifest(request: web.Request, name: str, reference: str) -> web.Strea
         await _call(request, reg.delete_manifest, name, reference)
         return web.Response(status=202)
     if request.method == "PUT":
-        body = await _read_manifest(request)
         tags = request.query.getall("tag", [])
         if len(tags) > MAX_TAG_PARAMS:
             raise h.bad(414, "MANIFEST_INVALID", f"at most {MAX_TAG_PARAMS} tag parameters")
         ctype = request.headers.get("Content-Type")
-        digest, subject, set_tags = await _call(request, reg.put_manifest, name, reference, body, ctype, tags)
+        async with _body_slot(request):
+            body = await _read_manifest(request)
+            digest, subject, set_tags = await _call(request, reg.put_manifest, name, reference, body, ctype, tags)
         headers = {"Location": _loc(name, f"manifests/{digest}"), "Docker-Content-Digest": digest}
         if subject:
             headers["OCI-Subject"] = subject
@@ -310,8 +346,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         except RegistryRefused as e:
             log.info("%s %s refused: %s %s", request.method, action, e.status, e.code)
             resp = h.refusal(e, head)
-            if e.status == 408:
-                resp.force_close()
+            if e.status in (408, 413) or (e.status == 429 and not request.content.at_eof()):
+                resp.force_close()  # a body left unread is not drained: the connection goes
             if e.status == 429:
                 resp.headers["Retry-After"] = "1"
             return resp
@@ -328,11 +364,12 @@ def add_routes(
     app: web.Application, registry: Registry, body_timeout: float = h.BODY_READ_TIMEOUT, workers: int = 32
 ) -> None:
     """Mount the OCI routes over ``registry`` on ``app`` (its thread pool closes with the app).
-    ``body_timeout``: seconds a request body may go without a byte before it is refused (408)."""
+    ``body_timeout``: seconds each MiB of a request body (or its rest) may take before it is
+    refused (408). Bodies in flight are capped below ``workers`` (the pool's threads)."""
     app[REGISTRY] = registry
     app[BODY_TIMEOUT] = body_timeout
     app[POOL] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="registry")
-    app[SLOTS] = h.UploadSlots()
+    app[SLOTS] = h.UploadSlots(total=max(1, min(h.MAX_UPLOADS, workers * 3 // 4)))
     app.router.add_route("*", "/v2/{tail:.+}", dispatch)
 
     async def close_pool(app: web.Application) -> None:

@@ -1,13 +1,13 @@
-"""HTTP plumbing of the OCI routes (``server.oci``): error bodies, request bodies streamed
-to a worker thread with a per-read timeout, ``Range``/``Content-Range`` parsing, and the
-bound on concurrent uploads per identity. Knows no registry rules.
+"""HTTP plumbing of the OCI routes (``server.oci``): error bodies, request bodies read on
+the event loop in ~1 MiB batches at a minimum rate, ``Range``/``Content-Range`` parsing, and
+the bounds on request bodies in flight (per identity and per worker). Knows no registry rules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +16,11 @@ from aiohttp import ClientError, EofStream, web
 
 from modelseal.errors import RegistryRefused
 
-BODY_READ_TIMEOUT = 30.0  # seconds without a byte from the client: a slow (slowloris) upload
+BODY_READ_TIMEOUT = 30.0  # seconds a batch (or the rest of the body) may take: the minimum rate
 BATCH = 1 << 20  # bytes handed to the blob store per write: one thread hop per MiB
 MAX_BLOB = 1 << 40  # one blob: 1 TiB
 MAX_UPLOADS_PER_IDENTITY = 8  # request bodies in flight per identity, per instance
+MAX_UPLOADS = 24  # request bodies in flight per instance: below its thread pool (32)
 
 
 def error(
@@ -96,19 +97,27 @@ def byte_range(value: str | None, size: int) -> tuple[int, int] | None:
 
 @dataclass
 class UploadSlots:
-    """At most ``limit`` upload bodies in flight per identity (by its URI) in this process."""
+    """At most ``limit`` request bodies in flight per identity (by its URI) and ``total`` in
+    all, in this process. Taken and given back on the event loop only."""
 
     limit: int = MAX_UPLOADS_PER_IDENTITY
+    total: int = MAX_UPLOADS
     _busy: dict[str, int] = field(default_factory=dict)
+    _all: int = 0
 
-    def take(self, who: str) -> bool:
+    def take(self, who: str) -> str | None:
+        """None if a slot was taken, else why not (for the 429's message)."""
         n = self._busy.get(who, 0)
         if n >= self.limit:
-            return False
+            return f"at most {self.limit} request bodies at once per identity"
+        if self._all >= self.total:
+            return "the server is receiving too many request bodies; retry"
         self._busy[who] = n + 1
-        return True
+        self._all += 1
+        return None
 
     def give(self, who: str) -> None:
+        self._all = max(0, self._all - 1)
         n = self._busy.get(who, 1) - 1
         if n <= 0:
             self._busy.pop(who, None)
@@ -116,42 +125,37 @@ class UploadSlots:
             self._busy[who] = n
 
 
-class BodyPump:
-    """The request body as a synchronous iterator of ~1 MiB batches for a worker thread.
-
-    The worker pulls each batch from the event loop (``run_coroutine_threadsafe``), so the
-    body is never held in memory whole; a read that waits more than ``timeout`` for the
-    client refuses the request (408), which stops a slow client holding a slot."""
-
-    def __init__(self, request: web.Request, loop: asyncio.AbstractEventLoop, timeout: float = BODY_READ_TIMEOUT):
-        self._content = request.content
-        self._loop = loop
-        self._timeout = timeout
-        self.timed_out = False
-
-    async def _batch(self) -> bytes:
+async def body_batches(
+    request: web.Request, timeout: float = BODY_READ_TIMEOUT, batch: int = BATCH, code: str = "BLOB_UPLOAD_INVALID"
+) -> AsyncIterator[bytes]:
+    """The request body in batches of ``batch`` bytes (the last one shorter), read on the
+    event loop: no thread waits for the network. Each batch, or the rest of the body, must
+    arrive within ``timeout`` seconds (a minimum rate of ``batch/timeout``), else 408: a
+    client trickling a byte at a time cannot hold a slot for long."""
+    loop = asyncio.get_running_loop()
+    content = request.content
+    while True:
+        deadline = loop.time() + timeout
         parts: list[bytes] = []
         size = 0
-        while size < BATCH:
+        while size < batch:
+            left = deadline - loop.time()
             try:
-                chunk = await asyncio.wait_for(self._content.readany(), self._timeout)
+                if left <= 0:
+                    raise TimeoutError
+                chunk = await asyncio.wait_for(content.readany(), left)
             except TimeoutError:
-                self.timed_out = True
-                raise bad(408, "BLOB_UPLOAD_INVALID", f"the client sent nothing for {self._timeout:.0f} s") from None
+                raise bad(408, code, f"the body arrives slower than {batch >> 10} KiB in {timeout:.0f} s") from None
             except (ClientError, EofStream, OSError):
-                raise bad(400, "BLOB_UPLOAD_INVALID", "the request body ended early") from None
+                raise bad(400, code, "the request body ended early") from None
             if not chunk:
                 break
             parts.append(chunk)
             size += len(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            batch = asyncio.run_coroutine_threadsafe(self._batch(), self._loop).result(self._timeout + 5)
-            if not batch:
-                return
-            yield batch
+        if size:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+        if size < batch:
+            return
 
 
 async def in_thread(pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
@@ -159,9 +163,9 @@ async def in_thread(pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
 
 
 __all__ = [
-    "BodyPump",
     "UploadSlots",
     "bad",
+    "body_batches",
     "byte_range",
     "content_length",
     "content_range",
