@@ -8,7 +8,10 @@ CA, a server certificate (127.0.0.1) and a client certificate, one sealed artifa
   ``modelseal serve`` and from nginx serving the same file with ``ssl_verify_client on``;
   the ratio is ours / nginx (target >= 0.8). ``modelseal pull`` (client, digest check and
   signature verification included) is reported beside it.
-- **push**: ``modelseal push`` of the same artifact, MB/s.
+- **push**: the same file uploaded by curl to nginx (WebDAV ``PUT``; nginx does not fsync) and
+  to ``modelseal serve`` (one monolithic upload; fsynced, hashed, policy-checked), beside
+  ``dd conv=fsync`` (the durable-write floor); and ``modelseal push`` (the client: hashing,
+  parallel resumable chunks), MB/s.
 - **concurrency**: ``--clients`` (default 50) curl processes at once, each pulling the
   16 MiB artifact: errors, p50 and p99 latency, aggregate MB/s.
 - **handshakes**: new mTLS connections per second, ``openssl s_time -new`` against both.
@@ -21,6 +24,7 @@ Run: ``.venv/bin/python benchmarks/registry.py [--size-mib 1024] [--rounds 3]``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -179,6 +183,11 @@ http {{
         ssl_verify_depth 3;
         root {root};
         location / {{ }}
+        location /up/ {{
+            dav_methods PUT;
+            client_max_body_size 0;
+            client_body_buffer_size 1m;
+        }}
     }}
 }}
 """
@@ -213,6 +222,40 @@ def best_pull(b: Bench, url: str, rounds: int) -> float:
             raise RuntimeError(f"GET {url} answered {code}")
         best = max(best, mbps(size, secs))
     return best
+
+
+def curl_put(b: Bench, url: str, path: Path, *extra: str) -> tuple[int, float]:
+    """(http code, seconds) of one upload of ``path`` with curl (PUT, body streamed from the file)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", *b.curl_tls(),
+         "-X", "PUT", "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}", *extra, url],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if out.returncode != 0:
+        return 0, 0.0
+    code, secs = out.stdout.split()
+    return int(code), float(secs)
+
+
+def upload_location(b: Bench, port: int, repo: str) -> str:
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-D", "-", *b.curl_tls(), "-X", "POST",
+         f"https://127.0.0.1:{port}/v2/{repo}/blobs/uploads/"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    for line in out.stdout.splitlines():
+        if line.lower().startswith("location:"):
+            return line.split(":", 1)[1].strip()
+    raise RuntimeError("no Location in the upload answer")
+
+
+def dd_fsync(src: Path, dst: Path) -> float:
+    """Seconds ``dd conv=fsync`` takes to copy ``src``: the durable-write floor of this disk."""
+    t = time.perf_counter()
+    subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=4M", "conv=fsync", "status=none"], check=True)
+    secs = time.perf_counter() - t
+    dst.unlink()
+    return secs
 
 
 def manifest_blob(b: Bench, port: int, repo: str, tag: str) -> str:
@@ -310,7 +353,10 @@ def main() -> None:
         os.link(b.big, root / "big.sealed")
         os.link(b.small, root / "small.sealed")
         nport, mport = free_port(), free_port()
+        (root / "up").mkdir()
+        floor_s = min(dd_fsync(b.big, work / "dd.out") for _ in range(args.rounds))
         with nginx(b, nport, root):
+            ng_put = min(curl_put(b, f"https://127.0.0.1:{nport}/up/big-{i}", b.big)[1] for i in range(args.rounds))
             ng_pull = best_pull(b, f"https://127.0.0.1:{nport}/big.sealed", args.rounds)
             ng_hs = handshakes(b, nport)
             ng_conc = concurrent(b, f"https://127.0.0.1:{nport}/small.sealed", args.clients)
@@ -320,6 +366,15 @@ def main() -> None:
             b.client("push", str(b.big), ref)
             push_s = time.perf_counter() - t
             b.client("push", str(b.small), f"127.0.0.1:{mport}/bench/small:v1")
+            with open(b.big, "rb") as f:
+                digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            curl_push = []
+            for i in range(args.rounds):  # a new repository each time: the blob is written again
+                loc = upload_location(b, mport, f"bench/curl{i}")
+                code, secs = curl_put(b, f"https://127.0.0.1:{mport}{loc}?digest={digest}", b.big)
+                if code != 201:
+                    raise RuntimeError(f"monolithic upload answered {code}")
+                curl_push.append(secs)
             big_url = f"https://127.0.0.1:{mport}/v2/bench/big/blobs/{manifest_blob(b, mport, 'bench/big', 'v1')}"
             small_url = f"https://127.0.0.1:{mport}/v2/bench/small/blobs/{manifest_blob(b, mport, 'bench/small', 'v1')}"
             ms_pull = best_pull(b, big_url, args.rounds)
@@ -334,7 +389,12 @@ def main() -> None:
             "nginx_mbps": round(ng_pull), "modelseal_mbps": round(ms_pull), "ratio": round(ms_pull / ng_pull, 2),
             "modelseal_pull_cli_mbps": round(mbps(size, client_pull_s)),
         }  # fmt: skip
-        report["push"] = {"modelseal_push_cli_mbps": round(mbps(size, push_s))}
+        report["push"] = {
+            "dd_fsync_mbps": round(mbps(size, floor_s)), "nginx_put_mbps": round(mbps(size, ng_put)),
+            "modelseal_curl_put_mbps": round(mbps(size, min(curl_push))),
+            "ratio_vs_nginx": round(ng_put / min(curl_push), 2),
+            "modelseal_push_cli_mbps": round(mbps(size, push_s)),
+        }  # fmt: skip
         report["concurrent_16mib"] = {"clients": args.clients, "nginx": ng_conc, "modelseal": ms_conc}
         report["handshakes_per_s"] = {
             "nginx": round(ng_hs), "modelseal": round(ms_hs), "ratio": round(ms_hs / ng_hs, 2),

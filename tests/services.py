@@ -55,11 +55,11 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise RuntimeError(f"service did not come up at {url}:\n{log.read_text()[-2000:]}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -128,7 +128,7 @@ def _seaweedfs_once(workdir: Path) -> Iterator[str]:
         _wait_http(f"http://127.0.0.1:{s3}/", proc, log)
         yield f"http://127.0.0.1:{s3}"
     finally:
-        _stop(proc)
+        _stop(proc, timeout=3)  # weed waits ~15 s on SIGTERM; its data is the test's to throw away
 
 
 def bao_binary() -> str | None:

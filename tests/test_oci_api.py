@@ -239,4 +239,20 @@ def test_methods_names_and_encoding(c: Client) -> None:
     assert c.request("GET", f"/v2/{REPO}/blobs/uploads/not-an-upload").status == 404
     r = c.request("HEAD", f"/v2/{REPO}/manifests/{sha(b'none')}")
     assert r.status == 404 and r.body == b""
-    assert c.request("GET", f"/v2/{REPO}/manifests/bad+tag").status == 400
+    assert c.request("GET", f"/v2/{REPO}/manifests/bad+tag").status == 404  # a lookup: see the test below
+
+
+def test_lookups_of_a_tag_outside_the_grammar_are_404_and_a_push_is_400(c: Client) -> None:
+    # No push can store such a tag, so a lookup finds nothing (docker's registry and the
+    # OCI conformance suite v1.1 answer 404); pushing under it is refused as invalid.
+    cfg = c.push_blob(REPO, b"{}")
+    c.put_manifest(REPO, "v1", image(cfg, []))
+    for method in ("GET", "HEAD", "DELETE"):
+        r = c.request(method, f"/v2/{REPO}/manifests/.INVALID_MANIFEST_NAME")
+        assert r.status == 404, (method, r.status, r.body)
+        if method != "HEAD":
+            assert json.loads(r.body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    r = c.put_manifest(REPO, ".INVALID_MANIFEST_NAME", image(cfg, []))
+    assert r.status == 400 and json.loads(r.body)["errors"][0]["code"] in ("MANIFEST_INVALID", "TAG_INVALID")
+    r = c.request("GET", f"/v2/{REPO}/manifests/sha256:nothex")  # a malformed digest stays a 400
+    assert r.status == 400

@@ -105,11 +105,25 @@ def parse_reference(reference: str) -> str | Digest:
     return check_tag(reference)
 
 
+def lookup_reference(reference: str) -> str | Digest | None:
+    """A manifest ``<reference>`` to look up (GET, HEAD, DELETE): as ``parse_reference``, but
+    a tag outside the grammar is None, since no push could have stored it: the lookup answers
+    404 MANIFEST_UNKNOWN, as docker's reference registry does (and the OCI conformance
+    suite v1.1 expects), not 400. A malformed digest is still refused (400)."""
+    if is_digest_like(reference):
+        return parse_digest(reference)
+    try:
+        return check_tag(reference)
+    except RegistryRefused:
+        return None
+
+
 __all__ = [
     "Digest",
     "check_name",
     "check_tag",
     "is_digest_like",
+    "lookup_reference",
     "parse_digest",
     "parse_reference",
     "shown",

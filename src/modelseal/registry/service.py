@@ -293,11 +293,11 @@ class Registry:
 
     def get_manifest(self, repo: str, reference: str, body: bool = True) -> ManifestRow:
         names.check_name(repo)
-        ref = names.parse_reference(reference)
+        ref = names.lookup_reference(reference)
         if isinstance(ref, Digest):
             row = self.meta.manifest_get(repo, str(ref), None, body)
         else:
-            row = self.meta.manifest_get(repo, None, ref, body)
+            row = None if ref is None else self.meta.manifest_get(repo, None, ref, body)
         if row is None:
             raise refused(404, "MANIFEST_UNKNOWN", "manifest unknown to this repository")
         return row
@@ -305,8 +305,9 @@ class Registry:
     def delete_manifest(self, repo: str, reference: str) -> None:
         """Delete a tag (a tag reference) or a manifest and every tag on it (a digest)."""
         names.check_name(repo)
-        ref = names.parse_reference(reference)
-        done = self.meta.manifest_delete(repo, str(ref)) if isinstance(ref, Digest) else self.meta.tag_delete(repo, ref)
+        ref = names.lookup_reference(reference)
+        tag_gone = ref is not None and not isinstance(ref, Digest) and self.meta.tag_delete(repo, ref)
+        done = self.meta.manifest_delete(repo, str(ref)) if isinstance(ref, Digest) else tag_gone
         if not done:
             raise refused(404, "MANIFEST_UNKNOWN", "manifest unknown to this repository")
 
