@@ -225,13 +225,14 @@ def best_pull(b: Bench, url: str, rounds: int) -> float:
 
 
 def curl_put(b: Bench, url: str, path: Path, *extra: str) -> tuple[int, float]:
-    """(http code, seconds) of one upload of ``path`` with curl (PUT, body streamed from the file)."""
+    """(http code, seconds) of one upload of ``path`` with curl (``-T``: PUT, streamed from the file)."""
     out = subprocess.run(
         ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", *b.curl_tls(),
-         "-X", "PUT", "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{path}", *extra, url],
+         "-H", "Content-Type: application/octet-stream", "-T", str(path), *extra, url],
         capture_output=True, text=True,
     )  # fmt: skip
     if out.returncode != 0:
+        print(f"curl PUT {url.split('?')[0]}: {out.stderr.strip()[:300]}", file=sys.stderr)
         return 0, 0.0
     code, secs = out.stdout.split()
     return int(code), float(secs)

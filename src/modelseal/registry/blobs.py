@@ -68,11 +68,14 @@ class BlobStore(Protocol):
         """Remove every part of ``upload`` (idempotent)."""
         ...
 
-    def assemble(self, upload: str, parts: Sequence[int], digest_hex: str) -> int:
+    def assemble(self, upload: str, parts: Sequence[int], digest_hex: str, *, hashed: bool = False) -> int:
         """Concatenate ``parts`` (in order) into the blob ``digest_hex``, hashing as it goes.
         Returns the blob's size. Raises DigestMismatch, leaving no blob, if the hash differs.
         The parts are hashed even if the blob already exists (then only the
-        copy is skipped): a known digest is never taken without its bytes. The parts are
+        copy is skipped): a known digest is never taken without its bytes. ``hashed``:
+        the caller hashed exactly these parts' bytes as it wrote them and they matched
+        (``registry.chunks.Running``), so a folder store need not read them back; a store
+        that copies the bytes anyway may hash them again. The parts are
         left in place: the caller deletes the upload after recording the blob."""
         ...
 

@@ -37,6 +37,7 @@ from modelseal.registry.blobs import HEX64, UPLOAD_ID, check_hex, check_upload
 from modelseal.util.files import fsync_dir
 
 COPY_CHUNK = 4 << 20
+EARLY_WRITEBACK = True  # dropped pages are not read back when the upload was hashed on arrival
 READ_CHUNK = 1 << 20
 
 
@@ -57,7 +58,7 @@ class _Part:
         except OSError as e:
             raise _io_error("start an upload part", e) from None
         self._size = 0
-        self._writeback = WritebackHint(self._fd)  # the commit's fsync then has little left to wait for
+        self._writeback = WritebackHint(self._fd) if EARLY_WRITEBACK else None
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None, "part already committed or aborted"
@@ -67,7 +68,8 @@ class _Part:
                 n = os.write(self._fd, view)
                 view = view[n:]
                 self._size += n
-            self._writeback.advance(self._size)
+            if self._writeback is not None:
+                self._writeback.advance(self._size)
         except OSError as e:
             self.abort()
             raise _io_error("write an upload part", e) from None
@@ -116,7 +118,7 @@ class LocalBlobs:
     def delete_upload(self, upload: str) -> None:
         shutil.rmtree(self._upload_dir(upload), ignore_errors=True)
 
-    def assemble(self, upload: str, parts: Sequence[int], digest_hex: str) -> int:
+    def assemble(self, upload: str, parts: Sequence[int], digest_hex: str, *, hashed: bool = False) -> int:
         """The parts are hashed even when the blob exists (a claim of a known digest proves
         nothing); only the linking is skipped then (``registry.blobs.BlobStore.assemble``)."""
         final = self.blob_path(digest_hex)
@@ -132,12 +134,15 @@ class LocalBlobs:
         except OSError as e:
             raise _io_error("assemble a blob", e) from None
         try:
-            for f in files:
-                while chunk := f.read(COPY_CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-            if not hmac.compare_digest(h.hexdigest(), digest_hex):
-                raise DigestMismatch("the uploaded bytes do not hash to the digest given")
+            if hashed:  # hashed as written by this process (registry.chunks.Running): sizes only
+                size = sum(os.fstat(f.fileno()).st_size for f in files)
+            else:
+                for f in files:
+                    while chunk := f.read(COPY_CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+                if not hmac.compare_digest(h.hexdigest(), digest_hex):
+                    raise DigestMismatch("the uploaded bytes do not hash to the digest given")
             if self.size(digest_hex) is not None:
                 return size  # the same bytes are already stored
             os.mkdir(tmp, 0o700)

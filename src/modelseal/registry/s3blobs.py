@@ -288,9 +288,11 @@ class S3Blobs:
         self._abort_multiparts(prefix, older_than=None)
         self._delete_keys([str(o["Key"]) for o in self._list(prefix)])
 
-    def assemble(self, upload: str, parts: Sequence[int], digest_hex: str) -> int:
-        """The parts are always read and hashed; when the blob already exists (the same
-        digest) only the copy is skipped, never the check."""
+    def assemble(self, upload: str, parts: Sequence[int], digest_hex: str, *, hashed: bool = False) -> int:
+        """The parts are always read and hashed (they are copied anyway, so ``hashed`` changes
+        nothing); when the blob already exists (the same digest) only the copy is skipped,
+        never the check."""
+        del hashed
         key = self._blob_key(digest_hex)
         keys = [self._part_key(upload, i) for i in parts]
         out = None if self.size_of(key) is not None else _ObjectWriter(self, key)

@@ -6,8 +6,9 @@ Synchronous and HTTP-free: the server runs these calls in a thread pool and maps
 digests are validated here (``registry.names``) before they reach either store. An upload
 belongs to the identity that started it: any other gets 404, as for a missing one.
 
-An upload becomes a blob only in ``finish``: the parts are always concatenated and hashed
-by the blob store, which makes the blob exist only if its SHA-256 matches; then, under
+An upload becomes a blob only in ``finish``: its bytes are always hashed, as they arrived
+when this process received every chunk (``registry.chunks.Running``), else by the blob
+store reading the parts back; the blob exists only if its SHA-256 matches; then, under
 ``sealed-only``, it is classified and its payload sampled (``registry.policy``); only then
 does one metadata transaction make it visible in the repository. A chunk (``Chunk``) is
 appended by compare-and-set on the upload's byte count, with a part index no other request
@@ -22,16 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelseal.errors import DigestMismatch, RegistryRefused
+from modelseal.errors import DigestMismatch
 from modelseal.registry import names, policy
 from modelseal.registry.blobs import UPLOAD_ID, BlobStore
+from modelseal.registry.chunks import Chunk, Running, refused
 from modelseal.registry.manifests import Manifest, parse_manifest, referrer_descriptor
 from modelseal.registry.meta import BlobRow, ManifestRow, NewManifest, Upload
 from modelseal.registry.names import Digest
@@ -40,7 +41,6 @@ from modelseal.registry.stores import open_blobs
 
 MAX_TAGS_PAGE = 1000
 MAX_REFERRERS = 1000
-RUNNING_HASH_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -51,19 +51,6 @@ class Limits:
     upload_ttl: float = 24 * 3600.0  # an upload untouched this long is abandoned
     link_grace: float = 24 * 3600.0  # a pushed blob no manifest references is kept this long
     blob_grace: float = 3600.0  # a blob no repository links is kept this long
-
-
-def refused(status: int, code: str, message: str) -> RegistryRefused:
-    return RegistryRefused(message, status=status, code=code)
-
-
-class _Running:
-    """SHA-256 and SHA-512 of an upload's bytes so far, for uploads this process saw whole."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.sha256 = hashlib.sha256()
-        self.sha512 = hashlib.sha512()
 
 
 class Registry:
@@ -80,7 +67,7 @@ class Registry:
         self.meta, self.blobs, self.content = meta, blobs, policy.check_policy(content)
         self.limits = limits or Limits()
         self.now = now
-        self._running: OrderedDict[str, _Running] = OrderedDict()
+        self._running: OrderedDict[str, Running] = OrderedDict()
 
     def close(self) -> None:
         self.meta.close()
@@ -94,7 +81,7 @@ class Registry:
             raise refused(
                 429, "TOOMANYREQUESTS", f"{owner} already has the maximum of open uploads; finish or cancel some"
             )
-        self._running[upload] = _Running()
+        self._running[upload] = Running()
         while len(self._running) > 4096:
             self._running.popitem(last=False)
         return upload
@@ -119,9 +106,11 @@ class Registry:
         if index is None:
             raise refused(404, "BLOB_UPLOAD_UNKNOWN", "no such upload in this repository")
         running = self._running.get(upload)
-        if running is not None and running.received != row.received:
-            running = None
+        if running is not None and (running.received != row.received or running.active):
+            running = None  # bytes this process did not see, or two chunks at once: no running hash
             self._running.pop(upload, None)
+        if running is not None:
+            running.active = True
         return Chunk(self, row, owner, index, running, length)
 
     def append(
@@ -148,17 +137,24 @@ class Registry:
         length: int | None = 0,
     ) -> BlobRow:
         """Close the upload (with an optional last chunk) as the blob ``digest_text``. The
-        parts are always hashed (``BlobStore.assemble``), whether or not the store already
-        holds that digest: a blob is linked into ``repo`` only for bytes its caller sent."""
+        bytes are always hashed (on arrival, or by ``BlobStore.assemble``), whether or not the
+        store already holds that digest: a blob is linked into ``repo`` only for bytes its
+        caller sent."""
         digest = names.parse_digest(digest_text)
         row = self.upload_status(repo, upload, owner)
         if length != 0 or start is not None:
             row = self.append(repo, upload, owner, start, chunks, length)
         storage = self._storage_key(upload, digest, row)
+        # Hashed on arrival when this process saw every byte: SHA-256 is the storage key.
+        running = self._running.get(upload)
+        hashed = running is not None and running.received == row.received and not running.active
+        if running is not None and hashed and not secrets.compare_digest(running.sha256.hexdigest(), storage):
+            self._drop_upload(upload)
+            raise refused(400, "DIGEST_INVALID", "the uploaded bytes do not match the digest given")
         try:
             self._hold(storage, upload)
             try:
-                size = self.blobs.assemble(upload, row.parts, storage)
+                size = self.blobs.assemble(upload, row.parts, storage, hashed=hashed)
             except DigestMismatch:
                 raise refused(400, "DIGEST_INVALID", "the uploaded bytes do not match the digest given") from None
             kind = self._classify(storage, size)
@@ -175,7 +171,7 @@ class Registry:
         if digest.algorithm == "sha256":
             return digest.hex
         running = self._running.get(upload)
-        if running is None or running.received != row.received:
+        if running is None or running.received != row.received or running.sha512 is None:
             self._drop_upload(upload)
             raise refused(
                 400,
@@ -332,77 +328,6 @@ class Registry:
             annotations = json.loads(r.annotations) if r.annotations else None
             out.append(referrer_descriptor(r.media_type, r.digest, r.size, r.artifact_type, annotations))
         return out
-
-
-class Chunk:
-    """One chunk of an upload being received (``Registry.begin_chunk``): ``write`` any number
-    of times (from any thread, one at a time), then ``close`` (the part is committed and the
-    upload advanced by compare-and-set; returns the upload) or ``abort`` (nothing is left).
-    Calls are serialized, so an ``abort`` waits for a ``write`` still running."""
-
-    def __init__(
-        self, reg: Registry, row: Upload, owner: str, index: int, running: _Running | None, length: int | None
-    ) -> None:
-        self._reg, self._row, self._owner, self._running, self._length = reg, row, owner, running, length
-        self._writer = reg.blobs.part_writer(row.id, index)
-        self._index, self._size = index, 0
-        self._lock = threading.Lock()
-        self._open = True
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            if not self._open:
-                raise refused(400, "BLOB_UPLOAD_INVALID", "the chunk was already closed")
-            try:
-                self._size += len(data)
-                if self._length is not None and self._size > self._length:
-                    raise refused(400, "SIZE_INVALID", "the body is longer than its Content-Length/Content-Range")
-                self._writer.write(data)
-                running = self._running
-                if running is not None and running.received + self._size <= RUNNING_HASH_LIMIT:
-                    running.sha256.update(data)
-                    running.sha512.update(data)
-            except BaseException:
-                self._abort()
-                raise
-
-    def close(self) -> Upload:
-        with self._lock:
-            if not self._open:
-                raise refused(400, "BLOB_UPLOAD_INVALID", "the chunk was already closed")
-            reg, row, size = self._reg, self._row, self._size
-            try:
-                if self._length is not None and size != self._length:
-                    raise refused(400, "SIZE_INVALID", f"the body has {size} bytes, {self._length} were announced")
-                if size == 0:
-                    self._writer.abort()
-                    self._open = False
-                    return row
-                committed = self._writer.commit()
-                self._open = False
-            except BaseException:
-                self._abort()
-                raise
-        if not reg.meta.upload_advance(row.id, row.received, self._index, committed, reg.now()):
-            reg._running.pop(row.id, None)
-            now = reg.upload_status(row.repo, row.id, self._owner)
-            raise refused(
-                416, "BLOB_UPLOAD_INVALID", f"another chunk was appended first; the upload has {now.received} bytes"
-            )
-        running = self._running
-        if running is not None:
-            running.received = row.received + committed if running.received + size <= RUNNING_HASH_LIMIT else -1
-        return reg.upload_status(row.repo, row.id, self._owner)
-
-    def abort(self) -> None:
-        with self._lock:
-            self._abort()
-
-    def _abort(self) -> None:
-        if self._open:
-            self._open = False
-            self._writer.abort()
-            self._reg._running.pop(self._row.id, None)
 
 
 def open_registry(
