@@ -228,6 +228,36 @@ def test_connections_per_worker_are_capped(env: Env) -> None:
             s.close()
 
 
+def test_a_worker_killed_while_the_others_start_is_restarted_not_fatal(env: Env) -> None:
+    # A worker killed by a signal before every worker is ready (an operator, the OOM
+    # killer) is restarted; only a worker that exits on its own at start stops the server.
+    pki_ca.init_ca(env.svc, TD)
+    tls_dir = make_dir(env, env.work / "server-tls", "server", "registry", ips=["127.0.0.1"])
+    port = free_port()
+    argv = [sys.executable, "-c", LAUNCH, f"127.0.0.1:{port}", str(tls_dir), "build", "2", "{}"]
+    log_path = env.work / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not (children := workers_of(proc.pid)):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.01)
+            os.kill(min(children), signal.SIGKILL)  # at once: the workers are still importing
+            deadline = time.monotonic() + 30
+            while "restarting it" not in log_path.read_text() or len(workers_of(proc.pid)) != 2:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            ctx = client(env, "after")
+            deadline = time.monotonic() + 20
+            while request(ctx, port) != 200:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        finally:
+            stop(proc)
+
+
 def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(env: Env) -> None:
     with serving(env) as server:
         ctx = client(env, "inflight")

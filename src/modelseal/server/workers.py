@@ -10,8 +10,9 @@ Signals are blocked in the parent and taken with ``sigtimedwait``; children inhe
 mask and unblock once their own handlers are installed, so no signal finds a child
 half set up. SIGTERM/SIGINT: every worker gets SIGTERM (it finishes its requests, bounded),
 SIGKILL after ``grace``. SIGHUP: forwarded to every worker (each reloads its TLS context).
-A worker that dies is restarted after a short back-off; one that fails before it is ready
-at start, or too many deaths in a row, stops the server with a non-zero status: it never
+A worker that dies is restarted after a short back-off; one that exits with an error
+before it is ready at start (one killed by a signal then is restarted), or too many deaths
+in a row, stops the server with a non-zero status: it never
 serves on with fewer workers than asked for.
 """
 
@@ -175,8 +176,9 @@ class Supervisor:
         if w.ready_fd >= 0:
             os.close(w.ready_fd)
         how = f"exited with status {code}" if code >= 0 else f"was killed by {signal.Signals(-code).name}"
-        if starting:
+        if starting and code >= 0:  # it exited on its own: its configuration or stores are wrong
             raise WorkersFailed(f"worker {w.index} {how} while starting", code)
+        # killed by a signal (an operator, the OOM killer): restarted like any death, and counted
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
         if len(self._deaths) > MAX_DEATHS:
