@@ -27,6 +27,7 @@ from modelseal.format.stream import ChunkLayout
 from modelseal.keys.config import ConfigError
 from modelseal.keys.service import KeyService
 from modelseal.loaders.common import read_member
+from modelseal.recipes.context import audit_verification_off
 from modelseal.signing import commitment
 from modelseal.signing.sigfile import SignatureFile, signature_path
 from modelseal.signing.signers import ED25519, P256, PemSigner, VerifyKey, generate, private_pem
@@ -306,6 +307,23 @@ def test_environment_cannot_loosen_the_configured_policy(
         assert f.read("config.json")
     assert "MODELSEAL_TRUST_OVERRIDE" in caplog.text
     assert [e.operation for e in sink.events].count("trust-override") == 1
+
+
+def test_pull_no_verify_under_a_policy_is_audited(
+    env: Env, keys: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `modelseal pull --no-verify` is an explicit switch; with a trust policy in force it is
+    # logged and audited like the environment override, never silent.
+    sink = MemorySink()
+    svc = KeyService(sink=sink)
+    audit_verification_off(svc, "pull --no-verify")
+    assert sink.events == []  # no policy in force: nothing is skipped
+    write_config(env, f'trust_policy = "{policy(tmp_path, keys)}"\n')
+    svc = KeyService(sink=sink)
+    with caplog.at_level(logging.WARNING, logger="modelseal"):
+        audit_verification_off(svc, "pull --no-verify")
+    assert "skips the trust policy in force" in caplog.text
+    assert [(e.operation, e.key) for e in sink.events] == [("trust-override", "trust:pull --no-verify")]
 
 
 def test_writable_home_config_or_policy_is_refused(env: Env, keys: dict[str, Path], tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from modelseal.cli.common import escape
 from modelseal.keys.service import KeyService
-from modelseal.recipes.context import Verify
+from modelseal.recipes.context import Verify, audit_verification_off
 from modelseal.registry import transfer
 from modelseal.signing.trust import load_policy
 
@@ -64,9 +64,9 @@ def _endpoints(args: argparse.Namespace) -> list[str] | None:
 
 
 def cmd_pull(args: argparse.Namespace, svc: KeyService) -> int:
-    del svc
     verify: Verify = None
     if args.no_verify:
+        audit_verification_off(svc, "pull --no-verify")
         verify = False
     elif args.trust:
         verify = load_policy(args.trust)

@@ -9,8 +9,7 @@ answer (a chain for exactly the new key and the same identity, verifying to the 
 The identity is the server's to decide (the caller's verified certificate); the CSR names
 what the client expects, and a server that would issue another identity is refused here.
 
-The TLS context is built here with the standard ``ssl`` module, as ``server.tls`` builds its
-client context; ``pki`` sits below ``server`` and cannot import it.
+The TLS context is the shared client context of ``pki.tlsctx``.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from modelseal.errors import CertificateError, StorageError
 from modelseal.pki.backend import make_csr, sans_of
 from modelseal.pki.ca import utcnow
 from modelseal.pki.issue import Issued, read_chain, write_dir
+from modelseal.pki.tlsctx import client_context
 from modelseal.pki.verify import identity_of, uri_identity
 from modelseal.util.bounded import json_loads
 from modelseal.util.files import read_limited
@@ -57,22 +57,6 @@ def anchors_of(tls_dir: Path) -> list[x509.Certificate]:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CertificateError(f"{tls_dir / 'ca.pem'} holds no certificate") from None
-
-
-def client_context(tls_dir: Path) -> ssl.SSLContext:
-    """TLS 1.3 only; the server verified against ``ca.pem`` and by host name or IP; the
-    folder's certificate and key presented."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.check_hostname = True
-    try:
-        ctx.load_verify_locations(cafile=tls_dir / "ca.pem")
-        ctx.load_cert_chain(tls_dir / "cert.pem", tls_dir / "key.pem")
-    except (ssl.SSLError, OSError):
-        raise CertificateError(f"cannot load the certificate folder {tls_dir}: ca.pem, cert.pem, key.pem") from None
-    return ctx
 
 
 def _post(host: str, port: int, ctx: ssl.SSLContext, body: bytes, timeout: float) -> tuple[int, bytes]:

@@ -151,6 +151,17 @@ def _audit_override(svc: KeyService, value: str, configured: Path | None) -> Non
 _OVERRIDDEN: set[tuple[str, str]] = set()
 
 
+def audit_verification_off(keys: KeyService | None, what: str) -> None:
+    """An explicit switch that skips signature checks (``modelseal pull --no-verify``) while a
+    trust policy is in force is never silent either: the same warning and ``trust-override``
+    audit event as the environment override (which must be written, or the switch is refused)."""
+    svc = service(keys)
+    if trust_policy(svc) is None:
+        return
+    _log.warning("%s skips the trust policy in force", what)
+    svc.sink.emit(AuditEvent("trust-override", f"trust:{what}", "ok"))
+
+
 def policy_for(verify: Verify, keys: KeyService | None) -> TrustPolicy | None:
     if isinstance(verify, TrustPolicy):
         return verify

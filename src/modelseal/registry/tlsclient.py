@@ -27,29 +27,7 @@ from cryptography.exceptions import InvalidSignature
 
 from modelseal.errors import CertificateError
 from modelseal.pki.pins import PinMismatch, check_pins
-
-
-def client_context(tls_dir: Path) -> ssl.SSLContext:
-    """TLS 1.3 only; verifies the server against ``ca.pem`` and its host name or IP; presents
-    ``cert.pem``/``key.pem`` (the folder ``modelseal cert issue --out`` writes)."""
-    ca, cert, key = (tls_dir / n for n in ("ca.pem", "cert.pem", "key.pem"))
-    for p in (ca, cert, key):
-        if not p.is_file():
-            raise CertificateError(f"{p} is missing: write the folder with 'modelseal cert issue --out {tls_dir}'")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.check_hostname = True
-    try:
-        ctx.load_verify_locations(cafile=ca)
-    except (ssl.SSLError, OSError):
-        raise CertificateError(f"{ca} holds no usable CA certificate") from None
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError):
-        raise CertificateError(f"cannot load cert.pem/key.pem of {tls_dir}: not a matching pair") from None
-    return ctx
+from modelseal.pki.tlsctx import client_context
 
 
 def _pem_certs(path: Path) -> list[x509.Certificate]:

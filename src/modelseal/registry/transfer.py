@@ -60,9 +60,15 @@ from modelseal.registry.transport import RegistryUnavailable, Transport
 from modelseal.signing import pending
 from modelseal.signing.commitment import sealed_members
 from modelseal.signing.evaluation import Verdict
-from modelseal.signing.sigfile import MAX_SIGFILE, SignatureFile, now_rfc3339, signature_path, signed_output
+from modelseal.signing.sigfile import (
+    SignatureFile,
+    now_rfc3339,
+    read_signature_bytes,
+    signature_path,
+    signed_output,
+)
 from modelseal.signing.trust import TrustPolicy
-from modelseal.util.files import check_destination, open_regular, read_limited, remove_path, replace
+from modelseal.util.files import check_destination, open_regular, remove_path, replace
 
 _log = logging.getLogger("modelseal")
 MAX_SIGNATURE_CANDIDATES = 8  # signature referrers a pull tries, newest first
@@ -116,13 +122,9 @@ def _check_kind(path: Path, rel: str) -> RawArtifact:
 
 
 def _signature_bytes(root: Path) -> bytes | None:
-    sigpath = signature_path(root)
-    data = pending.journaled(sigpath, MAX_SIGFILE)
+    data = read_signature_bytes(signature_path(root), StorageError)
     if data is None:
-        try:
-            data = read_limited(sigpath, MAX_SIGFILE, StorageError, str(sigpath), regular=True)
-        except FileNotFoundError:
-            return None
+        return None
     SignatureFile.parse(data)  # never publish a malformed one
     return data
 

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from modelseal.errors import CertificateError
+from modelseal.pki import tlsctx
 from modelseal.pki.identity import Identity
 from modelseal.pki.verify import uri_identity
 
@@ -34,7 +35,7 @@ CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 # The one key-exchange group (OpenSSL 3.0's default list adds x448 and secp521r1, which
 # Mozilla's modern profile rejects; Python 3.11 can set one group only, not a list).
-KEX_GROUP = "prime256v1"
+KEX_GROUP = tlsctx.KEX_GROUP  # P-256 only (docs/serve.md)
 MAX_PEM = 1 << 20
 
 
@@ -145,16 +146,10 @@ class LiveContext:
 
 
 def client_context(tls_dir: Path) -> ssl.SSLContext:
-    """The client side: TLS 1.3 only, verifies the server's chain against ``ca.pem`` and its
-    host name or IP address against the certificate, presents ``cert.pem``/``key.pem``.
-    It offers the server's one key-exchange group, so no handshake needs a retry."""
-    with _snapshot(tls_dir) as base:
-        ca, cert, key = _files(base)
-        ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-        ctx.check_hostname = True
-        _trust(ctx, ca, tls_dir)
-        _load_chain(ctx, cert, key, tls_dir)
-    return ctx
+    """The client side (``pki.tlsctx.client_context``): TLS 1.3 only, the server verified
+    against ``ca.pem`` and by name or IP, ``cert.pem``/``key.pem`` presented, the server's
+    one key-exchange group offered."""
+    return tlsctx.client_context(tls_dir)
 
 
 def own_leaf(tls_dir: Path) -> x509.Certificate:

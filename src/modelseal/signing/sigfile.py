@@ -26,7 +26,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from modelseal.errors import DecryptionError, VerificationError
+from modelseal.errors import DecryptionError, ModelsealError, VerificationError
 from modelseal.format.file import canonical_json
 from modelseal.format.folder import MAX_ENTRIES
 from modelseal.signing import pending
@@ -227,15 +227,8 @@ class SignatureFile:
 
     @classmethod
     def load(cls, path: Path) -> SignatureFile | None:
-        # After a crash while ``X`` was being replaced, the new artifact's signatures may
-        # still be pending: they are the ones that agree with what is at ``X`` now.
-        data = pending.journaled(path, MAX_SIGFILE)
-        if data is None:
-            try:
-                data = read_limited(path, MAX_SIGFILE, VerificationError, str(path), regular=True)
-            except FileNotFoundError:
-                return None
-        return cls.parse(data)
+        data = read_signature_bytes(path)
+        return None if data is None else cls.parse(data)
 
     def save(self, path: Path) -> None:
         pending.write_signatures(path, self.to_bytes(), MAX_SIGFILE)
@@ -291,3 +284,17 @@ def open_attachment(key: bytes, entry: Entry) -> bytes:
         return AESGCM(key).decrypt(nonce, ct, _OMS_AAD + entry.id.encode())
     except (ValueError, InvalidTag):
         raise DecryptionError() from None
+
+
+def read_signature_bytes(path: Path, error: type[ModelsealError] = VerificationError) -> bytes | None:
+    """The bytes of the signature file at ``path`` (None if there is none), bounded, a regular
+    file only; unreadable raises ``error``. After a crash while ``X`` was being replaced, the
+    new artifact's signatures may still be pending: they are the ones that agree with what
+    is at ``X`` now (``pending.journaled``)."""
+    data = pending.journaled(path, MAX_SIGFILE)
+    if data is None:
+        try:
+            data = read_limited(path, MAX_SIGFILE, error, str(path), regular=True)
+        except FileNotFoundError:
+            return None
+    return data
