@@ -215,7 +215,8 @@ def test_sighup_reloads_the_server_certificate(server: Server) -> None:
 def test_reload_in_process_keeps_old_cert_on_a_broken_folder(env: Env) -> None:
     pki_ca.init_ca(env.svc, TD)
     good = make_dir(env, env.work / "s", "server", "registry", ips=["127.0.0.1"])
-    ctx = tls.server_context(good)
+    live = tls.LiveContext(good)
+    ctx = live.current
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3 and ctx.verify_mode == ssl.CERT_REQUIRED
     broken = env.work / "broken"
     broken.mkdir()
@@ -224,10 +225,14 @@ def test_reload_in_process_keeps_old_cert_on_a_broken_folder(env: Env) -> None:
     (broken / "key.pem").write_bytes((make_dir(env, env.work / "k", "server", "x") / "key.pem").read_bytes())
     from modelseal.errors import CertificateError
 
+    live.tls_dir = broken
     with pytest.raises(CertificateError) as e:
-        tls.reload(ctx, broken)
+        live.reload()
     assert "PRIVATE KEY" not in str(e.value)
-    tls.reload(ctx, good)  # a valid folder loads
+    assert live.current is ctx  # the old context keeps serving
+    live.tls_dir = good
+    live.reload()  # a valid folder loads
+    assert live.current is not ctx
 
 
 def test_serve_refuses_a_server_cert_of_another_env(env: Env) -> None:

@@ -86,11 +86,6 @@ class Repository:
 
     # ---- base, blobs ------------------------------------------------------------------------
 
-    def ping(self) -> None:
-        reply = self.transport.request("GET", "/v2/")
-        if reply.status != 200:
-            raise refused(reply, "the API version check (GET /v2/)")
-
     def blob_size(self, digest: str) -> int | None:
         """The size of a blob of this repository, or None if it has none by that digest."""
         reply = self.transport.request("HEAD", f"{self.base}/blobs/{_digest(digest)}")

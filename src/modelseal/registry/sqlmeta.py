@@ -34,9 +34,6 @@ class SqlMeta(GcRows):
 
     # -- repositories -------------------------------------------------------------------
 
-    def ensure_repo(self, repo: str, now: float) -> None:
-        self.run(lambda q: q("INSERT INTO reg_repositories VALUES (?, ?) ON CONFLICT DO NOTHING", repo, now))
-
     def repo_exists(self, repo: str) -> bool:
         return bool(self.run(lambda q: q("SELECT 1 FROM reg_repositories WHERE name = ?", repo).fetchone(), False))
 
@@ -151,12 +148,6 @@ class SqlMeta(GcRows):
             q("DELETE FROM reg_holds WHERE storage = ? AND holder = ?", row.storage, holder)
 
         self.run(tx)
-
-    def blob_get(self, digest: str) -> BlobRow | None:
-        row = self.run(
-            lambda q: q("SELECT digest, storage, size, kind FROM reg_blobs WHERE digest = ?", digest).fetchone(), False
-        )
-        return None if row is None else BlobRow(row[0], row[1], int(row[2]), row[3])
 
     def blob_in_repo(self, repo: str, digest: str) -> BlobRow | None:
         row = self.run(

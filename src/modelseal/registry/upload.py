@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -138,11 +137,6 @@ def upload_blob(
     finally:
         _clear(state)
     return sent
-
-
-def remove_state_dir_if_empty(state_dir: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.rmdir(state_dir)
 
 
 __all__ = ["CHUNK", "upload_blob"]

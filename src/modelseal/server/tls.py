@@ -119,18 +119,6 @@ def server_context(tls_dir: Path) -> ssl.SSLContext:
     return ctx
 
 
-def reload(ctx: ssl.SSLContext, tls_dir: Path) -> None:
-    """Load ``TLS_DIR``'s certificate and key into the live ``ctx``: handshakes from now on
-    present them, open connections are unaffected. The pair is first loaded into a scratch
-    context, so a broken folder leaves ``ctx`` serving the old certificate. Trust anchors
-    are not replaced (OpenSSL can only add them): ``LiveContext.reload`` does both."""
-    with _snapshot(tls_dir) as base:
-        _, cert, key = _files(base)
-        _check_leaf_key(cert, tls_dir)
-        _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key, tls_dir)
-        _load_chain(ctx, cert, key, tls_dir)
-
-
 class LiveContext:
     """The server context new connections get: ``current``, replaced whole by ``reload``
     (certificate, key and ``ca.pem``), so a trust anchor removed from ``ca.pem`` is gone for
@@ -168,4 +156,4 @@ def own_identity(tls_dir: Path) -> Identity:
     return uri_identity(own_leaf(tls_dir))
 
 
-__all__ = ["LiveContext", "client_context", "own_identity", "own_leaf", "reload", "server_context"]
+__all__ = ["LiveContext", "client_context", "own_identity", "own_leaf", "server_context"]
