@@ -159,3 +159,28 @@ class DigestMismatch(RegistryError):
     """Bytes that do not hash to the digest they were named by (an upload, a pulled blob)."""
 
     exit_code = 15
+
+
+class GovernanceError(ModelsealError):
+    """Governance state or policy that cannot be used: a policy that does not parse or fails
+    its pinned digest, a binding that would break separation of duties, an unknown approval."""
+
+    exit_code = 16
+
+
+class AccessDenied(GovernanceError):
+    """An authorization decision said no; the message names the deciding policies."""
+
+    exit_code = 17
+
+
+class ApprovalRequired(GovernanceError):
+    """The operation was not run: it waits for approvals (the message names the request id)."""
+
+    exit_code = 18
+
+
+class StandardViolation(PolicyDenied):
+    """An artifact breaks an encryption standard (``modelseal policy check``)."""
+
+    exit_code = 8
