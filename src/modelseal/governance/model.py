@@ -31,7 +31,7 @@ ACCESS_ACTIONS = (
 APPROVAL_ACTIONS = ("approval.list", "approval.decide")
 POLICY_ACTIONS = ("policy.read", "policy.propose", "policy.activate")
 AUDIT_ACTIONS = ("audit.read", "evidence.read")
-CA_ACTIONS = ("cert.revoke",)
+CA_ACTIONS = ("cert.renew", "cert.revoke")
 MFA_ACTIONS = ("mfa.enroll",)
 # Encryption standards: resource is an ``Artifact``.
 STANDARD_ACTIONS = ("artifact.seal", "artifact.push", "artifact.pull", "artifact.deploy", "artifact.check")
