@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -209,16 +210,23 @@ def softhsm_token(workdir: Path, label: str, pin: str) -> Iterator[str]:
 @contextmanager
 def postgres() -> Iterator[str]:
     """PostgreSQL 15 from this machine image (Debian cluster 15/main), started with
-    pg_ctlcluster, reached on 127.0.0.1 with a throwaway role and database; the cluster
-    is stopped again (by its postmaster PID) if this function started it."""
+    pg_ctlcluster, reached on 127.0.0.1 with a throwaway role and database. Every user holds
+    a shared lock on a lock file while it uses the cluster; the last one out stops it (by
+    its postmaster PID) if it was not running before any of them, so concurrent test runs
+    never stop the cluster under each other."""
+    import fcntl
     import secrets
 
     if shutil.which("pg_ctlcluster") is None:
         raise RuntimeError("PostgreSQL (pg_ctlcluster) is not installed")
     pidfile = Path("/var/lib/postgresql/15/main/postmaster.pid")
-    started = not pidfile.exists()
-    if started:
+    users = open(Path(tempfile.gettempdir()) / "modelseal-pg.users", "a+")  # noqa: SIM115 (held until the end)
+    marker = Path(tempfile.gettempdir()) / "modelseal-pg.started"
+    fcntl.flock(users, fcntl.LOCK_EX)  # one starter at a time
+    if not pidfile.exists():
         subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=True, capture_output=True)
+        marker.touch()  # this cluster was started by a test run: the last user stops it
+    fcntl.flock(users, fcntl.LOCK_SH)  # downgrade: a user among others
     name = f"ms_{secrets.token_hex(4)}"
     password = secrets.token_hex(16)
 
@@ -237,13 +245,21 @@ def postgres() -> Iterator[str]:
         subprocess.run(
             ["runuser", "-u", "postgres", "--", "psql", "-q", "-c", f"DROP ROLE IF EXISTS {name}"], capture_output=True
         )
-        if started and pidfile.exists():
-            pid = int(pidfile.read_text().split()[0])
-            os.kill(pid, signal.SIGTERM)  # smart shutdown of the postmaster we started
-            for _ in range(100):
-                if not pidfile.exists():
-                    break
-                time.sleep(0.1)
+        fcntl.flock(users, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another user holds it
+        except BlockingIOError:
+            users.close()
+        else:
+            if marker.exists() and pidfile.exists():
+                pid = int(pidfile.read_text().split()[0])
+                os.kill(pid, signal.SIGTERM)  # smart shutdown of the postmaster a test run started
+                for _ in range(100):
+                    if not pidfile.exists():
+                        break
+                    time.sleep(0.1)
+                marker.unlink(missing_ok=True)
+            users.close()
 
 
 OMS_VERSION = "1.1.1"
