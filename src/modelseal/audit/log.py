@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -125,17 +125,28 @@ class MerkleAuditLog:
         return self._key
 
     def emit(self, event: AuditEvent) -> None:
-        if not event.time:
-            event = AuditEvent(**{**asdict(event), "time": self._now()})
+        self.emit_many([event])
+
+    def emit_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append ``events`` in order, in one transaction: all or none (one commit, one
+        record of this host's last write; ``audit.batch`` groups concurrent emitters)."""
+        if not events:
+            return
         signer = key_id(self.signing_key.public_key())
-        body = json.dumps({**asdict(event), "signer": signer}, sort_keys=True, separators=(",", ":"))
+        public = public_key_hex(self.signing_key.public_key())
+        bodies = []
+        for event in events:
+            if not event.time:
+                event = AuditEvent(**{**asdict(event), "time": self._now()})
+            bodies.append(json.dumps({**asdict(event), "signer": signer}, sort_keys=True, separators=(",", ":")))
         with self._lock:
             with self.store.transaction() as tx:
                 frontier = self._checked_frontier(tx, strict=False)
-                leaf = merkle.leaf_hash(body.encode())
-                head = frontier.append(leaf)
-                sig = self.signing_key.sign(_signed_message(frontier.size, head))
-                tx.insert((frontier.size, body, leaf, head, sig), public_key_hex(self.signing_key.public_key()))
+                for body in bodies:
+                    leaf = merkle.leaf_hash(body.encode())
+                    head = frontier.append(leaf)
+                    sig = self.signing_key.sign(_signed_message(frontier.size, head))
+                    tx.insert((frontier.size, body, leaf, head, sig), public)
             self._state.save(frontier)
 
     def ready(self) -> None:
