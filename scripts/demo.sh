@@ -50,9 +50,15 @@ echo "== rotate the key and rewrap (header only)"
 "$MS" rewrap "$OUT/model.sealed"
 "$MS" verify "$OUT/model.sealed" --public-key "$OUT/release.pub" | tail -1
 echo "== the registry: an internal CA, a server and a client certificate (24 h, P-256, SPIFFE identities)"
+# The dev environment: its artifacts may be sealed to local: keys (in prod, the standards
+# require a Transit, PKCS#11, AWS KMS or broker key).
 "$MS" ca init --trust-domain demo.example >/dev/null
-"$MS" cert issue demo-registry --kind server --env prod --ip 127.0.0.1 --out "$OUT/server-tls" >/dev/null
-"$MS" cert issue demo-trainer --kind service --env prod --out "$OUT/client-tls" >/dev/null
+"$MS" cert issue demo-registry --kind server --env dev --ip 127.0.0.1 --out "$OUT/server-tls" >/dev/null
+"$MS" cert issue demo-trainer --kind service --env dev --out "$OUT/client-tls" >/dev/null
+echo "== governance: every request is decided by Cedar, default deny; a first security officer"
+"$MS" cert issue demo-officer --kind user --env dev --out "$OUT/officer-tls" >/dev/null
+"$MS" key create modelseal-governance >/dev/null  # the KEK that seals the officers' TOTP secrets
+"$MS" access bootstrap --data "$OUT/registry" --officer spiffe://demo.example/dev/user/demo-officer
 PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 echo "== modelseal serve on 127.0.0.1:$PORT (TLS 1.3, client certificates required, ciphertext only)"
 "$MS" serve --listen "127.0.0.1:$PORT" --tls-dir "$OUT/server-tls" --data "$OUT/registry" --workers 1 2>"$OUT/serve.log" &
@@ -64,6 +70,18 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 PINS="$("$MS" ca pins --json | "$VENV/bin/python" -c 'import json, sys; d = json.load(sys.stdin); print("--pin", d["live"], "--pin", d["backup"])')"
+MODELSEAL_REGISTRY_PINS="$("$MS" ca pins --json | "$VENV/bin/python" -c 'import json, sys; d = json.load(sys.stdin); print(d["live"] + "," + d["backup"])')"
+export MODELSEAL_REGISTRY_PINS
+officer() { MODELSEAL_TLS_DIR="$OUT/officer-tls" "$MS" "$@" --server "127.0.0.1:$PORT"; }
+echo "== the officer enrols TOTP (step-up MFA), then binds the trainer as publisher for a day"
+TOTP_URI="$(officer mfa enroll 2>/dev/null)"  # the secret is shown once; here it stays in this shell
+# An authenticator app's code, now and for the next 30 s step (each code is accepted once).
+otp() { "$VENV/bin/python" -c 'import sys, time, pyotp; print(pyotp.parse_uri(sys.argv[1]).at(time.time() + 30 * int(sys.argv[2])))' "$TOTP_URI" "$1"; }
+otp 0 | officer mfa confirm
+otp 1 | officer access bind spiffe://demo.example/dev/service/demo-trainer --role publisher --expires 1d --reason "the demo's trainer"
+echo "== an identity without a role is refused, in one line naming why"
+# shellcheck disable=SC2086
+"$MS" pull "127.0.0.1:$PORT/demo/model:v1" "$OUT/refused.sealed" --tls-dir "$OUT/officer-tls" $PINS || true
 echo "== modelseal push (the signature travels as an OCI referrer), then pull into a new place"
 # shellcheck disable=SC2086  # PINS is two flags with their values
 "$MS" push "$OUT/model.sealed" "127.0.0.1:$PORT/demo/model:v1" --tls-dir "$OUT/client-tls" $PINS
@@ -83,7 +101,7 @@ chmod 600 "$OUT/trust.toml"
 MODELSEAL_TRUST="$OUT/trust.toml" "$MS" pull "127.0.0.1:$PORT/demo/model:v1" "$OUT/pulled.sealed" --tls-dir "$OUT/client-tls" $PINS
 kill -TERM "$SERVE_PID" && wait "$SERVE_PID" || true
 trap - EXIT
-echo "== every key operation is in the tamper-evident audit log"
+echo "== every key operation and every authorization decision is in the tamper-evident audit log"
 "$MS" audit log | tail -4
 "$MS" audit verify
 echo "demo OK (outputs in demo-out/)"

@@ -22,6 +22,7 @@ from modelseal.pki import issue
 from modelseal.pki.identity import Identity
 from modelseal.server import tls
 from tests.conftest import Env
+from tests.push_pull_helpers import bind_all
 from tests.services import free_port
 
 TD = "example.org"
@@ -169,6 +170,8 @@ def running_server(env: Env, *flags: str, data: Path | None = None) -> Iterator[
     data = data or env.work / "data"
     args = [*SERVE, "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls_dir), "--data", str(data), *flags]
     server = Server(port, data, None, env, env.work / "serve.log", client_dir, args)  # type: ignore[arg-type]
+    db = flags[flags.index("--db") + 1] if "--db" in flags else None
+    bind_all(data, db)  # every request is decided by Cedar, default deny
     server.start()
     try:
         yield server

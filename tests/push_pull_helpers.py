@@ -2,7 +2,9 @@
 with server and client folders, Debian's ``docker-registry`` (CNCF distribution 2.8) behind
 mutual TLS on 127.0.0.1, ``modelseal serve``, and a TCP relay that cuts a connection after a
 number of bytes (a real network fault). Every process is started on 127.0.0.1 and stopped by
-its PID.
+its PID. ``modelseal serve`` decides every registry request by Cedar, default deny: the
+servers started here get bindings first (``bind_all``: reader and publisher for every
+service identity of the environment, through the real ``GovStore``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelseal.cli.serve import default_data
+from modelseal.governance.cedar import default_policy
+from modelseal.governance.model import Binding
+from modelseal.governance.store import GovStore, open_target
+from modelseal.governance.versions import PolicyStore
 from modelseal.pki import ca as pki_ca
 from modelseal.pki import issue, pins
 from modelseal.pki.identity import Identity
@@ -110,9 +117,56 @@ def docker_registry(work: Path, tls_dir: Path, client_dir: Path) -> Iterator[int
         log.close()
 
 
+# The registry tests seal to the keystore's local: test key, which the prod standard refuses
+# at push: the test servers run the shipped policy plus this one exception (as an operator would).
+LOCAL_KEYS_EXCEPTION = """
+@id("tests-local-keys")
+@exception("tests-local-keys")
+@waives("std-prod-kms")
+@justification("the registry tests seal to the local test key of their keystore")
+@owner("tests@example.org")
+@approved_by("tests@example.org")
+@expires("2099-01-01T00:00:00Z")
+permit (principal, action == Action::"artifact.push", resource is Artifact);
+"""
+
+
+def bind_all(
+    data: Path, db: str | None = None, env: str = "prod", roles: tuple[str, ...] = ("reader", "publisher")
+) -> None:
+    """Bind ``roles`` to every service identity ``spiffe://TD/ENV/service/*`` (users stay free
+    for other roles: a key-admin never meets them) in the governance database of a
+    server with ``--data data`` (and ``--db db``), unless bound already, and activate the
+    shipped policy with ``LOCAL_KEYS_EXCEPTION`` (both written as the approval flow would)."""
+    target = open_target(data, db)
+    store = GovStore.open(target)
+    try:
+        pattern = f"spiffe://{TD}/{env}/service/*"
+        have = {(b.pattern, b.role, b.env) for b in store.bindings()}
+        for role in roles:
+            if (pattern, role, env) not in have:
+                store.bind(Binding("", pattern, role, env, time.time() + 300 * 86400), by="tests")
+    finally:
+        store.close()
+    policies = PolicyStore.open(target)
+    try:
+        version = policies.propose(default_policy().text + LOCAL_KEYS_EXCEPTION, "tests", "registry tests")
+        if policies.active_digest() != version.digest:
+            policies.activate(version.digest, "tests", ["officer-a", "officer-b"])
+    finally:
+        policies.close()
+
+
+def _flag(args: tuple[str, ...], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
 @contextmanager
 def modelseal_serve(work: Path, tls_dir: Path, client_dir: Path, *args: str) -> Iterator[int]:
-    """``modelseal serve`` on 127.0.0.1 (a subprocess, stopped by PID)."""
+    """``modelseal serve`` on 127.0.0.1 (a subprocess, stopped by PID), its environment's
+    identities bound as readers and publishers (``bind_all``)."""
+    data = _flag(args, "--data")
+    bind_all(Path(data) if data else default_data(), _flag(args, "--db"), _flag(args, "--env") or "prod")
     port = free_port()
     log_path = work / "serve.log"
     log = open(log_path, "wb")  # noqa: SIM115

@@ -36,15 +36,19 @@ import sys
 from pathlib import Path
 
 from modelseal.audit.events import JsonLinesSink
+from modelseal.governance.store import GovStore
 from modelseal.keys.service import KeyService
 from modelseal.pki import issue
-from modelseal.server import certs_api, runner
+from modelseal.server import authz, certs_api, runner
 from modelseal.server.app import make_app
 
 
 def build(auth):
     app = make_app(auth)
-    certs_api.add_routes(app, issue.load_issuer(KeyService(sink=JsonLinesSink(Path(sys.argv[3])))))
+    sink = JsonLinesSink(Path(sys.argv[3]))
+    store = GovStore.open(Path(sys.argv[3]).with_name("governance.db"))
+    authz.install(app, authz.Authz(store, None, auth.env, auth.trust_domain, sink))  # cert.renew: self only
+    certs_api.add_routes(app, issue.load_issuer(KeyService(sink=sink)))
     return app
 
 

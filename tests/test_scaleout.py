@@ -27,6 +27,7 @@ from modelseal.registry.s3blobs import S3Blobs
 from modelseal.server import tls
 from tests.conftest import Env
 from tests.oci_helpers import SEALED_LAYER, SERVE, TD, Client, Server, image, make_dir, sha
+from tests.push_pull_helpers import bind_all
 from tests.services import free_port, postgres, seaweedfs
 
 MiB = 1 << 20
@@ -65,6 +66,7 @@ def stack(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         pki_ca.init_ca(env.svc, TD)
         tls_dir = make_dir(env, env.work / "server-tls", "server", "registry", ips=["127.0.0.1"])
         client_dir = make_dir(env, env.work / "client-tls", "service", "trainer")
+        bind_all(env.work / "data-a", db_url)  # one governance database, as the registry's: PostgreSQL
         servers = []
         for name in ("a", "b"):
             port = free_port()

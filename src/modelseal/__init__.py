@@ -31,6 +31,8 @@ from modelseal.errors import (
 )
 from modelseal.format.folder import SealedFolder
 from modelseal.format.reader import SealedReader
+from modelseal.keys import providers as _providers
+from modelseal.keys.providers import KeyProvider
 from modelseal.recipes.context import expecting, trust_policy
 from modelseal.recipes.inspect import inspect
 from modelseal.recipes.opening import open, open_folder  # noqa: A004
@@ -44,6 +46,17 @@ from modelseal.signing.trust import TrustPolicy, load_policy
 from modelseal.signing.verification import Verdict
 
 __version__ = "0.1.0"
+
+
+def _broker_provider() -> KeyProvider:
+    from modelseal.registry.broker import BrokerProvider
+
+    return BrokerProvider()
+
+
+# ``broker:NAME`` keys ask the key broker (docs/broker.md); its client is in the registry
+# layer (the pinned mutual-TLS transport), above the providers, so it is registered here.
+_providers.register("broker", _broker_provider)
 
 __all__ = [
     "ArtifactError",

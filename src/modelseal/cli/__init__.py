@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from modelseal.cli import agent, artifacts, audit, keys, pki, registry, serve, signing
+from modelseal.cli import access, agent, artifacts, audit, keys, pki, policy, registry, serve, signing
 from modelseal.cli.common import escape
 from modelseal.errors import ModelsealError
 from modelseal.keys.service import KeyService
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_serve(sub)
     registry.add_push(sub)
     registry.add_pull(sub)
+    access.add_access(sub)
+    access.add_approvals(sub)
+    access.add_mfa(sub)
+    policy.add_policy(sub)
     return p
 
 

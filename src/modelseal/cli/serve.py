@@ -3,8 +3,10 @@
 
 Thin: the TLS folder, listen address, data folder and store URLs are the operator's; no
 flag value reaches a certificate check except as configuration of this process. The
-registry is opened by the ``build`` closure, so each process that builds the application
-opens its own database connections.
+registry and the governance state (bindings, policy versions, the broker's key catalog, on
+``--db`` or ``DATA/governance.db``) are opened by the ``build`` closure, so each process
+that builds the application opens its own database connections. Every decision is audited
+to the server's audit log (``KeyService.sink``), whose ``KeyService`` is also the broker's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def default_data() -> Path:
 def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
     # The registry stores ciphertext only and holds no key; svc is used only by
     # --issue-certificates (the CA's key, unwrapped in each worker that signs a renewal).
+    from modelseal.governance.store import open_target
     from modelseal.pki import issue
     from modelseal.registry.service import Limits, open_registry
     from modelseal.server import app, runner
@@ -49,13 +52,16 @@ def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
     grace = float(args.gc_grace)
     limits = Limits(link_grace=grace, blob_grace=min(grace, Limits.blob_grace), upload_ttl=max(grace, 60.0))
     open_registry(data, args.db, args.blobs, args.content, limits).close()  # refuse a bad store before listening
+    target = open_target(data, args.db)
+    app.check_governance(target)
     if args.issue_certificates:
         issue.load_issuer(svc)  # refuse a missing or unreadable CA before listening
 
     def build(auth: Authorizer) -> web.Application:
         registry = open_registry(data, args.db, args.blobs, args.content, limits)
         issuer = issue.load_issuer(svc) if args.issue_certificates else None
-        return app.make_app(auth, registry, float(args.gc_interval), float(args.body_timeout), issuer)
+        gov = app.open_governance(target, auth, svc.sink, svc)
+        return app.make_app(auth, registry, float(args.gc_interval), float(args.body_timeout), issuer, gov)
 
     runner.serve(listen, Path(args.tls_dir), build, args.env, workers=args.workers, renew=args.renew)
     return 0

@@ -158,6 +158,20 @@ def _read(path: Path, what: str) -> dict[str, Any] | None:
     )
 
 
+def config_table(name: str, home: Path | None = None) -> dict[str, Any]:
+    """One table (``[registry]``, ``[broker]``, ``[governance]``) of ``$MODELSEAL_HOME/config.toml``
+    under config.toml's ownership and size rules; empty without the file or the table."""
+    path = (home or modelseal_home()) / CONFIG_NAME
+    if not path.is_file():
+        return {}
+    check_private(path, "the configuration", ConfigError)
+    doc = _read(path, "the configuration") or {}
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config: [{name}] must be a table")
+    return table
+
+
 def _system() -> tuple[str | None, Path | None]:
     """``host_env`` and ``trust_policy`` of the system configuration (``SYSTEM_CONFIG``)."""
     path = SYSTEM_CONFIG

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,6 +96,11 @@ REMOTE_CACHE_TTL = 60.0
 UNWRAP_CACHE_SIZE = 256
 
 
+def _event(op: str, key: str, result: str, version: int | None, artifact: str | None, actor: str | None) -> AuditEvent:
+    event = AuditEvent(op, key, result, version, artifact)
+    return replace(event, actor=actor) if actor else event
+
+
 class KeyService:
     """Calls providers; caches unwrapped data keys so a KMS round trip (or a keystore
     unlock) is paid once per artifact per process, not once per tensor or file.
@@ -119,6 +125,12 @@ class KeyService:
         self._unwrapped: OrderedDict[tuple[object, ...], tuple[bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._generation = 0  # bumped by every lifecycle change: an in-flight unwrap cannot re-fill the cache
+
+    def with_sink(self, sink: AuditSink) -> KeyService:
+        """The same providers (shared) and configuration, events to ``sink`` (the broker's queue)."""
+        view = KeyService(sink, None, self._now, self._config)
+        view._providers = self._providers
+        return view
 
     @property
     def config(self) -> Config:
@@ -200,19 +212,26 @@ class KeyService:
         return p
 
     def _call(
-        self, op: str, key: str, fn: Callable[[], T], version: int | None = None, artifact: str | None = None
+        self,
+        op: str,
+        key: str,
+        fn: Callable[[], T],
+        version: int | None = None,
+        artifact: str | None = None,
+        actor: str | None = None,
     ) -> T:
         changes = op in LIFECYCLE_OPS
+
         ready = getattr(self.sink, "ready", None)
         if changes and callable(ready):
             ready()  # a log that cannot take the event refuses the change before it is made
         try:
             result = fn()
         except ModelsealError as e:
-            self.sink.emit(AuditEvent(op, key, type(e).__name__, version, artifact))
+            self.sink.emit(_event(op, key, type(e).__name__, version, artifact, actor))
             raise
         except Exception as e:  # a backend's own exception: normalised, message not echoed
-            self.sink.emit(AuditEvent(op, key, "KeyProviderError", version, artifact))
+            self.sink.emit(_event(op, key, "KeyProviderError", version, artifact, actor))
             raise KeyProviderError(f"key provider failed during {op} of {key} ({type(e).__name__})") from None
         if isinstance(result, Recipient):
             version = result.key_version
@@ -221,13 +240,20 @@ class KeyService:
         elif isinstance(result, KeyInfo) and version is None and result.versions:
             version = result.latest  # rotate: the version it made
         try:
-            self.sink.emit(AuditEvent(op, key, "ok", version, artifact))
+            self.sink.emit(_event(op, key, "ok", version, artifact, actor))
         except ModelsealError as e:
             if not changes:
                 raise  # nothing was changed: the result is simply not returned
             done = f"{op} of {printable(key)}" + (f" version {version}" if version is not None else "")
             raise type(e)(f"{done} WAS carried out, but its audit event could not be written: {e}") from None
         return result
+
+    def audited(
+        self, op: str, key: str, fn: Callable[[], T], version: int | None = None, actor: str | None = None
+    ) -> T:
+        """A provider call without a method here (the broker's batched ``unwrap_many``,
+        ``rewrap_many``), normalised and audited like every other: one event, ``actor``."""
+        return self._call(op, key, fn, version, None, actor)
 
     def wrap(
         self,
@@ -236,6 +262,7 @@ class KeyService:
         context: tuple[tuple[str, str], ...],
         artifact: str | None = None,
         op: str = "wrap",
+        actor: str | None = None,
     ) -> Recipient:
         ref = parse_key_uri(key_uri)
 
@@ -243,7 +270,7 @@ class KeyService:
             self.check_environment(ref.uri, context)
             return self.provider(ref.scheme).wrap(ref.name, dek, context)
 
-        return self._call(op, ref.uri, wrap, artifact=artifact)
+        return self._call(op, ref.uri, wrap, artifact=artifact, actor=actor)
 
     def generate(self, key_uri: str, context: tuple[tuple[str, str], ...]) -> tuple[bytes, Recipient] | None:
         """A data key made by the provider, if it makes them (else None: use a local CSPRNG)."""
@@ -264,11 +291,14 @@ class KeyService:
         context: tuple[tuple[str, str], ...],
         artifact: str | None = None,
         op: str = "unwrap",
+        actor: str | None = None,
+        cache: bool = True,
     ) -> bytes:
+        """``cache=False`` (the broker's server: every call audited, no data key kept) skips the cache."""
         uri = f"{recipient.scheme}:{recipient.key_id}"  # names the key in events; never parsed as a key URI
         cache_key = (recipient.scheme, recipient.key_id, recipient.key_version, recipient.wrapped, context)
         with self._lock:
-            hit = self._unwrapped.get(cache_key)
+            hit = self._unwrapped.get(cache_key) if cache else None
             generation = self._generation
         if hit is not None and hit[1] > self._now() and op == "unwrap":
             self._check_recipient(recipient, context)  # the configuration may have changed since
@@ -281,10 +311,10 @@ class KeyService:
             self._check_recipient(recipient, context)
             return self.provider(recipient.scheme).unwrap(recipient, context)
 
-        dek = self._call(op, uri, unwrap, recipient.key_version, artifact)
+        dek = self._call(op, uri, unwrap, recipient.key_version, artifact, actor)
         ttl = UNWRAP_CACHE_TTL if recipient.scheme == "local" else REMOTE_CACHE_TTL
         with self._lock:
-            if generation == self._generation:
+            if cache and generation == self._generation:
                 self._unwrapped[cache_key] = (dek, self._now() + ttl)
                 while len(self._unwrapped) > UNWRAP_CACHE_SIZE:
                     self._unwrapped.popitem(last=False)
@@ -294,15 +324,14 @@ class KeyService:
         shown = f"{recipient.scheme}:{recipient.key_id}"
         self._check_bound(recipient.scheme, lambda: self.recipient_identity(recipient), context, shown)
 
-    def create(self, key_uri: str) -> KeyInfo:
+    def create(self, key_uri: str, actor: str | None = None) -> KeyInfo:
         ref = parse_key_uri(key_uri)
-        return self._call("create", ref.uri, lambda: self.admin(ref.scheme).create(ref.name), 1)
+        return self._call("create", ref.uri, lambda: self.admin(ref.scheme).create(ref.name), 1, actor=actor)
 
-    def rotate(self, key_uri: str) -> KeyInfo:
+    def rotate(self, key_uri: str, actor: str | None = None) -> KeyInfo:
         self.forget_unwrapped()
         ref = parse_key_uri(key_uri)
-        info = self._call("rotate", ref.uri, lambda: self.admin(ref.scheme).rotate(ref.name))
-        return info
+        return self._call("rotate", ref.uri, lambda: self.admin(ref.scheme).rotate(ref.name), actor=actor)
 
     def rotate_root(self, new_passphrase: bytes | None = None) -> tuple[list[KeyInfo], list[str]]:
         """Rotate the local keystore's root key, and first every local KEK with an active
@@ -326,12 +355,17 @@ class KeyService:
         self._call("rotate-root", "local:*", lambda: keystore.rotate_root(path, new_passphrase=new_passphrase))
         return rotated, left
 
-    def set_state(self, key_uri: str, version: int, state: str) -> KeyInfo:
+    def set_state(self, key_uri: str, version: int, state: str, actor: str | None = None) -> KeyInfo:
         self.forget_unwrapped()
         ref = parse_key_uri(key_uri)
         op = "disable" if state == "disabled" else "enable"
         return self._call(
-            op, ref.uri, lambda: self.admin(ref.scheme).set_version_state(ref.name, version, state), version
+            op,
+            ref.uri,
+            lambda: self.admin(ref.scheme).set_version_state(ref.name, version, state),
+            version,
+            None,
+            actor,
         )
 
     def set_min_version(self, key_uri: str, version: int) -> KeyInfo:
@@ -346,7 +380,7 @@ class KeyService:
         )
         return info
 
-    def destroy(self, key_uri: str, version: int | None, after: float = 0.0) -> KeyInfo:
+    def destroy(self, key_uri: str, version: int | None, after: float = 0.0, actor: str | None = None) -> KeyInfo:
         """Destroy now (``after`` = 0) or schedule it ``after`` seconds ahead (local keys)."""
         if not math.isfinite(after) or after < 0:
             raise ValueError("the waiting period must be a finite, non-negative number of seconds")
@@ -360,7 +394,9 @@ class KeyService:
                 "schedule-destroy", ref.uri, lambda: admin.destroy(ref.name, version, after), version
             )
             return scheduled
-        destroyed: KeyInfo = self._call("destroy", ref.uri, lambda: admin.destroy(ref.name, version), version)
+        destroyed: KeyInfo = self._call(
+            "destroy", ref.uri, lambda: admin.destroy(ref.name, version), version, None, actor
+        )
         return destroyed
 
     def cancel_destroy(self, key_uri: str, version: int | None) -> KeyInfo:

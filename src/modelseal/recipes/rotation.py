@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from modelseal.audit.events import AuditEvent
 from modelseal.errors import ArtifactError, KeyNotFound, ModelsealError, ProviderUnavailable, StorageError
@@ -29,7 +30,6 @@ from modelseal.format.folder import MANIFEST_NAME
 from modelseal.format.header import MAGIC, Recipient
 from modelseal.format.source import FdSource
 from modelseal.keys.providers import parse_key_uri
-from modelseal.keys.providers.transit import TransitProvider
 from modelseal.keys.service import KeyService
 from modelseal.recipes import rekey
 from modelseal.recipes.context import key_service
@@ -37,6 +37,22 @@ from modelseal.recipes.recipients import keys_to_write, same_key
 from modelseal.util.files import open_regular
 
 TRANSIT_BATCH = 100  # two Transit requests rewrap this many artifacts
+BATCHES = {"transit": TRANSIT_BATCH, "broker": 500}  # the key broker takes up to 1000 per request
+Context = tuple[tuple[str, str], ...]
+
+
+@runtime_checkable
+class BatchRewrapper(Protocol):
+    """A provider that unwraps and rewraps many wrapped keys of one key per request (Transit,
+    the key broker). The broker also answers per item (``unwrap_each``, ``rewrap_each``)."""
+
+    def unwrap_many(
+        self, recipients: Sequence[Recipient], context: Context, contexts: Sequence[Context] | None = None
+    ) -> list[bytes]: ...
+
+    def rewrap_many(
+        self, recipients: Sequence[Recipient], context: Context, contexts: Sequence[Context] | None = None
+    ) -> list[Recipient]: ...
 
 
 @dataclass
@@ -171,8 +187,9 @@ def rotate(
         info = svc.rotate(uri)
         rotated = True
     report = RotationReport(uri, rotated, info.latest)
-    scheme_provider = svc.provider(parse_key_uri(uri).scheme)
-    provider = scheme_provider if isinstance(scheme_provider, TransitProvider) else None
+    scheme = parse_key_uri(uri).scheme
+    scheme_provider = svc.provider(scheme) if scheme in BATCHES else None
+    provider = scheme_provider if isinstance(scheme_provider, BatchRewrapper) else None
     pending: list[Path] = []
 
     def unreadable(path: Path, e: OSError) -> None:
@@ -190,8 +207,8 @@ def rotate(
                 continue
             if provider is not None:
                 pending.append(artifact)
-                if len(pending) == TRANSIT_BATCH:
-                    _rewrap_transit_batch(svc, provider, canon, pending, report, progress, uri, keep_recipients)
+                if len(pending) == BATCHES[scheme]:
+                    _rewrap_batch(svc, provider, canon, pending, report, progress, uri, keep_recipients)
                     pending = []
                 continue
             rekey.rewrap_key(artifact, uri, keys=svc, keep_recipients=keep_recipients)
@@ -201,7 +218,7 @@ def rotate(
         except (ModelsealError, OSError) as e:
             _record_failure(report, name, e)
     if pending and provider is not None:
-        _rewrap_transit_batch(svc, provider, canon, pending, report, progress, uri, keep_recipients)
+        _rewrap_batch(svc, provider, canon, pending, report, progress, uri, keep_recipients)
     return report
 
 
@@ -212,9 +229,9 @@ def _record_failure(report: RotationReport, name: str, e: Exception) -> None:
         report.failed.append((name, str(e)[:200]))
 
 
-def _rewrap_transit_batch(
+def _rewrap_batch(
     svc: KeyService,
-    provider: TransitProvider,
+    provider: BatchRewrapper,
     canon: str,
     artifacts: list[Path],
     report: RotationReport,
@@ -222,14 +239,14 @@ def _rewrap_transit_batch(
     key: str | None = None,
     keep: Sequence[str] = (),
 ) -> None:
-    """Rewrap up to 100 artifacts with two Transit requests in all: one batch decrypt (the
-    DEKs, to verify each artifact and MAC its new slot) and one server-side batch rewrap
-    (the new wraps; no DEK is sent back to the server). Each artifact is held under its
+    """Rewrap a batch of artifacts with two requests in all (Transit, or the key broker): one
+    batch decrypt (the DEKs, to verify each artifact and MAC its new slot) and one
+    server-side batch rewrap (the new wraps; no DEK is sent back to the server). Each artifact is held under its
     update lock and gets its new slot atomically; other recipients stay as they were, and
     must be vouched for. Requests name the operator's key ``key`` (default: ``canon``),
     never the spelling an artifact recorded."""
     key = key or canon
-    name = parse_key_uri(key).name
+    ref = parse_key_uri(key)
     held: list[tuple[Path, FdSource, RawArtifact, Recipient]] = []
     try:
         for path in artifacts:
@@ -248,8 +265,8 @@ def _rewrap_transit_batch(
         if not held:
             return
         contexts = [raw.core.context for _, _, raw, _ in held]
-        ours = [Recipient("transit", name, r.key_version, r.wrapped) for *_, r in held]
-        results = _transit_keys(svc, provider, key, ours, contexts)
+        ours = [Recipient(ref.scheme, ref.name, r.key_version, r.wrapped) for *_, r in held]
+        results = _batch_keys(svc, provider, key, ours, contexts)
         for (path, src, raw, old), got in zip(held, results, strict=True):
             if isinstance(got, ModelsealError):
                 _record_failure(report, str(path), got)
@@ -272,9 +289,9 @@ def _rewrap_transit_batch(
             src.close()
 
 
-def _transit_keys(
+def _batch_keys(
     svc: KeyService,
-    provider: TransitProvider,
+    provider: BatchRewrapper,
     key: str,
     ours: list[Recipient],
     contexts: list[tuple[tuple[str, str], ...]],
@@ -284,10 +301,17 @@ def _transit_keys(
     Transit fails a whole batch request on its first bad item, so after a failed batch
     every item is tried on its own: one corrupted artifact (anyone with write access can
     make one) must not stop the rotation of the up to 99 others beside it, on every run.
+    The key broker answers per item already.
     """
+    each_unwrap, each_rewrap = getattr(provider, "unwrap_each", None), getattr(provider, "rewrap_each", None)
     try:
         for c in contexts:
             svc.check_environment(key, c)
+        if callable(each_unwrap) and callable(each_rewrap):
+            got = zip(each_unwrap(ours, contexts), each_rewrap(ours, contexts), strict=True)
+            return [
+                d if isinstance(d, ModelsealError) else n if isinstance(n, ModelsealError) else (d, n) for d, n in got
+            ]
         deks = provider.unwrap_many(ours, (), contexts=contexts)
         fresh = provider.rewrap_many(ours, (), contexts=contexts)
         return list(zip(deks, fresh, strict=True))
@@ -299,7 +323,7 @@ def _transit_keys(
             return [e] * len(ours)
     out: list[tuple[bytes, Recipient] | ModelsealError] = []
     for i, (r, c) in enumerate(zip(ours, contexts, strict=True)):
-        one = _transit_keys(svc, provider, key, [r], [c])
+        one = _batch_keys(svc, provider, key, [r], [c])
         out += one
         if isinstance(one[0], ProviderUnavailable):  # the server went away meanwhile: stop here
             out += [one[0]] * (len(ours) - i - 1)
@@ -316,3 +340,7 @@ def _only(recipient: Recipient, dek: bytes) -> Callable[[Recipient], bytes]:
         return dek
 
     return unwrap
+
+
+_transit_keys = _batch_keys  # the names of issue 11, which tests still use
+_rewrap_transit_batch = _rewrap_batch

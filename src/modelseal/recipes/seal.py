@@ -23,6 +23,7 @@ from modelseal.format.header import (
     parse_core,
 )
 from modelseal.format.stream import Progress, ReadAt, fd_reader
+from modelseal.governance import localpolicy
 from modelseal.keys.service import KeyService
 from modelseal.recipes.context import (
     check_keys_apart,
@@ -124,6 +125,9 @@ def seal(
         raise StorageError(f"{src_p} does not exist")
     if src_p.resolve() == dst_p.resolve() or is_within(dst_p, src_p):
         raise PolicyDenied("the destination must not be the source or lie inside it")
+    # The encryption standards (docs/governance.md), before anything is wrapped or written:
+    # a logged warning, or StandardViolation under [governance] standards = "enforce".
+    localpolicy.check_seal(svc, key_uris, full_ctx["env"])
     dek, made = new_data_key(svc, key_uris, ctx)
     wrap = wrap_all(svc, key_uris, dek, ctx, made=made)
     name = name or src_p.resolve().name

@@ -23,11 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.errors import RegistryError
-from modelseal.keys.config import CONFIG_NAME, MAX_CONFIG, ConfigError
+from modelseal.keys.config import ConfigError, config_table
 from modelseal.registry.reference import Endpoint, Reference, parse_endpoint
-from modelseal.util.bounded import toml_loads
-from modelseal.util.files import read_limited
-from modelseal.util.home import check_private, modelseal_home
 
 REGISTRY_ENV = "MODELSEAL_REGISTRY"
 TLS_DIR_ENV = "MODELSEAL_TLS_DIR"
@@ -44,23 +41,7 @@ class Settings:
 
 
 def _table() -> dict[str, Any]:
-    home = modelseal_home()
-    path = home / CONFIG_NAME
-    if not path.is_file():
-        return {}
-    check_private(path, "the configuration", ConfigError)
-    raw = read_limited(path, MAX_CONFIG, ConfigError, f"the configuration {path}", regular=True)
-    doc = toml_loads(
-        raw.decode("utf-8", errors="replace"),
-        max_depth=8,
-        max_key_parts=8,
-        max_values=100_000,
-        error=lambda why: ConfigError(f"config: {path} is not valid TOML ({why})"),
-    )
-    table = doc.get("registry", {})
-    if not isinstance(table, dict):
-        raise ConfigError("config: [registry] must be a table")
-    return table
+    return config_table("registry")
 
 
 def _strings(value: Any, where: str) -> list[str]:

@@ -30,7 +30,6 @@ from cryptography import x509
 from modelseal.audit.events import AuditEvent, AuditSink
 from modelseal.errors import CertificateError, ModelsealError, RegistryError
 from modelseal.pki.pins import PinMismatch, parse_pin
-from modelseal.pki.renewal import ROUTE as RENEW_ROUTE
 from modelseal.registry.names import shown
 from modelseal.registry.reference import Endpoint
 from modelseal.registry.tlsclient import client_context, held_issuers, pin_check
@@ -203,8 +202,8 @@ class Transport:
         answered. Connection failures before a response are retried on the next endpoint
         (only once, on a fresh connection, unless ``retry``). A connection whose response
         was read to the end goes back to the pool."""
-        if not (path.startswith("/v2/") or path == RENEW_ROUTE) or any(c in path for c in " \r\n\x00#"):
-            raise RegistryError("refusing a request path outside /v2/")
+        if not path.startswith(("/v2/", "/modelseal/v1/")) or any(c in path for c in " \r\n\x00#"):
+            raise RegistryError("refusing a request path outside /v2/ and /modelseal/v1/")
         hdrs = {"User-Agent": "modelseal", **(headers or {})}
         if isinstance(body, bytes):
             hdrs["Content-Length"] = str(len(body))

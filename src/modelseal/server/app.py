@@ -5,7 +5,13 @@ front of every route, the OCI distribution base endpoint ``GET /v2/``, and, give
 registry, the OCI distribution routes (``server.oci``) and the online garbage collector
 (``registry.gc``), a background task that runs one bounded pass every ``gc_interval``
 seconds in the routes' thread pool and closes the registry when the application stops;
-given an issuer, the renewal endpoint of ``server.certs_api``.
+given an issuer, the renewal endpoint of ``server.certs_api``; given the governance pieces
+(``Governance``: the bindings, the policy versions and the decider, opened by
+``open_governance`` on the server's governance database), the decider ``server.authz`` that
+every route but ``GET /v2/`` asks, and the governance APIs under ``/modelseal/v1/``: the key
+broker (``server.keys_api``, with the server's ``KeyService``), access, approvals and MFA
+(``server.gov_api``) and policy versions (``server.policy_api``). Without them every
+decided route answers 503: there is no open mode.
 The listener that runs it is ``server.runner``.
 """
 
@@ -15,13 +21,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from modelseal.audit.events import AuditSink
+from modelseal.governance.brokerkeys import BrokerKeys
+from modelseal.governance.brokerkeys import load_config as broker_config
+from modelseal.governance.store import GovStore
+from modelseal.governance.versions import PolicyStore
+from modelseal.keys.service import KeyService
 from modelseal.pki.backend import Issuer
 from modelseal.registry import gc
 from modelseal.registry.service import Registry
-from modelseal.server import certs_api, oci
+from modelseal.server import authz, certs_api, gov_api, keys_api, oci, policy_api
+from modelseal.server.auditwriter import AuditWriter
 from modelseal.server.identity import IDENTITY, Authorizer, middleware
 
 log = logging.getLogger("modelseal.server")
@@ -64,18 +78,80 @@ def _collector(registry: Registry, interval: float) -> object:
     return run
 
 
+@dataclass
+class Governance:
+    """One worker's governance pieces, all on one database ``target``: the bindings, the
+    policy versions, the decider over both (its events written off the request path by
+    ``audit``, ``server.auditwriter``), and the broker (its ``KeyService`` and key catalog;
+    None: this server brokers no keys)."""
+
+    target: str
+    store: GovStore
+    policies: PolicyStore
+    authz: authz.Authz
+    audit: AuditWriter
+    svc: KeyService | None = None
+    catalog: BrokerKeys | None = None
+
+    def close(self) -> None:
+        self.authz.close()
+        self.audit.close()
+        for db in (self.store, self.policies, self.catalog):
+            if db is not None:
+                db.close()
+
+
+def open_governance(target: str, auth: Authorizer, sink: AuditSink, svc: KeyService | None = None) -> Governance:
+    """The governance pieces on ``target`` (``governance.store.open_target``), decisions
+    audited to ``sink``; with ``svc``, the key broker over it (``[broker]`` of config.toml)."""
+    store = GovStore.open(target)
+    policies = PolicyStore.open(target)
+    writer = AuditWriter(sink)
+    decider = authz.Authz(store, policies, auth.env, auth.trust_domain, writer)
+    catalog = BrokerKeys.open(target, broker_config()) if svc is not None else None
+    return Governance(target, store, policies, decider, writer, svc, catalog)
+
+
+def check_governance(target: str, broker: bool = True) -> None:
+    """Refuse, before listening, a governance database that cannot be opened or a
+    ``[broker]`` table that does not parse."""
+    GovStore.open(target).close()
+    PolicyStore.open(target).close()
+    if broker:
+        broker_config()
+
+
+def _mount_governance(app: web.Application, gov: Governance) -> None:
+    authz.install(app, gov.authz)
+    gov_api.add_routes(app, gov.store, gov.svc)
+    policy_api.add_routes(app, gov.policies)
+    if gov.svc is not None and gov.catalog is not None:
+        keys_api.add_routes(app, gov.svc, gov.catalog)
+
+    async def close(app: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, gov.audit.close)  # the queued events are written
+        gov.store.close()
+        gov.policies.close()
+
+    app.on_cleanup.append(close)
+
+
 def make_app(
     auth: Authorizer,
     registry: Registry | None = None,
     gc_interval: float = GC_INTERVAL,
     body_timeout: float = BODY_TIMEOUT,
     issuer: Issuer | None = None,
+    governance: Governance | None = None,
 ) -> web.Application:
     """The application: every request passes ``auth`` first; with ``registry``, the OCI API;
-    with ``issuer``, ``POST /modelseal/v1/certificates/renew`` (``server.certs_api``)."""
+    with ``issuer``, ``POST /modelseal/v1/certificates/renew`` (``server.certs_api``); with
+    ``governance``, the decider and the governance APIs (module docstring)."""
     app = web.Application(middlewares=[middleware(auth)], client_max_size=MAX_BODY)
     app.router.add_get("/v2/", base)
     app.on_response_prepare.append(_add_version_header)
+    if governance is not None:
+        _mount_governance(app, governance)
     if registry is not None:
         oci.add_routes(app, registry, body_timeout)
         app.cleanup_ctx.append(_collector(registry, gc_interval))  # type: ignore[arg-type]
@@ -84,4 +160,4 @@ def make_app(
     return app
 
 
-__all__ = ["API_VERSION", "API_VERSION_HEADER", "make_app"]
+__all__ = ["API_VERSION", "API_VERSION_HEADER", "Governance", "check_governance", "make_app", "open_governance"]

@@ -12,7 +12,9 @@ the request (the identity middleware refuses an expired one too), and neither it
 certificate it was renewed from may be on the denylist (read afresh,
 ``pki.issue.check_lineage``); the new certificate is recorded as renewed from it, so
 ``cert revoke`` of any ancestor denies it too. The issue is audited with the caller as
-actor. Signing runs in a worker thread: the local CA unwraps its key, OpenBao is a request.
+actor. The request is decided first (``server.authz``: ``cert.renew`` on the caller's own
+``Certificate``; the shipped policy permits it to every identity for itself). Signing runs
+in a worker thread: the local CA unwraps its key, OpenBao is a request.
 
 Errors are one-line OCI-style bodies: 400 a malformed CSR, 403 refused, 413 too large,
 503 the issuer unreachable.
@@ -29,12 +31,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from modelseal.errors import CertificateError, ModelsealError, PolicyDenied
+from modelseal.governance.model import Resource
 from modelseal.pki import issue
 from modelseal.pki.backend import Issuer, Settings, Signed, csr_public_key, sans, sans_of, settings
 from modelseal.pki.ca import utcnow
 from modelseal.pki.identity import Identity
 from modelseal.pki.renewal import CHAIN_TYPE, MAX_CSR, ROUTE
 from modelseal.pki.verify import uri_identity
+from modelseal.server import authz
 from modelseal.server.identity import IDENTITY, peer_der
 
 log = logging.getLogger("modelseal.server")
@@ -124,6 +128,7 @@ def add_routes(app: web.Application, issuer: Issuer) -> None:
 
     async def renew(request: web.Request) -> web.Response:
         caller = request[IDENTITY]  # the middleware refused otherwise
+        await authz.authorize(request, "cert.renew", Resource("Certificate", caller.uri, {"env": caller.env}))
         der = peer_der(request)
         if der is None:
             return _error(401, "UNAUTHORIZED", "a client certificate is required")

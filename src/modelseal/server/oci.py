@@ -1,6 +1,8 @@
 """The OCI distribution-spec v1.1 routes (end-2 .. end-14; end-1 ``GET /v2/`` is ``server.app``).
 
-A handler parses the request, asks ``allowed`` and calls ``registry.service.Registry`` in a
+A handler parses the request, asks ``allowed`` (the Cedar decision of ``server.authz`` on
+the ``Repository`` in this server's environment; at a manifest push under ``sealed-only``,
+the encryption standards too, ``server.pushstandards``) and calls ``registry.service.Registry`` in a
 thread pool; a ``RegistryRefused`` becomes its status with an OCI error body, any other
 registry failure a 503 (507 for a full disk). ``Location`` headers are relative
 (``/v2/<name>/...``). Request bodies are read on the event loop in ~1 MiB batches at a
@@ -25,14 +27,18 @@ from typing import Any
 
 from aiohttp import web
 
-from modelseal.errors import BlobStoreError, RegistryError, RegistryRefused
-from modelseal.pki.identity import Identity
+from modelseal.errors import BlobStoreError, ModelsealError, RegistryError, RegistryRefused
+from modelseal.governance.model import Resource
 from modelseal.registry import names
 from modelseal.registry.manifests import MAX_MANIFEST
 from modelseal.registry.meta import Upload
+from modelseal.registry.policy import SEALED_ONLY
 from modelseal.registry.service import Registry
+from modelseal.server import authz
 from modelseal.server import ocihttp as h
+from modelseal.server.authz import AUTHZ
 from modelseal.server.identity import IDENTITY
+from modelseal.server.pushstandards import check_push
 
 log = logging.getLogger("modelseal.server")
 
@@ -46,12 +52,32 @@ MAX_TAG_PARAMS = 100
 Handler = Callable[[web.Request, str, str], Awaitable[web.StreamResponse]]
 
 
-def allowed(identity: Identity, action: str, repo: str) -> bool:
-    """The authorization seam: may ``identity`` do ``action`` (``pull``, ``push``, ``delete``)
-    on ``repo``? Every authenticated identity of this server's environment may, for now; the
-    Cedar decision (issue: governance) replaces this one function. Called once per request."""
-    del identity, action, repo
-    return True
+def repository(request: web.Request, repo: str) -> Resource:
+    """The Cedar resource of repository ``repo`` of this server (its environment)."""
+    return Resource("Repository", repo, {"env": request.app[AUTHZ].env})
+
+
+async def allowed(request: web.Request, action: str, repo: str) -> None:
+    """The authorization seam: may the request's identity do ``action`` (``pull``, ``push``,
+    ``delete``) on ``repo``? The Cedar decision of ``server.authz`` (audited there), asked
+    once per request before the handler runs; a refusal is raised (``authz.Refusal``)."""
+    if AUTHZ not in request.app:
+        raise authz.Refusal(503, "UNAVAILABLE", "this server has no authorization configured")
+    await authz.authorize(request, action, repository(request, repo))
+
+
+def _may_pull(request: web.Request) -> Callable[[str], bool]:
+    """For a cross-repository mount (run in the pool): may the caller pull ``source``? A
+    refusal only means the blob is uploaded instead (OCI), so it counts no denial."""
+    decider, ident = request.app[AUTHZ], request[IDENTITY]
+
+    def may(source: str) -> bool:
+        try:
+            return decider.decide(ident, "pull", Resource("Repository", source, {"env": decider.env})).allowed
+        except ModelsealError:
+            return False
+
+    return may
 
 
 def _loc(name: str, rest: str) -> str:
@@ -174,8 +200,7 @@ async def start_upload(request: web.Request, name: str, _: str) -> web.StreamRes
     mount = q.get("mount")
     if mount is not None:
         source = q.get("from")
-        ident = request[IDENTITY]
-        row = await _call(request, reg.mount, name, mount, source, lambda src: allowed(ident, "pull", src))
+        row = await _call(request, reg.mount, name, mount, source, _may_pull(request))
         if row is not None:
             return web.Response(
                 status=201, headers={"Location": _loc(name, f"blobs/{row.digest}"), "Docker-Content-Digest": row.digest}
@@ -253,6 +278,8 @@ async def manifest(request: web.Request, name: str, reference: str) -> web.Strea
         ctype = request.headers.get("Content-Type")
         async with _body_slot(request):
             body = await _read_manifest(request)
+            if reg.content == SEALED_ONLY:  # the encryption standards, on the sealed layers' headers
+                await check_push(request, name, body, reg, request.app[POOL])
             digest, subject, set_tags = await _call(request, reg.put_manifest, name, reference, body, ctype, tags)
         headers = {"Location": _loc(name, f"manifests/{digest}"), "Docker-Content-Digest": digest}
         if subject:
@@ -322,6 +349,9 @@ ROUTES: list[tuple[re.Pattern[str], dict[str, tuple[str, Handler]]]] = [
 ]
 
 
+_CODES = {403: "DENIED", 429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Route ``/v2/<name>/...`` by the raw path; map refusals to OCI errors."""
     head = request.method == "HEAD"
@@ -340,9 +370,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         action, handler = entry
         name, arg = m.group(1), (m.group(2) if m.lastindex and m.lastindex > 1 else "")
         try:
-            if not allowed(request[IDENTITY], action, name):
-                return h.error(403, "DENIED", f"{action} on this repository is not allowed", head)
+            await allowed(request, action, name)
+        except authz.Refusal as r:
+            return h.error(r.status, _CODES.get(r.status, "DENIED"), r.reason_line, head, r.extra)
+        try:
             return await handler(request, name, arg)
+        except authz.Refusal as r:  # a decision inside the handler (the standards at push)
+            return h.error(r.status, _CODES.get(r.status, "DENIED"), r.reason_line, head, r.extra)
         except RegistryRefused as e:
             log.info("%s %s refused: %s %s", request.method, action, e.status, e.code)
             resp = h.refusal(e, head)
@@ -378,4 +412,4 @@ def add_routes(
     app.on_cleanup.append(close_pool)
 
 
-__all__ = ["POOL", "REGISTRY", "add_routes", "allowed", "dispatch"]
+__all__ = ["POOL", "REGISTRY", "add_routes", "allowed", "dispatch", "repository"]

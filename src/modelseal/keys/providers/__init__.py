@@ -1,4 +1,5 @@
-"""The registry that picks a key provider by URI scheme (``local:``, ``transit:``, ``pkcs11:``, ``awskms:``),
+"""The registry that picks a key provider by URI scheme (``local:``, ``transit:``, ``pkcs11:``, ``awskms:``;
+``broker:``, the key broker's client in ``registry.broker``, is registered by the facade),
 and the two ways a key gets its canonical identity: from an operator's key URI
 (``canonical_key``) and from a recipient read from an artifact (``recipient_key``).
 
@@ -24,6 +25,7 @@ from modelseal.keys.providers.base import (
 )
 
 __all__ = [
+    "KEY_NAME",
     "DataKeyGenerator",
     "KeyAdmin",
     "KeyInfo",
@@ -38,7 +40,7 @@ __all__ = [
     "register",
 ]
 
-_LOCAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a keystore key's name, and a broker key's
 
 
 def canonical_key(uri: str) -> str:
@@ -77,8 +79,10 @@ def recipient_key(scheme: str, key_id: str) -> str:
         from modelseal.keys.providers.awskms import check_key_id
 
         return f"awskms:{check_key_id(key_id)}"
-    if scheme == "local" and not _LOCAL_NAME.fullmatch(key_id):
+    if scheme == "local" and not KEY_NAME.fullmatch(key_id):
         raise KeyProviderError("a local recipient must name a keystore key of [A-Za-z0-9._-]")
+    if scheme == "broker" and not KEY_NAME.fullmatch(key_id):
+        raise KeyProviderError("a broker recipient must name a broker key of [A-Za-z0-9._-]")
     return f"{scheme}:{key_id}"
 
 
