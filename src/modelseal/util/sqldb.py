@@ -55,7 +55,15 @@ class SqlDatabase:
             conn = sqlite3.connect(self._target, timeout=30, isolation_level=None, check_same_thread=False)
             if new:
                 os.chmod(self._target, 0o600)
-            conn.execute("PRAGMA journal_mode=WAL")
+            for attempt in range(50):  # switching to WAL can answer "locked" without waiting while
+                try:  # another process opens the same new file (SQLite's busy handler is not asked)
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 49:
+                        raise
+                    time.sleep(0.02 + 0.02 * random.random())  # noqa: S311 (jitter, not a secret)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=30000")
             return conn
