@@ -118,7 +118,7 @@ def docker_registry(work: Path, tls_dir: Path, client_dir: Path) -> Iterator[int
 
 
 # The registry tests seal to the keystore's local: test key, which the prod standard refuses
-# at push: the test servers run the shipped policy plus this one exception (as an operator would).
+# at push and pull: the test servers run the shipped policy plus this one exception (as an operator would).
 LOCAL_KEYS_EXCEPTION = """
 @id("tests-local-keys")
 @exception("tests-local-keys")
@@ -127,7 +127,7 @@ LOCAL_KEYS_EXCEPTION = """
 @owner("tests@example.org")
 @approved_by("tests@example.org")
 @expires("2099-01-01T00:00:00Z")
-permit (principal, action == Action::"artifact.push", resource is Artifact);
+permit (principal, action in [Action::"artifact.push", Action::"artifact.pull"], resource is Artifact);
 """
 
 

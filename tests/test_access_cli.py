@@ -229,8 +229,14 @@ def test_a_service_identity_cannot_enrol_or_pass_mfa(world: World) -> None:
     w = world
     rc, out, err = w.run("trainer", "mfa", "enroll", kind="service")
     assert rc == 17 and out == "" and "mfa.enroll" in err
-    # Even bound as an officer (a misconfiguration), a service passes no step-up.
-    w.gov.store.bind(Binding("", TRAINER, "security-officer", "prod", time.time() + 3600), "tests")
+    # A service is never bound as an officer; even so bound (written around the store's
+    # checks, a misconfiguration), it passes no step-up.
+    officer = Binding("", TRAINER, "security-officer", "prod", time.time() + 3600)
+    with pytest.raises(GovernanceError, match="one exact user identity"):
+        w.gov.store.bind(officer, "tests")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("modelseal.governance.store.check_new", lambda b, now: None)
+        w.gov.store.bind(officer, "tests")
     rc, _, err = w.run(
         "trainer", "access", "bind", f"{USER}/x", "--role", "auditor", "--expires", "1d", stdin="123456", kind="service"
     )

@@ -101,7 +101,7 @@ def test_a_binding_that_would_break_separation_of_duties_is_refused(stores: Call
     assert [b.id for b in s.bindings(now=T0)] == [admin.id]  # nothing was written
     # Neither another environment, nor a pattern no identity shares, nor a role outside the rule conflicts.
     s.bind(binding("spiffe://example.org/dev/service/trainer", "reader", env="dev"), by=ALICE, now=T0)
-    s.bind(binding("spiffe://example.org/prod/user/*", "reader"), by=ALICE, now=T0)
+    s.bind(binding("spiffe://example.org/prod/user/*", "reader"), by="bootstrap", now=T0)  # never by a user
     s.bind(binding(TRAINER, "auditor"), by=ALICE, now=T0)
 
 

@@ -55,6 +55,9 @@ _SELECT = (
     " decided_by, reason, finished FROM gov_approvals"
 )
 _ID = re.compile(r"[0-9a-f]{16}")
+# The two-person actions, and the security-officer bindings, grants and removals that
+# server.gov_api queues for approval (docs/access.md): one officer never reshapes the pool.
+APPROVABLE = (*model.TWO_PERSON, "access.bind", "access.grant", "access.unbind")
 MAX_PARAMS = 16 << 10
 
 
@@ -207,7 +210,7 @@ class Approvals(SqlDatabase):
     ) -> Approval:
         """Record a request of ``action`` on ``resource`` by ``requester``; it waits for ``needs``
         approvals for ``ttl`` seconds."""
-        if action not in model.TWO_PERSON:
+        if action not in APPROVABLE:
             raise GovernanceError(f"{action!r} is not a two-person operation")
         if not 1 <= needs <= 10 or not 0 < ttl <= model.MAX_GRANT:
             raise GovernanceError("an approval needs 1 to 10 officers and expires within 7 days")
@@ -389,6 +392,7 @@ def settings(home: Path | None = None) -> Settings:
 
 
 __all__ = [
+    "APPROVABLE",
     "Approval",
     "Approvals",
     "Conflict",

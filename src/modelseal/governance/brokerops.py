@@ -34,7 +34,7 @@ from modelseal.errors import (
 )
 from modelseal.format.header import MAX_WRAPPED, Recipient, valid_key_id
 from modelseal.governance.brokerkeys import SCHEME, BrokerKey, BrokerKeys
-from modelseal.keys.providers import parse_key_uri, recipient_key
+from modelseal.keys.providers import canonical_key, parse_key_uri, recipient_key
 from modelseal.keys.service import KeyService, printable
 
 T = TypeVar("T")
@@ -112,19 +112,28 @@ def check_inner(svc: KeyService, entry: BrokerKey, key_version: int, wrapped: by
 
 
 def inner_checker(svc: KeyService, entry: BrokerKey) -> Callable[[int, bytes], Recipient]:
-    """``check_inner`` for many items of one entry: each distinct inner key id is resolved
-    once (a batch names one key; resolving is a provider's parse, or a KMS lookup)."""
-    scheme = parse_key_uri(entry.backing).scheme
+    """``check_inner`` for many items of one entry. An inner key id must first be, exactly,
+    one of the spellings this server itself writes when it wraps with the entry's backing
+    key (the URI's name, its canonical form, the resolved identity such as a KMS key ARN),
+    so untrusted bytes never drive a provider lookup; only then is it resolved (once per
+    distinct id) and its canonical identity compared with the backing key's."""
+    ref = parse_key_uri(entry.backing)
+    scheme = ref.scheme
     expected: list[str] = []
+    spellings: set[str] = set()
     seen: dict[str, bool] = {}
 
     def same(inner: Recipient) -> bool:
+        if not expected:  # the operator's own key, resolved from config.toml: never from the artifact
+            expected.append(svc.canonical(entry.backing))
+            spellings.update((ref.name, parse_key_uri(canonical_key(entry.backing)).name))
+            spellings.add(parse_key_uri(expected[0]).name)
+        if inner.key_id not in spellings:
+            return False
         try:
             recipient_key(inner.scheme, inner.key_id)  # a refused mount, a pkcs11 module-path: the artifact's fault
         except ModelsealError:
             return False
-        if not expected:
-            expected.append(svc.canonical(entry.backing))
         try:
             return svc.recipient_identity(inner) == expected[0]
         except KeyNotFound:

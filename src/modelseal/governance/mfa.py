@@ -241,9 +241,11 @@ class Mfa(SqlDatabase):
         return age
 
     def _record(self, q: Q, identity: str, matched: list[int], digest: str, now: float, confirming: bool) -> int:
-        row = q("SELECT last_step, failures, state FROM gov_mfa WHERE identity = ?", identity).fetchone()
+        row = q("SELECT last_step, failures, state, locked_until FROM gov_mfa WHERE identity = ?", identity).fetchone()
         if row is None or (row[2] == "pending") != confirming:
             raise GovernanceError("the MFA enrolment changed meanwhile; try again")
+        if now < float(row[3]):  # locked by a guess that raced this one: decided inside the transaction
+            raise GovernanceError(f"too many wrong codes: MFA is locked for {int(float(row[3]) - now) + 1} s")
         last, failures = int(row[0]), int(row[1])
         q("DELETE FROM gov_otp_used WHERE used < ?", now - KEEP_USED)
         if not matched:

@@ -6,9 +6,12 @@ Every write checks, in the same transaction as the insert, what a binding may ne
 a pattern outside the identity grammar (``spiffe://DOMAIN/ENV/KIND/NAME``, ``*`` segments),
 an unknown role, an expiry past ``model.MAX_BINDING`` (a binding) or ``model.MAX_GRANT`` (a
 grant or break-glass window, which also need a reason), and a separation-of-duties
-conflict: ``key-admin`` and ``reader``/``publisher`` of one environment can never meet in
-one identity, so a new binding is refused when its pattern can match an identity that an
-active binding of the opposite side also matches (``patterns_overlap``). The decision itself
+conflict: ``key-admin`` and ``reader``/``publisher``/``break-glass`` of one environment can
+never meet in one identity, so a new binding is refused when its pattern can match an
+identity that an active binding of the opposite side also matches (``patterns_overlap``).
+A ``security-officer`` binding names one exact user identity (no ``*``), and nobody binds a
+pattern that matches their own identity (``AccessDenied``; a break-glass window is
+for its requester and approved by others). The decision itself
 is Cedar's (``server.authz``); this module only keeps the rows, and caches them per
 identity for the decider, re-read whenever the generation counter moves (every bind and
 unbind bumps it, in any process).
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from modelseal.errors import GovernanceError, IdentityError
+from modelseal.errors import AccessDenied, GovernanceError, IdentityError
 from modelseal.governance import model
 from modelseal.governance.model import Binding
 from modelseal.pki.identity import check_env
@@ -103,11 +106,15 @@ def check_binding_pattern(pattern: str, env: str) -> str:
     return pattern
 
 
+DATA_SIDE = (*model.DATA_ROLES, "break-glass")  # break-glass has reader and publisher powers (``gov-sod``)
+OFFICER = "security-officer"
+
+
 def conflicting_roles(role: str) -> tuple[str, ...]:
     """The roles separation of duties keeps away from ``role`` in one environment."""
     if role in model.KEY_ROLES:
-        return model.DATA_ROLES
-    if role in model.DATA_ROLES:
+        return DATA_SIDE
+    if role in DATA_SIDE:
         return model.KEY_ROLES
     return ()
 
@@ -178,6 +185,8 @@ def check_new(b: Binding, now: float) -> None:
         raise GovernanceError(f"unknown binding kind {shown(b.kind, 40)}")
     if b.role == "break-glass" and b.kind != "break-glass":
         raise GovernanceError("the break-glass role is only ever a break-glass window (access break-glass)")
+    if b.role == OFFICER and ("*" in b.pattern or b.pattern.split("/")[4] != "user"):
+        raise GovernanceError("a security-officer binding names one exact user identity (no *): officers use MFA")
     _check_reason(b.reason, required=b.kind != "binding")
     limit = model.MAX_BINDING if b.kind == "binding" else model.MAX_GRANT
     if not now < b.expires <= now + limit:
@@ -186,6 +195,12 @@ def check_new(b: Binding, now: float) -> None:
             f"a {b.kind} must expire in the future and within {days:g} days"
             + (" (maintenance access is never permanent)" if b.kind != "binding" else "")
         )
+
+
+def check_not_self(b: Binding, by: str) -> None:
+    """Nobody grants themselves access: ``b``'s pattern may not match its creator ``by``."""
+    if b.kind != "break-glass" and patterns_overlap(b.pattern, by):
+        raise AccessDenied(f"nobody grants themselves access: {shown(b.pattern)} matches {shown(by)}")
 
 
 def dialect_of(target: str | Path) -> tuple[str, str]:
@@ -248,6 +263,7 @@ class GovStore(SqlDatabase):
             created=t,
         )
         check_new(new, t)
+        check_not_self(new, by)
 
         def tx(q: Q) -> Binding:
             rows = q(
@@ -275,10 +291,12 @@ class GovStore(SqlDatabase):
 
         return self.run(tx)
 
-    def check(self, b: Binding, now: float | None = None) -> None:
-        """``bind``'s checks without the write (a break-glass request is checked when made)."""
+    def check(self, b: Binding, now: float | None = None, by: str | None = None) -> None:
+        """``bind``'s checks without the write (a request for approval is checked when made)."""
         t = time.time() if now is None else now
         check_new(b, t)
+        if by is not None:
+            check_not_self(b, by)
         clash = conflicts(b, self.bindings(), t)
         if clash:
             raise GovernanceError(sod_message(b, clash[0]))
@@ -390,12 +408,9 @@ def open_target(data: Path, db: str | None) -> str:
     raise ValueError("--db takes postgresql://... or sqlite:///PATH")
 
 
-__all__ = [
-    "DB_NAME",
-    "GovStore",
-    "binding_json",
-    "check_binding_pattern",
-    "check_new",
+__all__ = ["DATA_SIDE", "DB_NAME", "OFFICER", "GovStore", "binding_json", "check_binding_pattern", "check_new"]
+__all__ += [
+    "check_not_self",
     "conflicting_roles",
     "conflicts",
     "dialect_of",

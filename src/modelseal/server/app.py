@@ -22,9 +22,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
+from modelseal.audit.batch import BatchLog, GroupCommit
 from modelseal.audit.events import AuditSink
 from modelseal.governance.brokerkeys import BrokerKeys
 from modelseal.governance.brokerkeys import load_config as broker_config
@@ -108,6 +110,9 @@ def open_governance(target: str, auth: Authorizer, sink: AuditSink, svc: KeyServ
     policies = PolicyStore.open(target)
     writer = AuditWriter(sink)
     decider = authz.Authz(store, policies, auth.env, auth.trust_domain, writer)
+    if svc is not None and hasattr(sink, "emit_many"):
+        # Key operations are recorded before they are answered; concurrent ones share a commit.
+        svc = svc.with_sink(GroupCommit(cast(BatchLog, sink)))
     catalog = BrokerKeys.open(target, broker_config()) if svc is not None else None
     return Governance(target, store, policies, decider, writer, svc, catalog)
 

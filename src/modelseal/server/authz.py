@@ -263,9 +263,11 @@ class Authz:
             glass = ",".join(b.id for b in used if b.kind == "break-glass")
             log.warning("BREAK-GLASS use by %s: %s (bindings %s)", ident.uri, key, glass)
             self.sink.emit(AuditEvent("break-glass-use", key, f"allow:{glass}", actor=ident.uri, time=t))
-        if d.allowed and used:
+        infos = engine.policies.policies  # last use: only the bindings of a role whose permit allowed this
+        roles = {infos[i].annotations.get("role") for i in d.policies if i in infos} if d.allowed else set()
+        if d.allowed and (touched := [b.id for b in used if b.role in roles]):
             try:
-                self.store.touch([b.id for b in used], t)
+                self.store.touch(touched, t)
             except ModelsealError as e:  # a last-use stamp lost changes no decision
                 log.error("cannot record the last use of bindings of %s: %s", ident.uri, e)
         return d

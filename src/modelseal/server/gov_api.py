@@ -9,9 +9,11 @@ for: ``queue_approval`` decides it as it stands (allowed, or denied by the two-p
 alone) and records an approval request (202); officers approve it, each with a fresh code
 bound to the request's digest, and the approval that completes it runs the action's
 registered executor exactly once (``register_executor``), after deciding it again for the
-requester with ``approved`` set: a requester who lost the role meanwhile is refused then.
-Changes are audited with the caller as actor (``approval-request``, ``approval-run``,
-``access-bind``, ...); the decisions themselves are audited by ``server.authz``.
+requester with ``approved`` set: a requester who lost the role meanwhile is refused then. A
+``security-officer`` binding, grant or removal waits for approval too (``approvals.APPROVABLE``);
+nobody binds a pattern matching their own identity (``store.check_not_self``). Changes are
+audited with the caller as actor (``approval-request``, ``approval-run``, ``access-bind``, ...);
+the decisions themselves are audited by ``server.authz``.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from aiohttp import web
 from modelseal.audit.events import AuditEvent
 from modelseal.errors import AccessDenied, GovernanceError, IdentityError, ModelsealError
 from modelseal.governance import cedar, model, review
-from modelseal.governance.approvals import Approval, Approvals, Conflict, Settings, check_id
+from modelseal.governance.approvals import APPROVABLE, Approval, Approvals, Conflict, Settings, check_id
 from modelseal.governance.approvals import settings as gov_settings
 from modelseal.governance.mfa import Mfa, request_digest
 from modelseal.governance.model import Binding, Decision, Resource
-from modelseal.governance.store import GovStore, binding_json
+from modelseal.governance.store import OFFICER, GovStore, binding_json
 from modelseal.keys.service import KeyService
 from modelseal.pki.identity import Identity, parse
 from modelseal.server import authz
@@ -63,8 +65,8 @@ class NotFound(GovernanceError):
 
 def register_executor(action: str, fn: Executor) -> None:
     """Run ``fn(app, params, requester)`` when a request of ``action`` is approved."""
-    if action not in model.TWO_PERSON:
-        raise ValueError(f"{action!r} is not a two-person action")
+    if action not in APPROVABLE:
+        raise ValueError(f"{action!r} is not an action that waits for approval")
     _EXECUTORS[action] = fn
 
 
@@ -85,8 +87,6 @@ def _gov(request: web.Request, rid: str, **attrs: object) -> Resource:
 
 
 # -- step-up MFA and the two-person rule ---------------------------------------------------
-
-
 async def step_up(
     request: web.Request, action: str, resource_id: str, params: Mapping[str, Any], otp: str | None
 ) -> dict[str, object]:
@@ -172,8 +172,6 @@ async def _execute(request: web.Request, a: Approval) -> Approval:
 
 
 # -- parsing -------------------------------------------------------------------------------
-
-
 async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # bounded by the application's client_max_size
     doc = json_loads(raw or b"{}", max_depth=6, max_values=1000, error=GovernanceError, what="the body")
@@ -211,6 +209,8 @@ def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
             return await handler(request)
         except NotFound as e:
             return _answer(404, "NOT_FOUND", str(e))
+        except AccessDenied as e:  # nobody grants themselves access (governance.store)
+            return _answer(403, "DENIED", str(e))
         except (GovernanceError, IdentityError) as e:
             return _answer(409 if isinstance(e, Conflict) else 400, "INVALID", str(e))
         except ModelsealError as e:
@@ -221,12 +221,9 @@ def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
 
 
 # -- access ----------------------------------------------------------------------------------
-
-
 async def list_bindings(request: web.Request) -> web.Response:
     await authz.authorize(request, "access.list", _gov(request, "bindings"))
-    everything = request.query.get("all") == "1"
-    rows = await _run(request.app, request.app[STORE].bindings, everything)
+    rows = await _run(request.app, request.app[STORE].bindings, request.query.get("all") == "1")
     return web.json_response({"bindings": [binding_json(b) for b in rows]})
 
 
@@ -249,6 +246,9 @@ async def _bind(request: web.Request, kind: str) -> web.Response:
     params = _wanted(request, doc, kind)
     ctx = await step_up(request, action, params["identity"], params, _otp(doc))
     res = Resource("Governance", "bindings", {"env": params["env"], "role": params["role"]})
+    if params["role"] == OFFICER:  # the officer pool changes only with a second officer
+        await _run(request.app, request.app[STORE].check, _binding_of(params, time.time()), None, request[IDENTITY].uri)
+        return await queue_approval(request, action, res, params, ctx)
     await authz.authorize(request, action, res, ctx)
     now, by = time.time(), request[IDENTITY].uri
     b = await _run(request.app, request.app[STORE].bind, _binding_of(params, now), by, now)
@@ -265,7 +265,10 @@ async def unbind(request: web.Request) -> web.Response:
     if b is None:
         await authz.authorize(request, "access.unbind", _gov(request, "bindings"), ctx)
         raise NotFound(f"no binding {bid[:40]!r}")
-    await authz.authorize(request, "access.unbind", Resource("Governance", b.id, {"env": b.env, "role": b.role}), ctx)
+    res = Resource("Governance", b.id, {"env": b.env, "role": b.role})
+    if b.role == OFFICER:
+        return await queue_approval(request, "access.unbind", res, {"id": bid}, ctx)
+    await authz.authorize(request, "access.unbind", res, ctx)
     gone = await _run(request.app, request.app[STORE].unbind, bid, request[IDENTITY].uri)
     _audit(request, "access-unbind", f"binding:{gone.id}", f"ok:{gone.role}@{gone.env}")
     return web.json_response(binding_json(gone))
@@ -284,17 +287,23 @@ async def break_glass(request: web.Request) -> web.Response:
     return await queue_approval(request, "access.break-glass", res, params, ctx)
 
 
-async def execute_break_glass(app: web.Application, params: dict[str, Any], requester: str) -> dict[str, Any]:
-    """The ``access.break-glass`` executor: the window starts when it is approved."""
-    now = time.time()
-    b = await _run(app, app[STORE].bind, _binding_of({**params, "identity": requester}, now), requester, now)
-    log.warning("BREAK-GLASS window %s opened: %s is %s in %s until %d", b.id, requester, b.role, b.env, b.expires)
+async def execute_bind(app: web.Application, params: dict[str, Any], requester: str) -> dict[str, Any]:
+    """Run an approved break-glass window (the requester's) or officer binding, from now."""
+    now, glass = time.time(), params["kind"] == "break-glass"
+    wanted = _binding_of({**params, "identity": requester} if glass else params, now)
+    b = await _run(app, app[STORE].bind, wanted, requester, now)  # never the requester's own (store)
+    what = "BREAK-GLASS window" if glass else f"approved {b.kind}"
+    log.warning("%s %s: %s is %s in %s until %d", what, b.id, b.pattern, b.role, b.env, b.expires)
     return {"binding": b.id, "role": b.role, "env": b.env, "expires": b.expires}
 
 
+async def execute_unbind(app: web.Application, params: dict[str, Any], requester: str) -> dict[str, Any]:
+    """The executor of an approved removal of a security-officer binding."""
+    gone = await _run(app, app[STORE].unbind, str(params["id"]), requester)
+    return {"removed": gone.id, "identity": gone.pattern, "role": gone.role, "env": gone.env}
+
+
 # -- approvals -------------------------------------------------------------------------------
-
-
 async def _approval(request: web.Request, action: str) -> Approval:
     aid = request.match_info["id"]
     try:
@@ -308,7 +317,8 @@ async def list_approvals(request: web.Request) -> web.Response:
     await authz.authorize(request, "approval.list", _gov(request, "approvals"))
     store = request.app[APPROVALS]
     rows = await _run(request.app, store.recent if request.query.get("all") == "1" else store.pending)
-    return web.json_response({"approvals": [a.to_json(time.time()) for a in rows]})
+    mine = [a.to_json(time.time()) for a in rows if a.resource.attrs.get("env") == request[IDENTITY].env]
+    return web.json_response({"approvals": mine})
 
 
 async def decide(request: web.Request) -> web.Response:
@@ -319,7 +329,8 @@ async def decide(request: web.Request) -> web.Response:
     ident, store, reason = request[IDENTITY], request.app[APPROVALS], _str(doc, "reason", "")
     params = {"decision": verdict, "digest": a.digest, **({"reason": reason} if verdict == "deny" else {})}
     ctx = await step_up(request, "approval.decide", a.id, params, _otp(doc))
-    res = Resource("Approval", a.id, {"env": ident.env, "action": a.action, "requester": a.requester})
+    env = str(a.resource.attrs.get("env", ""))  # the request's environment, never the approver's
+    res = Resource("Approval", a.id, {"env": env, "action": a.action, "requester": a.requester})
     await authz.authorize(request, "approval.decide", res, ctx)
     claimed = False
     if verdict == "deny":
@@ -334,8 +345,6 @@ async def decide(request: web.Request) -> web.Response:
 
 
 # -- MFA and the access review -----------------------------------------------------------------
-
-
 async def mfa_enroll(request: web.Request) -> web.Response:
     await authz.authorize(request, "mfa.enroll", _gov(request, "mfa"))
     uri = await _run(request.app, request.app[MFA].enroll, request[IDENTITY].uri)
@@ -402,17 +411,10 @@ def add_routes(
     r.add_post(p + "/approvals/{id}/{verdict:approve|deny}", _guarded(decide))
     r.add_post(f"{p}/mfa/enroll", _guarded(mfa_enroll))
     r.add_post(f"{p}/mfa/confirm", _guarded(mfa_confirm))
-    register_executor("access.break-glass", execute_break_glass)
+    for action in ("access.break-glass", "access.bind", "access.grant"):
+        register_executor(action, execute_bind)
+    register_executor("access.unbind", execute_unbind)
 
 
-__all__ = [
-    "APPROVALS",
-    "MFA",
-    "PREFIX",
-    "STORE",
-    "Executor",
-    "add_routes",
-    "queue_approval",
-    "register_executor",
-    "step_up",
-]
+__all__ = ["APPROVALS", "MFA", "PREFIX", "STORE", "Executor", "add_routes", "queue_approval"]
+__all__ += ["register_executor", "step_up"]

@@ -1,7 +1,7 @@
 """The OCI distribution-spec v1.1 routes (end-2 .. end-14; end-1 ``GET /v2/`` is ``server.app``).
 
 A handler parses the request, asks ``allowed`` (the Cedar decision of ``server.authz`` on
-the ``Repository`` in this server's environment; at a manifest push under ``sealed-only``,
+the ``Repository`` in this server's environment; at a manifest push or GET under ``sealed-only``,
 the encryption standards too, ``server.pushstandards``) and calls ``registry.service.Registry`` in a
 thread pool; a ``RegistryRefused`` becomes its status with an OCI error body, any other
 registry failure a 503 (507 for a full disk). ``Location`` headers are relative
@@ -38,7 +38,7 @@ from modelseal.server import authz
 from modelseal.server import ocihttp as h
 from modelseal.server.authz import AUTHZ
 from modelseal.server.identity import IDENTITY
-from modelseal.server.pushstandards import check_push
+from modelseal.server.pushstandards import check_pull, check_push
 
 log = logging.getLogger("modelseal.server")
 
@@ -292,6 +292,8 @@ async def manifest(request: web.Request, name: str, reference: str) -> web.Strea
     headers = {"Docker-Content-Digest": row.digest, "Content-Type": row.media_type, "Content-Length": str(row.size)}
     if head:
         return web.Response(status=200, headers=headers)
+    if reg.content == SEALED_ONLY:  # the encryption standards again, as artifact.pull
+        await check_pull(request, name, row, reg, request.app[POOL])
     return web.Response(
         status=200, body=row.body, headers={"Docker-Content-Digest": row.digest, "Content-Type": row.media_type}
     )

@@ -1,10 +1,14 @@
-"""The encryption standards at push: before a manifest is stored under ``sealed-only``, the
-header of each sealed layer it names (a lone sealed file, or a folder's manifest) is read
-from the blob store and decided as ``artifact.push`` on an ``Artifact`` by ``server.authz``,
-with the facts ``governance.standards.facts_from_header`` finds in it, judged by this
-server's environment. A standard's deny (``std-prod-kms``: never ``local:`` in prod, the
-KEK cryptoperiod, TLS 1.3) refuses the push with 403 and the standard's reason, unless an
-exception waives it (then audited ``allow-exception:ID``).
+"""The encryption standards at push and pull: before a manifest is stored under
+``sealed-only``, the header of each sealed layer it names (a lone sealed file, or a folder's
+manifest) is read from the blob store and decided as ``artifact.push`` on an ``Artifact`` by
+``server.authz``, with the facts ``governance.standards.facts_from_header`` finds in it,
+judged by this server's environment; a GET of a manifest is decided the same way as
+``artifact.pull`` before its body is served, so an exception that expires stops pulls at
+once. A standard's deny (``std-prod-kms``: never ``local:`` in prod, the KEK cryptoperiod,
+TLS 1.3) refuses with 403 and the standard's reason, unless an exception waives it (then
+audited ``allow-exception:ID``). The facts of a manifest digest never change (its layers
+are named by digest; no clock or key state enters them here), so pulls keep them in memory
+per manifest digest (``MAX_CACHED``); the decision itself is made on every request.
 
 Only the first bytes of a layer are read (its header, at most ``format.header.MAX_HEADER``);
 the body is parsed as the registry parses it (a body that is not a manifest is refused
@@ -15,6 +19,7 @@ read. Knows no HTTP beyond the decision it asks for.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -22,9 +27,10 @@ from aiohttp import web
 from modelseal.errors import FormatError, RegistryRefused
 from modelseal.format.header import MAX_HEADER
 from modelseal.governance.model import Resource
-from modelseal.governance.standards import facts_from_header
+from modelseal.governance.standards import ArtifactFacts, facts_from_header
 from modelseal.registry import layout
 from modelseal.registry.manifests import parse_manifest
+from modelseal.registry.meta import ManifestRow
 from modelseal.registry.service import Registry
 from modelseal.server import authz
 from modelseal.server import ocihttp as h
@@ -32,6 +38,10 @@ from modelseal.server import ocihttp as h
 SEALED_MEDIA = (layout.SEALED_FILE, layout.FOLDER_MANIFEST)
 FIRST_READ = 64 << 10  # most headers; a longer one is read again, up to MAX_HEADER
 MAX_CHECKED = 16  # sealed layers one manifest may name (an artifact has one)
+MAX_CACHED = 4096  # manifests whose layer facts pulls keep (cleared whole when full)
+Facts = tuple[tuple[str, ArtifactFacts], ...]
+_cache: dict[tuple[str, str], Facts] = {}  # (server env, manifest digest) -> its sealed layers' facts
+_cache_lock = threading.Lock()
 
 
 def sealed_layers(body: bytes, content_type: str | None) -> list[tuple[str, int]]:
@@ -63,26 +73,57 @@ def _head(reg: Registry, repo: str, digest: str, length: int) -> bytes | None:
     return b"".join(parts)
 
 
-async def check_push(request: web.Request, repo: str, body: bytes, reg: Registry, pool: ThreadPoolExecutor) -> None:
-    """Decide ``artifact.push`` for each sealed layer of the manifest ``body`` (module
-    docstring); a refusal is raised (``authz.Refusal``)."""
-    decider = request.app[authz.AUTHZ]
-    layers = await h.in_thread(pool, sealed_layers, body, request.headers.get("Content-Type"))
+async def _layer_facts(
+    request: web.Request, repo: str, body: bytes, ctype: str | None, reg: Registry, pool: ThreadPoolExecutor
+) -> tuple[Facts, bool]:
+    """The facts of each sealed layer of the manifest ``body`` that ``repo`` holds, and
+    whether it held every one; a header that does not parse is refused (403)."""
+    env = request.app[authz.AUTHZ].env
+    layers = await h.in_thread(pool, sealed_layers, body, ctype)
+    out: list[tuple[str, ArtifactFacts]] = []
     for digest, size in layers:
         raw = await h.in_thread(pool, _head, reg, repo, digest, FIRST_READ)
         if raw is None:
             continue  # unknown to the repository: the registry refuses the manifest
         try:
             try:
-                facts = facts_from_header(raw, decider.env)
+                facts = facts_from_header(raw, env)
             except FormatError:
                 if len(raw) >= min(size, MAX_HEADER):
                     raise
                 raw = await h.in_thread(pool, _head, reg, repo, digest, MAX_HEADER)
-                facts = facts_from_header(raw or b"", decider.env)
+                facts = facts_from_header(raw or b"", env)
         except FormatError as e:
             raise authz.Refusal(403, "DENIED", f"layer {digest[:80]}: its sealed header does not parse ({e})") from None
-        await authz.authorize(request, "artifact.push", Resource("Artifact", digest, facts.attrs()))
+        out.append((digest, facts))
+    return tuple(out), len(out) == len(layers)
 
 
-__all__ = ["SEALED_MEDIA", "check_push", "sealed_layers"]
+async def check_push(request: web.Request, repo: str, body: bytes, reg: Registry, pool: ThreadPoolExecutor) -> None:
+    """Decide ``artifact.push`` for each sealed layer of the manifest ``body`` (module
+    docstring); a refusal is raised (``authz.Refusal``)."""
+    facts, _ = await _layer_facts(request, repo, body, request.headers.get("Content-Type"), reg, pool)
+    for digest, f in facts:
+        await authz.authorize(request, "artifact.push", Resource("Artifact", digest, f.attrs()))
+
+
+async def check_pull(
+    request: web.Request, repo: str, row: ManifestRow, reg: Registry, pool: ThreadPoolExecutor
+) -> None:
+    """Decide ``artifact.pull`` for each sealed layer of the manifest ``row`` about to be
+    served (module docstring); a refusal is raised (``authz.Refusal``)."""
+    key = (request.app[authz.AUTHZ].env, row.digest)
+    with _cache_lock:
+        facts = _cache.get(key)
+    if facts is None:
+        facts, whole = await _layer_facts(request, repo, row.body or b"", row.media_type, reg, pool)
+        with _cache_lock:
+            if whole:  # a layer this repository lacks is looked for again next time
+                if len(_cache) >= MAX_CACHED:
+                    _cache.clear()
+                _cache[key] = facts
+    for digest, f in facts:
+        await authz.authorize(request, "artifact.pull", Resource("Artifact", digest, f.attrs()))
+
+
+__all__ = ["MAX_CACHED", "SEALED_MEDIA", "check_pull", "check_push", "sealed_layers"]
