@@ -163,14 +163,14 @@ def client(port: int, folder: Path, pin_list: list[str]) -> BrokerProvider:
 
 
 def latencies(transit: TransitProvider, broker: BrokerProvider, samples: int) -> None:
-    inner = transit.wrap("bench-kek", os.urandom(32), CTX)
+    inner = transit.wrap("transit/bench-kek", os.urandom(32), CTX)
     outer = brokerops.outer("bench", inner)
     broker.unwrap(outer, CTX)  # connection and caches warm on both sides
     d_med, d_p95 = latency(lambda: transit.unwrap(inner, CTX), samples)
     b_med, b_p95 = latency(lambda: broker.unwrap(outer, CTX), samples)
     print(f"  unwrap one key   direct transit: median {d_med:6.2f} ms  p95 {d_p95:6.2f} ms")
     print(f"                   broker:         median {b_med:6.2f} ms  p95 {b_p95:6.2f} ms  ({verdict(b_med, d_med)})")
-    inners = [transit.wrap("bench-kek", os.urandom(32), CTX) for _ in range(1000)]
+    inners = [transit.wrap("transit/bench-kek", os.urandom(32), CTX) for _ in range(1000)]
     outers = [brokerops.outer("bench", r) for r in inners]
     d_med, _ = latency(lambda: transit.unwrap_many(inners, CTX), 5)
     b_med, _ = latency(lambda: broker.unwrap_many(outers, CTX), 5)
