@@ -76,7 +76,8 @@ officer() { MODELSEAL_TLS_DIR="$OUT/officer-tls" "$MS" "$@" --server "127.0.0.1:
 echo "== the officer enrols TOTP (step-up MFA), then binds the trainer as publisher for a day"
 TOTP_URI="$(officer mfa enroll 2>/dev/null)"  # the secret is shown once; here it stays in this shell
 # An authenticator app's code, now and for the next 30 s step (each code is accepted once).
-otp() { "$VENV/bin/python" -c 'import sys, time, pyotp; print(pyotp.parse_uri(sys.argv[1]).at(time.time() + 30 * int(sys.argv[2])))' "$TOTP_URI" "$1"; }
+# The secret goes through the environment of that one command, never argv (other users can read argv).
+otp() { TOTP_URI="$TOTP_URI" "$VENV/bin/python" -c 'import os, sys, time, pyotp; print(pyotp.parse_uri(os.environ["TOTP_URI"]).at(time.time() + 30 * int(sys.argv[1])))' "$1"; }
 otp 0 | officer mfa confirm
 otp 1 | officer access bind spiffe://demo.example/dev/service/demo-trainer --role publisher --expires 1d --reason "the demo's trainer"
 echo "== an identity without a role is refused, in one line naming why"
