@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelseal.audit.events import AuditSink, MemorySink
+from modelseal.audit.events import AuditEvent, AuditSink
 from modelseal.governance.cedar import PolicySet, default_policy
 from modelseal.governance.model import Binding, Resource
 from modelseal.governance.store import GovStore
@@ -127,6 +127,17 @@ def percentiles(ts: list[float]) -> tuple[float, float]:
     return s[len(s) // 2] * 1e6, s[min(len(s) - 1, int(len(s) * 0.99))] * 1e6
 
 
+class Counted:
+    """A sink that counts and drops events. A ``MemorySink`` keeps all 20,000, and the
+    collector's passes over that growing heap showed up as the p99 of a decision."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def emit(self, event: AuditEvent) -> None:
+        self.n += 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=20000)
@@ -146,10 +157,10 @@ def main() -> None:
         def make(sink: AuditSink, cache: float = 2.0) -> Authz:
             return Authz(store, policies, "prod", TD, sink, cache_seconds=cache)
 
-        warm = make(MemorySink(), cache=3600.0)  # every identity's bindings read once, then cached
+        warm = make(Counted(), cache=3600.0)  # every identity's bindings read once, then cached
         run(warm, work[:2000])
         rows = [("warm (cached bindings)", *run(warm, work))]
-        rows.append(("cold (binding cache off)", *run(make(MemorySink(), cache=0.0), work[: n // 4])))
+        rows.append(("cold (binding cache off)", *run(make(Counted(), cache=0.0), work[: n // 4])))
         rows.append(("warm + thread hop (authorize)", *run_hop(warm, work[: n // 4])))
         from modelseal.audit.log import MerkleAuditLog
 
