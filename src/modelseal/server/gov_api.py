@@ -39,8 +39,8 @@ from modelseal.governance.store import OFFICER, GovStore, binding_json
 from modelseal.keys.service import KeyService
 from modelseal.pki.identity import Identity, parse
 from modelseal.server import authz
+from modelseal.server import jsonbody as jb
 from modelseal.server.identity import IDENTITY, peer_der
-from modelseal.util.bounded import json_loads
 
 log = logging.getLogger("modelseal.server")
 T = TypeVar("T")
@@ -172,28 +172,6 @@ async def _execute(request: web.Request, a: Approval) -> Approval:
 
 
 # -- parsing -------------------------------------------------------------------------------
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # bounded by the application's client_max_size
-    doc = json_loads(raw or b"{}", max_depth=6, max_values=1000, error=GovernanceError, what="the body")
-    if not isinstance(doc, dict):
-        raise GovernanceError("the body must be a JSON object")
-    return doc
-
-
-def _str(doc: Mapping[str, Any], name: str, default: str | None = None, limit: int = 500) -> str:
-    value = doc.get(name, default)
-    if not isinstance(value, str) or len(value) > limit:
-        raise GovernanceError(f"{name} must be a string of at most {limit} characters")
-    return value
-
-
-def _otp(doc: Mapping[str, Any]) -> str | None:
-    otp = doc.get("otp")
-    if otp is not None and not isinstance(otp, str):
-        raise GovernanceError("otp must be a string")
-    return otp
-
-
 def _seconds(doc: Mapping[str, Any], name: str) -> int:
     value = doc.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= model.MAX_BINDING:
@@ -230,8 +208,12 @@ async def list_bindings(request: web.Request) -> web.Response:
 def _wanted(request: web.Request, doc: Mapping[str, Any], kind: str, who: str | None = None) -> dict[str, Any]:
     """The parameters of a binding, grant or break-glass window asked for in ``doc``."""
     ident = request[IDENTITY]
-    params: dict[str, Any] = {"identity": who or _str(doc, "identity"), "role": _str(doc, "role", limit=64)}
-    params |= {"env": _str(doc, "env", ident.env, 64), "reason": _str(doc, "reason", ""), "for": _seconds(doc, "for")}
+    params: dict[str, Any] = {"identity": who or jb.string(doc, "identity"), "role": jb.string(doc, "role", limit=64)}
+    params |= {
+        "env": jb.string(doc, "env", 64, ident.env),
+        "reason": jb.string(doc, "reason", default=""),
+        "for": _seconds(doc, "for"),
+    }
     params["kind"] = kind
     return params
 
@@ -241,10 +223,10 @@ def _binding_of(p: Mapping[str, Any], now: float) -> Binding:
 
 
 async def _bind(request: web.Request, kind: str) -> web.Response:
-    doc = await _body(request)
+    doc = await jb.read_object(request)
     action = "access.bind" if kind == "binding" else "access.grant"
     params = _wanted(request, doc, kind)
-    ctx = await step_up(request, action, params["identity"], params, _otp(doc))
+    ctx = await step_up(request, action, params["identity"], params, jb.otp(doc))
     res = Resource("Governance", "bindings", {"env": params["env"], "role": params["role"]})
     if params["role"] == OFFICER:  # the officer pool changes only with a second officer
         await _run(request.app, request.app[STORE].check, _binding_of(params, time.time()), None, request[IDENTITY].uri)
@@ -259,8 +241,8 @@ async def _bind(request: web.Request, kind: str) -> web.Response:
 
 async def unbind(request: web.Request) -> web.Response:
     bid = request.match_info["id"]
-    doc = await _body(request)
-    ctx = await step_up(request, "access.unbind", bid, {"id": bid}, _otp(doc))
+    doc = await jb.read_object(request)
+    ctx = await step_up(request, "access.unbind", bid, {"id": bid}, jb.otp(doc))
     b = await _run(request.app, request.app[STORE].get, bid)
     if b is None:
         await authz.authorize(request, "access.unbind", _gov(request, "bindings"), ctx)
@@ -276,13 +258,13 @@ async def unbind(request: web.Request) -> web.Response:
 
 async def break_glass(request: web.Request) -> web.Response:
     """Ask for a break-glass window for oneself: an approval request (202)."""
-    doc = await _body(request)
+    doc = await jb.read_object(request)
     params = _wanted(request, doc, "break-glass", who=request[IDENTITY].uri)
     limit = request.app[SETTINGS].break_glass_for
     if params["for"] > limit:
         raise GovernanceError(f"a break-glass window is at most {int(limit // 60)} minutes on this server")
     await _run(request.app, request.app[STORE].check, _binding_of(params, time.time()))  # now, not once approved
-    ctx = await step_up(request, "access.break-glass", params["identity"], params, _otp(doc))
+    ctx = await step_up(request, "access.break-glass", params["identity"], params, jb.otp(doc))
     res = Resource("Governance", "break-glass", {"env": params["env"], "role": params["role"]})
     return await queue_approval(request, "access.break-glass", res, params, ctx)
 
@@ -324,11 +306,11 @@ async def list_approvals(request: web.Request) -> web.Response:
 async def decide(request: web.Request) -> web.Response:
     """Approve or deny (``.../approve``, ``.../deny``) with a fresh code bound to the request."""
     verdict = request.match_info["verdict"]
-    doc = await _body(request)
+    doc = await jb.read_object(request)
     a = await _approval(request, "approval.decide")
-    ident, store, reason = request[IDENTITY], request.app[APPROVALS], _str(doc, "reason", "")
+    ident, store, reason = request[IDENTITY], request.app[APPROVALS], jb.string(doc, "reason", default="")
     params = {"decision": verdict, "digest": a.digest, **({"reason": reason} if verdict == "deny" else {})}
-    ctx = await step_up(request, "approval.decide", a.id, params, _otp(doc))
+    ctx = await step_up(request, "approval.decide", a.id, params, jb.otp(doc))
     env = str(a.resource.attrs.get("env", ""))  # the request's environment, never the approver's
     res = Resource("Approval", a.id, {"env": env, "action": a.action, "requester": a.requester})
     await authz.authorize(request, "approval.decide", res, ctx)
@@ -353,9 +335,9 @@ async def mfa_enroll(request: web.Request) -> web.Response:
 
 
 async def mfa_confirm(request: web.Request) -> web.Response:
-    doc = await _body(request)
+    doc = await jb.read_object(request)
     await authz.authorize(request, "mfa.enroll", _gov(request, "mfa"))
-    await _run(request.app, request.app[MFA].confirm, request[IDENTITY].uri, _otp(doc) or "")
+    await _run(request.app, request.app[MFA].confirm, request[IDENTITY].uri, jb.otp(doc) or "")
     _audit(request, "mfa-confirm", "mfa:totp", "ok:active")
     return web.json_response({"state": "active"})
 
@@ -369,12 +351,12 @@ async def access_review(request: web.Request) -> web.Response:
 
 
 async def attest(request: web.Request) -> web.Response:
-    doc = await _body(request)
+    doc = await jb.read_object(request)
     await authz.authorize(request, "access.attest", _gov(request, "review"))
     der = peer_der(request)
     if der is None:
         return _answer(401, "UNAUTHORIZED", "a client certificate is required")
-    digest, sig, who = _str(doc, "digest", limit=80), _str(doc, "signature", limit=200), request[IDENTITY].uri
+    digest, sig, who = jb.string(doc, "digest", limit=80), jb.string(doc, "signature", limit=200), request[IDENTITY].uri
     a = await _run(request.app, request.app[REVIEWS].attest, digest, who, sig, der)
     _audit(request, "access-attest", f"review:{digest}", f"ok:{a.id}")
     return web.json_response(a.to_json(), status=201)

@@ -52,7 +52,7 @@ from modelseal.keys.providers import KeyInfo, canonical_key, parse_key_uri
 from modelseal.keys.service import KeyService
 from modelseal.server import authz, gov_api
 from modelseal.server.identity import IDENTITY
-from modelseal.util.bounded import json_loads
+from modelseal.server.jsonbody import BadRequest, otp, read_object
 
 log = logging.getLogger("modelseal.server")
 T = TypeVar("T")
@@ -78,10 +78,6 @@ CODES: tuple[tuple[type[ModelsealError], str], ...] = (
 )
 STATUS = {"DECRYPTION_FAILED": 422, "KEY_UNKNOWN": 404, "KEY_DISABLED": 409, "UNAVAILABLE": 503}
 STATUS |= {"PROVIDER_FAILED": 502, "DENIED": 403, "INVALID": 400, "FAILED": 500}
-
-
-class BadRequest(GovernanceError):
-    """The request body is not what the route takes (400)."""
 
 
 def code_of(e: ModelsealError) -> str:
@@ -126,11 +122,7 @@ def _answer(status: int, code: str, message: str) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # bounded by the application's client_max_size
-    doc = json_loads(raw or b"{}", max_depth=6, max_values=MAX_JSON_VALUES, error=BadRequest, what="the body")
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object")
-    return doc
+    return await read_object(request, max_values=MAX_JSON_VALUES)
 
 
 def _b64(value: object, what: str, limit: int) -> bytes:
@@ -321,19 +313,12 @@ async def _step_up(
     return await gov_api.step_up(request, action, name, params, otp)
 
 
-def _otp(doc: dict[str, Any]) -> str | None:
-    otp = doc.get("otp")
-    if otp is not None and not isinstance(otp, str):
-        raise BadRequest("otp must be a string")
-    return otp
-
-
 async def create(request: web.Request) -> web.Response:
     doc = await _body(request)
     name = bk.check_name(doc.get("name"))
     env = bk.check_env(doc.get("env") or request[IDENTITY].env)
     params: dict[str, object] = {"name": name, "env": env}
-    mfa = await _step_up(request, "key.create", name, params, _otp(doc))
+    mfa = await _step_up(request, "key.create", name, params, otp(doc))
     await authz.authorize(request, "key.create", Resource("Key", name, {"env": env}), mfa)
     app = request.app
     entry = await _run(request, ops.create_key, app[SVC], app[CATALOG], name, env, _who(request))
@@ -347,7 +332,7 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     version = None if doc.get("version") is None else _version(doc["version"])
     params: dict[str, object] = {"name": name, "version": version}
     action = f"key.{op}"
-    mfa = await _step_up(request, action, name, params, _otp(doc))
+    mfa = await _step_up(request, action, name, params, otp(doc))
     if op == "destroy":  # two-person: queue_approval decides it, execute_destroy runs it once approved
         entry = await _entry(request, name, "key.list", {})
         res = Resource("Key", name, {"env": entry.env, "provider": parse_key_uri(entry.backing).scheme})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -26,8 +26,8 @@ from modelseal.governance.cedar import PolicySet
 from modelseal.governance.model import Resource
 from modelseal.governance.versions import DEFAULT, PolicyStore, check_digest, digest_of
 from modelseal.server import authz, gov_api
+from modelseal.server import jsonbody as jb
 from modelseal.server.identity import IDENTITY
-from modelseal.util.bounded import json_loads
 
 log = logging.getLogger("modelseal.server")
 T = TypeVar("T")
@@ -35,10 +35,6 @@ T = TypeVar("T")
 PREFIX = "/modelseal/v1/policy"
 POLICY_STORE: web.AppKey[PolicyStore] = web.AppKey("gov_policy_store", PolicyStore)
 MAX_NOTE = 400
-
-
-class BadRequest(GovernanceError):
-    """The body is not what the route takes (400)."""
 
 
 class NotFound(GovernanceError):
@@ -64,28 +60,6 @@ def _summary(ps: PolicySet) -> dict[str, object]:
         "standards": sorted(ps.standards),
         "exceptions": [e.describe() for e in ps.exceptions],
     }
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # bounded by the application's client_max_size (413 beyond)
-    doc = json_loads(raw or b"{}", max_depth=4, max_values=100, error=BadRequest, what="the body")
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object")
-    return doc
-
-
-def _field(doc: Mapping[str, Any], name: str, limit: int, default: str | None = None) -> str:
-    value = doc.get(name, default)
-    if not isinstance(value, str) or len(value) > limit:
-        raise BadRequest(f"{name} must be a string of at most {limit} characters")
-    return value
-
-
-def _otp(doc: Mapping[str, Any]) -> str | None:
-    otp = doc.get("otp")
-    if otp is not None and not isinstance(otp, str):
-        raise BadRequest("otp must be a string")
-    return otp
 
 
 async def _version(store: PolicyStore, digest: str) -> Any:
@@ -145,11 +119,11 @@ async def show_version(request: web.Request) -> web.Response:
 
 
 async def propose(request: web.Request) -> web.Response:
-    doc = await _body(request)
-    text = _field(doc, "text", 1 << 20)
-    note = _field(doc, "note", MAX_NOTE, "")
+    doc = await jb.read_object(request, max_depth=4, max_values=100)
+    text = jb.string(doc, "text", 1 << 20)
+    note = jb.string(doc, "note", MAX_NOTE, "")
     digest = digest_of(text)
-    ctx = await gov_api.step_up(request, "policy.propose", digest, {"digest": digest, "note": note}, _otp(doc))
+    ctx = await gov_api.step_up(request, "policy.propose", digest, {"digest": digest, "note": note}, jb.otp(doc))
     await authz.authorize(request, "policy.propose", _resource(request, digest=digest), ctx)
     who = request[IDENTITY].uri
     v = await _run(request.app[POLICY_STORE].propose, text, who, note)
@@ -159,12 +133,12 @@ async def propose(request: web.Request) -> web.Response:
 
 
 async def activate(request: web.Request) -> web.Response:
-    doc = await _body(request)
-    digest = check_digest(_field(doc, "digest", 80))
+    doc = await jb.read_object(request, max_depth=4, max_values=100)
+    digest = check_digest(jb.string(doc, "digest", 80))
     v = await _version(request.app[POLICY_STORE], digest)  # it must exist and hash to its digest now
     PolicySet.parse(v.text, f"policy {digest}")
     params = {"digest": digest}
-    ctx = await gov_api.step_up(request, "policy.activate", digest, params, _otp(doc))
+    ctx = await gov_api.step_up(request, "policy.activate", digest, params, jb.otp(doc))
     return await gov_api.queue_approval(request, "policy.activate", _resource(request, digest=digest), params, ctx)
 
 
