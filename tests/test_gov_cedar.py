@@ -117,6 +117,10 @@ CASES: dict[str, tuple[Case, Case]] = {
         lambda: decide(who(), "artifact.push", artifact()),
         lambda: decide(who(), "artifact.push", res("Repository", "a1", **ART)),
     ),
+    "role-metrics": (  # the scrape, and nothing else: not even the auditor's reads
+        lambda: decide(who({"prod": ("metrics",)}), "metrics.read", res("Audit", "metrics")),
+        lambda: decide(who({"prod": ("metrics",)}), "audit.read", res("Audit", "log")),
+    ),
     "gov-env-boundary": (
         lambda: decide(who({"prod": ("reader",)}, env="dev"), "pull", res("Repository", "team/m")),
         lambda: decide(READER, "pull", res("Repository", "team/m")),

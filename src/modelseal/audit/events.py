@@ -14,9 +14,9 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from modelseal.errors import StorageError
 
@@ -37,9 +37,18 @@ class AuditEvent:
     artifact: str | None = None  # artifact id (hex), never a path's contents
     actor: str = field(default_factory=_actor)
     time: float = 0.0
+    source: str | None = None  # the caller's network source (an IP address) where a server saw one
+
+    def fields(self) -> dict[str, Any]:
+        """The event as stored: ``source`` only when set, so events without one keep the
+        shape (and the bytes) they had before the field existed."""
+        doc = asdict(self)
+        if doc["source"] is None:
+            del doc["source"]
+        return doc
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
 
 
 class AuditSink(Protocol):
@@ -55,7 +64,7 @@ class JsonLinesSink:
 
     def emit(self, event: AuditEvent) -> None:
         if not event.time:
-            event = AuditEvent(**{**asdict(event), "time": self._now()})
+            event = replace(event, time=self._now())
         line = (event.to_json() + "\n").encode()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

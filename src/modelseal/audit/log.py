@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +137,8 @@ class MerkleAuditLog:
         bodies = []
         for event in events:
             if not event.time:
-                event = AuditEvent(**{**asdict(event), "time": self._now()})
-            bodies.append(json.dumps({**asdict(event), "signer": signer}, sort_keys=True, separators=(",", ":")))
+                event = replace(event, time=self._now())
+            bodies.append(json.dumps({**event.fields(), "signer": signer}, sort_keys=True, separators=(",", ":")))
         with self._lock:
             with self.store.transaction() as tx:
                 frontier = self._checked_frontier(tx, strict=False)

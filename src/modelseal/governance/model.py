@@ -33,6 +33,8 @@ POLICY_ACTIONS = ("policy.read", "policy.propose", "policy.activate")
 AUDIT_ACTIONS = ("audit.read", "evidence.read")
 CA_ACTIONS = ("cert.renew", "cert.revoke")
 MFA_ACTIONS = ("mfa.enroll",)
+# Monitoring (issue 14): the scrape, and the holds a detector's response puts in place.
+MONITOR_ACTIONS = ("metrics.read", "hold.list", "hold.release")
 # Encryption standards: resource is an ``Artifact``.
 STANDARD_ACTIONS = ("artifact.seal", "artifact.push", "artifact.pull", "artifact.deploy", "artifact.check")
 ACTIONS = (
@@ -45,6 +47,7 @@ ACTIONS = (
     + AUDIT_ACTIONS
     + CA_ACTIONS
     + MFA_ACTIONS
+    + MONITOR_ACTIONS
     + STANDARD_ACTIONS
 )
 
@@ -59,6 +62,7 @@ MFA_REQUIRED = (
     "policy.activate",
     "approval.decide",
     "cert.revoke",
+    "hold.release",
 )
 TWO_PERSON = ("key.destroy", "cert.revoke", "policy.activate", "access.break-glass")
 

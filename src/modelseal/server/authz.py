@@ -46,6 +46,7 @@ from modelseal.governance import cedar
 from modelseal.governance.model import Binding, Decision, Principal, Request, Resource
 from modelseal.governance.store import GovStore
 from modelseal.pki.identity import Identity
+from modelseal.server.hygiene import source_of
 from modelseal.server.identity import IDENTITY
 
 log = logging.getLogger("modelseal.server")
@@ -134,6 +135,13 @@ def tls_version(request: web.Request) -> str:
     if isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
         return obj.version() or ""
     return ""
+
+
+def request_source(request: web.Request) -> str | None:
+    """The request's peer address (``hygiene.source_of``: an IPv6 /64 counts as one), None without one."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return source_of(peer) if peer else None
 
 
 def resource_key(action: str, resource: Resource) -> str:
@@ -229,20 +237,26 @@ class Authz:
         return Principal(ident.uri, ident.env, ident.kind, ident.trust_domain, self.bindings_for(ident.uri, t))
 
     def decide(
-        self, ident: Identity, action: str, resource: Resource, context: Mapping[str, object] | None = None
+        self,
+        ident: Identity,
+        action: str,
+        resource: Resource,
+        context: Mapping[str, object] | None = None,
+        source: str | None = None,
     ) -> Decision:
         """Decide and audit one request of ``ident`` (synchronous; I/O only when a cache is
         stale, and the audit event). ``context``: the handler's facts (``mfa``, ``mfa_age``,
         ``approved``, ``approvals``, ``tls_version``, per-action extras). Raises
         ``GovernanceError`` when no decision can be made (the policy or the bindings
-        unavailable); that, too, is audited as a deny."""
+        unavailable); that, too, is audited as a deny. ``source``: the caller's address,
+        recorded on the events (the detectors' network paths)."""
         t = self.now()
         key = resource_key(action, resource)
         try:
             engine = self.engine()
             principal = self.principal(ident, t)
         except ModelsealError as e:
-            self.sink.emit(AuditEvent("authorize", key, "deny:unavailable", actor=ident.uri, time=t))
+            self.sink.emit(AuditEvent("authorize", key, "deny:unavailable", actor=ident.uri, time=t, source=source))
             raise GovernanceError(str(e) if str(e) == TAMPERED else "the governance state cannot be read") from None
         ctx: dict[str, object] = {"mfa": False, "mfa_age": -1, "approved": False, "approvals": 0, "tls_version": ""}
         ctx.update(context or {})
@@ -253,16 +267,17 @@ class Authz:
             d = engine.decide(Request(principal, action, resource, ctx))
         if not d.allowed and isinstance(ctx.get("mfa_error"), str) and ctx["mfa_error"]:
             d = Decision(False, d.policies, f"{d.reason} ({ctx['mfa_error']})", d.exception, d.expired, d.break_glass)
-        self.sink.emit(AuditEvent("authorize", key, audit_result(d), actor=ident.uri, time=t))
+        self.sink.emit(AuditEvent("authorize", key, audit_result(d), actor=ident.uri, time=t, source=source))
         for exc in d.expired:
             log.warning("exception %s has expired: %s by %s is no longer excepted", exc, key, ident.uri)
-            self.sink.emit(AuditEvent("exception-expired", key, f"expired:{exc}", actor=ident.uri, time=t))
+            expired = AuditEvent("exception-expired", key, f"expired:{exc}", actor=ident.uri, time=t, source=source)
+            self.sink.emit(expired)
         env = resource.attrs.get("env")
         used = [b for b in principal.bindings if env is None or b.env == env]
         if d.allowed and d.break_glass:
             glass = ",".join(b.id for b in used if b.kind == "break-glass")
             log.warning("BREAK-GLASS use by %s: %s (bindings %s)", ident.uri, key, glass)
-            self.sink.emit(AuditEvent("break-glass-use", key, f"allow:{glass}", actor=ident.uri, time=t))
+            self.sink.emit(AuditEvent("break-glass-use", key, f"allow:{glass}", actor=ident.uri, time=t, source=source))
         infos = engine.policies.policies  # last use: only the bindings of a role whose permit allowed this
         roles = {infos[i].annotations.get("role") for i in d.policies if i in infos} if d.allowed else set()
         if d.allowed and (touched := [b.id for b in used if b.role in roles]):
@@ -288,7 +303,8 @@ class Authz:
             self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="authz")
         loop = asyncio.get_running_loop()
         try:
-            d = await loop.run_in_executor(self._pool, self.decide, ident, action, resource, ctx)
+            source = request_source(request)
+            d = await loop.run_in_executor(self._pool, self.decide, ident, action, resource, ctx, source)
         except ModelsealError as e:  # GovernanceError, or the audit log refusing the event
             log.error("no decision for %s on %s: %s", ident.uri, resource_key(action, resource), e)
             reason = str(e) if str(e) == TAMPERED else "authorization is unavailable; retry later"
@@ -342,6 +358,7 @@ __all__ = [
     "audit_result",
     "authorize",
     "install",
+    "request_source",
     "resource_key",
     "tls_version",
 ]
