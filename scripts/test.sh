@@ -2,10 +2,11 @@
 # One command: install modelseal with its test extras into .venv, lint, type-check, run every test.
 set -euo pipefail
 # Debian packages the tests run for real: SoftHSM2 (pkcs11: providers), CNCF distribution
-# (docker-registry, push/pull interop) and nginx (the registry benchmark's reference).
+# (docker-registry, push/pull interop), nginx (the registry benchmark's reference) and
+# prometheus (promtool: tests/test_alerts.py checks and unit-tests deploy/prometheus/alerts.yml).
 # OpenBao, SeaweedFS and sslyze come from PyPI with the test extra.
 MISSING=""
-for pair in softhsm2-util:softhsm2 docker-registry:docker-registry nginx:nginx; do
+for pair in softhsm2-util:softhsm2 docker-registry:docker-registry nginx:nginx promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || MISSING="$MISSING ${pair##*:}"
 done
 if [ -n "$MISSING" ]; then

@@ -362,6 +362,7 @@ def test_review_with_a_signed_attestation(world: World) -> None:
     finally:
         reviews.close()
     assert a.reviewer == f"{USER}/officer2"
+    assert w.gov.audit.flush()  # the attest event goes through the queued writer: wait for it, then look
     assert any(e.operation == "access-attest" and e.actor == a.reviewer for e in w.env.sink.events)
     rc, _, err = w.run("trainer", "access", "review", kind="service")  # not an officer or an auditor
     assert rc == 17

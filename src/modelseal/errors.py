@@ -184,3 +184,32 @@ class StandardViolation(PolicyDenied):
     """An artifact breaks an encryption standard (``modelseal policy check``)."""
 
     exit_code = 8
+
+
+class ScanFindings(ModelsealError):
+    """``modelseal scan`` found more than ``--fail-on`` findings (its report was printed)."""
+
+    exit_code = 19
+
+
+class WebhookSignatureError(VerificationError):
+    """A signed alert webhook is refused: no valid signature of a trusted key over its body,
+    a timestamp outside the window (a replay, or a delivery held too long), or a body that
+    is not an alert (``modelseal alerts verify``, ``telemetry.alertsign.verify_webhook``)."""
+
+    exit_code = 20
+
+
+class ControlsFailed(ModelsealError):
+    """``modelseal controls test``: an intrusion attempt went through, or its alert did not
+    fire (the table was printed first; docs/controls.md)."""
+
+    exit_code = 21
+
+
+class ScanIncomplete(ModelsealError):
+    """``modelseal scan`` could not read or decide everything it was given (a file, an object,
+    a layer, a TLS probe): its report was printed and counts them (``--allow-errors`` accepts
+    an incomplete scan; docs/scan.md)."""
+
+    exit_code = 22

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from modelseal.audit import merkle
+from modelseal.audit.hosts import key_id
 from modelseal.audit.store import Row
 from modelseal.errors import ModelsealError
 from modelseal.util.bounded import json_loads
@@ -165,3 +166,58 @@ def check_rows(
         if last is None and not (unknown_ok and signer is None):
             return Verification(frontier.size, recomputed, seq, f"entry {seq} has no valid signature"), leaves, None
     return Verification(frontier.size, frontier.root()), leaves, last
+
+
+Fetch = Callable[[int, int], list[Row]]  # (after entry, at most) -> rows: ``AuditStore.rows_after``
+OnRows = Callable[[list[Row]], None]  # told each batch of rows that verified
+
+
+def head_at(fetch: Fetch, seq: int) -> bytes | None:
+    """The stored tree head after entry ``seq`` (None if there is no such entry)."""
+    rows = fetch(seq - 1, 1) if seq > 0 else []
+    return rows[0][3] if rows and rows[0][0] == seq else None
+
+
+def check_after(
+    fetch: Fetch,
+    trusted: Mapping[str, Ed25519PublicKey],
+    stored: Ed25519PublicKey | None,
+    frontier: merkle.Frontier,
+    batch: int = 4096,
+    written: tuple[int, bytes] | None = None,
+    on_rows: OnRows | None = None,
+) -> tuple[Verification, merkle.Frontier]:
+    """``check_rows`` over the entries after ``frontier`` (those verified before; an empty
+    one: every entry), ``batch`` rows at a time, never the whole log in memory.
+
+    The keys are chosen as ``MerkleAuditLog.verify`` chooses them without a checkpoint
+    (``stored``: the key the log names). The log must still hold the verified entries: the
+    head stored after entry ``frontier.size`` is the frontier's root (not truncated, nor
+    rewritten up to there with new heads); every later head is recomputed on from the
+    frontier (a consistency with what was verified) and every signature checked. Then, given
+    ``written`` (this host's last write: size, head), the log must hold it. ``on_rows`` gets
+    each batch that verified. Returns the verification and the frontier after the last entry
+    (``frontier`` itself when a check fails)."""
+    trusted = dict(trusted) or ({key_id(stored): stored} if stored is not None else {})
+    if stored is not None and key_id(stored) not in trusted:
+        why = "the log names another audit key than the configured ones (re-signed?)"
+        return Verification(0, b"", 1, why), frontier
+    f = merkle.Frontier.restore(frontier.size, frontier.hashes())
+    named = False
+    if f.size:
+        prev = fetch(f.size - 1, 1)
+        if not prev or prev[0][0] != f.size or prev[0][3] != f.root():
+            why = f"the log no longer holds the {f.size} entries verified before (truncated or rewritten)"
+            return Verification(f.size, f.root(), None, why), frontier
+        named = _signer_of(prev[0][1]) is not None
+    while rows := fetch(f.size, batch):
+        v, _, _ = check_rows(rows, trusted, f, named)
+        if not v.ok:
+            return v, frontier
+        named = named or _signer_of(rows[-1][1]) is not None  # once one names its signer, all later do
+        if on_rows is not None:
+            on_rows(rows)
+    if written is not None and (f.size < written[0] or head_at(fetch, written[0]) != written[1]):
+        why = f"the log was rolled back: this host wrote {written[0]} entries"
+        return Verification(f.size, f.root(), None, why), frontier
+    return Verification(f.size, f.root()), f

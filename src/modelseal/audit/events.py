@@ -38,13 +38,15 @@ class AuditEvent:
     actor: str = field(default_factory=_actor)
     time: float = 0.0
     source: str | None = None  # the caller's network source (an IP address) where a server saw one
+    subject: str | None = None  # whom the event is about when not its actor (an anomaly's identity)
 
     def fields(self) -> dict[str, Any]:
-        """The event as stored: ``source`` only when set, so events without one keep the
-        shape (and the bytes) they had before the field existed."""
+        """The event as stored: ``source`` and ``subject`` only when set, so events without
+        them keep the shape (and the bytes) they had before the fields existed."""
         doc = asdict(self)
-        if doc["source"] is None:
-            del doc["source"]
+        for name in ("source", "subject"):
+            if doc[name] is None:
+                del doc[name]
         return doc
 
     def to_json(self) -> str:

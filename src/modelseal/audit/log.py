@@ -38,8 +38,11 @@ from modelseal.audit import merkle
 from modelseal.audit.checks import (
     LATEST,
     AuditLogError,
+    OnRows,
     Verification,
+    check_after,
     check_rows,
+    head_at,
     parse_checkpoint,
     read_checkpoint,
     read_checkpoint_bytes,
@@ -253,6 +256,16 @@ class MerkleAuditLog:
         """
         return self._verify(checkpoint)[0]
 
+    def verify_from(
+        self, frontier: merkle.Frontier | None = None, batch: int = 4096, on_rows: OnRows | None = None
+    ) -> tuple[Verification, merkle.Frontier]:
+        """``verify`` without a checkpoint, of the entries after ``frontier`` (an earlier call's; None: all),
+        ``batch`` rows at a time (``checks.check_after``): the verification and the frontier to go on from."""
+        fetch, keys = self.store.rows_after, (self.trusted_keys(), self._stored_key())
+        last = self._state.last_written(lambda seq: head_at(fetch, seq))
+        written = None if last is None else (last.size, last.head)
+        return check_after(fetch, *keys, frontier or merkle.Frontier(), batch, written, on_rows)
+
     def verify_against(self, checkpoint: Mapping[str, Any]) -> Verification:
         """``verify`` with a checkpoint (kept for callers of the earlier name)."""
         return self.verify(checkpoint)
@@ -278,11 +291,12 @@ class MerkleAuditLog:
             trusted = {key_id(stored): stored}
         if stored is not None and key_id(stored) not in trusted:
             return bad("the log names another audit key than the configured ones (re-signed?)", 1), [], None
+        recorded = self._state.last_written(lambda _seq: None)  # before the rows: a writer saves it after its commit
         rows = self._rows()  # one read: every check below uses the same rows
         v, leaves, last_key = check_rows(rows, trusted)
         if not v.ok:
             return v, rows, None
-        last = self._last_written(rows)
+        last = recorded if recorded is not None else self._last_written(rows)
         if last is not None:
             heads = {row[0]: row[3] for row in rows}
             if v.size < last.size or heads.get(last.size) != last.head:

@@ -83,6 +83,8 @@ class AuditStore(Protocol):
 
     def rows(self) -> list[Row]: ...
 
+    def rows_after(self, seq: int, limit: int) -> list[Row]: ...
+
     def public_key(self) -> str | None: ...
 
 
@@ -119,6 +121,7 @@ _SQLITE_SQL = {
     "get_key": "SELECT v FROM meta WHERE k = 'public_key'",
     "head_at": "SELECT head FROM events WHERE seq = ?",
     "rows_after": "SELECT seq, event, leaf, head, sig FROM events WHERE seq > ? ORDER BY seq",
+    "page": "SELECT seq, event, leaf, head, sig FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
 }
 _PG_SQL = {
     "size": "SELECT COALESCE(MAX(seq), 0) FROM modelseal_audit_events",
@@ -129,6 +132,7 @@ _PG_SQL = {
     "get_key": "SELECT v FROM modelseal_audit_meta WHERE k = 'public_key'",
     "head_at": "SELECT head FROM modelseal_audit_events WHERE seq = %s",
     "rows_after": "SELECT seq, event, leaf, head, sig FROM modelseal_audit_events WHERE seq > %s ORDER BY seq",
+    "page": "SELECT seq, event, leaf, head, sig FROM modelseal_audit_events WHERE seq > %s ORDER BY seq LIMIT %s",
 }
 
 
@@ -172,6 +176,15 @@ class SqliteStore:
         db = self._connect()
         try:
             return _as_rows(db.execute(_SQLITE_SQL["rows"]))
+        finally:
+            db.close()
+
+    def rows_after(self, seq: int, limit: int) -> list[Row]:
+        """At most ``limit`` rows after entry ``seq``, in order, read without the append
+        lock (a reader that follows the log: ``telemetry.monitor``)."""
+        db = self._connect()
+        try:
+            return _as_rows(db.execute(_SQLITE_SQL["page"], (seq, limit)))
         finally:
             db.close()
 
@@ -228,6 +241,13 @@ class PostgresStore:
         conn = self._connect()
         try:
             return _as_rows(conn.execute(_PG_SQL["rows"]))
+        finally:
+            conn.close()
+
+    def rows_after(self, seq: int, limit: int) -> list[Row]:
+        conn = self._connect()
+        try:
+            return _as_rows(conn.execute(_PG_SQL["page"], (seq, limit)))
         finally:
             conn.close()
 

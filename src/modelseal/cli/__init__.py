@@ -14,7 +14,22 @@ import os
 import sys
 from collections.abc import Sequence
 
-from modelseal.cli import access, agent, artifacts, audit, keys, pki, policy, registry, serve, signing
+from modelseal.cli import (
+    access,
+    agent,
+    artifacts,
+    audit,
+    controls,
+    keys,
+    metrics,
+    monitor,
+    pki,
+    policy,
+    registry,
+    scan,
+    serve,
+    signing,
+)
 from modelseal.cli.common import escape
 from modelseal.errors import ModelsealError
 from modelseal.keys.service import KeyService
@@ -46,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_approvals(sub)
     access.add_mfa(sub)
     policy.add_policy(sub)
+    scan.add_scan(sub)
+    metrics.add_metrics(sub)
+    monitor.add_alerts(sub)
+    monitor.add_events(sub)
+    controls.add_controls(sub)
     return p
 
 

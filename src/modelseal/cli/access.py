@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modelseal.cli import holds
 from modelseal.cli.common import escape, fmt_time
 from modelseal.errors import GovernanceError
 from modelseal.governance import model
@@ -127,11 +128,18 @@ def cmd_review(args: argparse.Namespace, svc: KeyService) -> int:
         s = rv.get("summary", {})
         print(f"access review {escape(rv.get('digest'))} at {_when(rv.get('generated'))}")
         print(f"  {s.get('expired', 0)} expired, {s.get('unused', 0)} unused, {s.get('sod-conflict', 0)} SoD conflicts")
+        if "held" in s:
+            print(f"  {s.get('held', 0)} held (suspended pending review)")
         for e in rv.get("entries", []):
             flags = ",".join(escape(f) for f in e.get("flags", [])) or "ok"
             clash = ",".join(escape(c) for c in e.get("conflicts_with", []))
             _print_binding(e)
             print(f"    flags: {flags}" + (f" (with {clash})" if clash else ""))
+            for h in e.get("holds", []) if isinstance(e.get("holds"), list) else []:
+                if not isinstance(h, dict):
+                    continue
+                who = "" if h.get("identity") == e.get("identity") else f" for {escape(h.get('identity'))}"
+                print(f"    suspended{who} pending review: hold {escape(h.get('id'))}")
     if args.attest:
         _attest(args, str(rv.get("digest", "")))
     return 0
@@ -279,6 +287,7 @@ def add_access(sub: Any) -> None:
     r.set_defaults(fn=cmd_review)
     for q in (b, u, ls, g, bg, r):
         _server(q)
+    holds.add_holds(s, _server, read_otp)
     boot = s.add_parser("bootstrap", help="a fresh server's first security officers (local, no server)")
     boot.add_argument("--data", required=True, metavar="DIR", help="the server's --data")
     boot.add_argument("--db", metavar="URL", help="the server's --db")

@@ -7,6 +7,8 @@ registry and the governance state (bindings, policy versions, the broker's key c
 ``--db`` or ``DATA/governance.db``) are opened by the ``build`` closure, so each process
 that builds the application opens its own database connections. Every decision is audited
 to the server's audit log (``KeyService.sink``), whose ``KeyService`` is also the broker's.
+The anomaly monitor's settings (``[monitor]``) are checked before listening too; every
+worker runs the monitor under its lease (``server.monitor_task``).
 """
 
 from __future__ import annotations
@@ -56,14 +58,39 @@ def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
     app.check_governance(target)
     if args.issue_certificates:
         issue.load_issuer(svc)  # refuse a missing or unreadable CA before listening
+    from modelseal.server.metrics_api import MetricsSetup
+    from modelseal.telemetry.statepass import intervals
+
+    try:
+        metrics_listen = runner.parse_listen(args.metrics_listen) if args.metrics_listen else None
+    except ValueError:
+        raise ValueError(f"--metrics-listen takes HOST:PORT, got {args.metrics_listen[:80]!r}") from None
+    metrics = MetricsSetup(Path(args.tls_dir), every=intervals())  # a bad [monitor] is refused before listening
+    from modelseal.server.monitor_task import MonitorSetup
+    from modelseal.telemetry import monitorconfig
+    from modelseal.telemetry.detectstate import DetectState
+
+    monitor = MonitorSetup(monitorconfig.load())  # the anomaly detectors' settings, refused before listening too
+    DetectState.open(target).close()  # its tables, made once before the workers start
 
     def build(auth: Authorizer) -> web.Application:
         registry = open_registry(data, args.db, args.blobs, args.content, limits)
         issuer = issue.load_issuer(svc) if args.issue_certificates else None
         gov = app.open_governance(target, auth, svc.sink, svc)
-        return app.make_app(auth, registry, float(args.gc_interval), float(args.body_timeout), issuer, gov)
+        return app.make_app(
+            auth, registry, float(args.gc_interval), float(args.body_timeout), issuer, gov, metrics, monitor
+        )
 
-    runner.serve(listen, Path(args.tls_dir), build, args.env, workers=args.workers, renew=args.renew)
+    runner.serve(
+        listen,
+        Path(args.tls_dir),
+        build,
+        args.env,
+        workers=args.workers,
+        renew=args.renew,
+        metrics_listen=metrics_listen,
+        data=data,  # the metrics directory's folder (unless $RUNTIME_DIRECTORY)
+    )
     return 0
 
 
@@ -121,6 +148,12 @@ def add_serve(sub: Any) -> None:
         action="store_true",
         help="serve POST /modelseal/v1/certificates/renew: callers renew their own certificate (same identity) "
         "through the CA of $MODELSEAL_HOME; the CA key is then used inside the workers (docs/pki.md)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve GET /metrics over plain HTTP on this loopback address (127.0.0.1:9464; "
+        "refused unless loopback: docs/monitoring.md); GET /metrics over mutual TLS needs no flag",
     )
     p.set_defaults(fn=cmd_serve)
 

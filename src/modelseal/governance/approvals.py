@@ -56,8 +56,9 @@ _SELECT = (
 )
 _ID = re.compile(r"[0-9a-f]{16}")
 # The two-person actions, and the security-officer bindings, grants and removals that
-# server.gov_api queues for approval (docs/access.md): one officer never reshapes the pool.
-APPROVABLE = (*model.TWO_PERSON, "access.bind", "access.grant", "access.unbind")
+# server.gov_api queues for approval (docs/access.md): one officer never reshapes the pool;
+# nor holds another officer (``hold.release``: a hand-placed hold, server.holds_api).
+APPROVABLE = (*model.TWO_PERSON, "access.bind", "access.grant", "access.unbind", "hold.release")
 MAX_PARAMS = 16 << 10
 
 

@@ -107,6 +107,8 @@ _REFUSED = {
     -3: "this code was used for another request",
     -4: "this code is older than one already used; wait for the next code",
 }
+# A code presented again (the same step, for this or another request): server.refusals audits it.
+REPLAYED = frozenset({_REFUSED[-2], _REFUSED[-3]})
 
 
 class Mfa(SqlDatabase):
@@ -279,4 +281,4 @@ class Mfa(SqlDatabase):
         return max(0, int(now - s * STEP))
 
 
-__all__ = ["DIGITS", "STEP", "Mfa", "request_digest", "user_identity"]
+__all__ = ["DIGITS", "REPLAYED", "STEP", "Mfa", "request_digest", "user_identity"]

@@ -6,8 +6,10 @@ request, the same moment the audit log records) and flags what a reviewer must l
 ``expired``, ``unused`` (no use for more than ``UNUSED_DAYS`` days, or never since it was
 made that long ago) and ``sod-conflict`` (a key-admin and a reader/publisher binding of one
 environment that can meet in one identity, which ``bind`` refuses but older rows or a
-changed rule may still hold). The review is data; its ``digest`` is SHA-256 over its
-canonical JSON.
+changed rule may still hold); given the active holds (``governance.holds``), also ``held``:
+the binding's identity, or one its pattern matches, is suspended pending review (its
+entry's ``holds`` name each hold and identity). The review is data; its ``digest`` is
+SHA-256 over its canonical JSON.
 
 An attestation is the reviewer's ECDSA P-256 signature, made on the client with the private
 key of their own certificate folder (``key.pem``), over ``attestation_message(digest,
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from modelseal.errors import CertificateError, GovernanceError
+from modelseal.governance.holds import Hold, held_identities
 from modelseal.governance.model import Binding
 from modelseal.governance.store import conflicts, dialect_of
 from modelseal.pki.verify import uri_identity
@@ -77,10 +80,12 @@ def _entry(b: Binding, flags: list[str], clash: list[str]) -> dict[str, Any]:
     }
 
 
-def build(bindings: Iterable[Binding], now: float | None = None) -> dict[str, Any]:
-    """The review of ``bindings`` (every one, expired included) at ``now``, with its digest."""
+def build(bindings: Iterable[Binding], now: float | None = None, holds: Iterable[Hold] | None = None) -> dict[str, Any]:
+    """The review of ``bindings`` (every one, expired included) at ``now``, with its digest;
+    with ``holds``, each entry also lists the identity holds that suspend it (``held``)."""
     t = time.time() if now is None else now
     rows = sorted(bindings, key=lambda b: (b.env, b.pattern, b.role, b.id))
+    held = None if holds is None else sorted(held_identities(holds).values(), key=lambda h: (h.subject, h.id))
     entries = []
     for b in rows:
         flags = []
@@ -91,9 +96,15 @@ def build(bindings: Iterable[Binding], now: float | None = None) -> dict[str, An
         clash = [o.id for o in conflicts(b, rows, t)] if b.active(t) else []
         if clash:
             flags.append("sod-conflict")
-        entries.append(_entry(b, flags, clash))
+        entry = _entry(b, flags, clash)
+        if held is not None:
+            entry["holds"] = [{"id": h.id, "identity": h.subject} for h in held if b.matches(h.subject)]
+            if entry["holds"]:
+                flags.append("held")
+        entries.append(entry)
     body = {"format": FORMAT, "generated": t, "entries": entries}
-    summary = {f: sum(f in e["flags"] for e in entries) for f in ("expired", "unused", "sod-conflict")}
+    kinds = ("expired", "unused", "sod-conflict") + (("held",) if held is not None else ())
+    summary = {f: sum(f in e["flags"] for e in entries) for f in kinds}
     return {**body, "summary": summary, "digest": digest_of(body)}
 
 

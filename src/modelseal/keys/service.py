@@ -41,6 +41,7 @@ from modelseal.keys.providers import (
     provider_for,
     recipient_key,
 )
+from modelseal.util import observe
 from modelseal.util.home import check_home, modelseal_home
 
 T = TypeVar("T")
@@ -221,12 +222,11 @@ class KeyService:
         actor: str | None = None,
     ) -> T:
         changes = op in LIFECYCLE_OPS
-
         ready = getattr(self.sink, "ready", None)
         if changes and callable(ready):
             ready()  # a log that cannot take the event refuses the change before it is made
         try:
-            result = fn()
+            result = observe.timed("kms", key.partition(":")[0], fn)  # the provider's request duration
         except ModelsealError as e:
             self.sink.emit(_event(op, key, type(e).__name__, version, artifact, actor))
             raise

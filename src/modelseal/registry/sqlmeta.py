@@ -298,6 +298,22 @@ class SqlMeta(GcRows):
 
         return [str(r[0]) for r in self.run(read, False)]
 
+    def manifest_page(self, after: tuple[str, str] | None, n: int) -> list[tuple[str, str, str | None]]:
+        """(repo, digest, artifact type) of up to ``n`` manifests after ``after`` in (repo,
+        digest) order: a cursor over every manifest (``telemetry.scanregistry``). A row-value
+        comparison (SQLite 3.15+, PostgreSQL), which the primary key (repo, digest) serves as
+        an index range: each page costs its own rows, not a scan from the start."""
+
+        def read(q: Q) -> list[Any]:
+            sql = "SELECT repo, digest, artifact_type FROM reg_manifests"
+            if after is None:
+                return list(q(sql + " ORDER BY repo, digest LIMIT ?", n).fetchall())
+            repo, digest = after
+            page = " WHERE (repo, digest) > (?, ?) ORDER BY repo, digest LIMIT ?"
+            return list(q(sql + page, repo, digest, n).fetchall())
+
+        return [(str(r[0]), str(r[1]), r[2]) for r in self.run(read, False)]
+
     def referrers(self, repo: str, subject: str, artifact_type: str | None, limit: int) -> list[Referrer]:
         def read(q: Q) -> list[Any]:
             sql = (

@@ -10,8 +10,12 @@ given an issuer, the renewal endpoint of ``server.certs_api``; given the governa
 ``open_governance`` on the server's governance database), the decider ``server.authz`` that
 every route but ``GET /v2/`` asks, and the governance APIs under ``/modelseal/v1/``: the key
 broker (``server.keys_api``, with the server's ``KeyService``), access, approvals and MFA
-(``server.gov_api``) and policy versions (``server.policy_api``). Without them every
-decided route answers 503: there is no open mode.
+(``server.gov_api``), policy versions (``server.policy_api``) and holds
+(``server.holds_api``), and the anomaly alerts of the audit log (``server.alerts_api``).
+Without them every decided route answers 503: there is no open mode.
+Always ``GET /metrics`` and the handshake counter (``server.metrics_api``); every audit event
+of the governance pieces also counts (``telemetry.feed.CountingSink``). With ``monitor`` and
+the governance pieces, the anomaly monitor's task and handshake recorder (``server.monitor_task``).
 The listener that runs it is ``server.runner``.
 """
 
@@ -30,15 +34,28 @@ from modelseal.audit.batch import BatchLog, GroupCommit
 from modelseal.audit.events import AuditSink
 from modelseal.governance.brokerkeys import BrokerKeys
 from modelseal.governance.brokerkeys import load_config as broker_config
+from modelseal.governance.holds import HoldIndex, HoldStore, backing_resolver
 from modelseal.governance.store import GovStore
 from modelseal.governance.versions import PolicyStore
 from modelseal.keys.service import KeyService
 from modelseal.pki.backend import Issuer
 from modelseal.registry import gc
 from modelseal.registry.service import Registry
-from modelseal.server import authz, certs_api, gov_api, keys_api, oci, policy_api
+from modelseal.server import (
+    alerts_api,
+    authz,
+    certs_api,
+    gov_api,
+    holds_api,
+    keys_api,
+    metrics_api,
+    monitor_task,
+    oci,
+    policy_api,
+)
 from modelseal.server.auditwriter import AuditWriter
 from modelseal.server.identity import IDENTITY, Authorizer, middleware
+from modelseal.telemetry import feed
 
 log = logging.getLogger("modelseal.server")
 
@@ -94,11 +111,12 @@ class Governance:
     audit: AuditWriter
     svc: KeyService | None = None
     catalog: BrokerKeys | None = None
+    holds: HoldStore | None = None  # the holds the decider enforces (governance.holds)
 
     def close(self) -> None:
         self.authz.close()
         self.audit.close()
-        for db in (self.store, self.policies, self.catalog):
+        for db in (self.store, self.policies, self.catalog, self.holds):
             if db is not None:
                 db.close()
 
@@ -108,13 +126,18 @@ def open_governance(target: str, auth: Authorizer, sink: AuditSink, svc: KeyServ
     audited to ``sink``; with ``svc``, the key broker over it (``[broker]`` of config.toml)."""
     store = GovStore.open(target)
     policies = PolicyStore.open(target)
+    sink = feed.CountingSink(sink)  # each event also counts (no store lookup in the writer thread)
     writer = AuditWriter(sink)
-    decider = authz.Authz(store, policies, auth.env, auth.trust_domain, writer)
+    holds = HoldStore.open(target)
+    index = HoldIndex(holds, env=auth.env)  # this environment's holds only (governance.holds)
+    decider = authz.Authz(store, policies, auth.env, auth.trust_domain, writer, holds=index)
     if svc is not None and hasattr(sink, "emit_many"):
         # Key operations are recorded before they are answered; concurrent ones share a commit.
         svc = svc.with_sink(GroupCommit(cast(BatchLog, sink)))
     catalog = BrokerKeys.open(target, broker_config()) if svc is not None else None
-    return Governance(target, store, policies, decider, writer, svc, catalog)
+    if catalog is not None:
+        index.resolve = backing_resolver(catalog)  # a key hold holds every name of its backing key
+    return Governance(target, store, policies, decider, writer, svc, catalog, holds)
 
 
 def check_governance(target: str, broker: bool = True) -> None:
@@ -122,6 +145,7 @@ def check_governance(target: str, broker: bool = True) -> None:
     ``[broker]`` table that does not parse."""
     GovStore.open(target).close()
     PolicyStore.open(target).close()
+    HoldStore.open(target).close()
     if broker:
         broker_config()
 
@@ -130,13 +154,18 @@ def _mount_governance(app: web.Application, gov: Governance) -> None:
     authz.install(app, gov.authz)
     gov_api.add_routes(app, gov.store, gov.svc)
     policy_api.add_routes(app, gov.policies)
+    if gov.holds is not None:
+        holds_api.add_routes(app, gov.holds)
     if gov.svc is not None and gov.catalog is not None:
         keys_api.add_routes(app, gov.svc, gov.catalog)
+    alerts_api.add_routes(app, getattr(gov.audit, "sink", gov.audit))  # the anomaly alerts of the audit log
 
     async def close(app: web.Application) -> None:
         await asyncio.get_running_loop().run_in_executor(None, gov.audit.close)  # the queued events are written
         gov.store.close()
         gov.policies.close()
+        if gov.holds is not None:
+            gov.holds.close()
 
     app.on_cleanup.append(close)
 
@@ -148,6 +177,8 @@ def make_app(
     body_timeout: float = BODY_TIMEOUT,
     issuer: Issuer | None = None,
     governance: Governance | None = None,
+    metrics: metrics_api.MetricsSetup | None = None,
+    monitor: monitor_task.MonitorSetup | None = None,
 ) -> web.Application:
     """The application: every request passes ``auth`` first; with ``registry``, the OCI API;
     with ``issuer``, ``POST /modelseal/v1/certificates/renew`` (``server.certs_api``); with
@@ -162,6 +193,10 @@ def make_app(
         app.cleanup_ctx.append(_collector(registry, gc_interval))  # type: ignore[arg-type]
     if issuer is not None:
         certs_api.add_routes(app, issuer)
+    # GET /metrics and the handshake counter always; with ``metrics``, the figures' background pass
+    metrics_api.install(app, metrics, None if metrics is None else lambda: metrics_api.sources(registry, governance))
+    if monitor is not None and governance is not None:  # the anomaly detectors, under a lease (server.monitor_task)
+        monitor_task.install(app, monitor, governance, auth.env)
     return app
 
 

@@ -10,6 +10,9 @@ identity, operation ``authorize``, key ``ACTION TYPE:ID``, result ``allow:IDS``,
 or ``allow-exception:ID`` (the ids of the policies that decided; ``deny:default`` for the
 default deny). A break-glass binding that contributed a role is a warning in the log and a
 ``break-glass-use`` event; an exception that has expired is an ``exception-expired`` event.
+A hold (``governance.holds``: an identity, a source or a key pending review) denies ahead of
+Cedar, audited ``deny:hold:ID``; a deny where an expired binding matched the identity moves
+``modelseal_expired_credentials_total{kind="grant"}``.
 
 Caching, and what N instances see: an identity's active bindings are kept in memory for
 at most ``CACHE_SECONDS`` (2 s), and the active policy set too, so a binding, an unbind or a
@@ -27,6 +30,7 @@ or the governance state cannot be read. A refusal closes nothing: the connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -43,11 +47,14 @@ from aiohttp import web
 from modelseal.audit.events import AuditEvent, AuditSink
 from modelseal.errors import GovernanceError, ModelsealError
 from modelseal.governance import cedar
+from modelseal.governance.holds import HoldIndex, deny_reason
+from modelseal.governance.holds import check as held_by
 from modelseal.governance.model import Binding, Decision, Principal, Request, Resource
 from modelseal.governance.store import GovStore
 from modelseal.pki.identity import Identity
 from modelseal.server.hygiene import source_of
 from modelseal.server.identity import IDENTITY
+from modelseal.telemetry.metrics import EXPIRED_CREDENTIALS
 
 log = logging.getLogger("modelseal.server")
 
@@ -172,6 +179,7 @@ class Authz:
         cache_seconds: float = CACHE_SECONDS,
         limiter: DenialLimiter | None = None,
         threads: int = 4,
+        holds: HoldIndex | None = None,
     ) -> None:
         if policies is None:
             policies = cedar.default_policy()
@@ -179,6 +187,7 @@ class Authz:
         self.store, self.env, self.trust_domain, self.sink = store, env, trust_domain, sink
         self.now, self.cache_seconds = now, cache_seconds
         self.limiter = limiter or DenialLimiter()
+        self.holds = holds
         self._lock = threading.Lock()
         self._bindings: dict[str, tuple[float, tuple[Binding, ...]]] = {}
         self._engine: cedar.Engine | None = None
@@ -193,6 +202,9 @@ class Authz:
     def bindings_for(self, identity: str, t: float) -> tuple[Binding, ...]:
         """The bindings matching ``identity``, read at most every ``cache_seconds``; the
         ones active at ``t``."""
+        return tuple(b for b in self._matching(identity) if b.active(t))
+
+    def _matching(self, identity: str) -> tuple[Binding, ...]:
         mono = time.monotonic()
         with self._lock:
             hit = self._bindings.get(identity)
@@ -203,7 +215,12 @@ class Authz:
                 if len(self._bindings) >= MAX_TRACKED:
                     self._bindings.clear()
                 self._bindings[identity] = hit
-        return tuple(b for b in hit[1] if b.active(t))
+        return hit[1]
+
+    def _held(self, identity: str, source: str | None, action: str, resource: Resource) -> Decision | None:
+        """The deny of a hold on the identity, the source or the key (``governance.holds``)."""
+        h = None if self.holds is None else held_by(self.holds, identity, source, action, resource)
+        return None if h is None else Decision(False, (f"hold:{h.id}",), deny_reason(h))
 
     def engine(self) -> cedar.Engine:
         """The engine over the active policy set, re-read at most every ``cache_seconds``;
@@ -249,10 +266,12 @@ class Authz:
         ``approved``, ``approvals``, ``tls_version``, per-action extras). Raises
         ``GovernanceError`` when no decision can be made (the policy or the bindings
         unavailable); that, too, is audited as a deny. ``source``: the caller's address,
-        recorded on the events (the detectors' network paths)."""
+        recorded on the events (the detectors' network paths). A hold (``governance.holds``)
+        denies ahead of Cedar: result ``deny:hold:ID``."""
         t = self.now()
         key = resource_key(action, resource)
         try:
+            held = self._held(ident.uri, source, action, resource)
             engine = self.engine()
             principal = self.principal(ident, t)
         except ModelsealError as e:
@@ -261,7 +280,9 @@ class Authz:
         ctx: dict[str, object] = {"mfa": False, "mfa_age": -1, "approved": False, "approvals": 0, "tls_version": ""}
         ctx.update(context or {})
         ctx["now"], ctx["anomaly"] = int(t), 0  # the server's own facts, never a handler's
-        if ident.trust_domain != self.trust_domain:  # the middleware refused it already: never reached
+        if held is not None:
+            d = held
+        elif ident.trust_domain != self.trust_domain:  # the middleware refused it already: never reached
             d = Decision(False, (), f"identity {ident.uri} is not of trust domain {self.trust_domain}")
         else:
             d = engine.decide(Request(principal, action, resource, ctx))
@@ -274,6 +295,13 @@ class Authz:
             self.sink.emit(expired)
         env = resource.attrs.get("env")
         used = [b for b in principal.bindings if env is None or b.env == env]
+        with contextlib.suppress(Exception):  # counted here only; a metric never fails a decision
+            if (
+                not d.allowed
+                and held is None
+                and any(not b.active(t) and env in (None, b.env) for b in self._matching(ident.uri))
+            ):
+                EXPIRED_CREDENTIALS.labels(kind="grant").inc()  # a deny where an expired binding would have counted
         if d.allowed and d.break_glass:
             glass = ",".join(b.id for b in used if b.kind == "break-glass")
             log.warning("BREAK-GLASS use by %s: %s (bindings %s)", ident.uri, key, glass)

@@ -4,12 +4,14 @@ two-person approvals, step-up MFA and the access review (docs/access.md).
 Every route is decided once by ``server.authz`` (Cedar). Step-up MFA: the TOTP code comes in
 the JSON body (``"otp"``) of the request it authorizes and is verified bound to that
 request's digest (``step_up``; ``governance.mfa``); the result is context for the decision,
-never a decision of its own. A two-person action (``model.TWO_PERSON``) is not run when asked
+never a decision of its own; a code presented again is audited (``mfa-replay``, ``server.refusals``).
+A two-person action (``model.TWO_PERSON``) is not run when asked
 for: ``queue_approval`` decides it as it stands (allowed, or denied by the two-person forbid
 alone) and records an approval request (202); officers approve it, each with a fresh code
 bound to the request's digest, and the approval that completes it runs the action's
 registered executor exactly once (``register_executor``), after deciding it again for the
-requester with ``approved`` set: a requester who lost the role meanwhile is refused then. A
+requester with ``approved`` set, from the source it asked from (recorded in the params,
+``SOURCE``): a requester who lost the role or is held meanwhile is refused then. A
 ``security-officer`` binding, grant or removal waits for approval too (``approvals.APPROVABLE``);
 nobody binds a pattern matching their own identity (``store.check_not_self``). Changes are
 audited with the caller as actor (``approval-request``, ``approval-run``, ``access-bind``, ...);
@@ -38,7 +40,7 @@ from modelseal.governance.model import Binding, Decision, Resource
 from modelseal.governance.store import OFFICER, GovStore, binding_json
 from modelseal.keys.service import KeyService
 from modelseal.pki.identity import Identity, parse
-from modelseal.server import authz
+from modelseal.server import authz, refusals
 from modelseal.server import jsonbody as jb
 from modelseal.server.identity import IDENTITY, peer_der
 
@@ -49,6 +51,7 @@ PREFIX = "/modelseal/v1"
 Executor = Callable[[web.Application, dict[str, Any], str], Awaitable[dict[str, Any]]]
 _EXECUTORS: dict[str, Executor] = {}
 Ctx = Mapping[str, object]
+SOURCE = "requester_source"  # an approval's params: where the requester asked from (holds are re-checked on it)
 
 STORE: web.AppKey[GovStore] = web.AppKey("gov_store", GovStore)
 MFA: web.AppKey[Mfa] = web.AppKey("gov_mfa", Mfa)
@@ -79,7 +82,8 @@ async def _run(app: web.Application, fn: Callable[..., T], *args: Any) -> T:
 
 
 def _audit(request: web.Request, op: str, key: str, result: str, actor: str | None = None) -> None:
-    request.app[authz.AUTHZ].sink.emit(AuditEvent(op, key, result, actor=actor or request[IDENTITY].uri))
+    ev = AuditEvent(op, key, result, actor=actor or request[IDENTITY].uri, source=authz.request_source(request))
+    request.app[authz.AUTHZ].sink.emit(ev)
 
 
 def _gov(request: web.Request, rid: str, **attrs: object) -> Resource:
@@ -101,6 +105,7 @@ async def step_up(
             ctx = {"mfa": True, "mfa_age": age}
         except GovernanceError as e:
             ctx["mfa_error"] = str(e)
+            refusals.mfa_refused(request, action, e)  # a replayed code is audited (mfa-replay)
         except ModelsealError as e:  # the KEK of the secrets, the database
             log.error("MFA of %s cannot be checked: %s", request[IDENTITY].uri, e)
             ctx["mfa_error"] = "MFA cannot be checked now; retry later"
@@ -109,7 +114,7 @@ async def step_up(
 
 
 async def _decide(
-    request: web.Request, who: Identity, action: str, res: Resource, ctx: dict[str, object], limit: bool = True
+    request: web.Request, who: Identity, action: str, res: Resource, ctx: Ctx, limit: bool = True, *, src: str | None
 ) -> Decision:
     az = request.app.get(authz.AUTHZ)
     if az is None:
@@ -117,8 +122,9 @@ async def _decide(
     wait = az.limiter.retry_after(who.uri, time.monotonic()) if limit else 0
     if wait:
         raise authz.Refusal(429, "TOOMANYREQUESTS", f"too many denied requests: retry after {wait} s")
+    ctx = {"tls_version": authz.tls_version(request), **ctx}
     try:
-        return await _run(request.app, az.decide, who, action, res, {"tls_version": authz.tls_version(request), **ctx})
+        return await _run(request.app, az.decide, who, action, res, ctx, src)  # src: a hold on it denies
     except ModelsealError as e:
         log.error("no decision for %s on %s: %s", who.uri, authz.resource_key(action, res), e)
         raise authz.Refusal(503, "UNAVAILABLE", "authorization is unavailable; retry later") from None
@@ -136,11 +142,12 @@ async def queue_approval(
         return _answer(501, "UNSUPPORTED", f"{action} cannot be approved on this server (no executor)")
     ctx = dict(context if context is not None else request.get(STEP_UP) or {})
     ctx |= {"approved": False, "approvals": 0}
-    d = await _decide(request, ident, action, resource, ctx)
+    src = authz.request_source(request)
+    d = await _decide(request, ident, action, resource, ctx, src=src)
     if not d.allowed and set(d.policies) != {cedar.TWO_PERSON_ID}:
         request.app[authz.AUTHZ].limiter.denied(ident.uri, time.monotonic())
         raise authz.Refusal(403, "DENIED", d.reason or f"{action} is not allowed")
-    s = request.app[SETTINGS]
+    s, params = request.app[SETTINGS], {**params, SOURCE: src}
     a = await _run(
         request.app, request.app[APPROVALS].request, action, resource, params, ident.uri, s.approvals, s.approval_ttl
     )
@@ -158,10 +165,11 @@ async def _execute(request: web.Request, a: Approval) -> Approval:
             raise GovernanceError(f"{a.action} has no executor on this server")
         ctx: dict[str, object] = {"mfa": True, "mfa_age": int(max(0.0, time.time() - a.created))}
         ctx |= {"approved": True, "approvals": len(a.approvers)}
-        d = await _decide(request, parse(a.requester), a.action, a.resource, ctx, limit=False)
+        src = a.params.get(SOURCE)  # where the requester asked from: held since, the run is refused
+        d = await _decide(request, parse(a.requester), a.action, a.resource, ctx, False, src=str(src) if src else None)
         if not d.allowed:
             raise AccessDenied(f"the requester may no longer do this: {d.reason}")
-        result = await fn(request.app, dict(a.params), a.requester)
+        result = await fn(request.app, {k: v for k, v in a.params.items() if k != SOURCE}, a.requester)
         done = await _run(request.app, request.app[APPROVALS].finish, a.id, result, None)
     except Exception as e:  # the claim is finished whatever happened: never left to run again
         why = getattr(e, "reason_line", None) or (str(e) if isinstance(e, ModelsealError) else type(e).__name__)
@@ -345,7 +353,9 @@ async def mfa_confirm(request: web.Request) -> web.Response:
 async def access_review(request: web.Request) -> web.Response:
     await authz.authorize(request, "access.review", _gov(request, "review"))
     rows = await _run(request.app, request.app[STORE].bindings, True)
-    rv = review.build(rows)
+    index = request.app[authz.AUTHZ].holds  # identities suspended by a hold are flagged (governance.holds)
+    held = None if index is None else await _run(request.app, index.stored)  # this environment's
+    rv = review.build(rows, holds=held)
     await _run(request.app, request.app[REVIEWS].keep, rv, request[IDENTITY].uri)
     return web.json_response(rv)
 

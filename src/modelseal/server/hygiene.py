@@ -12,6 +12,9 @@ needed) cannot take the share kept for established, authenticated connections. A
 connection beyond a handshake bound is closed at once (a reset), with one rate-limited
 warning line (``Throttled``), never a line per connection. Each connection gets the TLS
 context current at accept (``tls.LiveContext``), so a reload never touches an open one.
+Every handshake, completed (its version and cipher) or failed (its reason,
+``handshakes.classify``), is told to the application's observers (``server.handshakes``:
+the metrics counter, the monitor's network events).
 
 ``GuardedHandler`` is aiohttp's ``RequestHandler`` with a header deadline, which aiohttp
 lacks (its keep-alive timer is the only bound on a request that never completes): the
@@ -31,12 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import ssl
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from modelseal.server.handshakes import Handshake, Observer, classify, notify, source_of
 from modelseal.server.identity import PeerLeaf, connection_peer
 from modelseal.server.tls import LiveContext
 
@@ -212,21 +216,6 @@ def _peer(transport: asyncio.BaseTransport | None) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
 
-def source_of(addr: object) -> str:
-    """The source a handshake bound counts: the IPv4 address, or the IPv6 /64 (one host
-    usually holds a whole /64); an IPv4-mapped IPv6 address is its IPv4 address."""
-    host = addr[0] if isinstance(addr, tuple) and addr and isinstance(addr[0], str) else ""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return "?"
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
 class _Slot:
     """One accepted connection in the listener's counts: in its handshake, open, or gone."""
 
@@ -242,6 +231,15 @@ class _Slot:
         self.listener.moved(self, "gone")
 
 
+def _negotiated(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """The protocol version and cipher suite a TLS transport negotiated."""
+    obj = transport.get_extra_info("ssl_object")
+    if not isinstance(obj, ssl.SSLObject | ssl.SSLSocket):
+        return "", ""
+    cipher = obj.cipher()
+    return obj.version() or "", cipher[0] if cipher else ""
+
+
 def _reset(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):  # a reset, not a FIN: no TIME_WAIT kept for an abuser
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -251,8 +249,16 @@ def _reset(conn: socket.socket) -> None:
 class Listener:
     """The accept loop of one worker on the (shared) listening socket ``sock``."""
 
-    def __init__(self, sock: socket.socket, live: LiveContext, server: web.Server, limits: Limits) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        live: LiveContext,
+        server: web.Server,
+        limits: Limits,
+        observers: Sequence[Observer] = (),
+    ) -> None:
         self._sock = sock
+        self._observers = observers  # told of every handshake (server.handshakes)
         self._live = live
         self._server = server
         self._limits = limits
@@ -325,22 +331,28 @@ class Listener:
     async def _open(self, conn: socket.socket, slot: _Slot) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(
+            transport, _ = await loop.connect_accepted_socket(
                 lambda: GuardedHandler(self._server, self._limits, slot),
                 conn,
                 ssl=self._live.current,
                 ssl_handshake_timeout=self._limits.handshake_timeout,
                 ssl_shutdown_timeout=self._limits.handshake_timeout,
             )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError):
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
             # A refused handshake (no or a bad client certificate, TLS 1.2, a timeout):
             # OpenSSL already answered with an alert, and no handler ever saw the connection.
             conn.close()
             slot.release()
+            if self._observers:
+                notify(self._observers, Handshake(time.time(), slot.source, False, "", "", classify(e), None))
+            return
         except BaseException:
             conn.close()
             slot.release()
             raise
+        if self._observers:
+            version, cipher = _negotiated(transport)
+            notify(self._observers, Handshake(time.time(), slot.source, True, version, cipher, None, None))
 
     async def stop(self) -> None:
         """Stop accepting and drop connections still in their handshake; open HTTP

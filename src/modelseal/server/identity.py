@@ -10,7 +10,9 @@ checked it once, at the handshake, and a kept-alive connection can outlive the
 certificate), the trust domain and environment of this server, and the CA's denylist
 (``pki.denylist``, re-read when the file changes). The leaf is parsed once per connection
 (``PeerLeaf``, kept by ``hygiene.GuardedHandler``). A refusal about the certificate (401,
-403) also closes the connection: it would be refused again on every request.
+403) also closes the connection: it would be refused again on every request; the
+application's handshake observers (``server.handshakes.OBSERVERS``) hear of it, with its
+kind (expired, revoked, wrong-environment, wrong-trust-domain).
 The identity is data: it never becomes a path or a setting.
 """
 
@@ -33,6 +35,7 @@ from modelseal.errors import CertificateError
 from modelseal.pki import denylist, store
 from modelseal.pki.identity import Identity
 from modelseal.pki.verify import uri_identity
+from modelseal.server.handshakes import OBSERVERS, Handshake, notify, source_of
 
 log = logging.getLogger("modelseal.server")
 
@@ -40,12 +43,14 @@ IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity", Identity)
 
 
 class Refused(Exception):
-    """A request refused before any handler: an HTTP status and a one-line reason."""
+    """A request refused before any handler: an HTTP status, a one-line reason and, for a
+    refusal of the certificate, its ``kind`` (one of ``server.handshakes.REASONS``)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, kind: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.kind = kind
 
 
 @dataclass
@@ -123,23 +128,29 @@ class Authorizer:
             raise Refused(401, "a client certificate is required")
         ident = peer.identity
         if ident is None:
-            raise Refused(403, "the client certificate names no valid identity")
+            raise Refused(403, "the client certificate names no valid identity", "other")
         t = time.time() if now is None else now
         if t >= peer.not_after:
-            raise Refused(401, f"the client certificate expired at {_utc(peer.not_after)}: connect with a renewed one")
+            raise Refused(
+                401, f"the client certificate expired at {_utc(peer.not_after)}: connect with a renewed one", "expired"
+            )
         if t < peer.not_before:
-            raise Refused(401, f"the client certificate is not valid before {_utc(peer.not_before)}")
+            raise Refused(401, f"the client certificate is not valid before {_utc(peer.not_before)}", "expired")
         if ident.trust_domain != self.trust_domain:
-            raise Refused(403, f"identity {ident} is not of trust domain {self.trust_domain}")
+            raise Refused(403, f"identity {ident} is not of trust domain {self.trust_domain}", "wrong-trust-domain")
         try:
             listed = self.revoked.current().revoked(peer.serial)
         except CertificateError:
             log.error("the denylist cannot be read; refusing requests")
             raise Refused(503, "the revocation list is unavailable") from None
         if listed:
-            raise Refused(403, f"certificate {denylist.serial_hex(peer.serial)} is revoked")
+            raise Refused(403, f"certificate {denylist.serial_hex(peer.serial)} is revoked", "revoked")
         if ident.env != self.env:
-            raise Refused(403, f"identity {ident} is of environment {ident.env}, this server serves {self.env}")
+            raise Refused(
+                403,
+                f"identity {ident} is of environment {ident.env}, this server serves {self.env}",
+                "wrong-environment",
+            )
         return ident
 
 
@@ -176,10 +187,16 @@ def middleware(auth: Authorizer) -> Middleware:
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+        peer = request_peer(request)
         try:
-            request[IDENTITY] = auth.check(request_peer(request))
+            request[IDENTITY] = auth.check(peer)
         except Refused as r:
             log.info("refused %s %s: %s", request.method, request.path[:200].encode("unicode_escape"), r.reason)
+            observers = request.app.get(OBSERVERS)
+            if r.kind is not None and observers:
+                where = request.transport.get_extra_info("peername") if request.transport is not None else None
+                actor = peer.identity.uri if peer is not None and peer.identity is not None else None
+                notify(observers, Handshake(time.time(), source_of(where), False, "", "", r.kind, actor))
             resp = web.json_response({"errors": [{"code": "DENIED", "message": r.reason}]}, status=r.status)
             if r.status in (401, 403):
                 resp.force_close()

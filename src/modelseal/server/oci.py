@@ -34,7 +34,7 @@ from modelseal.registry.manifests import MAX_MANIFEST
 from modelseal.registry.meta import Upload
 from modelseal.registry.policy import SEALED_ONLY
 from modelseal.registry.service import Registry
-from modelseal.server import authz
+from modelseal.server import authz, refusals
 from modelseal.server import ocihttp as h
 from modelseal.server.authz import AUTHZ
 from modelseal.server.identity import IDENTITY
@@ -381,6 +381,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             return h.error(r.status, _CODES.get(r.status, "DENIED"), r.reason_line, head, r.extra)
         except RegistryRefused as e:
             log.info("%s %s refused: %s %s", request.method, action, e.status, e.code)
+            refusals.content_refused(request, name, e)  # a sealed-only refusal is audited (content-refused)
             resp = h.refusal(e, head)
             if e.status in (408, 413) or (e.status == 429 and not request.content.at_eof()):
                 resp.force_close()  # a body left unread is not drained: the connection goes

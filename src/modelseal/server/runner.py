@@ -1,12 +1,16 @@
 """``modelseal serve``'s process model: one listening TLS 1.3 mutual-TLS socket, bound by
 the parent and shared by N forked workers (default: one per core), each running the
-aiohttp application on its own event loop. There is no plaintext listener.
+aiohttp application on its own event loop. There is no plaintext listener but one, if
+asked: ``--metrics-listen``, plain-HTTP ``GET /metrics`` on a loopback address only, served
+by the parent (``server.metrics_listen``).
 
 The parent (``server.workers``) supervises, watches ``--tls-dir`` and renews the server
 certificate (``server.renewal``); a worker builds its own application (``build`` is called
 after the fork: the application's database connections are the worker's), accepts through
 ``server.hygiene.Listener`` and handles SIGTERM (stop accepting, finish open requests,
-bounded) and SIGHUP (reload the whole TLS context, ``tls.LiveContext``).
+bounded) and SIGHUP (reload the whole TLS context, ``tls.LiveContext``). The workers count
+metrics into the run's multi-process directory, which the parent makes before any fork
+(``metrics_listen.MultiprocDir``); worker 0 runs the metrics' background pass.
 """
 
 from __future__ import annotations
@@ -25,10 +29,16 @@ from pathlib import Path
 from aiohttp import web
 
 from modelseal.errors import CertificateError, ModelsealError
-from modelseal.server import renewal, tls
+from modelseal.server import metrics_api, renewal, tls
+from modelseal.server.handshakes import OBSERVERS, Observer
 from modelseal.server.hygiene import Limits, Listener
 from modelseal.server.identity import Authorizer
+from modelseal.server.metrics_api import server_roles
+from modelseal.server.metrics_listen import MetricsListener, MultiprocDir
+from modelseal.server.metrics_listen import loopback as metrics_loopback
 from modelseal.server.workers import Supervisor
+from modelseal.telemetry import metrics
+from modelseal.telemetry.collect import ScrapeCollector
 
 log = logging.getLogger("modelseal.server")
 
@@ -90,6 +100,8 @@ class _WorkerSpec:
 
     def __call__(self, index: int, ready_fd: int) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes SIGINT and sends SIGTERM
+        metrics_api.lead(index == 0)  # one worker runs the metrics' background pass
+        metrics.worker(index)  # its index's metrics files (a replacement goes on from their totals)
         live = tls.LiveContext(self.tls_dir)
         app = self.build(authorizer_for(self.tls_dir, self.env, self.ca_folder))
         asyncio.run(_run_worker(self, index, live, app, ready_fd))
@@ -101,7 +113,8 @@ async def _run_worker(spec: _WorkerSpec, index: int, live: tls.LiveContext, app:
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=limits.shutdown_grace)
     await runner.setup()
     assert runner.server is not None
-    listener = Listener(spec.sock, live, runner.server, limits)
+    observers: list[Observer] = app.get(OBSERVERS, [])  # the application's (server.app: metrics first)
+    listener = Listener(spec.sock, live, runner.server, limits, observers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -141,13 +154,19 @@ def serve(
     workers: int | None = None,
     limits: Limits | None = None,
     renew: str = "auto",
+    metrics_listen: Listen | None = None,
+    data: Path | None = None,
 ) -> None:
     """Run the application ``build(authorizer)`` in ``workers`` processes (default: one per
     core) until SIGTERM/SIGINT; returns after a clean shutdown.
 
     ``renew``: ``auto`` renews the server certificate through the local CA when it can
     (``renewal.local_ca``) and otherwise waits for ``--tls-dir`` to be renewed; ``local``
-    requires the local CA (refused at start otherwise); ``watch`` never renews itself."""
+    requires the local CA (refused at start otherwise); ``watch`` never renews itself.
+    ``metrics_listen``: a loopback address for plain-HTTP ``GET /metrics`` in this parent
+    process (``server.metrics_listen``; anything else is refused at start). ``data``: the
+    data folder, whose ``metrics-run`` holds the run's metrics directory unless systemd
+    gives a ``$RUNTIME_DIRECTORY`` (``metrics_listen.metrics_root``)."""
     if renew not in RENEWAL_MODES:
         raise ValueError(f"renew takes one of {', '.join(RENEWAL_MODES)}, got {renew[:40]!r}")
     count = workers if workers is not None else (os.cpu_count() or 1)
@@ -162,6 +181,8 @@ def serve(
         raise CertificateError(f"cannot renew the server certificate here: {why}")
     watch = renewal.FolderWatch(tls_dir)
     renewer = renewal.Renewer(tls_dir, renewer_ca)
+    if metrics_listen is not None:
+        metrics_loopback(metrics_listen.host)  # a non-loopback address is refused before anything is bound
     sock = bind(listen)
 
     def tick(sup: Supervisor) -> None:
@@ -171,20 +192,34 @@ def serve(
         renewer.tick(sup)
 
     spec = _WorkerSpec(sock, tls_dir, build, env, ca_folder, limits, os.getpid())
-    sup = Supervisor(
-        count, spec, limits.shutdown_grace, tick=tick, on_hup=lambda: setattr(watch, "last", renewal.stamp(tls_dir))
-    )
-    print(
-        f"modelseal serve: listening on {listen.host}:{listen.port} (TLS 1.3, mutual; {count} workers; "
-        f"certificate renewal: {'through ' + why if renewer_ca else 'watching ' + str(tls_dir) + ' (' + why + ')'})",
-        file=sys.stderr,
-    )
+    mpdir = MultiprocDir(data)  # before any fork: every worker counts into it
+    scrape: MetricsListener | None = None
     try:
-        sup.run()
-    except KeyboardInterrupt:
-        pass  # SIGINT/SIGTERM while the workers were starting: they are stopped
+        if metrics_listen is not None:
+            scrape = MetricsListener(metrics_listen.host, metrics_listen.port, ScrapeCollector(server_roles(tls_dir)))
+            os.register_at_fork(after_in_child=scrape.close_in_child)  # no child holds the parent's listener
+        sup = Supervisor(
+            count,
+            spec,
+            limits.shutdown_grace,
+            tick=tick,
+            on_hup=lambda: setattr(watch, "last", renewal.stamp(tls_dir)),
+            poll=scrape.poll if scrape is not None else None,
+        )
+        sup.on_exit = lambda pid: mpdir.process_gone(sup.index_of(pid), pid)
+        print(
+            f"modelseal serve: listening on {listen.host}:{listen.port} (TLS 1.3, mutual; {count} workers; "
+            f"certificate renewal: {'through ' + why if renewer_ca else 'watching ' + str(tls_dir) + ' (' + why + ')'})"
+            + (f"; metrics on http://{scrape.address}/metrics (this host only)" if scrape is not None else ""),
+            file=sys.stderr,
+        )
+        with contextlib.suppress(KeyboardInterrupt):  # SIGINT/SIGTERM while the workers started: stopped
+            sup.run()
     finally:
         sock.close()
+        if scrape is not None:
+            scrape.close()
+        mpdir.close()
 
 
 __all__ = ["RENEWAL_MODES", "SHUTDOWN_GRACE", "AppFactory", "Listen", "authorizer_for", "bind", "parse_listen", "serve"]

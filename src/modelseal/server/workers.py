@@ -3,8 +3,11 @@ signals, restarts and helper children (docs/serve.md, "Workers").
 
 The parent binds the socket, forks the workers (each runs its own event loop and accepts
 from the same socket: ``server.hygiene.Listener``) and then only supervises: it never
-accepts, never builds the application and never unlocks a key. It stays single-threaded,
-so forking a replacement worker or a helper (the renewer, ``server.renewal``) is safe.
+accepts a TLS connection, never builds the application and never unlocks a key (its one
+socket of its own, if any, is the loopback metrics listener it serves through ``poll``,
+whose errors are logged, throttled, and never stop it).
+It stays single-threaded, so forking a replacement worker or a helper (the renewer,
+``server.renewal``) is safe.
 
 Signals are blocked in the parent and taken with ``sigtimedwait``; children inherit the
 mask and unblock once their own handlers are installed, so no signal finds a child
@@ -29,11 +32,14 @@ from dataclasses import dataclass, field
 
 from modelseal.errors import ModelsealError
 from modelseal.keys.service import printable
+from modelseal.telemetry.logthrottle import ThrottledLog
 
 log = logging.getLogger("modelseal.server")
+_poll_errors = ThrottledLog(log)
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 TICK = 1.0
+POLL = 0.05  # signal latency while the parent serves a socket (--metrics-listen)
 READY_TIMEOUT = 60.0
 MAX_DEATHS = 5  # within DEATH_WINDOW seconds: the server stops
 DEATH_WINDOW = 60.0
@@ -69,6 +75,8 @@ class Supervisor:
     tick: Callable[[Supervisor], None] = lambda s: None
     on_hup: Callable[[], None] = lambda: None
     helpers: dict[int, Callable[[int], None]] = field(default_factory=dict)
+    poll: Callable[[float], None] | None = None  # serves the parent's own sockets, up to N s a call
+    on_exit: Callable[[int], None] = lambda pid: None  # a child (worker or helper) was reaped
     _workers: dict[int, _Worker] = field(default_factory=dict)
     _deaths: list[float] = field(default_factory=list)
     _restart: list[tuple[float, int]] = field(default_factory=list)  # (when, index)
@@ -99,6 +107,11 @@ class Supervisor:
         pid = _fork(helper)
         self.helpers[pid] = done
         return pid
+
+    def index_of(self, pid: int) -> int | None:
+        """The index of the worker ``pid`` (until it is reaped), None for any other child."""
+        w = self._workers.get(pid)
+        return None if w is None else w.index
 
     def signal_workers(self, sig: int) -> None:
         for w in list(self._workers.values()):
@@ -139,8 +152,27 @@ class Supervisor:
                 os.close(w.ready_fd)
                 w.ready_fd = -1
 
+    def _wait(self) -> signal.struct_siginfo | None:
+        """The next signal within ``TICK``; with ``poll``, served in slices of ``POLL`` s
+        between checks for a signal (still never a thread: the parent forks)."""
+        if self.poll is None:
+            return signal.sigtimedwait(SIGNALS, TICK)
+        end = time.monotonic() + TICK
+        while True:
+            info = signal.sigtimedwait(SIGNALS, 0)
+            left = end - time.monotonic()
+            if info is not None or left <= 0:
+                return info
+            try:
+                self.poll(min(left, POLL))
+            except Exception as e:  # the parent's optional socket never stops the supervisor
+                _poll_errors.note("the metrics listener failed %d time(s) (latest: %s)", type(e).__name__)
+                info = signal.sigtimedwait(SIGNALS, min(left, POLL))  # no busy loop on a poll that keeps failing
+                if info is not None:
+                    return info
+
     def _step(self) -> bool:
-        info = signal.sigtimedwait(SIGNALS, TICK)
+        info = self._wait()
         if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
             log.warning("stopping (%s)", signal.Signals(info.si_signo).name)
             return False
@@ -167,6 +199,7 @@ class Supervisor:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
+            self.on_exit(pid)
             if pid in self.helpers:
                 self.helpers.pop(pid)(code)
             elif pid in self._workers:

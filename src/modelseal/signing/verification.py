@@ -15,11 +15,12 @@ another version) to history.
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 from modelseal.errors import DecryptionError, FormatError, RevocationListError, Revoked, VerificationError
 from modelseal.format.file import RawArtifact, read_raw
@@ -63,6 +64,7 @@ from modelseal.signing.sigfile import (
 )
 from modelseal.signing.signers import Signer
 from modelseal.signing.trust import TrustPolicy
+from modelseal.util import observe
 from modelseal.util.files import open_regular
 
 __all__ = [
@@ -81,6 +83,41 @@ __all__ = [
     "verify_artifact",
     "verify_single",
 ]
+
+
+P = ParamSpec("P")
+
+
+def _result_of(e: BaseException) -> str:
+    """The ``modelseal_signature_verifications_total`` result of a refused verification."""
+    if isinstance(e, Revoked):
+        return "revoked"
+    if isinstance(e, RevocationListError) or not isinstance(e, VerificationError):
+        return "error"  # the check could not be made: no list, an unreadable artifact
+    text = str(e)
+    if " is not signed, and " in text:
+        return "missing"
+    if text.startswith("no valid signature:") and text.split(", ", 1)[-1] == UNTRUSTED:
+        return "untrusted"  # every signature sound, none by a trusted key
+    if " of the signers " in text or text.startswith("no rule of the trust policy covers"):
+        return "untrusted"
+    return "invalid"
+
+
+def _observed(fn: Callable[P, Verdict]) -> Callable[P, Verdict]:
+    """Report each verification's result (``util.observe``, kind ``signature``)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> Verdict:
+        try:
+            verdict = fn(*args, **kwargs)
+        except Exception as e:
+            observe.note("signature", _result_of(e))
+            raise
+        observe.note("signature", "verified" if verdict.signed else "missing")
+        return verdict
+
+    return run
 
 
 def _read_header(path: Path, rel: str) -> RawArtifact:
@@ -121,6 +158,7 @@ def _lazy_commitments(root: Path, sf: SignatureFile) -> tuple[list[FileCommitmen
     return commits, raws
 
 
+@_observed
 def verify_artifact(
     path: str | Path,
     policy: TrustPolicy,
@@ -210,6 +248,7 @@ def _decide(
     return first
 
 
+@_observed
 def verify_single(
     label: str,
     src: CipherSource,

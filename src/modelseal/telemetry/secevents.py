@@ -62,6 +62,7 @@ class SecurityEvent:
     version: int | None = None
     artifact: str | None = None
     entry: int | None = None
+    subject: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The export shape: ``schema`` first, every field, None as null."""
@@ -74,7 +75,9 @@ class SecurityEvent:
 def outcome_of(operation: str, result: str) -> str:
     if operation == "authorize":
         return "success" if result.startswith("allow") else "denied"
-    return "success" if result in ("ok", "") or result.startswith(("allow", "alert")) else "failure"
+    if result in ("ok", "") or result.startswith(("ok:", "allow", "alert", "queued:")):
+        return "success"
+    return "denied" if result.startswith("deny") else "failure"
 
 
 def from_audit(doc: Mapping[str, Any]) -> SecurityEvent:
@@ -100,6 +103,7 @@ def from_audit(doc: Mapping[str, Any]) -> SecurityEvent:
         version=_int(doc.get("version")),
         artifact=_text(doc.get("artifact")),
         entry=_int(doc.get("entry")),
+        subject=_text(doc.get("subject")),
     )
 
 
