@@ -61,7 +61,9 @@ echo "== governance: every request is decided by Cedar, default deny; a first se
 "$MS" access bootstrap --data "$OUT/registry" --officer spiffe://demo.example/dev/user/demo-officer
 PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 echo "== modelseal serve on 127.0.0.1:$PORT (TLS 1.3, client certificates required, ciphertext only)"
-"$MS" serve --listen "127.0.0.1:$PORT" --tls-dir "$OUT/server-tls" --data "$OUT/registry" --workers 1 2>"$OUT/serve.log" &
+MPORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$MS" serve --listen "127.0.0.1:$PORT" --tls-dir "$OUT/server-tls" --data "$OUT/registry" --workers 1 \
+  --metrics-listen "127.0.0.1:$MPORT" 2>"$OUT/serve.log" &
 SERVE_PID=$!
 trap 'kill "$SERVE_PID" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
@@ -100,8 +102,20 @@ TOML
 chmod 600 "$OUT/trust.toml"
 # shellcheck disable=SC2086
 MODELSEAL_TRUST="$OUT/trust.toml" "$MS" pull "127.0.0.1:$PORT/demo/model:v1" "$OUT/pulled.sealed" --tls-dir "$OUT/client-tls" $PINS
+echo "== Prometheus figures on the loopback listener (also GET /metrics over mTLS for role metrics)"
+"$VENV/bin/python" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+  "http://127.0.0.1:$MPORT/metrics" | grep -E '^modelseal_(authz_decisions_total|tls_handshakes_total|key_version_age_seconds)' | head -6
 kill -TERM "$SERVE_PID" && wait "$SERVE_PID" || true
 trap - EXIT
+echo "== modelseal scan: what is still unprotected, found by content whatever the name (exit 19 above --fail-on)"
+"$VENV/bin/python" - "$OUT/stray/notes.txt" <<'PY'  # a real safetensors file under a harmless name
+import json, pathlib, struct, sys
+header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+path = pathlib.Path(sys.argv[1])
+path.parent.mkdir(parents=True, exist_ok=True)
+path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+PY
+MODELSEAL_TRUST="$OUT/trust.toml" "$MS" scan "$OUT/model.sealed" "$OUT/pulled.sealed" "$OUT/stray" --fail-on 1 | tail -4
 echo "== every key operation and every authorization decision is in the tamper-evident audit log"
 "$MS" audit log | tail -4
 "$MS" audit verify
