@@ -66,10 +66,11 @@ ACCEPT_PAUSE = 1.0  # after an error accepting a connection
 
 
 def _private_root(path: Path, what: str, create: bool) -> Path:
-    if create:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
     try:
+        if create:  # --data may not exist yet (a registry on --db and --blobs s3:// makes nothing there)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
         st = os.lstat(path)
     except OSError as e:
         raise StorageError(f"cannot use {what} {path}: {e.strerror}") from None
