@@ -92,15 +92,13 @@ def publish(path: Path, data: bytes) -> None:
     rename, fsync of the folder) with the mode set by ``fchmod`` before the rename: 0644
     whatever the umask (the node exporter reads the file as another user)."""
     from modelseal.errors import StorageError
-    from modelseal.util.files import fsync_dir, temp_sibling
+    from modelseal.util.files import fsync_dir, temp_sibling, write_all
 
     tmp = temp_sibling(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fchmod(fd, 0o644)
             os.fsync(fd)
         finally:

@@ -37,7 +37,7 @@ from modelseal.telemetry.alerting import Alert
 from modelseal.telemetry.otlp import logs_request
 from modelseal.telemetry.secevents import SecurityEvent
 from modelseal.telemetry.syslogout import SyslogWriter, check_facility, parse_address
-from modelseal.util.files import fsync_dir
+from modelseal.util.files import fsync_dir, write_all
 from modelseal.util.home import modelseal_home
 
 FORMATS = ("jsonl", "otlp-json")
@@ -121,9 +121,7 @@ class FileOutput:
                 raise StorageError(f"export: {self.path} is not a regular file")
             if st.st_mode & 0o077:
                 os.fchmod(fd, 0o600)  # security events are for the SIEM, not for every local user
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -188,13 +188,18 @@ def replace(tmp: Path, dst: Path, force: bool = True) -> None:
         raise StorageError(f"cannot move output into place at {dst}: {e.strerror}") from None
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less). Raises OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Create ``path`` (never an existing one), write ``data`` and fsync it. Raises OSError."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
