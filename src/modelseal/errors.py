@@ -213,3 +213,45 @@ class ScanIncomplete(ModelsealError):
     an incomplete scan; docs/scan.md)."""
 
     exit_code = 22
+
+
+class BackupError(ModelsealError):
+    """A backup cannot be made, found or read: the destination or source is unreachable, no
+    recipient key of the backup can be reached by this restorer, a part is missing, or the
+    configuration names no recovery key (docs/recovery.md). Nothing is left half-written."""
+
+    exit_code = 23
+
+
+class BackupTampered(VerificationError):
+    """A backup fails its checks: a part's digest, the manifest's signature, the chain to the
+    previous backup (a deleted, swapped or older backup), or a part's contents (docs/recovery.md)."""
+
+    exit_code = 24
+
+
+class DrillFailed(ModelsealError):
+    """``modelseal backup drill`` restored but a check failed (an artifact that does not open or
+    whose digest differs, a signature, the audit log, RTO/RPO): the drill record says which."""
+
+    exit_code = 25
+
+
+class IncidentError(ModelsealError):
+    """An incident command (``modelseal incident key-compromise|cert-compromise``) stopped: a step
+    failed; its journal lets the same command resume (docs/recovery.md)."""
+
+    exit_code = 26
+
+
+class EvidenceError(ModelsealError):
+    """``modelseal evidence export`` cannot gather or write the bundle (docs/evidence.md)."""
+
+    exit_code = 27
+
+
+class EvidenceTampered(VerificationError):
+    """``modelseal evidence verify``: a file of the bundle was edited, deleted, added or reordered,
+    or the bundle's signature does not verify under the expected key."""
+
+    exit_code = 28

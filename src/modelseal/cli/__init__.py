@@ -19,7 +19,10 @@ from modelseal.cli import (
     agent,
     artifacts,
     audit,
+    backup,
     controls,
+    evidence,
+    incident,
     keys,
     metrics,
     monitor,
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_alerts(sub)
     monitor.add_events(sub)
     controls.add_controls(sub)
+    backup.add_backup(sub)
+    incident.add_incident(sub)
+    evidence.add_evidence(sub)
     return p
 
 

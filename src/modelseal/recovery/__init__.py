@@ -1,4 +1,4 @@
-"""Layer 6 (beside the loaders), reserved: encrypted, chained backups and restore drills.
-
-Nothing here yet; docs/architecture.md says what may import what.
+"""Layer 8: recovery (docs/recovery.md): the offline recovery key, sealed, signed and chained
+backups of everything but the artifacts, restore drills, compartmentalised restores and the
+incident runbooks (key and certificate compromise). docs/architecture.md names the modules.
 """
