@@ -31,6 +31,7 @@ from aiohttp import web
 from modelseal import cli as cli_mod
 from modelseal.cli import access
 from modelseal.errors import GovernanceError
+from modelseal.governance import mfa as mfa_mod
 from modelseal.governance.approvals import Settings
 from modelseal.governance.model import Binding, Resource
 from modelseal.governance.store import open_target
@@ -58,26 +59,46 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Clock:
+    """The wall clock, or (``virtual``) the wall clock plus an offset that ``sleep`` moves
+    forward instead of waiting: the in-process server's MFA check reads the same clock
+    (``world`` patches ``governance.mfa``'s ``time``), so a test waiting for the next TOTP
+    step takes no time. Everything else in the server keeps the real clock."""
+
+    def __init__(self, virtual: bool = False) -> None:
+        self.virtual, self.offset = virtual, 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def sleep(self, seconds: float) -> None:
+        if self.virtual:
+            self.offset += seconds
+        else:
+            time.sleep(seconds)
+
+
 class Otp:
     """Codes for enrolled users: each a step after the last one used (the server accepts
     no code at or before an identity's last step), within the one step of skew allowed."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
         self.secrets: dict[str, str] = {}
         self.last: dict[str, int] = {}
+        self.clock = clock or Clock()
 
     def code(self, who: str) -> str:
         while True:
-            t = time.time()
+            t = self.clock.time()
             step = int(t // 30)
             if t - step * 30 > 27:  # too near the next step to be sure the server sees this one
-                time.sleep(30 - (t - step * 30) + 0.2)
+                self.clock.sleep(30 - (t - step * 30) + 0.2)
                 continue
             pick = max(self.last.get(who, -(10**9)) + 1, step - 1)
             if pick <= step + 1:
                 self.last[who] = pick
                 return pyotp.TOTP(self.secrets[who]).at(pick * 30)
-            time.sleep((step + 1) * 30 - t + 0.2)
+            self.clock.sleep((step + 1) * 30 - t + 0.2)
 
 
 @dataclass
@@ -168,7 +189,9 @@ def world(env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
         monkeypatch.setattr(cli_mod, "build_parser", parser)
         monkeypatch.setenv("MODELSEAL_BROKER", f"127.0.0.1:{port}")
         monkeypatch.setenv("MODELSEAL_REGISTRY_PINS", ",".join(p.pins()))
-        w = World(env, p, port, gov, data, monkeypatch, capsys)
+        clock = Clock(virtual=True)  # the server runs in this process: its MFA check reads this clock
+        monkeypatch.setattr(mfa_mod, "time", clock)
+        w = World(env, p, port, gov, data, monkeypatch, capsys, Otp(clock))
         w.dirs["trainer"] = p.client_dir
         officers = [f"--officer={USER}/officer{i}" for i in (1, 2, 3, 4)]
         rc, out, err = w.run("officer1", "access", "bootstrap", "--data", str(data), *officers)
