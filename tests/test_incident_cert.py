@@ -112,3 +112,19 @@ def test_an_unknown_serial_needs_since(env: Env, pki: dict[str, object]) -> None
     rc, out, err = cli("incident", "cert-compromise", "0a0b0c", "--since", "1d", "--execute")
     assert rc == 0, out + err
     assert "0A0B0C" in _revoked(env)
+
+
+def test_the_serial_of_a_renewal_revokes_its_live_parent_and_warns_of_the_others(
+    env: Env, pki: dict[str, object]
+) -> None:
+    """Review finding 7: the host that held the renewal's key held the parent's too."""
+    svc = pki["svc"]
+    extra = issue.issue(svc, Identity.of(TD, "prod", "service", "trainer"), ca=pki["ca"])  # type: ignore[arg-type]
+    rc, out, err = cli("incident", "cert-compromise", str(pki["renewed"]), "--json")
+    assert rc == 0, out + err
+    plan = json.loads(out)
+    assert {s["serial"] for s in plan["serials"]} == {pki["first"], pki["renewed"]}
+    assert any(n.startswith("warning:") and extra.serial in n for n in plan["notes"])
+    rc, out, err = cli("incident", "cert-compromise", str(pki["renewed"]), "--execute")
+    assert rc == 0, out + err
+    assert _revoked(env) == {pki["first"], pki["renewed"]}  # the other certificate is the operator's call

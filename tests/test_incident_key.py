@@ -179,7 +179,10 @@ def test_a_failure_names_the_step_and_artifact_and_a_rerun_resumes(env: Env, tmp
     assert len(failed) == 1 and failed[0]["location"] == str(bad) and failed[0]["error"].startswith("reencrypt")
     assert env.svc.info(KEY).versions[0].state == "active"  # not disabled: the incident is not done
     bad.unlink()  # the operator's remedy for the damaged copy: it is deleted (restored later, re-sealed)
-    rc, out, err = cli(*args)
+    rc, out, err = cli(*args)  # everything else is done; the disable step waits for the operator's word
+    assert rc == IncidentError.exit_code and "disable:" in err and "--accept-gone" in err, out + err
+    assert env.svc.info(KEY).versions[0].state == "active"
+    rc, out, err = cli(*args, "--accept-gone")
     assert rc == 0, out + err
     assert f"not done: path:{bad}: gone" in out
     assert env.svc.info(KEY).latest == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -26,28 +27,38 @@ from modelseal.recovery import keycompromise as key
 from modelseal.recovery.incident_registry import RegistryTarget
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")
+_DURATION = re.compile(r"([0-9]{1,30}(?:\.[0-9]{1,30})?)([smhdw]?)")
+MAX_DURATION = 100 * 366 * 86400.0  # longer than any window or waiting period means a typo
+FUTURE_SLACK = 300.0
 
 
 def parse_duration(text: str) -> float:
-    """``7d``, ``12h``, ``30m``, ``0`` or plain seconds."""
+    """``7d``, ``12h``, ``30m``, ``0`` or plain seconds, up to a hundred years."""
     m = _DURATION.fullmatch(text.strip())
     if m is None:
-        raise argparse.ArgumentTypeError(f"a duration like 7d, 12h or 0, got {text!r}")
-    return float(m[1]) * _UNITS.get(m[2] or "s", 1.0)
+        raise argparse.ArgumentTypeError(f"a duration like 7d, 12h or 0, got {text[:40]!r}")
+    seconds = float(m[1]) * _UNITS.get(m[2] or "s", 1.0)
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"a duration of at most {MAX_DURATION / 86400:g} days, got {text[:40]!r}")
+    return seconds
 
 
 def parse_since(text: str) -> float:
-    """An ISO date or time (``2026-11-01``, ``2026-11-01T08:00:00+00:00``), or a duration back from now."""
-    try:
-        return time.time() - parse_duration(text)
-    except argparse.ArgumentTypeError:
-        pass
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--since takes an ISO date or a duration (7d), got {text!r}") from None
-    return t.timestamp() if t.tzinfo is not None else t.astimezone().timestamp()
+    """An ISO date or time (``2026-11-01``, ``2026-11-01T08:00:00+00:00``), or a duration back from
+    now; from 1970 to now."""
+    if _DURATION.fullmatch(text.strip()):
+        t = time.time() - parse_duration(text)
+    else:
+        try:
+            d = datetime.fromisoformat(text)
+            t = d.timestamp() if d.tzinfo is not None else d.astimezone().timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise argparse.ArgumentTypeError(
+                f"--since takes an ISO date or a duration (7d), got {text[:40]!r}"
+            ) from None
+    if not 0 <= t <= time.time() + FUTURE_SLACK:
+        raise argparse.ArgumentTypeError(f"--since must be from 1970 to now, got {text[:40]!r}")
+    return t
 
 
 def _print(lines: list[str]) -> None:
@@ -55,18 +66,33 @@ def _print(lines: list[str]) -> None:
         print(escape(line))
 
 
-def cmd_key_compromise(args: argparse.Namespace, svc: KeyService) -> int:
-    if (args.repo or args.registry_data or args.registry_db) and not args.registry:
+def _targets(args: argparse.Namespace) -> tuple[RegistryTarget, ...]:
+    """One target per ``--registry``; a ``--repo HOST:PORT/REPO`` is that registry's alone, a plain
+    one every registry's; the catalog flags name one registry's store, so they take one ``--registry``."""
+    hosts: list[str] = args.registry
+    if (args.repo or args.registry_data or args.registry_db) and not hosts:
         raise ValueError("--repo, --registry-data and --registry-db need --registry HOST:PORT")
-    target = None
-    if args.registry:
-        target = RegistryTarget(
-            args.registry, tuple(args.repo), args.tls_dir, tuple(args.pin), args.registry_data, args.registry_db
-        )
+    if (args.registry_data or args.registry_db) and len(hosts) > 1:
+        raise ValueError("--registry-data and --registry-db read one registry's catalog: give one --registry")
+    out = []
+    for host in hosts:
+        repos = [r.split("/", 1)[1] if r.startswith(host + "/") else r for r in args.repo]
+        mine = [r for r in repos if ":" not in r.split("/", 1)[0]]  # repository names hold no colon
+        out.append(RegistryTarget(host, tuple(mine), args.tls_dir, tuple(args.pin), args.registry_data,
+                                  args.registry_db))  # fmt: skip
+    for r in args.repo:
+        if ":" in r.split("/", 1)[0] and not any(r.startswith(h + "/") for h in hosts):
+            raise ValueError(f"--repo {r}: no --registry {r.split('/', 1)[0]} given")
+    return tuple(out)
+
+
+def cmd_key_compromise(args: argparse.Namespace, svc: KeyService) -> int:
+    targets = _targets(args)
     inc = key.KeyIncident(
         key=args.key,
         paths=tuple(args.path),
-        registry=target,
+        registries=targets,
+        accept_gone=args.accept_gone,
         sign_keys=tuple(args.sign_key),
         trust=args.trust,
         revocation_keys=tuple(args.revocation_key),
@@ -136,8 +162,10 @@ def add_incident(sub: Any) -> None:
     )
     k.add_argument("key", metavar="KEY[@VERSION]", help="key URI; @VERSION: the compromised one (default: all older)")
     k.add_argument("--path", action="append", default=[], metavar="P", help="a sealed file or a folder (repeatable)")
-    k.add_argument("--registry", metavar="HOST:PORT", help="also the artifacts of this registry")
-    k.add_argument("--repo", action="append", default=[], metavar="R", help="a repository (default: the catalog)")
+    k.add_argument("--registry", action="append", default=[], metavar="HOST:PORT",
+                   help="also the artifacts of this registry (repeatable)")  # fmt: skip
+    k.add_argument("--repo", action="append", default=[], metavar="R",
+                   help="a repository, HOST:PORT/R for one registry's (default: the catalog)")  # fmt: skip
     k.add_argument("--registry-data", metavar="DIR", help="the registry's --data, to read its catalog")
     k.add_argument("--registry-db", metavar="URL", help="the registry's --db, to read its catalog")
     k.add_argument("--tls-dir", metavar="DIR", help="client certificate folder, as modelseal push takes it")
@@ -154,6 +182,8 @@ def add_incident(sub: Any) -> None:
         help="local keys: the compromised versions stop now, are erased after DUR (default 7d; 0: now)",
     )
     k.add_argument("--work-dir", metavar="DIR", help="registry copies (ciphertext; default: the ciphertext cache)")
+    k.add_argument("--accept-gone", action="store_true",
+                   help="disable even though artifacts went missing before they were re-encrypted")  # fmt: skip
     _common(k)
     k.set_defaults(fn=cmd_key_compromise, reason="key compromise")
     c = isub.add_parser(

@@ -277,7 +277,12 @@ def _rewrap_batch(
                 keys_to_write(svc, path, opened.slot.recipients, raw.core.context, named=[key], keep=keep)
                 recipients = tuple(new if r == old else r for r in opened.slot.recipients)
                 write_slot_in_place(src.fd, raw, opened, recipients)
-                svc.sink.emit(AuditEvent("rewrap", key, "ok", new.key_version, artifact_id(raw.core.binding)))
+                aid = artifact_id(raw.core.binding)
+                # The version the data key was wrapped under until now (rewrap_key's unwrap event
+                # says it; the batch's decrypt is one provider call): an incident on that version
+                # finds the artifact by it (recovery.incident_find).
+                svc.sink.emit(AuditEvent("rewrap-from", key, "ok", old.key_version, aid))
+                svc.sink.emit(AuditEvent("rewrap", key, "ok", new.key_version, aid))
                 report.rewrapped.append(str(path))
                 if progress is not None:
                     progress(str(path))

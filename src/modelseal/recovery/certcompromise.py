@@ -1,8 +1,10 @@
 """``modelseal incident cert-compromise SERIAL|IDENTITY``: the runbook as a command (docs/recovery.md).
 
 What it covers: a serial (that certificate, and every certificate renewed from it: a thief
-of its key could have renewed it), or an identity (every live serial the CA's records hold
-for it, with their renewals). ``plan`` changes nothing; ``execute``:
+of its key could have renewed it; and the live certificates it was renewed from, which the
+same host held: the lineage from its oldest live ancestor down), or an identity (every live
+serial the CA's records hold for it, with their renewals). The identity's other live serials
+are listed in the plan with a warning. ``plan`` changes nothing; ``execute``:
 
 1. ``revoke``: each serial goes on the CA's denylist with its renewals, and is revoked at
    the issuing backend too (OpenBao's ``pki/revoke`` for ``transit-pki``): ``pki.issue.revoke_all``;
@@ -113,9 +115,23 @@ def _row(r: dict[str, object], listed: denylist.Denylist) -> dict[str, Any]:
     }
 
 
+def _oldest_live_ancestor(rows: list[dict[str, Any]], hexed: str, now: float) -> dict[str, Any] | None:
+    """The oldest certificate, still valid, that ``hexed`` was renewed from (transitively)."""
+    by_serial = {str(r.get("serial")): r for r in rows}
+    seen, oldest = {hexed}, None
+    parent = by_serial.get(hexed, {}).get(denylist.PARENT)
+    while isinstance(parent, str) and parent in by_serial and parent not in seen:
+        seen.add(parent)
+        row = by_serial[parent]
+        if issue.not_after_of(row) > now:
+            oldest = row
+        parent = row.get(denylist.PARENT)
+    return oldest
+
+
 def _resolve(issuer: Issuer, target: str, now: float) -> tuple[str, str | None, list[dict[str, Any]]]:
     """(the journal's target key, the identity, the serials concerned with their renewals)."""
-    rows = issue.list_issued(issuer)
+    rows = [dict(r) for r in issue.list_issued(issuer)]
     listed = denylist.load(issuer.folder)
     if target.startswith("spiffe://"):
         ident = parse(target).uri
@@ -124,13 +140,31 @@ def _resolve(issuer: Issuer, target: str, now: float) -> tuple[str, str | None, 
     serial = denylist.parse_serial(target)
     hexed = denylist.serial_hex(serial)
     own = [r for r in rows if r.get("serial") == hexed]
-    concerned = [*own, *denylist.descendants(rows, serial)]
+    top = _oldest_live_ancestor(rows, hexed, now)
+    if top is not None:  # its lineage from there: revoke_all of the ancestor covers every one of it
+        top_serial = denylist.parse_serial(str(top.get("serial")))
+        concerned = [top, *denylist.descendants(rows, top_serial)]
+    else:
+        concerned = [*own, *denylist.descendants(rows, serial)]
     out = [_row(dict(r), listed) for r in concerned]
     if not own:
         out.insert(0, {"serial": hexed, "identity": "", "not_after": None, "not_after_utc": "?", "not_before": None,
                        "renewed_from": None, "revoked": listed.revoked(serial)})  # fmt: skip
-    identity = out[0]["identity"] or None
+    identity = next((str(r["identity"]) for r in out if r["identity"]), None)
     return f"serial:{hexed}", identity, out
+
+
+def _others(issuer: Issuer, identity: str | None, serials: list[dict[str, Any]], now: float) -> list[str]:
+    """The identity's live serials the incident does not revoke."""
+    if identity is None:
+        return []
+    covered = {s["serial"] for s in serials}
+    listed = denylist.load(issuer.folder)
+    return [
+        str(r.get("serial")) for r in issue.list_issued(issuer)
+        if r.get("identity") == identity and issue.not_after_of(r) > now and str(r.get("serial")) not in covered
+        and not listed.revoked(denylist.parse_serial(str(r.get("serial"))))
+    ]  # fmt: skip
 
 
 def activity(identity: str | None, serials: list[str], since: float) -> tuple[list[dict[str, Any]], str | None]:
@@ -178,6 +212,11 @@ def plan(inc: CertIncident, svc: KeyService) -> CertPlan:
         p.notes.append(note)
     if not serials:
         p.notes.append(f"the CA's records hold no live certificate of {inc.target}: nothing to revoke")
+    others = _others(issuer, identity, serials, time.time())
+    if others:
+        p.notes.append(f"warning: {identity} has {len(others)} other live certificate(s) this incident does not "
+                       f"revoke: {', '.join(others)}; if their host may be compromised too, run the incident on "
+                       f"{identity}")  # fmt: skip
     if not inc.target.startswith("spiffe://"):
         p.notes.append("events carry the identity, not the certificate: the activity covers the identity's every one")
     p.notes.append("issue the identity a new certificate (modelseal cert issue) once the host is safe again")

@@ -29,6 +29,7 @@ Then ``check_disabled`` reads the key back: no compromised version may still unw
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from modelseal.errors import IncidentError
@@ -38,6 +39,14 @@ from modelseal.keys.service import KeyService
 from modelseal.recovery.journal import Journal
 
 DEFAULT_DESTROY_AFTER = 7 * 86400.0
+MAX_DESTROY_AFTER = 366 * 86400.0  # a waiting period, not a way to keep the version
+
+
+def destroy_after_problem(seconds: float) -> str | None:
+    """Why ``--destroy-after`` cannot be used (checked in the plan, not at the last step)."""
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_DESTROY_AFTER:
+        return f"disable: --destroy-after must be from 0 to {MAX_DESTROY_AFTER / 86400:g} days, got {seconds:g} s"
+    return None
 
 
 def parse_target(text: str) -> tuple[str, int | None]:
@@ -127,8 +136,10 @@ def check_disabled(svc: KeyService, uri: str, compromised: list[int]) -> None:
 
 __all__ = [
     "DEFAULT_DESTROY_AFTER",
+    "MAX_DESTROY_AFTER",
     "check_disabled",
     "decide_versions",
+    "destroy_after_problem",
     "disable",
     "parse_target",
     "rotate_once",

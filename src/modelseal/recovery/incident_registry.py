@@ -1,34 +1,41 @@
 """The registry side of a key-compromise incident (docs/recovery.md, "Incident: key compromise").
 
-Finding: every tag of each repository (``--repo``, or every repository of the registry's
-catalog) is resolved to its manifest; a modelseal artifact's primary layer (the sealed file,
-or a folder's ``manifest.mseal``) has its header read with ranged GETs (``RemoteHeader``:
-the bytes of the header and its slots, nothing more) and checked as a local one is
-(``incident_find.compromised_in``). The OCI API has no catalog of repositories here (a
-``/v2/_catalog`` would let any client enumerate every repository name), so the catalog is
-read from the registry's own metadata store (``--registry-data``, ``--registry-db``, as
-``modelseal serve`` takes them), read only; transfers always go over the API, mutual TLS
-with the CA pins, as ``modelseal push`` makes them (``registry.settings``).
+Finding: with the registry's own metadata store (``--registry-data``, ``--registry-db``, as
+``modelseal serve`` takes them; read only) every manifest of every repository (or of the
+``--repo`` ones) is judged, tagged or not: a tag that moved on leaves the exposed manifest
+reachable by digest, and a push by digest never had a tag. The OCI API has no catalog here
+(a ``/v2/_catalog`` would let any client enumerate every repository name), so with ``--repo``
+alone only what the repositories' tags name is reached, and the plan says so. A tag of the
+form ``sha256-<64 hex>`` is skipped only when it holds a referrers index (the tag-scheme
+fallback); any other tag is an artifact's. A modelseal artifact's primary layer (the sealed
+file, or a folder's ``manifest.mseal``) has its header read with ranged GETs
+(``RemoteHeader``: the bytes of the header and its slots, nothing more) and judged as a
+local one is (``incident_find.judge``). Transfers always go over the API, mutual TLS with
+the CA pins, as ``modelseal push`` makes them (``registry.settings``).
 
 Replacing: the artifact is pulled by its digest (never by a tag that may move meanwhile)
 into a work folder outside ``$MODELSEAL_HOME`` (the ciphertext cache, ``registry.settings``:
 data never sits beside the keys), re-encrypted and re-signed there, pushed under each tag
 that still names the old digest (a tag moved meanwhile by someone else is left alone, and
-reported), and then the old manifest, its signature referrers and its fallback index are
-deleted, so the garbage collector reclaims the exposed ciphertext. Each step is safe to
-repeat: a push of the same bytes gives the same digest, a deleted manifest is a 404.
+reported; an untagged manifest is not pushed again: nothing names it), and then the old
+manifest, its signature referrers and its fallback index are deleted, so the garbage
+collector reclaims the exposed ciphertext. Each step is safe to repeat: a push of the same
+bytes gives the same digest, a deleted manifest is a 404. Every operation checks that the
+record names this session's registry: a record of another registry is never applied here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from modelseal.errors import ModelsealError, RegistryError
-from modelseal.format.envelope import artifact_id
+from modelseal.errors import IncidentError, ModelsealError, RegistryError
 from modelseal.keys.service import KeyService
-from modelseal.recovery.incident_find import Findings, Found, compromised_in, header_of
+from modelseal.recovery.incident_find import Findings, Found, History, header_of, judge
 from modelseal.registry import layout, renewing, settings, transfer
 from modelseal.registry.client import Repository
 from modelseal.registry.names import check_name
@@ -36,8 +43,23 @@ from modelseal.registry.reference import parse_endpoint, parse_reference
 from modelseal.registry.transport import Transport
 from modelseal.signing.sigfile import SignatureFile
 
-MAX_REPOSITORIES = 100_000
-LAST_DIGEST = "sha256:" + "f" * 64  # no manifest digest sorts after it (modelseal keeps sha256 only)
+MAX_MANIFESTS = 1_000_000
+PAGE = 1000
+_FALLBACK_TAG = re.compile(r"sha256-[0-9a-f]{64}")
+
+
+def check_db_url(db: str) -> None:
+    """A ``--registry-db`` carries no password (``registry.sqlmeta.open_meta``'s rule): a flag is
+    visible to every user of the host, and the incident's journal and report record the URL."""
+    parts = urlsplit(db)
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ValueError("--registry-db must not carry a password: use PGPASSFILE or PGPASSWORD (docs/deploy.md)")
+
+
+def shown_db(db: str) -> str:
+    """The URL without user, password or query, as the journal and the report record it."""
+    parts = urlsplit(db)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -51,8 +73,17 @@ class RegistryTarget:
     data: str | None = None  # the registry's --data, for its catalog
     db: str | None = None  # the registry's --db
 
+    def __post_init__(self) -> None:
+        if self.db is not None:
+            check_db_url(self.db)
+
+    @property
+    def has_catalog(self) -> bool:
+        return self.data is not None or self.db is not None
+
     def to_json(self) -> dict[str, object]:
-        return {"host": self.host, "repos": list(self.repos), "catalog": self.data or self.db}
+        catalog = self.data if self.data is not None else shown_db(self.db) if self.db is not None else None
+        return {"host": self.host, "repos": list(self.repos), "catalog": catalog}
 
 
 @dataclass
@@ -87,11 +118,12 @@ def connect(target: RegistryTarget, svc: KeyService, *, renew: bool = True) -> S
     return Session(target, transport)
 
 
-def catalog(target: RegistryTarget) -> list[str]:
-    """Every repository of the registry's metadata store (read only, one query per repository)."""
+def catalog(target: RegistryTarget) -> dict[str, list[str]]:
+    """Every manifest digest of the registry's metadata store, by repository (read only, in
+    pages), signature referrers left out (they hold no sealed header)."""
     from modelseal.registry.sqlmeta import open_meta
 
-    if target.data is None and target.db is None:
+    if not target.has_catalog:
         raise ValueError(
             "name the repositories with --repo, or give the registry's --registry-data (and --registry-db) "
             "to read its catalog"
@@ -101,15 +133,19 @@ def catalog(target: RegistryTarget) -> list[str]:
         raise RegistryError(f"{data} holds no registry database (registry.db)")
     meta = open_meta(target.db, data)
     try:
-        repos: list[str] = []
+        out: dict[str, list[str]] = {}
         after: tuple[str, str] | None = None
-        while len(repos) < MAX_REPOSITORIES:
-            page = meta.manifest_page(after, 1)
-            if not page:
-                return repos
-            repos.append(page[0][0])
-            after = (page[0][0], LAST_DIGEST)  # past every digest of that repository
-        raise RegistryError(f"the catalog has more than {MAX_REPOSITORIES} repositories: name them with --repo")
+        seen = 0
+        while seen < MAX_MANIFESTS:
+            page = meta.manifest_page(after, PAGE)
+            for repo, digest, kind in page:
+                if kind != layout.SIGNATURES:
+                    out.setdefault(repo, []).append(digest)
+            seen += len(page)
+            if len(page) < PAGE:
+                return out
+            after = (page[-1][0], page[-1][1])
+        raise RegistryError(f"the catalog has more than {MAX_MANIFESTS} manifests: name the repositories with --repo")
     finally:
         meta.close()
 
@@ -153,75 +189,138 @@ def _signed(repo: Repository, digest: str) -> bool:
     return False
 
 
+def _is_fallback(tag: str, body: bytes) -> bool:
+    """A tag-scheme referrers index (``layout.fallback_tag``), not an artifact's tag."""
+    if not _FALLBACK_TAG.fullmatch(tag):
+        return False
+    try:
+        layout.parse_index(body)
+    except RegistryError:
+        return False
+    return True
+
+
+def _tagged(repo: Repository) -> dict[str, tuple[bytes, list[str]]]:
+    by_digest: dict[str, tuple[bytes, list[str]]] = {}
+    for tag in repo.tags():
+        got = repo.get_manifest(tag)
+        if got is not None and not _is_fallback(tag, got[0]):
+            by_digest.setdefault(got[1], (got[0], []))[1].append(tag)
+    return by_digest
+
+
+def _judge(
+    svc: KeyService,
+    session: Session,
+    name: str,
+    digest: str,
+    body: bytes,
+    tags: list[str],
+    key: tuple[str, Collection[int], History],
+    out: Findings,
+) -> Found | None:
+    """The manifest as a finding if it is an exposed modelseal artifact (problems into ``out``)."""
+    canon, versions, hist = key
+    repo = session.repo(name)
+    try:
+        layers = layout.parse_artifact(body)
+    except RegistryError:
+        return None  # not a modelseal artifact: no sealed header to judge
+    ref = "oci://" + session.ref(name, "@" + digest)
+    try:
+        primary = layers[0]
+        raw = header_of(RemoteHeader(repo, primary.descriptor))
+        got = judge(svc, raw, canon, versions, hist, ref, out)
+        if got is None:
+            return None
+        size = sum(x.descriptor.size for x in layers)
+        folder = primary.path == layout.MANIFEST_PATH
+        signed = _signed(repo, digest)
+    except ModelsealError as e:
+        out.problems.append(f"{session.ref(name, '@' + digest)}: its header cannot be read ({type(e).__name__})")
+        return None
+    aid, hit = got
+    return Found(ref, "registry", session.ref(name, ""), aid, hit, signed, size, digest, sorted(tags), folder)
+
+
 def in_registry(
-    svc: KeyService, session: Session, canon: str, versions: Collection[int], exposed_ids: Collection[str]
+    svc: KeyService, session: Session, canon: str, versions: Collection[int], hist: History | None = None
 ) -> Findings:
-    """Every tagged artifact of the target's repositories a compromised version protects,
-    one ``Found`` per manifest digest with all the tags naming it."""
+    """Every artifact of the target's repositories a compromised version protects, one
+    ``Found`` per manifest digest with all the tags naming it (none: untagged)."""
     out = Findings()
-    names = list(session.target.repos) or catalog(session.target)
-    for name in names:
+    target, key = session.target, (canon, versions, hist or History())
+    if target.has_catalog or not target.repos:
+        names = catalog(target)  # neither: ValueError, name them
+        if target.repos:
+            names = {r: names.get(r, []) for r in target.repos}
+    else:
+        names = {r: [] for r in target.repos}
+        out.notes.append(
+            f"registry {target.host}: --repo without its metadata store (--registry-data, --registry-db): only "
+            "manifests a tag names are reached, untagged ones (a tag moved on, a push by digest) are not"
+        )
+    for name, digests in sorted(names.items()):
         try:
             check_name(name)
             repo = session.repo(name)
-            by_digest: dict[str, tuple[bytes, list[str]]] = {}
-            for tag in repo.tags():
-                if tag.startswith("sha256-"):
-                    continue  # a referrers fallback index, not an artifact
-                got = repo.get_manifest(tag)
-                if got is not None:
-                    by_digest.setdefault(got[1], (got[0], []))[1].append(tag)
+            tagged = _tagged(repo)
         except ModelsealError as e:
             out.problems.append(f"{session.ref(name, '')}: cannot list it ({str(e)[:200]})")
             continue
-        for digest, (body, tags) in sorted(by_digest.items()):
+        for digest in sorted({*digests, *tagged}):
             try:
-                layers = layout.parse_artifact(body)
-            except RegistryError:
-                continue  # not a modelseal artifact: no sealed header to judge
-            try:
-                primary = layers[0]
-                raw = header_of(RemoteHeader(repo, primary.descriptor))
-                aid = artifact_id(raw.core.binding)
-                hit = compromised_in(svc, raw, canon, versions)
-                if not hit and aid not in exposed_ids:
-                    continue
-                size = sum(x.descriptor.size for x in layers)
-                folder = primary.path == layout.MANIFEST_PATH
-                signed = _signed(repo, digest)
+                got = tagged.get(digest) or (_body(repo, digest), [])
             except ModelsealError as e:
-                where = session.ref(name, "@" + digest)
-                out.problems.append(f"{where}: its header cannot be read ({type(e).__name__})")
+                out.problems.append(f"{session.ref(name, '@' + digest)}: cannot read it ({str(e)[:200]})")
                 continue
-            ref = "oci://" + session.ref(name, "@" + digest)
-            loc = session.ref(name, "")
-            out.found.append(Found(ref, "registry", loc, aid, hit, signed, size, digest, sorted(tags), folder))
+            if got[0] is not None:
+                f = _judge(svc, session, name, digest, got[0], got[1], key, out)
+                if f is not None:
+                    out.found.append(f)
     return out
 
 
+def _body(repo: Repository, digest: str) -> bytes | None:
+    got = repo.get_manifest(digest)
+    return None if got is None else got[0]
+
+
+def find_one(
+    svc: KeyService, session: Session, item: dict[str, object], key: tuple[str, Collection[int], History]
+) -> tuple[bool, Found | None]:
+    """A journaled manifest judged again: (present, the finding if it is exposed)."""
+    name, digest = _where(session, item)
+    body = _body(session.repo(name), digest)
+    if body is None:
+        return False, None
+    return True, _judge(svc, session, name, digest, body, _strings(item.get("tags")), key, Findings())
+
+
 def work_path(work: Path, item: dict[str, object]) -> Path:
-    """Where the pulled copy of ``item`` lives: a folder per artifact in the work folder."""
-    ref = str(item["ref"])
-    digest = ref.rsplit("@sha256:", 1)[-1][:24]
-    return work / digest / ("artifact" if item.get("folder") else "artifact.sealed")
+    """Where the pulled copy of ``item`` lives: a folder per record (its ref: registry, repository
+    and digest) in the work folder."""
+    folder = hashlib.sha256(str(item["ref"]).encode()).hexdigest()[:24]
+    return work / folder / ("artifact" if item.get("folder") else "artifact.sealed")
 
 
-def pull(session: Session, item: dict[str, object], dst: Path) -> None:
-    """The old artifact by its digest into ``dst`` (replacing a copy a crashed run left)."""
-    repo, digest = _where(item)
+def pull(session: Session, item: dict[str, object], dst: Path, digest: str | None = None) -> None:
+    """The artifact by its old digest (or ``digest``) into ``dst`` (replacing a copy a crashed run left)."""
+    repo, old = _where(session, item)
     dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    transfer.pull(session.ref(repo, "@" + digest), dst, verify=False, force=True, transport=session.transport)
+    ref = session.ref(repo, "@" + (digest or old))
+    transfer.pull(ref, dst, verify=False, force=True, transport=session.transport)
 
 
 def present(session: Session, item: dict[str, object]) -> bool:
-    repo, digest = _where(item)
+    repo, digest = _where(session, item)
     return session.repo(repo).get_manifest(digest) is not None
 
 
 def replace_tags(session: Session, item: dict[str, object], artifact: Path) -> tuple[str, list[str], list[str]]:
     """Push ``artifact`` under each of the item's tags that still names the old digest (or
     already the new one); returns the new digest, the tags moved and the tags left alone."""
-    repo_name, old = _where(item)
+    repo_name, old = _where(session, item)
     repo = session.repo(repo_name)
     moved, left = [], []
     new = ""
@@ -242,7 +341,7 @@ def replace_tags(session: Session, item: dict[str, object], artifact: Path) -> t
 def delete_old(session: Session, item: dict[str, object]) -> int:
     """Delete the old manifest, its signature referrers and its fallback index (each a 404 if
     gone already); returns how many manifests were deleted."""
-    repo_name, old = _where(item)
+    repo_name, old = _where(session, item)
     repo = session.repo(repo_name)
     gone = 0
     found = repo.referrers(old, layout.SIGNATURES)
@@ -262,7 +361,7 @@ def delete_old(session: Session, item: dict[str, object]) -> int:
 
 
 def tag_digests(session: Session, item: dict[str, object], tags: Sequence[str]) -> dict[str, str | None]:
-    repo_name, _ = _where(item)
+    repo_name, _ = _where(session, item)
     repo = session.repo(repo_name)
     out: dict[str, str | None] = {}
     for tag in tags:
@@ -271,11 +370,16 @@ def tag_digests(session: Session, item: dict[str, object], tags: Sequence[str]) 
     return out
 
 
-def _where(item: dict[str, object]) -> tuple[str, str]:
-    loc = str(item["location"])
-    repo = loc.split("/", 1)[1]
-    digest = str(item["digest"])
-    return repo, digest
+def host_of(item: dict[str, object]) -> str:
+    return str(item["location"]).split("/", 1)[0]
+
+
+def _where(session: Session, item: dict[str, object]) -> tuple[str, str]:
+    """(repository, digest) of a record, which must be of this session's registry."""
+    host, repo = str(item["location"]).split("/", 1)
+    if host != session.target.host:
+        raise IncidentError(f"{item['ref']} is an artifact of {host}, not of {session.target.host}")
+    return repo, str(item["digest"])
 
 
 def _strings(value: object) -> list[str]:
@@ -287,12 +391,16 @@ __all__ = [
     "RemoteHeader",
     "Session",
     "catalog",
+    "check_db_url",
     "connect",
     "delete_old",
+    "find_one",
+    "host_of",
     "in_registry",
     "present",
     "pull",
     "replace_tags",
+    "shown_db",
     "tag_digests",
     "work_path",
 ]

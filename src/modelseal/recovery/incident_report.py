@@ -72,7 +72,8 @@ def key_summary(report: dict[str, Any]) -> list[str]:
     ]
     for i in items:
         if i.get("state") != "done":
-            lines.append(f"  not done: {i.get('ref')}: {i.get('state')} {i.get('error', '')}".rstrip())
+            why = i.get("why_left") or i.get("error", "")
+            lines.append(f"  not done: {i.get('ref')}: {i.get('state')} {why}".rstrip())
         for tag in i.get("tags_left", []):
             lines.append(f"  left alone: tag {tag} of {i.get('location')} was moved by someone else meanwhile")
     for d in report.get("disabled", []):

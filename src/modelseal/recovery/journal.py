@@ -18,6 +18,11 @@ reopened, and a new one on the same target needs ``new`` (``--new-incident``).
 
 The journal holds no secret: key URIs, versions, artifact ids, signature ids, paths and
 registry references. Its files are still 0600 under the home's own rules.
+
+What it holds is still only a record, never an instruction: every file is schema-checked
+when it is read (``check_doc``, ``check_item``: a malformed one is an ``IncidentError``, an
+unknown state included), and a resumed run acts only on records that its own discovery finds
+again (``incident_scope``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +50,12 @@ LOCK = ".lock"
 MAX_JOURNAL = 16 << 20
 MAX_ITEM = 1 << 20
 MAX_INCIDENTS_PER_TARGET = 1000
+# An artifact record's states (incident_artifacts): PENDING ones are driven on, the rest are final.
+PENDING = ("planned", "started", "reencrypted", "signed", "pushed", "failed")
+FINAL = ("done", "gone", "left")
+STATES = PENDING + FINAL
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def incidents_dir(home: Path | None = None) -> Path:
@@ -153,10 +165,111 @@ class Journal:
         self.save()
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, int | float)) and not isinstance(v, bool)
+
+
+def _strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _opt(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+_DOC: dict[str, Any] = {
+    "kind": lambda v: v in ("key", "cert"),
+    "target": lambda v: isinstance(v, str),
+    "created": _is_num,
+    "closed": _opt(_is_num),
+    "opened": _opt(_is_num),
+    "steps": lambda v: isinstance(v, dict) and all(isinstance(s, dict) for s in v.values()),
+    "key": lambda v: isinstance(v, str),
+    "canonical": lambda v: isinstance(v, str),
+    "inputs": lambda v: isinstance(v, dict),
+    "notes": _strs,
+    "disabled": lambda v: isinstance(v, list) and all(isinstance(d, dict) for d in v),
+    "revocation_list_version": _is_int,
+    "identity": _opt(lambda v: isinstance(v, str)),
+    "since": _is_num,
+    "results": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+    "ca": lambda v: isinstance(v, dict),
+}
+_ITEM: dict[str, Any] = {
+    "kind": lambda v: v in ("path", "registry"),
+    "location": lambda v: isinstance(v, str) and bool(v),
+    "old_id": lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None,
+    "versions": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    "signed": lambda v: isinstance(v, bool),
+    "state": lambda v: v in STATES,
+    "size": lambda v: _is_int(v) and v >= 0,
+    "digest": _opt(lambda v: isinstance(v, str) and _DIGEST.fullmatch(v) is not None),
+    "tags": _strs,
+    "folder": lambda v: isinstance(v, bool),
+    "parent": _opt(lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)),
+    "failed_in": lambda v: v in PENDING and v != "failed",
+    "error": lambda v: isinstance(v, str),
+    "why": lambda v: isinstance(v, str),
+    "why_left": lambda v: isinstance(v, str),
+    "old_signatures": lambda v: (
+        isinstance(v, list)
+        and all(isinstance(s, dict) and isinstance(s.get("id"), str) and _HEX64.fullmatch(s["id"]) for s in v)
+    ),
+    "name": lambda v: isinstance(v, str),
+    "sign_version": lambda v: _is_int(v) and v >= 1,
+    "new_id": lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None,
+    "new_signatures": _strs,
+    "new_digest": _opt(lambda v: isinstance(v, str) and _DIGEST.fullmatch(v) is not None),
+    "tags_moved": _strs,
+    "tags_left": _strs,
+    "deleted": _is_int,
+    "verified": lambda v: isinstance(v, bool),
+}
+_ITEM_REQUIRED = ("ref", "kind", "location", "old_id", "versions", "signed", "state")
+
+
+def _fields(doc: dict[str, Any], table: dict[str, Any], path: Path) -> None:
+    for name, check in table.items():
+        if name in doc and not check(doc[name]):
+            raise IncidentError(f"{path} is not a readable incident journal file (field {name})")
+
+
+def check_doc(doc: dict[str, Any], path: Path) -> None:
+    """journal.json's schema; a key incident's versions must be the ones it could have decided."""
+    _fields(doc, _DOC, path)
+    if doc.get("kind") == "key":
+        v = doc.get("versions")
+        ok = isinstance(v, dict) and _is_int(v.get("before")) and isinstance(v.get("compromised"), list)
+        if ok and isinstance(v, dict):
+            c, new = v["compromised"], v.get("new")
+            ok = bool(c) and all(_is_int(x) and 1 <= x <= v["before"] for x in c)
+            ok = ok and (new is None or (_is_int(new) and new > v["before"]))
+            ok = ok and isinstance(v.get("states", {}), dict)
+        if not ok or not isinstance(doc.get("key"), str) or not isinstance(doc.get("canonical"), str):
+            raise IncidentError(f"{path} is not a readable incident journal file (its key and versions)")
+
+
+def check_item(item: dict[str, Any], path: Path) -> None:
+    """An artifact record's schema: required fields, types, a known state, and a ref that is
+    the one its kind and location make."""
+    if any(k not in item for k in _ITEM_REQUIRED):
+        raise IncidentError(f"{path} is not a readable incident journal file (a required field is missing)")
+    _fields(item, _ITEM, path)
+    loc = item["location"]
+    want = f"path:{loc}" if item["kind"] == "path" else f"oci://{loc}@{item.get('digest')}"
+    if item["ref"] != want or (item["kind"] == "registry" and "/" not in loc):
+        raise IncidentError(f"{path} is not a readable incident journal file (its ref)")
+
+
 def _read(folder: Path) -> Journal:
     doc = _load(folder / JOURNAL, MAX_JOURNAL)
     if doc.get("format") != FORMAT or doc.get("id") != folder.name:
         raise IncidentError(f"{folder / JOURNAL} is not this incident's journal")
+    check_doc(doc, folder / JOURNAL)
     items: dict[str, dict[str, Any]] = {}
     folder_items = folder / ITEMS
     if folder_items.is_dir():
@@ -167,6 +280,7 @@ def _read(folder: Path) -> Journal:
             ref = item.get("ref")
             if not isinstance(ref, str) or item_name(ref) != p.name:
                 raise IncidentError(f"{p} is not an artifact record of this incident")
+            check_item(item, p)
             items[ref] = item
     return Journal(folder, doc, items)
 
@@ -226,4 +340,17 @@ def opened(kind: str, target: str, fields: dict[str, Any], *, new: bool = False)
             os.close(fd)
 
 
-__all__ = ["FORMAT", "Journal", "incident_id", "incidents_dir", "item_name", "opened", "peek"]
+__all__ = [
+    "FINAL",
+    "FORMAT",
+    "PENDING",
+    "STATES",
+    "Journal",
+    "check_doc",
+    "check_item",
+    "incident_id",
+    "incidents_dir",
+    "item_name",
+    "opened",
+    "peek",
+]

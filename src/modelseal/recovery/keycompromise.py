@@ -28,27 +28,25 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modelseal.audit.events import AuditEvent
 from modelseal.errors import IncidentError
-from modelseal.keys.providers import parse_key_uri
 from modelseal.keys.service import KeyService
-from modelseal.recipes.context import check_keys_apart, trust_policy
+from modelseal.recipes.context import check_keys_apart
 from modelseal.recovery import incident_artifacts as steps
 from modelseal.recovery import incident_keys as keys
 from modelseal.recovery import incident_registry as reg
 from modelseal.recovery import incident_report, journal
 from modelseal.recovery import incident_signing as signing
 from modelseal.recovery import incident_verify as verify
-from modelseal.recovery.incident_find import Findings, Found, history, in_paths
+from modelseal.recovery.incident_find import Findings, History, history, in_paths
+from modelseal.recovery.incident_plan import KeyIncident, Plan, check, describe, pending_refs, policy_of
+from modelseal.recovery.incident_scope import Key, Scope, reconcile
 from modelseal.registry import settings
-from modelseal.signing.load import load_signer
 from modelseal.signing.revocation import RevocationList
-from modelseal.signing.signers import Signer
-from modelseal.signing.trust import TrustPolicy, load_policy
+from modelseal.signing.trust import TrustPolicy
 
 KIND = "key"
 HOLD_WHY = (
@@ -58,120 +56,40 @@ HOLD_WHY = (
     "at the provider, which covers every path to the key (broker, Transit, local), not the broker's alone. Hold "
     "or revoke the identity suspected of the leak instead (modelseal incident cert-compromise, modelseal access hold)"
 )
-
-
-@dataclass(frozen=True)
-class KeyIncident:
-    """The operator's arguments of one key-compromise incident."""
-
-    key: str  # KEY[@VERSION]
-    paths: tuple[str, ...] = ()
-    registry: reg.RegistryTarget | None = None
-    sign_keys: tuple[str, ...] = ()  # as modelseal sign --sign-key takes them
-    trust: str | None = None  # the trust policy file (default: the one in force)
-    revocation_keys: tuple[str, ...] = ()  # signers of the revocation list
-    keep_recipients: tuple[str, ...] = ()
-    destroy_after: float = keys.DEFAULT_DESTROY_AFTER
-    new_incident: bool = False
-    work: str | None = None  # registry work copies (default: the ciphertext cache)
-    reason: str = "key compromise"
-
-
-@dataclass
-class Plan:
-    id: str
-    resuming: bool
-    key: str
-    canonical: str
-    target: str
-    versions: dict[str, Any]
-    found: list[Found] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)  # the journal's, when resuming
-    problems: list[str] = field(default_factory=list)
-    blockers: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    history: str = ""
-    steps: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "resuming": self.resuming,
-            "key": self.key,
-            "versions": self.versions,
-            "steps": [{"step": s, "does": d} for s, d in self.steps],
-            "found": [f.to_json() for f in self.found],
-            "journaled": self.records,
-            "problems": self.problems,
-            "blockers": self.blockers,
-            "notes": self.notes,
-            "history": self.history,
-            "seconds": self.seconds,
-        }
-
-    def lines(self) -> list[str]:
-        v = self.versions
-        what = "resuming" if self.resuming else "new"
-        out = [
-            f"incident {self.id} ({what}): key compromise of {self.key}, version(s) "
-            f"{', '.join(map(str, v['compromised']))} (newest at the start: {v['before']})",
-            *[f"  {i}. {s}: {d}" for i, (s, d) in enumerate(self.steps, 1)],
-        ]
-        for f in self.found:
-            tags = f" tags {','.join(f.tags)}" if f.tags else ""
-            sig = "signed" if f.signed else "unsigned"
-            out.append(f"  exposed ({f.why}): {f.ref}{tags} artifact {f.artifact_id[:16]} {sig}, {f.size} bytes")
-        for r in self.records:
-            out.append(f"  journaled: {r.get('ref')}: {r.get('state')}")
-        out += [f"  cannot read: {p}" for p in self.problems]
-        out += [f"  blocks --execute: {b}" for b in self.blockers]
-        out += [f"  note: {n}" for n in self.notes]
-        out.append(f"  audit history: {self.history}")
-        return out
-
-
-def _policy(inc: KeyIncident, svc: KeyService) -> TrustPolicy | None:
-    return load_policy(inc.trust) if inc.trust else trust_policy(svc)
+Sessions = dict[str, reg.Session]
 
 
 def _discover(
-    inc: KeyIncident, svc: KeyService, canon: str, versions: list[int], session: reg.Session | None
-) -> tuple[Findings, str]:
-    ids, note = history(svc, canon, versions)
-    found = in_paths(svc, [Path(p) for p in inc.paths], canon, versions, ids)
-    if session is not None:
-        remote = reg.in_registry(svc, session, canon, versions, ids)
-        found.found += remote.found
-        found.problems += remote.problems
-    return found, note
+    inc: KeyIncident, svc: KeyService, canon: str, versions: list[int], sessions: Sessions
+) -> tuple[Findings, History]:
+    hist = history(svc, canon, versions)
+    found = in_paths(svc, [Path(p) for p in inc.paths], canon, versions, hist)
+    for session in sessions.values():
+        remote = reg.in_registry(svc, session, canon, versions, hist)
+        for name in ("found", "problems", "unknown", "broker", "notes"):
+            getattr(found, name).extend(getattr(remote, name))
+    return found, hist
 
 
-def _describe(uri: str, versions: dict[str, Any], inc: KeyIncident) -> list[tuple[str, str]]:
-    scheme = parse_key_uri(uri).scheme
-    c = versions["compromised"]
-    disable = {
-        "transit": f"min_decryption_version set to {max(c) + 1}",
-        "local": "destruction scheduled (stops decrypting now; erased after the wait)"
-        if inc.destroy_after > 0
-        else "destroyed now",
-    }.get(scheme, "each version disabled")
-    return [
-        ("find", "headers of the artifacts under the paths and in the registry, the audit log's wraps (no key used)"),
-        ("rotate", f"a new version of {uri} becomes primary (once, even across crashes)"),
-        ("hold", "none placed (see the journal's hold note)"),
-        ("artifacts", "each exposed artifact re-encrypted under a fresh data key, atomically, recipients kept as "
-         "vouched; registry: pulled by digest, pushed under the same tags, the old manifest deleted for the GC"),
-        ("resign", "each signed artifact re-signed with --sign-key under its name, next version"),
-        ("revoke-signatures", "the superseded signature ids added to the trust policy's revocation list"),
-        ("verify", "each result opens and authenticates, names no compromised version, its new signature "
-         "verifies and the old ones are revoked; registry tags name the new manifests"),
-        ("disable", f"version(s) {', '.join(map(str, c))}: {disable}"),
-        ("report", "the journal is closed; JSON and a summary in the incident folder (and --report FILE)"),
-    ]  # fmt: skip
+def _scope(inc: KeyIncident) -> Scope:
+    roots = tuple(Path(p).absolute() for p in inc.paths)
+    return Scope(roots, {t.host: (t.repos or None) if t.has_catalog else t.repos for t in inc.targets()})
 
 
-def plan(inc: KeyIncident, svc: KeyService, session: reg.Session | None = None) -> Plan:
+def connect(inc: KeyIncident, svc: KeyService, *, renew: bool = True) -> Sessions:
+    """One session per registry (``renew``: the client certificate if due; a dry run does not)."""
+    sessions: Sessions = {}
+    try:
+        for t in inc.targets():
+            sessions[t.host] = reg.connect(t, svc, renew=renew)
+    except BaseException:
+        for s in sessions.values():
+            s.close()
+        raise
+    return sessions
+
+
+def plan(inc: KeyIncident, svc: KeyService, sessions: Sessions | None = None) -> Plan:
     """What ``execute`` would do, changing nothing (no journal is created either)."""
     t = time.monotonic()
     uri, version = keys.parse_target(inc.key)
@@ -179,58 +97,28 @@ def plan(inc: KeyIncident, svc: KeyService, session: reg.Session | None = None) 
     target = f"{canon}@{version if version is not None else 'all'}"
     found_j = journal.peek(KIND, target, new=inc.new_incident)
     if isinstance(found_j, journal.Journal):
-        versions, records, iid = found_j.doc["versions"], list(found_j.items.values()), found_j.id
+        versions, items, iid = found_j.doc["versions"], found_j.items, found_j.id
     else:
-        versions, records, iid = keys.decide_versions(svc, uri, version), [], found_j
-    p = Plan(iid, isinstance(found_j, journal.Journal), uri, canon, target, versions, records=records)
-    own = session is None and inc.registry is not None
-    if own:
-        assert inc.registry is not None
-        session = reg.connect(inc.registry, svc, renew=False)  # a dry run changes nothing
+        versions, items, iid = keys.decide_versions(svc, uri, version), {}, found_j
+    p = Plan(iid, isinstance(found_j, journal.Journal), uri, canon, target, versions, records=list(items.values()))
+    own = sessions is None
+    live = connect(inc, svc, renew=False) if sessions is None else sessions  # a dry run changes nothing
     try:
-        found, p.history = _discover(inc, svc, canon, versions["compromised"], session)
+        compromised = [int(v) for v in versions["compromised"]]
+        found, hist = _discover(inc, svc, canon, compromised, live)
+        key = Key(svc, canon, compromised, versions.get("new"), hist)
+        p.decision = reconcile(key, items, found.found, _scope(inc), live, _work(inc, iid))
     finally:
-        if own and session is not None:
-            session.close()
-    known = {r["ref"] for r in records}
-    p.found = [f for f in found.found if f.ref not in known]
-    p.problems = found.problems
-    p.steps = _describe(uri, versions, inc)
-    _check(inc, svc, p)
+        if own:
+            for s in live.values():
+                s.close()
+    p.found = [f for f in found.found if f.ref not in items]
+    p.problems, p.unknown, p.history, p.audit = found.problems, found.unknown, hist.note, hist
+    p.notes += found.notes
+    p.steps = describe(uri, versions, inc)
+    check(inc, svc, p, found.broker)
     p.seconds = time.monotonic() - t
     return p
-
-
-def _check(inc: KeyIncident, svc: KeyService, p: Plan) -> None:
-    p.blockers += [f"find: cannot read {x} (it may hold exposed artifacts)" for x in p.problems]
-    if not inc.paths and inc.registry is None:
-        p.blockers.append(
-            "find: name where the artifacts are (--path, --registry): with neither, nothing would be re-encrypted "
-            "and the disable step would leave every artifact under the version unreadable"
-        )
-    open_records = [r for r in p.records if r.get("state") in steps.PENDING]
-    signed = sum(1 for f in p.found if f.signed) + sum(1 for r in open_records if r.get("signed"))
-    if signed:
-        if not inc.sign_keys:
-            p.blockers.append(f"resign: {signed} exposed artifact(s) are signed: give --sign-key")
-        policy = _policy(inc, svc)
-        if policy is None:
-            p.blockers.append("resign: no trust policy to check the superseded signatures with: give --trust")
-        elif policy.revocation is None:
-            p.blockers.append("revoke-signatures: the trust policy has no [revocation] list to revoke them in")
-        if not inc.revocation_keys:
-            p.blockers.append("revoke-signatures: give the revocation list's signing key(s) with --revocation-key")
-    if inc.registry is None and any(r.get("kind") == "registry" for r in open_records):
-        p.blockers.append("artifacts: the journal has registry artifacts still to do: give --registry again")
-    for v, state in sorted(p.versions.get("states", {}).items()):
-        if state != "active":
-            p.notes.append(f"version {v} is {state}: artifacts wrapped only under it open through another recipient "
-                           "or not at all")  # fmt: skip
-    if parse_key_uri(p.key).scheme == "local":
-        p.notes.append("backups made before this incident hold the keystore with the compromised version: make a "
-                       "new backup (modelseal backup create) and retire the older ones")  # fmt: skip
-    p.notes.append("copies outside the paths and registry given (offline disks, caches, pulled copies) are not "
-                   "reached; they stop opening once the disable step has run")  # fmt: skip
 
 
 def _work(inc: KeyIncident, iid: str) -> Path:
@@ -247,20 +135,36 @@ def execute(
     report_to: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the incident; returns the report (also written to ``report_to``)."""
-    session = reg.connect(inc.registry, svc) if inc.registry is not None else None
+    sessions = connect(inc, svc)
     try:
-        p = plan(inc, svc, session)
+        p = plan(inc, svc, sessions)
         if p.blockers:
             raise IncidentError("plan: " + "; ".join(p.blockers))
-        policy = _policy(inc, svc)
-        signers = [load_signer(k) for k in inc.sign_keys]
-        list_signers = [load_signer(k) for k in inc.revocation_keys]
+        policy = policy_of(inc, svc)
         fields = {"key": p.key, "canonical": p.canonical, "versions": p.versions, "hold": HOLD_WHY}
         with journal.opened(KIND, p.target, fields, new=inc.new_incident) as j:
-            return _run(inc, svc, p, j, session, (policy, signers, list_signers), progress, report_to)
+            return _run(inc, svc, p, j, sessions, policy, progress, report_to)
     finally:
-        if session is not None:
-            session.close()
+        for s in sessions.values():
+            s.close()
+
+
+def _record(inc: KeyIncident, p: Plan, j: journal.Journal) -> None:
+    """The run's inputs and findings into the journal, and what becomes of the old records."""
+    given = [str(Path(x).absolute()) for x in inc.paths]
+    j.doc["inputs"] = {"paths": sorted({*j.doc.get("inputs", {}).get("paths", []), *given})}
+    registries = {str(r["host"]): r for r in j.doc.get("inputs", {}).get("registries", []) if isinstance(r, dict)}
+    registries.update({t.host: t.to_json() for t in inc.targets()})
+    if registries:
+        j.doc["inputs"]["registries"] = [registries[h] for h in sorted(registries)]
+    j.doc["notes"] = p.notes
+    for f in p.found:
+        j.save_item({**f.to_json(), "state": "planned"})
+    for record in p.decision.reset.values():
+        j.save_item(record)
+    for ref, why in p.decision.left.items():
+        if ref in j.items and j.items[ref].get("state") in journal.PENDING:
+            j.save_item({**j.items[ref], "state": "left", "why_left": why})
 
 
 def _run(
@@ -268,13 +172,12 @@ def _run(
     svc: KeyService,
     p: Plan,
     j: journal.Journal,
-    session: reg.Session | None,
-    trust: tuple[TrustPolicy | None, list[Signer], list[Signer]],
+    sessions: Sessions,
+    policy: TrustPolicy | None,
     progress: Callable[[str], None] | None,
     report_to: Path | None,
 ) -> dict[str, Any]:
     uri, iid = p.key, j.id
-    policy, signers, list_signers = trust
 
     def emit(op: str, version: int | None = None, artifact: str | None = iid) -> None:
         svc.sink.emit(AuditEvent(op, uri, "ok", version, artifact))
@@ -282,13 +185,7 @@ def _run(
     if not j.doc.get("opened"):
         j.doc["opened"] = time.time()
         emit("incident-open")
-    given = [str(Path(x).absolute()) for x in inc.paths]
-    j.doc["inputs"] = {"paths": sorted({*j.doc.get("inputs", {}).get("paths", []), *given})}
-    if inc.registry is not None:
-        j.doc["inputs"]["registry"] = inc.registry.to_json()
-    j.doc["notes"] = p.notes
-    for f in p.found:
-        j.save_item({**f.to_json(), "state": "planned"})
+    _record(inc, p, j)
     find = j.step("find")
     find.update(status="done", runs=int(find.get("runs", 0)) + 1, seconds=float(find.get("seconds", 0)) + p.seconds)
     compromised = [int(v) for v in j.doc["versions"]["compromised"]]
@@ -296,17 +193,21 @@ def _run(
         new = keys.rotate_once(j, svc, uri)
         emit("incident-rotate", new)
     j.step("hold").update(status="skipped", why=HOLD_WHY)
-    run = steps.Run(svc, j, uri, p.canonical, compromised, new, policy, signers, inc.keep_recipients, session,
-                    _work(inc, iid), progress)  # fmt: skip
+    run = steps.Run(svc, j, uri, p.canonical, compromised, new, policy, p.signers, inc.keep_recipients, sessions,
+                    _work(inc, iid), progress, p.audit)  # fmt: skip
+    acted = pending_refs(p) | {f.ref for f in p.found} | set(p.decision.reset)
+    recheck = set(p.decision.recheck)
     with j.timed("artifacts"):
-        for item in steps.pending(j.items):
-            steps.advance(run, item)
+        for ref, item in sorted(j.items.items()):
+            again = ref in recheck and steps.resign_again(run, item)
+            if (ref in acted or again) and item.get("state") in journal.PENDING:
+                steps.advance(run, item)
     done = [i for _, i in sorted(j.items.items()) if i.get("state") == "done"]
     with j.timed("revoke-signatures"):
         ids = [str(s["id"]) for i in done for s in i.get("old_signatures", [])]
         if ids:
             assert policy is not None
-            version = signing.extend(policy, list_signers, ids, f"{inc.reason}: incident {iid}")
+            version = signing.extend(policy, p.list_signers, ids, f"{inc.reason}: incident {iid}")
             if version is not None:
                 j.doc["revocation_list_version"] = version
                 for sid in dict.fromkeys(ids):
@@ -316,6 +217,7 @@ def _run(
         for item in done:
             _verify(run, item, rl)
     with j.timed("disable"):
+        _gone_check(inc, j)
         earlier = {d["version"]: d for d in j.doc.get("disabled", [])}  # what a run that crashed did
         now = keys.disable(svc, uri, compromised, inc.destroy_after)
         j.doc["disabled"] = [earlier.get(d["version"], d) for d in now]
@@ -328,6 +230,22 @@ def _run(
     incident_report.write(j, report, incident_report.key_summary(report), report_to)
     shutil.rmtree(run.work, ignore_errors=True)  # ciphertext only: the pulled and re-encrypted copies
     return report
+
+
+def _gone_check(inc: KeyIncident, j: journal.Journal) -> None:
+    """Artifacts that went missing before they were re-encrypted stop the disable step unless
+    the operator accepts them as deleted: a share that is only unreachable would otherwise
+    come back with artifacts nothing opens any more."""
+    pending = [r["ref"] for r in j.items.values() if r.get("state") in journal.PENDING]
+    if pending:
+        raise IncidentError(f"disable: {len(pending)} artifact(s) are not done yet (e.g. {pending[0]}): run again")
+    gone = [r["ref"] for _, r in sorted(j.items.items()) if r.get("state") == "gone"]
+    if gone and not inc.accept_gone:
+        raise IncidentError(
+            f"disable: {len(gone)} artifact(s) went missing before they were re-encrypted (e.g. {gone[0]}): if they "
+            "were deleted, run again with --accept-gone; if they are only unreachable, make them reachable and run "
+            "again"
+        )
 
 
 def _verify(run: steps.Run, item: dict[str, Any], rl: RevocationList | None) -> None:
@@ -355,8 +273,7 @@ def _verify_signatures(run: steps.Run, item: dict[str, Any], path: Path, rl: Rev
     if not item.get("signed"):
         return
     assert run.policy is not None and rl is not None
-    for sid in item.get("new_signatures", []):
-        signing.check_new(path, run.policy, str(sid))
+    signing.check_new(path, run.policy, [str(sid) for sid in item.get("new_signatures", [])])
     old = [str(s["id"]) for s in item.get("old_signatures", [])]
     left = signing.unrevoked(rl, old)
     if left:
@@ -365,18 +282,18 @@ def _verify_signatures(run: steps.Run, item: dict[str, Any], path: Path, rl: Rev
 
 
 def _verify_registry(run: steps.Run, item: dict[str, Any], rl: RevocationList | None) -> None:
-    assert run.session is not None
+    session = run.session(item)
     path = reg.work_path(run.work, item)
     if item.get("new_digest"):
         verify.header(path, run.svc, run.canon, run.compromised, str(item["old_id"]))
         verify.contents(path, run.svc)
         _verify_signatures(run, item, path, rl)
-        wrong = {t: d for t, d in reg.tag_digests(run.session, item, item.get("tags_moved", [])).items()
+        wrong = {t: d for t, d in reg.tag_digests(session, item, item.get("tags_moved", [])).items()
                  if d != item["new_digest"]}  # fmt: skip
         if wrong:
             raise IncidentError(f"verify: {item['ref']}: tag(s) {', '.join(wrong)} do not name the new manifest")
-    if reg.present(run.session, item):
+    if reg.present(session, item):
         raise IncidentError(f"verify: {item['ref']}: the old manifest is still in the registry")
 
 
-__all__ = ["HOLD_WHY", "KeyIncident", "Plan", "execute", "plan"]
+__all__ = ["HOLD_WHY", "KeyIncident", "Plan", "connect", "execute", "plan"]
