@@ -516,3 +516,221 @@ def test_a_prod_backup_holds_no_dev_key_end_to_end(bk: tuple[Env, list[str], Key
     for dest in (tmp_path / "prod", tmp_path / "all"):
         for f in every_file(dest):
             assert b'"scrypt"' not in f.read_bytes() and b"[environments" not in f.read_bytes(), f  # ...never here
+
+
+# -- review findings (issue 15) -----------------------------------------------------
+
+
+def _other_host(env: Env, tmp_path: Path, name: str) -> Path:
+    """A second home with the same config and recovery public key: another host's backups
+    (its own backup signing key and host state)."""
+    home = tmp_path / name
+    (home / "recovery").mkdir(mode=0o700, parents=True)
+    shutil.copy2(env.home / "config.toml", home / "config.toml")
+    shutil.copy2(env.home / "recovery" / "offline.pub", home / "recovery" / "offline.pub")
+    return home
+
+
+def _backup_from(home: Path, svc: KeyService, dest: Path, tag: bytes, at: int) -> Manifest:
+    return create_backup(str(dest), Locations.from_args(home), "prod", svc, parts=parts(tag), now=lambda: at)
+
+
+def test_manifests_are_signed_by_the_backup_key_never_the_audit_key(
+    bk: tuple[Env, list[str], KeyService], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 1: the key that signs manifests is ``backup-signing.key`` (0600), in no part;
+    the audit key and ``audit-hosts.toml``'s keys do not make a manifest trusted."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from modelseal.audit.hosts import host_line
+    from modelseal.audit.log import load_or_create_signing_key, public_key_hex
+    from modelseal.recovery import manifest as mf
+    from modelseal.recovery.partcodec import decode_files
+
+    env, _, svc = bk
+    audit = load_or_create_signing_key(env.home / "audit-signing.key")
+    peer = Ed25519PrivateKey.generate()
+    (env.home / "audit-hosts.toml").write_text(f"[hosts]\n{host_line('peer', peer.public_key())}\n")
+    (env.home / "audit-hosts.toml").chmod(0o600)
+    dest = tmp_path / "dest"
+    m = create_backup(str(dest), Locations.from_args(env.home), "prod", svc)  # the real collector
+    key_file = env.home / "backup-signing.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert m.signer == mf.own_signer(env.home) != public_key_hex(audit.public_key())
+    store, m = load_verified(str(dest), home=env.home)
+    try:
+        for e in m.parts:
+            plain = unseal_part(store, m, e, svc)
+            assert key_file.read_bytes() not in plain and b"PRIVATE KEY" not in plain, e.name
+        _, config = decode_files(unseal_part(store, m, m.part("config"), svc), "config")
+        assert not any(n.endswith(".key") for n in config)
+    finally:
+        store.close()
+    # A manifest signed by the audit key or a fleet member's audit key is not trusted.
+    body = json.loads((dest / m.id / MANIFEST_NAME).read_bytes())["manifest"]
+    for forger in (audit, peer):
+        forged = {**body, "signer": public_key_hex(forger.public_key())}
+        (dest / m.id / MANIFEST_NAME).write_bytes(mf.sign(forged, forger))
+        with pytest.raises(BackupTampered, match="does not trust"):
+            load_verified(str(dest), home=env.home)
+    # The record carries the backup key, and is signed by the audit key as every record is.
+    record = json.loads(next((env.home / "evidence" / "backups").glob("*.json")).read_text())
+    assert record["body"]["signer_key"] == m.signer and record["signer"] == public_key_hex(audit.public_key())
+    main(["backup", "create", "--to", str(tmp_path / "cli")])
+    assert f"signed by backup signing key {m.signer}" in capsys.readouterr().out
+
+
+def test_another_hosts_chain_is_refused_even_with_its_key_trusted(
+    bk: tuple[Env, list[str], KeyService], tmp_path: Path
+) -> None:
+    """Finding 4: a chain id, fixed at sequence 1 and signed in every manifest, is kept in the
+    host state; a store whose backups the host saw were pruned must still be that chain,
+    signed by that key. Another host's chain put in its place is refused."""
+    from modelseal.recovery import manifest as mf
+
+    env, _, svc = bk
+    home_b = _other_host(env, tmp_path, "host-b")
+    dest_a, dest_b = tmp_path / "a", tmp_path / "b"
+    made_b = [_backup_from(home_b, svc, dest_b, b"B%d" % i, 1_800_000_000 + 100 * i) for i in range(5)]
+    made_a = [_backup_from(env.home, svc, dest_a, b"A%d" % i, 1_800_000_000 + 100 * i) for i in range(3)]
+    saved = (env.home / "backup-state.json").read_bytes()  # this host has seen sequence 3
+    made_a += [_backup_from(env.home, svc, dest_a, b"A%d" % i, 1_800_000_000 + 100 * i) for i in (3, 4)]
+    assert [m.sequence for m in made_a] == [1, 2, 3, 4, 5] and len({m.chain for m in made_a}) == 1
+    assert made_a[0].chain != made_b[0].chain and all(len(m.chain) == 32 for m in made_a)
+    assert json.loads(saved)["stores"][f"file://{dest_a}"]["chain"] == made_a[0].chain
+    both = [mf.own_signer(env.home) or "", mf.own_signer(home_b) or ""]
+    # This host's own chain, pruned past what it saw: accepted (the same chain, the same signer).
+    for m in made_a[:3]:
+        shutil.move(dest_a / m.id, tmp_path / m.id)
+    (env.home / "backup-state.json").write_bytes(saved)
+    store, newest = load_verified(str(dest_a), home=env.home)
+    store.close()
+    assert newest.id == made_a[-1].id
+    # Another host's chain in its place, its key trusted too, sequences past what this host saw.
+    (env.home / "backup-state.json").write_bytes(saved)
+    for m in made_a[3:]:
+        shutil.rmtree(dest_a / m.id)
+    for m in made_b[3:]:
+        shutil.copytree(dest_b / m.id, dest_a / m.id)
+    with pytest.raises(BackupTampered, match="another chain"):
+        load_verified(str(dest_a), home=env.home, signer_keys=both)
+    with pytest.raises(BackupTampered, match="does not trust"):  # by default only this host's key
+        load_verified(str(dest_a), home=env.home)
+    # Two chains mixed in one store break the chain itself (a host with no record finds it too).
+    for m in made_a[:3]:
+        shutil.move(tmp_path / m.id, dest_a / m.id)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir(mode=0o700)
+    with pytest.raises(BackupTampered, match="does not chain"):
+        load_verified(str(dest_a), home=fresh, signer_keys=both)
+
+
+def test_a_symlink_swapped_in_does_not_reset_the_rollback_guard(
+    bk: tuple[Env, list[str], KeyService], tmp_path: Path
+) -> None:
+    """Finding 5: the host state is keyed by the path as given (never resolved), and a read
+    through a destination that is a symbolic link is refused."""
+    env, _, svc = bk
+    share = tmp_path / "share"
+    share.mkdir()
+    dest = share / "modelseal"
+    made = [backup(env, svc, dest, bytes([65 + i])) for i in range(3)]
+    state = json.loads((env.home / "backup-state.json").read_text())
+    assert list(state["stores"]) == [f"file://{dest}"]
+    shutil.copytree(dest, share / "copy")
+    shutil.rmtree(share / "copy" / made[-1].id)
+    dest.rename(share / "real")
+    dest.symlink_to(share / "copy")
+    with pytest.raises(BackupError, match="symbolic link"):
+        load_verified(str(dest), home=env.home)
+    dest.unlink()
+    shutil.copytree(share / "copy", dest)  # the same copy, as a plain folder: behind this host
+    with pytest.raises(BackupTampered, match="has seen sequence 3"):
+        load_verified(str(dest), home=env.home)
+
+
+def test_a_fresh_host_refuses_a_truncated_chain_when_told_what_to_expect(
+    bk: tuple[Env, list[str], KeyService],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding 12: a host with no record of a store takes ``--expect-sequence N`` and
+    ``--expect-manifest SHA256`` (known out of band, as ``create`` prints them); ``verify``
+    warns when the newest backup is older than ``[backup] rpo``."""
+    env, _, svc = bk
+    dest = tmp_path / "dest"
+    made = [_backup_from(env.home, svc, dest, bytes([65 + i]), 1_700_000_000 + 60 * i) for i in range(3)]
+    signer = made[0].signer
+    fresh = tmp_path / "fresh"
+    fresh.mkdir(mode=0o700)
+    got = load_verified(str(dest), home=fresh, signer_keys=[signer], expect_sequence=3, expect_manifest=made[2].digest)
+    got[0].close()
+    shutil.rmtree(dest / made[-1].id)  # the newest deleted: a valid, shorter chain
+    fresh2 = tmp_path / "fresh2"
+    fresh2.mkdir(mode=0o700)
+    load_verified(str(dest), home=fresh2, signer_keys=[signer])[0].close()  # nothing to tell it from a whole one
+    with pytest.raises(BackupTampered, match="sequence 3 was expected"):
+        load_verified(str(dest), home=fresh2, signer_keys=[signer], expect_sequence=3)
+    with pytest.raises(BackupTampered, match="that was expected"):
+        load_verified(str(dest), home=fresh2, signer_keys=[signer], expect_manifest=made[2].digest.upper())
+    with pytest.raises(BackupError, match="64 hex"):
+        load_verified(str(dest), home=fresh2, signer_keys=[signer], expect_manifest="abc")
+    argv = ["backup", "verify", "--from", str(dest), "--signer-key", signer]
+    cli_home = tmp_path / "cli-home"
+    cli_home.mkdir(mode=0o700)
+    monkeypatch.setenv("MODELSEAL_HOME", str(cli_home))
+    assert main([*argv, "--expect-sequence", "3"]) == 24
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main([*argv, "--expect-manifest", made[1].digest]) == 0
+    out = capsys.readouterr()
+    assert "verified" in out.out and "warning" not in out.err
+    # The newest backup kept (2023) is older than the configured RPO: a warning, still exit 0.
+    (cli_home / "config.toml").write_text('[backup]\nrpo = "4h"\n')
+    (cli_home / "config.toml").chmod(0o600)
+    assert main(argv) == 0
+    assert "older than [backup] rpo (4.0 h)" in capsys.readouterr().err
+
+
+def test_a_backup_written_but_not_recorded_says_so(
+    bk: tuple[Env, list[str], KeyService], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 13: once the manifest is in the store the backup exists; a failure to record it
+    on this host (the state file, the record) is reported as such, not as a failed backup."""
+    from modelseal.recovery import create
+
+    env, _, svc = bk
+    dest = tmp_path / "dest"
+
+    def no_state(*_a: object, **_k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(create, "record_seen", no_state)
+    with pytest.raises(BackupError, match=r"was written to .*, but not recorded on this host \(OSError"):
+        backup(env, svc, dest)
+    (made,) = open_store(str(dest)).list_ids()
+    assert [e.result for e in env.sink.events if e.operation == "backup-create"] == ["ok"]
+    assert len(list((env.home / "evidence" / "backups").glob("*.json"))) == 1  # the record is still written
+    monkeypatch.undo()
+    assert load_verified(str(dest), home=env.home)[1].id == made
+
+
+def test_a_missing_or_loose_recovery_public_key_is_a_backup_error(
+    bk: tuple[Env, list[str], KeyService], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 14: ``backup create`` without the recovery key's ``.pub``, or with one others may
+    write, exits 23 (BackupError) with one line; an OpenBao address over http to another host is
+    refused (the token and the snapshot would cross the network in clear)."""
+    env, _, _ = bk
+    pub = env.home / "recovery" / "offline.pub"
+    pub.chmod(0o666)
+    assert main(["backup", "create", "--to", str(tmp_path / "a"), "--env", "prod"]) == 23
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "writable by group or others" in err
+    pub.rename(tmp_path / "offline.pub")
+    assert main(["backup", "create", "--to", str(tmp_path / "a"), "--env", "prod"]) == 23
+    assert "backup keygen" in capsys.readouterr().err
+    with pytest.raises(BackupError, match="must be https"):
+        Locations.from_args(env.home, bao_addr="http://bao.example.com:8200")
+    for ok in ("http://127.0.0.1:8200", "http://[::1]:8200", "http://localhost:8200", "https://bao.example.com"):
+        assert Locations.from_args(env.home, bao_addr=ok).bao is not None

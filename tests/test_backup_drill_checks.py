@@ -168,3 +168,26 @@ def test_the_audit_checks_against_the_recorded_head_the_live_log_and_a_checkpoin
     other = Ed25519PrivateKey.generate().public_key()
     stranger = check_audit(backup, {key_id(other): other}, head, scratch=scratch)
     assert stranger.failures and "does not verify" in stranger.failures[0].what
+
+
+def test_an_attached_signature_that_does_not_verify_fails_under_a_lax_policy(env: Env) -> None:
+    signer = release(env)
+    policy_file = env.home / "trust.toml"
+    policy_file.write_text(policy_file.read_text().replace("strict = true", "strict = false"))
+    policy = load_policy(policy_file)
+    a = sealed_file(env, "a", signer)
+    x = sealed_file(env, "x", signer)
+    x.with_name(x.name + ".msig").write_bytes(a.with_name(a.name + ".msig").read_bytes())  # another's signature
+    data = env.work / "registry"
+    reg = registry(data)
+    digest = push(reg, "team/x", "v1", x)
+    reg.close()
+    found = _check(env, data)
+    # The policy would take x unsigned; but a signature is attached and none of them is x's.
+    assert [f.subject for f in found.failures] == [f"team/x@{digest}"] and not found.checked
+    assert "attached signatures" in found.failures[0].what
+    # With no signature at all, the lax policy is obeyed (and the row says unsigned).
+    x.with_name(x.name + ".msig").unlink()
+    (env.work / "s").mkdir()
+    lax = check_artifacts(Targets(None, None, (x,)), policy, env.svc, env.work / "s")
+    assert not lax.failures and [c.signed for c in lax.checked] == [False]

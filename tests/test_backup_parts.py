@@ -147,8 +147,7 @@ def test_collect_everything_and_restore_into_a_fresh_home(env: Env, tmp_path: Pa
         "trust/trust.toml",
         "trust/keys/release.pub.pem",
         "revocations.json",
-        "audit/audit-signing.key",
-    }
+    }  # no private signing key: not the audit key (review finding 1), not the backup key
     _, ca = decode_files(got["ca"].data, "ca")
     assert set(ca) == {"ca.json", "root-1.pem", "issuing-1.pem", "root-1.key.json", "issuing-1.key.json", "issued.json"}
     assert got["ca"].meta["left_out"] == 1
@@ -163,7 +162,7 @@ def test_collect_everything_and_restore_into_a_fresh_home(env: Env, tmp_path: Pa
         restoreparts.restore_part(p.name, p.kind, p.data, fresh, replace=False)
     for name in ("keystore.json", "config.toml", "trust/trust.toml", "trust/keys/release.pub.pem", "revocations.json"):
         assert (fresh.home / name).read_bytes() == (env.home / name).read_bytes(), name
-    assert (fresh.home / "audit-signing.key").read_bytes() == (env.home / "audit-signing.key").read_bytes()
+    assert not (fresh.home / "audit-signing.key").exists()  # a full restore starts a new audit key
     assert (fresh.home / "keystore.json").stat().st_mode & 0o777 == 0o600
     assert not (fresh.home / "not-allowlisted.txt").exists()
     assert sorted(p.name for p in (fresh.home / "ca").iterdir()) == sorted(ca)
@@ -325,7 +324,7 @@ def test_config_restore_killed_midway_leaves_each_file_old_or_new(env: Env, tmp_
     assert proc.returncode == -9, proc.stderr.decode()[-500:]
     _, files = decode_files(config.data, "config")
     written = {p.relative_to(fresh.home).as_posix() for p in fresh.home.rglob("*") if p.is_file()}
-    assert written == {"audit-signing.key", "revocation-state.json"}  # the first two, whole
+    assert written == {"revocation-state.json", "revocations.json"}  # the first two, whole
     assert not (fresh.home / "config.toml").exists()  # the commit point is written last
     assert not [p for p in fresh.home.rglob(".*") if p.is_file()]  # no temp file left holding part of one
     restoreparts.restore_part("config", "files", config.data, fresh, replace=False)  # the re-run

@@ -107,3 +107,49 @@ def test_the_raft_check_reads_only_a_prefix() -> None:
     assert is_raft_snapshot(snap[:4096])
     assert not is_raft_snapshot(b"\x1f\x8b\x08" + b"\x00" * 50)  # a broken stream
     assert not is_raft_snapshot(_tar_gz({"meta.json": b'{"ID": "x"}'}))
+
+
+def test_backups_compressed_tarred_or_reencoded_are_found(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 10: a plaintext part or dump inside gzip, xz, bzip2, a tar (first member) or a
+    .tgz, after a byte order mark or a blank line, with CRLF lines, and pg_dumpall's banner; a
+    raft snapshot's tar without its gzip. Near misses (an ordinary tar.gz) stay unreported."""
+    import bz2
+    import lzma
+
+    root = tmp_path / "loot"
+    root.mkdir()
+    part = encode_files("keystore", {"keystore.json": (b'{"format": "modelseal-keystore/1"}', 0o600)})
+    plain_tar = io.BytesIO()
+    with tarfile.open(fileobj=plain_tar, mode="w") as t:
+        info = tarfile.TarInfo("meta.json")
+        info.size = len(RAFT_META)
+        t.addfile(info, io.BytesIO(RAFT_META))
+    files = {
+        "part.gz": gzip.compress(part),
+        "part.xz": lzma.compress(part),
+        "part.bz2": bz2.compress(part),
+        "backup.tar.gz": _tar_gz({"parts/keystore": part}),
+        "bom.dat": b"\xef\xbb\xbf" + part,
+        "blank.dat": b"\r\n\n" + part,
+        "crlf.sql": b"--\r\n-- PostgreSQL database dump\r\n--\r\n",
+        "all.sql": b"--\n-- PostgreSQL database cluster dump\n--\n\nSET default_transaction_read_only = off;\n",
+        "dump.sql.xz.tar": b"",
+        "raft.tar": plain_tar.getvalue(),
+        "model.tar.gz": _tar_gz({"config.json": b"{}", "model.safetensors": b"\x00" * 64}),
+        "notes.txt.gz": gzip.compress(b"-- PostgreSQL notes\n"),
+    }
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w", format=tarfile.PAX_FORMAT) as t:  # a pax header first
+        data = lzma.compress(b"PRAGMA foreign_keys=OFF;\r\nBEGIN TRANSACTION;\r\nCREATE TABLE x(a);\r\n")
+        info = tarfile.TarInfo("d" * 120 + ".sql.xz")  # a long name: pax extended header
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    files["dump.sql.xz.tar"] = inner.getvalue()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    found = _scan(root, capsys)
+    assert set(found) == set(files) - {"model.tar.gz", "notes.txt.gz"}
+    assert "backup part (keystore)" in found["backup.tar.gz"] and "raft snapshot" in found["raft.tar"]
+    assert "pg_dumpall" in found["all.sql"] and "sqlite3 .dump" in found["dump.sql.xz.tar"]

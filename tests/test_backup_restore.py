@@ -26,6 +26,7 @@ from modelseal.pki.identity import Identity
 from modelseal.recovery import records
 from modelseal.recovery.restore import JOURNAL, RestoreRequest, run_restore
 from modelseal.recovery.restoreparts import restore_part
+from modelseal.recovery.sealing import load_verified
 from modelseal.registry.sqlmeta import open_meta
 from tests.conftest import Env
 from tests.drill_helpers import Host, make_host, secret_file
@@ -108,7 +109,8 @@ def test_an_interrupted_restore_run_again_finishes(env: Env) -> None:
     killed = subprocess.run([sys.executable, "-c", KILLER, str(h.dest), str(h.data)], capture_output=True, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     journal = json.loads((env.home / JOURNAL).read_text())
-    assert journal["done"] == ["config"] and (env.home / "trust.toml").exists()
+    config_sha = next(e.sha256 for e in load_verified(str(h.dest), home=env.home)[1].parts if e.name == "config")
+    assert journal["done"] == {"config": config_sha} and (env.home / "trust.toml").exists()
     assert not (h.data / "registry.db").exists()
 
     def interrupted(name: str, kind: str, data: bytes, loc: Any, *, replace: bool) -> dict[str, Any]:
@@ -124,8 +126,11 @@ def test_an_interrupted_restore_run_again_finishes(env: Env) -> None:
     with pytest.raises(BackupError, match="unfinished restore"):
         _restore(h, components=("registry",), replace=True)
     report = _restore(h, components=("config", "registry"), replace=True)
-    assert report["resumed"] is True and report["parts"]["config"] == "done before"
+    # The part the journal says is done was checked against its target, which holds it.
+    assert report["resumed"] == ["config"] and report["parts"]["config"] == {"resumed": "verified"}
     assert _manifests(h) == want and not (env.home / JOURNAL).exists()
+    body = records.read_record(Path(report["record"]), records.RESTORE, [records.host_key(env.home)])
+    assert body["resumed"] == ["config"] and body["parts"]["config"] == {"resumed": "verified"}
 
 
 def test_a_backup_under_keys_this_restorer_cannot_reach_writes_nothing(env: Env) -> None:
@@ -148,7 +153,7 @@ def test_a_backup_under_keys_this_restorer_cannot_reach_writes_nothing(env: Env)
     assert keystore.unlock(ks).keys["test-kek"]["versions"]["1"]["state"] == "active"  # the backup's keystore
 
 
-def test_a_ca_restore_reissues_the_live_certificates_and_revokes_the_old(env: Env) -> None:
+def _ca_host(env: Env) -> tuple[Host, dict[str, Any]]:
     made: dict[str, Any] = {}
 
     def with_ca(e: Env, svc: KeyService) -> None:
@@ -159,24 +164,79 @@ def test_a_ca_restore_reissues_the_live_certificates_and_revokes_the_old(env: En
             for kind, name in (("service", "trainer"), ("user", "alice"))
         ]
 
-    h = make_host(env, with_ca)
-    later = issue.issue(h.svc, Identity.of(TD, "prod", "service", "late"), ca=made["ca"])  # after the backup
-    shutil.rmtree(env.home / "ca")  # the CA lost
+    return make_host(env, with_ca), made
+
+
+def test_a_ca_restore_reissues_the_live_certificates_and_revokes_the_old(env: Env) -> None:
+    h, made = _ca_host(env)
+    # After the backup: a certificate issued, and another issued and revoked (its key stolen).
+    later = issue.issue(h.svc, Identity.of(TD, "prod", "service", "late"), ca=made["ca"])
+    stolen = issue.issue(h.svc, Identity.of(TD, "prod", "service", "stolen"), ca=made["ca"])
+    issue.revoke(h.svc, stolen.cert.serial_number, "key stolen", ca=made["ca"])
+    ca_json = env.home / "ca" / "ca.json"
+    ca_json.write_text("{}")  # the live CA damaged; its records still there
     with pytest.raises(BackupError, match="--reissue-dir"):
         _restore(h, components=("ca",))
-    assert not (env.home / "ca").exists()
     out = env.work / "reissued"
-    report = _restore(h, components=("ca",), reissue_dir=out)
-    assert report["reissue"]["issued"] == 2 and sorted(report["reissue"]["revoked"]) == sorted(made["old"])
+    with pytest.raises(BackupError, match="differs from the backup's CA: restore with --replace"):
+        _restore(h, components=("ca",), reissue_dir=out)
+    assert ca_json.read_text() == "{}" and not (env.home / JOURNAL).exists()  # refused before any write
+    report = _restore(h, components=("ca",), reissue_dir=out, replace=True)
+    ca_counts = report["parts"]["ca"]
+    assert ca_counts["live"] == "merged" and ca_counts["later_revocations"] == 1
+    assert ca_counts["later_certificates"] == 2 and "warnings" not in report
+    # The certificate revoked after the backup stays revoked; the one issued after it is known
+    # to the restored CA, re-issued like the others and revoked with them.
     listed = denylist.load(env.home / "ca")
+    assert listed.revoked(stolen.cert.serial_number) and listed.revoked(later.cert.serial_number)
+    assert later.serial in {r["serial"] for r in issue.list_issued(pki_ca.load_ca(env.home / "ca"))}
+    assert report["reissue"]["issued"] == 3
+    assert sorted(report["reissue"]["revoked"]) == sorted([*made["old"], later.serial])
     assert all(listed.revoked(denylist.parse_serial(s)) for s in made["old"])
     index = json.loads((out / "reissued.json").read_text())["identities"]
     assert sorted(index) == sorted(
-        f"spiffe://{TD}/prod/{k}/{n}" for k, n in (("service", "trainer"), ("user", "alice"))
+        f"spiffe://{TD}/prod/{k}/{n}" for k, n in (("service", "trainer"), ("user", "alice"), ("service", "late"))
     )
     for entry in index.values():
         cert = issue.read_chain(out / entry["folder"])[0]
         assert not listed.revoked(cert.serial_number)
-    # A certificate issued after the backup is unknown to the restored CA's records.
-    assert later.serial not in {r["serial"] for r in issue.list_issued(pki_ca.load_ca(env.home / "ca"))}
     assert Path(report["record"]).is_file()
+    # Run again: the folder holds the backup's CA (and more records): nothing to do, no refusal.
+    again = _restore(h, components=("ca",), reissue_dir=out)
+    assert again["parts"]["ca"]["written"] == 0 and again["reissue"]["issued"] == 0
+    assert denylist.load(env.home / "ca").revoked(stolen.cert.serial_number)
+
+
+def test_a_ca_restore_without_a_live_ca_says_later_revocations_cannot_be_known(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h, made = _ca_host(env)
+    later = issue.issue(h.svc, Identity.of(TD, "prod", "service", "late"), ca=made["ca"])
+    shutil.rmtree(env.home / "ca")  # the CA lost, and with it what it recorded after the backup
+    args = ["backup", "restore", "--from", str(h.dest), "--component", "ca", "--reissue-dir", str(env.work / "re")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: no live ca/" in out and "cannot be known" in out
+    event = h.log.events()[-1]
+    body = records.read_record(
+        env.home / event["key"].removeprefix("evidence:"), records.RESTORE, [records.host_key(env.home)]
+    )
+    assert body["parts"]["ca"]["live"] == "absent" and "cannot be known" in body["warnings"][0]
+    # What the live CA issued after the backup is unknown to the restored one: the warning's point.
+    assert later.serial not in {r["serial"] for r in issue.list_issued(pki_ca.load_ca(env.home / "ca"))}
+
+
+def test_a_ca_restore_over_unreadable_live_records_warns(env: Env) -> None:
+    h, made = _ca_host(env)
+    stolen = issue.issue(h.svc, Identity.of(TD, "prod", "service", "stolen"), ca=made["ca"])
+    issue.revoke(h.svc, stolen.cert.serial_number, "key stolen", ca=made["ca"])
+    (env.home / "ca" / "revoked.json").write_text("not json")  # the live denylist damaged
+    report = _restore(h, components=("ca",), reissue_dir=env.work / "re", replace=True)
+    ca_counts = report["parts"]["ca"]
+    assert ca_counts["live"] == "unreadable" and ca_counts["unreadable"] == ["live revoked.json"]
+    assert ca_counts["later_revocations"] is None and ca_counts["later_certificates"] == 1
+    assert "live revoked.json could not be read" in report["warnings"][0]
+    # The revocation is lost with the live denylist (hence the warning), but the certificate is
+    # still known from the readable issued.json, so the re-authentication revokes it again.
+    assert denylist.load(env.home / "ca").revoked(stolen.cert.serial_number)
+    assert stolen.serial in report["reissue"]["revoked"]

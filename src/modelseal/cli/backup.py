@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,16 @@ def _summary(m: Any) -> dict[str, Any]:
         "size": sum(p.size for p in m.parts),
         "recipients": list(m.recipients),
         "manifest_sha256": m.digest,
+        "signer_key": m.signer,
     }
+
+
+def _warn_rpo(m: Any) -> None:
+    from modelseal.recovery.chain import rpo_warning
+
+    line = rpo_warning(m, modelseal_home())
+    if line is not None:
+        print(f"modelseal: warning: {escape(line)}", file=sys.stderr)
 
 
 def cmd_create(args: argparse.Namespace, svc: KeyService) -> int:
@@ -71,6 +81,7 @@ def cmd_create(args: argparse.Namespace, svc: KeyService) -> int:
         f"backup {m.id} (sequence {m.sequence}, env {escape(m.env or '(all)')}) written to {escape(args.to)}:"
         f" {', '.join(p.name for p in m.parts)}; sealed to {', '.join(escape(r) for r in m.recipients)}"
     )
+    print(f"manifest sha256 {m.digest}; signed by backup signing key {m.signer} (give it to verifiers as --signer-key)")
     return 0
 
 
@@ -78,6 +89,8 @@ def cmd_list(args: argparse.Namespace, svc: KeyService) -> int:
     from modelseal.recovery.chain import list_backups
 
     chain = list_backups(args.source, signer_keys=tuple(args.signer_key))
+    if chain:
+        _warn_rpo(chain[-1])
     if args.json:
         print(json.dumps([_summary(m) for m in chain], indent=1, sort_keys=True))
         return 0
@@ -94,13 +107,29 @@ def cmd_list(args: argparse.Namespace, svc: KeyService) -> int:
 def cmd_verify(args: argparse.Namespace, svc: KeyService) -> int:
     from modelseal.recovery.sealing import verify_backup
 
-    m, opened = verify_backup(args.source, args.id, svc=svc, signer_keys=tuple(args.signer_key), deep=args.deep)
+    m, opened = verify_backup(
+        args.source,
+        args.id,
+        svc=svc,
+        signer_keys=tuple(args.signer_key),
+        deep=args.deep,
+        expect_sequence=args.expect_sequence,
+        expect_manifest=args.expect_manifest,
+    )
+    if args.id is None:
+        _warn_rpo(m)
     if args.json:
         print_report({**_summary(m), "deep": args.deep, "opened": opened}, True)
         return 0
     how = f"; every part opened here ({sum(opened.values())} bytes of plaintext checked)" if args.deep else ""
     print(f"backup {m.id} (sequence {m.sequence}) verified: signature, chain, {len(m.parts)} part digests{how}")
     return 0
+
+
+def _sequence(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 2**53:
+        raise argparse.ArgumentTypeError("a backup sequence is a positive whole number")
+    return int(text)
 
 
 def add_backup(sub: Any) -> None:
@@ -136,12 +165,22 @@ def add_backup(sub: Any) -> None:
             "--signer-key",
             action="append",
             default=[],
-            help="trust this audit public key (hex) for the manifests (default: this host's audit keys)",
+            help="trust this backup signing key (hex, as backup create prints it) (default: this host's own)",
         )
         q.add_argument("--json", action="store_true")
         if name == "verify":
             q.add_argument("--id", help="the backup to verify (default: the newest)")
             q.add_argument("--deep", action="store_true", help="also unseal every part with the keys reachable here")
+            q.add_argument(
+                "--expect-sequence",
+                type=_sequence,
+                help="refuse a store whose newest backup is before this sequence (known out of band)",
+            )
+            q.add_argument(
+                "--expect-manifest",
+                metavar="SHA256",
+                help="refuse a store whose chain lacks this manifest (backup create prints its SHA-256)",
+            )
         q.set_defaults(fn=fn)
 
     drill.add_drill_commands(bsub)

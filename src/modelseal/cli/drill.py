@@ -100,6 +100,10 @@ def cmd_restore(args: argparse.Namespace, svc: KeyService) -> int:
     if "reissue" in report:
         r = report["reissue"]
         print(f"  certificates: {r['issued']} re-issued into {escape(args.reissue_dir)}, {len(r['revoked'])} revoked")
+    if report.get("resumed"):
+        print(f"resumed an unfinished restore: {escape(', '.join(report['resumed']))} checked against the targets")
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {escape(warning)}")
     print(f"record {escape(report['record'])}")
     return 0
 

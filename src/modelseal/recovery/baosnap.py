@@ -38,6 +38,7 @@ from typing import Any
 from modelseal.errors import BackupError
 from modelseal.recovery.locations import BaoTarget
 from modelseal.util.files import read_limited, write_atomic
+from modelseal.util.hardening import dies_with_parent
 from modelseal.util.home import check_private
 
 MAX_SNAPSHOT = 2 << 30  # the snapshot is held in memory (it is sealed from there)
@@ -185,6 +186,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def server_env(workdir: Path) -> dict[str, str]:
+    """The whole environment of a ``bao server`` child: ``PATH`` and ``HOME`` only. Never this
+    process's own: it holds the keystore passphrase, database and cloud credentials, tokens."""
+    return {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(workdir)}
+
+
 @contextmanager
 def raft_cluster(workdir: Path, *, shares: int = 1, threshold: int = 1) -> Iterator[RaftCluster]:
     """A fresh ``bao server`` on raft storage under ``workdir`` (module docstring)."""
@@ -200,8 +207,7 @@ def raft_cluster(workdir: Path, *, shares: int = 1, threshold: int = 1) -> Itera
         "disable_mlock = true\nui = false\n"
     )
     log = workdir / "bao.log"
-    env = {k: v for k, v in os.environ.items() if k not in (*_TOKEN_ENV, "BAO_ADDR", "VAULT_ADDR")}
-    env["HOME"] = str(workdir)
+    env = server_env(workdir)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [bao_binary(), "server", f"-config={conf}"],
@@ -274,34 +280,81 @@ def _wait_sealed(addr: str, timeout: float = START_TIMEOUT) -> None:
     raise BackupError(f"OpenBao at {addr} did not take the snapshot's keyring")
 
 
+PIDFILE = "bao.pid"  # temporary_bao's server, for the next drill to stop if this one was killed
+
+
+@contextmanager
+def _own_server(workdir: Path) -> Iterator[tuple[str, str]]:
+    """``raft_cluster``'s fresh node for ``temporary_bao`` (address, its init root token, held
+    in memory only), whose server dies with this thread and whose PID is in ``PIDFILE``."""
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (workdir / "raft").mkdir(mode=0o700, exist_ok=True)
+    port, cport = _free_port(), _free_port()
+    conf = workdir / "bao.hcl"
+    conf.write_text(
+        f'storage "raft" {{\n  path = "{workdir / "raft"}"\n  node_id = "node1"\n  performance_multiplier = 1\n}}\n'
+        f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n  cluster_address = "127.0.0.1:{cport}"\n'
+        "  tls_disable = true\n}\n"
+        f'api_addr = "http://127.0.0.1:{port}"\ncluster_addr = "http://127.0.0.1:{cport}"\n'
+        "disable_mlock = true\nui = false\n"
+    )
+    log = workdir / "bao.log"
+    env = server_env(workdir)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [bao_binary(), "server", f"-config={conf}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            preexec_fn=dies_with_parent(),  # one thread; prctl looked up before the fork
+        )
+    addr = f"http://127.0.0.1:{port}"
+    try:
+        write_atomic(workdir / PIDFILE, f"{proc.pid}\n".encode(), mode=0o600)
+        _wait(addr, proc, {501}, log)  # up, not initialised
+        body = json.dumps({"secret_shares": 1, "secret_threshold": 1}).encode()
+        init = json.loads(_ok(addr, "PUT", "/v1/sys/init", None, body))
+        unseal(addr, [str(k) for k in init["keys"]])
+        _wait(addr, proc, {200}, log)  # the raft leader, active
+        yield addr, str(init["root_token"])
+    finally:
+        _stop(proc)
+        with contextlib.suppress(FileNotFoundError):
+            (workdir / PIDFILE).unlink()
+
+
 @contextmanager
 def temporary_bao(workdir: Path, snapshot: bytes, unseal_keys: list[str], token: str) -> Iterator[BaoTarget]:
     """A fresh raft cluster under ``workdir`` holding ``snapshot``, unsealed with the original
-    cluster's ``unseal_keys``; the target's token file (mode 600, removed on exit) holds the
-    original ``token``."""
-    with raft_cluster(workdir) as cluster:
-        token_file = workdir / "bao-token"
-        write_atomic(token_file, cluster.root_token.encode(), mode=0o600)
-        try:
-            restore_snapshot(BaoTarget(cluster.addr, token_file), snapshot)
-            # OpenBao applies the snapshot, then (seconds later) finds its keyring replaced
-            # and seals itself: wait for that, then unseal with the original cluster's keys.
-            _wait_sealed(cluster.addr)
-            unseal(cluster.addr, unseal_keys)
-            wait_active(cluster.addr)
-            write_atomic(token_file, token.encode(), mode=0o600)
-            yield BaoTarget(cluster.addr, token_file)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                token_file.unlink()
+    cluster's ``unseal_keys``. The original ``token`` is checked there and stays in memory:
+    the target has no token file (its users send the token in the ``X-Vault-Token`` header,
+    from ``BAO_TOKEN`` in this process's environment). The server dies with this thread
+    (``util.hardening.dies_with_parent``) and leaves its PID in ``workdir/bao.pid``, for the
+    next drill to stop if this one was killed (``recovery.drillwork``)."""
+    if not snapshot.startswith(b"\x1f\x8b"):
+        raise BackupError("the OpenBao part is not a raft snapshot")
+    with _own_server(workdir) as (addr, root_token):
+        _ok(addr, "POST", "/v1/sys/storage/raft/snapshot-force", root_token, body=snapshot, timeout=600)
+        # OpenBao applies the snapshot, then (seconds later) finds its keyring replaced
+        # and seals itself: wait for that, then unseal with the original cluster's keys.
+        _wait_sealed(addr)
+        unseal(addr, unseal_keys)
+        wait_active(addr)
+        status, _ = _call(addr, "GET", "/v1/auth/token/lookup-self", token=token)
+        if status != 200:
+            raise BackupError(f"the OpenBao token given does not work in the restored cluster (HTTP {status})")
+        yield BaoTarget(addr, None)
 
 
 __all__ = [
+    "PIDFILE",
     "RaftCluster",
     "bao_binary",
     "raft_cluster",
     "restore_snapshot",
     "save_snapshot",
+    "server_env",
     "settle",
     "temporary_bao",
     "unseal",

@@ -9,10 +9,14 @@ Settings are config.toml's ``[backup]`` table::
     object_lock_mode = "COMPLIANCE"              # or GOVERNANCE; S3 buckets with Object Lock
     retain_days = 30                             # Object Lock retention (--retain overrides)
 
-On success: the audit event ``backup-create`` (result ``ok``, key ``backup:<id>``, artifact the
-manifest's SHA-256) and a signed backup record under ``$MODELSEAL_HOME/evidence/backups/`` with
-its own event (``backup-record``, key ``evidence:<path>``, artifact the record's SHA-256). On
-failure: ``backup-create`` with the error class name, and nothing in the store that lists.
+The manifest is signed by this host's backup signing key (``recovery.manifest.signing_key``,
+made by the first backup; its public key is in the manifest, the record and ``backup create``'s
+output, for verifiers elsewhere). On success: the audit event ``backup-create`` (result ``ok``,
+key ``backup:<id>``, artifact the manifest's SHA-256) and a backup record under
+``$MODELSEAL_HOME/evidence/backups/``, signed by the audit key as every record is, with its own
+event (``backup-record``, key ``evidence:<path>``, artifact the record's SHA-256). On failure:
+``backup-create`` with the error class name, and nothing in the store that lists. A backup
+written whose host state or record then fails is reported as written but not recorded.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from modelseal.audit.events import AuditEvent, AuditSink
-from modelseal.audit.log import public_key_hex
-from modelseal.errors import BackupError
+from modelseal.audit.log import MerkleAuditLog, load_or_create_signing_key, public_key_hex
+from modelseal.errors import BackupError, KeyNotFound, KeyProviderError
 from modelseal.keys.config import ConfigError, config_table
 from modelseal.keys.providers import parse_key_uri
 from modelseal.keys.providers.recovery import load_public
@@ -43,6 +47,7 @@ from modelseal.recovery.manifest import (
     Manifest,
     PartEntry,
     body_of,
+    new_chain_id,
     new_id,
     parse,
     part_file,
@@ -60,6 +65,7 @@ DEFAULT_RETAIN_DAYS = 30
 RECORD_FORMAT = "modelseal-backup-record/v1"
 RECORD_DOMAIN = b"modelseal-backup-record/v1\n"
 RECORD_DIR = ("evidence", "backups")
+AUDIT_KEY_NAME = "audit-signing.key"  # records are signed as recovery.records signs them
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdwy]?)")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0, "y": 365 * 86400.0, "": 86400.0}
 
@@ -130,8 +136,9 @@ def _record(home: Path, m: Manifest, url: str, sink: AuditSink) -> None:
         "recipients": list(m.recipients),
         "result": "ok",
         "sequence": m.sequence,
+        "signer_key": m.signer,  # the backup signing key (hex) that signed the manifest
     }
-    key = signing_key(home)
+    key = sink.signing_key if isinstance(sink, MerkleAuditLog) else load_or_create_signing_key(home / AUDIT_KEY_NAME)
     signed = RECORD_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     doc = {"body": body, "signer": public_key_hex(key.public_key()), "signature": key.sign(signed).hex()}
     data = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode() + b"\n"
@@ -164,14 +171,44 @@ def create_backup(
     home = loc.home
     started = now()
     backup_id = new_id(started)
+    unrecorded: Exception | None = None
     try:
         m = _create(url, loc, env, svc, backup_id, started, retain, parts)
+    except _Unrecorded as u:  # in the store, complete: not a failed backup
+        m, unrecorded = u.manifest, u.cause
     except Exception as e:  # the error class name only: messages may quote paths
         sink.emit(AuditEvent("backup-create", f"backup:{backup_id}", type(e).__name__))
         raise
     sink.emit(AuditEvent("backup-create", f"backup:{backup_id}", "ok", artifact=m.digest))
-    _record(home, m, url, sink)
+    try:
+        _record(home, m, url, sink)
+    except Exception as e:
+        unrecorded = unrecorded or e
+    if unrecorded is not None:
+        raise BackupError(
+            f"backup {m.id} (sequence {m.sequence}) was written to {url}, but not recorded on this host"
+            f" ({type(unrecorded).__name__}: {str(unrecorded)[:200]}): fix that, then run 'backup verify'"
+        )
     return m
+
+
+class _Unrecorded(Exception):
+    """The backup is complete in the store; what failed is this host's record of it."""
+
+    def __init__(self, manifest: Manifest, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.manifest, self.cause = manifest, cause
+
+
+def _fingerprints(home: Path, cfg: BackupSettings) -> dict[str, str]:
+    out = {}
+    for uri in cfg.recovery_keys:
+        name = parse_key_uri(uri).name
+        try:
+            out[name] = load_public(name, home).fingerprint_hex
+        except (KeyNotFound, KeyProviderError) as e:
+            raise BackupError(str(e)) from None
+    return out
 
 
 def _create(
@@ -188,9 +225,7 @@ def _create(
     cfg = settings(home)
     key_env = env or svc.config.host_env or svc.config.default_env
     key_uris = recipients(svc, key_env, cfg)
-    fingerprints = {
-        parse_key_uri(k).name: load_public(parse_key_uri(k).name, home).fingerprint_hex for k in cfg.recovery_keys
-    }
+    fingerprints = _fingerprints(home, cfg)
     key = signing_key(home)
     store = open_store(url)
     if isinstance(store, FolderStore) and is_within(store.root, home):
@@ -232,14 +267,22 @@ def _create(
                     recovery_keys=fingerprints,
                     parts=entries,
                     signer=public_key_hex(key.public_key()),
+                    chain=previous.chain if previous else new_chain_id(),
                 )
                 data = sign(body, key)
                 m = parse(data, backup_id, hashlib.sha256(data).hexdigest())  # what readers will check
                 writer.commit(data)
-            except BaseException:
-                writer.abort()
+            except BaseException as e:
+                try:
+                    writer.abort()
+                except BackupError as left:  # say both: what failed, and what it left behind
+                    if isinstance(e, Exception):
+                        raise BackupError(f"{type(e).__name__}: {str(e)[:200]}; and {left}") from None
                 raise
-            record_seen(store, m, home)
+            try:
+                record_seen(store, m, home)
+            except Exception as e:
+                raise _Unrecorded(m, e) from None
             return m
     finally:
         store.close()

@@ -5,15 +5,19 @@ The steps, each timed: the backup's manifest verified (signature under a key thi
 trusts, every part present, the chain intact: ``recovery.sealing.load_verified``); every part
 unsealed into memory (the production key where this host reaches it, else the offline
 recovery key from its shares); the parts restored into a fresh ``MODELSEAL_HOME`` and
-registry folder inside a private temporary folder, and the OpenBao snapshot into a temporary
-OpenBao (``recovery.baosnap.temporary_bao``), which the restored environment is pointed at;
+registry folder inside a private work folder under the live home (``drillwork``: a killed
+drill's is swept by the next; the live audit key is never copied there), and the OpenBao
+snapshot into a temporary OpenBao (``recovery.baosnap.temporary_bao``), which the restored
+environment is pointed at;
 the restored keystore opened (passphrase or shares); the restored audit log checked
 (``drillaudit``); the artifacts checked with the restored keys and trust policy
 (``drillcheck``). The recovery time (RTO) runs from the start to restored-and-checked; the
 recovery point (RPO) is the backup's age, and the live audit entries after its tree head.
-Both are compared with ``--rto``/``--rpo`` or config.toml ``[backup] rto``/``rpo``.
+Both are compared with ``--rto``/``--rpo`` or config.toml ``[backup] rto``/``rpo``; a drill
+with no target for either fails (a recovery not measured against an objective is not a
+pass), and so does one that checked no artifact at all.
 
-Whatever happens, the temporary folder and OpenBao are removed, the recovery key is dropped
+Whatever happens, the work folder and OpenBao are removed, the recovery key is dropped
 from this process, and a signed record goes into the LIVE home with its ``backup-drill``
 audit event (``records``): result ``ok``, else the error class of what stopped the drill
 (``DrillFailed`` when it ran and a check failed). Then any failure raises ``DrillFailed``.
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from modelseal.keys.config import config_table
 from modelseal.keys.keystore import keystore_path
 from modelseal.keys.service import KeyService, printable
 from modelseal.recipes.context import trust_policy
-from modelseal.recovery import drillenv, records
+from modelseal.recovery import drillenv, drillwork, records
 from modelseal.recovery.drillaudit import AuditFindings, check_audit, recorded_head
 from modelseal.recovery.drillcheck import Failure, Findings, Targets, check_artifacts
 from modelseal.recovery.locations import Locations
@@ -169,8 +172,6 @@ def _targets(report: DrillReport, req: DrillRequest, loc: Locations, restored: s
                 blobs = open_blobs(req.registry_blobs, data)
             except ValueError as e:
                 raise BackupError(str(e)) from None
-    if meta is None and not req.paths:
-        report.failures.append(Failure("artifacts", "no artifact was checked (no registry and no --path)"))
     return Targets(meta, blobs, req.paths, req.sample)
 
 
@@ -182,6 +183,8 @@ def _restore(
 
     kinds = {e.name: e.kind for e in manifest.parts}
     for name, data in parts.items():
+        if name == "config":
+            data = drillwork.without_audit_key(data)
         if kinds[name] != "bao-snapshot":
             restore_part(name, kinds[name], data, loc, replace=True)
     token = None
@@ -193,7 +196,7 @@ def _restore(
         if token is None:
             raise BackupError("the backup holds an OpenBao snapshot: give its token (--bao-token-file FILE)")
         keys = drillenv.secret_lines([req.bao_unseal_keys], "OpenBao unseal key")
-        work = loc.home.parent / "openbao"
+        work = loc.home.parent / drillwork.BAO_FOLDER
         work.mkdir(mode=0o700, exist_ok=True)
         bao = stack.enter_context(temporary_bao(work, snapshot, keys, token))
         loc = Locations(loc.home, loc.registry_db, loc.registry_data, loc.governance_db, loc.audit, bao)
@@ -223,11 +226,11 @@ def _restore_and_check(
     manifest: Any,
     steps: _Steps,
     audit: tuple[dict[str, Any], MerkleAuditLog | None, dict[str, Any] | None],
+    live: Locations,
 ) -> None:
-    """The parts into a temporary environment, then its checks (removed on the way out)."""
+    """The parts into a throwaway environment, then its checks (removed on the way out)."""
     trusted, live_log, checkpoint = audit
-    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="modelseal-drill-") as tmp:
-        root = Path(tmp)
+    with drillwork.work_folder(live.home) as root, contextlib.ExitStack() as stack:
         (root / "home").mkdir(mode=0o700)
         loc = Locations(root / "home", None, root / "registry", None, root / "home" / "audit.db", None)
         with steps.step("restore"):
@@ -253,6 +256,10 @@ def _restore_and_check(
             s.detail = f"{len(report.findings.checked)} passed, {len(report.findings.failures)} failed"
             if targets.meta is not None:
                 targets.meta.close()
+            if not report.findings.checked and not report.findings.failures:
+                f = report.findings
+                what = f"no artifact was checked ({f.registry_total} in the restored registry, {len(req.paths)} --path)"
+                report.failures.append(Failure("artifacts", what + ": a drill that checks nothing proves nothing"))
         report.checked_at = steps.clock()  # restored and checked: the RTO stops here, before the cleanup
 
 
@@ -279,7 +286,7 @@ def _run(
             parts, report.keys = drillenv.unseal_parts(
                 store, manifest, manifest.parts, svc, req.recovery_shares, report.unlocked
             )
-        _restore_and_check(report, req, parts, manifest, steps, (trusted, live_log, checkpoint))
+        _restore_and_check(report, req, parts, manifest, steps, (trusted, live_log, checkpoint), live)
     finally:
         store.close()
     return manifest
@@ -297,6 +304,8 @@ def run_drill(
 ) -> DrillReport:
     """The drill of the module docstring; ``DrillFailed`` (after the record) on any failure
     (``check=False``: the report all the same, for the caller to print first)."""
+    if req.sample is not None and (isinstance(req.sample, bool) or not isinstance(req.sample, int) or req.sample < 1):
+        raise BackupError("a drill samples at least one artifact (sample >= 1, or None for all)")
     report = DrillReport(req, now())
     steps = _Steps(report, clock)
     t0 = clock()
@@ -326,22 +335,33 @@ def _last(report: DrillReport) -> str:
     return report.steps[-1].name if report.steps else "the start"
 
 
+NO_TARGET = "no target set"
+
+
 def _objectives(report: DrillReport, measured: float, rto: float | None, rpo: float | None) -> None:
-    report.rto = {"seconds": round(measured, 3), "target": rto, "ok": None if rto is None else measured <= rto}
+    """RTO and RPO against their targets; no target is a failure (not measured against one)."""
+    report.rto = {"seconds": round(measured, 3), "target": rto, "ok": rto is not None and measured <= rto}
     created = report.backup.get("created")
     age = report.started - created if isinstance(created, int | float) else None
     after = report.audit.events_after if report.audit else None
-    ok = None if rpo is None or age is None else age <= rpo
+    ok = rpo is not None and age is not None and age <= rpo
     report.rpo = {"backup_age_seconds": None if age is None else round(age, 3), "events_after": after}
     report.rpo.update(target=rpo, ok=ok)
-    if report.rto["ok"] is False:
+    for name, target, flag in (("RTO", rto, "--rto"), ("RPO", rpo, "--rpo")):
+        if target is None:
+            (report.rto if name == "RTO" else report.rpo)["note"] = NO_TARGET
+            what = f"{NO_TARGET} ({flag} or config.toml [backup] {name.lower()}): not measured against an objective"
+            report.failures.append(Failure(name, what))
+    if rto is not None and not report.rto["ok"]:
         report.failures.append(Failure("RTO", f"the recovery took {measured:.1f} s, over the target of {rto:g} s"))
-    if ok is False and age is not None:
+    if rpo is not None and age is not None and not ok:
         report.failures.append(Failure("RPO", f"the backup is {age:.0f} s old, over the target of {rpo:g} s"))
 
 
 def _shown(target: object) -> str:
-    return "none" if target is None else f"{target:g} s" if isinstance(target, float | int) else str(target)
+    if not isinstance(target, float | int):
+        return f"{NO_TARGET}: not measured against an objective (FAILED)"
+    return f"target {target:g} s"
 
 
 def table(report: DrillReport) -> str:
@@ -355,9 +375,9 @@ def table(report: DrillReport) -> str:
         a = report.audit
         lines.append(f"audit log: {a.restored_size} entries restored, {a.events_after} live entries after the backup")
     rto, rpo = report.rto, report.rpo
-    lines.append(f"RTO: {rto.get('seconds')} s, target {_shown(rto.get('target'))}")
+    lines.append(f"RTO: {rto.get('seconds')} s, {_shown(rto.get('target'))}")
     age, after = rpo.get("backup_age_seconds"), rpo.get("events_after")
-    lines.append(f"RPO: backup {age} s old, {after} audit entries since, target {_shown(rpo.get('target'))}")
+    lines.append(f"RPO: backup {age} s old, {after} audit entries since, {_shown(rpo.get('target'))}")
     for fail in report.all_failures:
         lines.append(f"FAILED {printable(fail.line())[:400]}")
     lines.append(f"result: {report.result}; record {report.record}")

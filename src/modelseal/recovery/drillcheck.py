@@ -8,8 +8,12 @@ sealed file's encrypted metadata holds the SHA-256 of its plaintext, and a seale
 encrypted ``manifest.mseal`` the SHA-256 and size of every member. So an artifact passes
 when (1) every layer blob read from the live blob store hashes to the digest its OCI
 manifest in the *restored* registry database names, (2) a signature attached to it (an OCI
-referrer in that database) verifies under the *restored* trust policy (a policy that
-allows it unsigned is obeyed, and the row says so), (3) it opens with the *restored* keys,
+referrer in that database) verifies under the *restored* trust policy: an artifact with
+a signature attached (a referrer, or a ``--path``'s signature file) passes only when one
+of them verifies as signed by a signer the policy trusts, however lax the policy (one
+that would take it unsigned does not make a signature that fails a pass); only an
+artifact with no signature at all is left to the policy (one that allows it unsigned is
+obeyed, and the row says so), (3) it opens with the *restored* keys,
 and (4) every chunk is decrypted (each AEAD tag checked, each ciphertext chunk checked
 against the signed chunk table as it is read) and the SHA-256 of each file's plaintext
 equals the digest the signed manifest or metadata holds. Plaintext is hashed in a buffer
@@ -121,10 +125,13 @@ def registry_artifacts(meta: SqlMeta) -> list[tuple[str, str]]:
 
 
 def choose(items: list[tuple[str, str]], sample: int | None, rng: random.Random | None = None) -> list[tuple[str, str]]:
-    """``sample`` of ``items`` picked at random (all of them when None or more than there are)."""
+    """``sample`` (at least 1) of ``items`` picked at random (all of them when None or more
+    than there are)."""
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+        raise ValueError("a drill samples at least one artifact")
     if sample is None or sample >= len(items):
         return list(items)
-    return sorted((rng or random.SystemRandom()).sample(items, max(sample, 0)))
+    return sorted((rng or random.SystemRandom()).sample(items, sample))
 
 
 def _fetch(blobs: BlobStore, meta: SqlMeta, repo: str, desc: layout.Descriptor, out: Path, what: str) -> None:
@@ -150,8 +157,9 @@ def _fetch(blobs: BlobStore, meta: SqlMeta, repo: str, desc: layout.Descriptor, 
         raise _Failed(f"{what}: the blob {desc.digest} in the blob store does not hash to its digest (corrupted)")
 
 
-def _signature_files(meta: SqlMeta, blobs: BlobStore, repo: str, digest: str) -> list[bytes]:
-    """The well-formed signature files attached to ``digest`` in the restored database, newest first."""
+def _signature_files(meta: SqlMeta, blobs: BlobStore, repo: str, digest: str) -> tuple[list[bytes], int]:
+    """The well-formed signature files attached to ``digest`` in the restored database, newest
+    first, and how many signature referrers it lists at all."""
     refs = meta.referrers(repo, digest, layout.SIGNATURES, MAX_REFERRERS * 4)
 
     def created(r: Any) -> str:
@@ -179,12 +187,12 @@ def _signature_files(meta: SqlMeta, blobs: BlobStore, repo: str, digest: str) ->
             continue
         if layout.sha256_digest(data) == layer.digest and data not in out:
             out.append(data)
-    return out
+    return out, len(refs)
 
 
-def materialize(meta: SqlMeta, blobs: BlobStore, repo: str, digest: str, work: Path) -> tuple[Path, list[bytes]]:
+def materialize(meta: SqlMeta, blobs: BlobStore, repo: str, digest: str, work: Path) -> tuple[Path, list[bytes], int]:
     """The artifact ``repo@digest`` put together in ``work`` from the live blobs (ciphertext
-    only), and the signature files of it that fit its sealed files."""
+    only), the signature files of it that fit its sealed files, and how many are attached."""
     row = meta.manifest_get(repo, digest, None, True)
     if row is None or not row.body:
         raise _Failed("the manifest is missing from the restored registry database")
@@ -209,28 +217,42 @@ def materialize(meta: SqlMeta, blobs: BlobStore, repo: str, digest: str, work: P
             raise _Failed(f"layer {x.path}: not a sealed file, or its header is damaged") from None
         finally:
             src.close()
-    sigs = [s for s in _signature_files(meta, blobs, repo, digest) if fits(s, raws)]
-    return root, sigs
+    found, attached = _signature_files(meta, blobs, repo, digest)
+    return root, [s for s in found if fits(s, raws)], attached
 
 
 # -- verification and decryption -------------------------------------------------------------
 
 
-def _verify(root: Path, sigs: Sequence[bytes] | None, policy: TrustPolicy) -> Verdict:
-    """The verdict of the first signature file that verifies (``sigs`` None: the one on disk)."""
-    if sigs is None:
-        return verify_artifact(root, policy, deep=False)
+_UNTRUSTED = "VerificationError: not signed by a signer the restored trust policy trusts"
+
+
+def _verify(root: Path, sigs: Sequence[bytes] | None, policy: TrustPolicy, attached: int = 0) -> Verdict:
+    """The verdict of the first signature file that verifies as signed (``sigs`` None: the
+    one on disk); an artifact with a signature attached and none of them verifying fails,
+    whatever the policy would say of it unsigned (module docstring)."""
     target = signature_path(root)
+    if sigs is None:
+        verdict = verify_artifact(root, policy, deep=False)
+        if target.exists() and not verdict.signed:
+            raise _Failed(f"its signature file does not verify under the restored trust policy ({_UNTRUSTED})")
+        return verdict
     failures: list[str] = []
     for data in sigs:
         target.write_bytes(data)
         try:
-            return verify_artifact(root, policy, deep=False)
+            verdict = verify_artifact(root, policy, deep=False)
         except VerificationError as e:
             failures.append(_one_line(e))
+            continue
+        if verdict.signed:
+            return verdict
+        failures.append(_UNTRUSTED)
     target.unlink(missing_ok=True)
+    if not sigs and not attached:
+        return verify_artifact(root, policy, deep=False)  # no signature at all: the policy judges it
     if not sigs:
-        return verify_artifact(root, policy, deep=False)  # the policy judges it unsigned
+        raise _Failed(f"none of its {attached} attached signatures is a well-formed signature file that fits it")
     raise _Failed(f"none of its {len(sigs)} signature files verifies under the restored trust policy ({failures[0]})")
 
 
@@ -275,8 +297,10 @@ def decrypt_and_compare(root: Path, svc: KeyService, verdict: Verdict | None) ->
         buf.release()
 
 
-def check_one(subject: str, root: Path, sigs: Sequence[bytes] | None, policy: TrustPolicy, svc: KeyService) -> Checked:
-    verdict = _verify(root, sigs, policy)
+def check_one(
+    subject: str, root: Path, sigs: Sequence[bytes] | None, policy: TrustPolicy, svc: KeyService, attached: int = 0
+) -> Checked:
+    verdict = _verify(root, sigs, policy, attached)
     files, size = decrypt_and_compare(root, svc, verdict)
     return Checked(subject, verdict.name, verdict.signed, files, size)
 
@@ -325,8 +349,8 @@ def check_artifacts(
             subject = f"{repo}@{digest}"
 
             def run(repo: str = repo, digest: str = digest, scratch: Path = scratch, subject: str = subject) -> Checked:
-                root, sigs = materialize(meta, blobs, repo, digest, scratch)
-                return check_one(subject, root, sigs, policy, svc)
+                root, sigs, attached = materialize(meta, blobs, repo, digest, scratch)
+                return check_one(subject, root, sigs, policy, svc, attached)
 
             try:
                 _guarded(findings, subject, run)

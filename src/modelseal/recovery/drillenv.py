@@ -13,8 +13,9 @@ live keystore and its passphrase are never touched).
 
 ``isolated(home, bao, token)`` points this process at the temporary home for the checks:
 ``MODELSEAL_HOME`` set to it, the live audit URL, agent socket and trust variables unset,
-``BAO_ADDR``/``BAO_TOKEN`` set to the temporary OpenBao (or unset), everything put back on
-exit. The drill is one thread of a CLI process; nothing else runs meanwhile.
+``BAO_ADDR``/``BAO_TOKEN`` set to the temporary OpenBao (or unset; ``BAO_TOKEN_FILE`` unset:
+the token is this process's, in memory), everything put back on exit. The drill is one
+thread of a CLI process; nothing else runs meanwhile.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ _SCRUBBED = (
     "VAULT_TOKEN",
     "BAO_ADDR",
     "BAO_TOKEN",
+    "BAO_TOKEN_FILE",
+    "VAULT_TOKEN_FILE",
 )
 
 

@@ -4,11 +4,14 @@ and the governance tables' databases, the audit log and the OpenBao cluster. Onl
 operator's flags and environment fill these in, never a backup's contents.
 
 It owns no I/O beyond reading ``MODELSEAL_AUDIT_URL``, ``BAO_ADDR``/``VAULT_ADDR`` and
-checking that a database URL carries no password (argv is public).
+checking that a database URL carries no password (argv is public), and that OpenBao is reached
+over https unless it listens on this host (the token and the snapshot must not cross a network
+in clear).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +51,19 @@ def _check_addr(addr: str) -> str:
         raise BackupError("the OpenBao address must be http(s)://HOST:PORT, with no credentials")
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise BackupError("the OpenBao address must be http(s)://HOST:PORT, with no path")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        raise BackupError("the OpenBao address must be https:// unless it is on this host (127.0.0.1, ::1, localhost)")
     return addr.rstrip("/")
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` names this host: the token and the snapshot cross no network then."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

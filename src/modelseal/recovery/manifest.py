@@ -3,11 +3,15 @@ file, digest, size and counts), whom its parts are sealed to, and its place in t
 (``sequence``, and ``previous``, the SHA-256 of the previous backup's ``manifest.json``).
 
 ``manifest.json`` is canonical JSON (docs/format.md, section 2) of
-``{"manifest": BODY, "signature": BASE64}``, the signature being Ed25519 by the host's audit
-key over ``DOMAIN || canonical_json(BODY)``. Pure data and checks: encoding, parsing every
-field of untrusted bytes against its schema, and the signature under keys the caller trusts
-(``trusted_signers``: keys given out of band, else this host's audit keys; never the key the
-manifest names by itself). Reading stores and the chain are ``recovery.chain``'s.
+``{"manifest": BODY, "signature": BASE64}``, the signature being Ed25519 by the host's backup
+signing key (``$MODELSEAL_HOME/backup-signing.key``, a key of its own: never the audit key,
+never inside any backup part) over ``DOMAIN || canonical_json(BODY)``. ``chain`` is a random id
+fixed by the first backup of a destination and carried by every later one (signed), so a
+chain is told apart from another host's or destination's. Pure data and checks: encoding,
+parsing every field of untrusted bytes against its schema, and the signature under keys the
+caller trusts (``trusted_signers``: keys given out of band, else this host's backup signing
+key; never the key the manifest names by itself). Reading stores and the chain are
+``recovery.chain``'s.
 """
 
 from __future__ import annotations
@@ -23,28 +27,32 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from modelseal.audit.hosts import HOSTS_NAME, load_hosts
-from modelseal.audit.log import load_or_create_signing_key, public_key_hex
+from modelseal.audit.log import public_key_hex
 from modelseal.errors import BackupError, BackupTampered
 from modelseal.format.file import canonical_json
 from modelseal.recovery.parts import PART_NAMES
 from modelseal.util.bounded import json_loads
+from modelseal.util.files import read_limited, write_atomic
+from modelseal.util.home import check_private
 
 FORMAT = "modelseal-backup-manifest/1"
 DOMAIN = b"modelseal-backup-manifest/v1\n"
 MANIFEST_NAME = "manifest.json"
-SIGNING_KEY_NAME = "audit-signing.key"
+SIGNING_KEY_NAME = "backup-signing.key"  # never the audit key, never in a backup part
 MAX_MANIFEST = 1 << 20
 MAX_PART = 1 << 40
 ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")  # sorts by time; also a safe path segment
 KINDS = ("files", "sql", "bao-snapshot")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHAIN = re.compile(r"[0-9a-f]{32}")
 _ENV = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _KEY_URI = re.compile(r"[a-z][a-z0-9]{0,15}:[^\x00-\x1f\x7f]{1,512}")
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _BODY_KEYS = {
+    "chain",
     "created",
     "env",
     "format",
@@ -85,6 +93,7 @@ class Manifest:
     recovery_keys: tuple[tuple[str, str], ...] = ()  # (name, public key fingerprint hex)
     digest: str = ""  # SHA-256 hex of manifest.json as stored: what the next backup chains to
     signature: bytes = field(default=b"", repr=False)
+    chain: str = ""  # the random id of this destination's chain (fixed at sequence 1)
 
     def part(self, name: str) -> PartEntry:
         for p in self.parts:
@@ -102,6 +111,10 @@ def part_file(name: str) -> str:
     return f"parts/{name}.mseal"
 
 
+def new_chain_id() -> str:
+    return secrets.token_hex(16)
+
+
 def body_of(
     *,
     backup_id: str,
@@ -114,8 +127,10 @@ def body_of(
     recovery_keys: Mapping[str, str],
     parts: Sequence[PartEntry],
     signer: str,
+    chain: str,
 ) -> dict[str, Any]:
     return {
+        "chain": chain,
         "created": int(created),
         "env": env,
         "format": FORMAT,
@@ -140,14 +155,53 @@ def sign(body: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
     return canonical_json({"manifest": body, "signature": base64.b64encode(signature).decode()})
 
 
+def _key_path(home: Path) -> Path:
+    return home / SIGNING_KEY_NAME
+
+
+def _read_key(path: Path) -> Ed25519PrivateKey | None:
+    check_private(path, "the backup signing key", BackupError)
+    try:
+        raw = read_limited(path, 4096, BackupError, f"the backup signing key {path}", regular=True)
+    except FileNotFoundError:
+        return None
+    if path.stat().st_mode & 0o077:
+        raise BackupError(f"the backup signing key {path} is readable by others: chmod 600 it")
+    try:
+        key = serialization.load_pem_private_key(raw, password=None)
+    except (ValueError, TypeError):
+        key = None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BackupError(f"{path} is not an Ed25519 private key (PEM)")
+    return key
+
+
 def signing_key(home: Path) -> Ed25519PrivateKey:
-    """The host's audit key (``$MODELSEAL_HOME/audit-signing.key``; made on first use)."""
-    return load_or_create_signing_key(home / SIGNING_KEY_NAME)
+    """This host's backup signing key (``$MODELSEAL_HOME/backup-signing.key``, mode 0600; made
+    by the first backup). Only manifests are signed with it."""
+    path = _key_path(home)
+    key = _read_key(path)
+    if key is not None:
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        write_atomic(path, pem, mode=0o600, exclusive=True)
+    except FileExistsError:  # another backup made it first
+        return signing_key(home)
+    return key
+
+
+def own_signer(home: Path) -> str | None:
+    """The public key hex of this host's backup signing key, or None (none made yet)."""
+    key = _read_key(_key_path(home))
+    return None if key is None else public_key_hex(key.public_key())
 
 
 def trusted_signers(home: Path, signer_keys: Sequence[str] = ()) -> dict[str, Ed25519PublicKey]:
     """Public key hex -> key of every signer whose manifests verify: the keys given (hex of
-    the raw Ed25519 key, out of band), else this host's audit key and ``audit-hosts.toml``'s."""
+    the raw Ed25519 key, out of band), else this host's own backup signing key. Never the
+    audit key or ``audit-hosts.toml``'s keys: a fleet member's audit key signs no backup."""
     if signer_keys:
         out: dict[str, Ed25519PublicKey] = {}
         for text in signer_keys:
@@ -159,12 +213,10 @@ def trusted_signers(home: Path, signer_keys: Sequence[str] = ()) -> dict[str, Ed
             except ValueError:
                 raise BackupError("a signer key is the 64 hex digits of an Ed25519 public key") from None
         return out
-    keys = {public_key_hex(h.key): h.key for h in load_hosts(home / HOSTS_NAME).values()}
-    own = home / SIGNING_KEY_NAME
-    if own.exists():
-        pub = load_or_create_signing_key(own).public_key()
-        keys[public_key_hex(pub)] = pub
-    return keys
+    own = _read_key(_key_path(home))
+    if own is None:
+        return {}
+    return {public_key_hex(own.public_key()): own.public_key()}
 
 
 def _bad(backup_id: str, why: str) -> BackupTampered:
@@ -235,6 +287,8 @@ def parse(data: bytes, backup_id: str, digest: str) -> Manifest:
         raise _bad(backup_id, "sequence or previous")
     if (seq == 1) != (prev is None):
         raise _bad(backup_id, "only the first backup of a chain has no previous")
+    if not isinstance(body["chain"], str) or not _CHAIN.fullmatch(body["chain"]):
+        raise _bad(backup_id, "chain")
     env, host, signer = body["env"], body["host"], body["signer"]
     if env is not None and not (isinstance(env, str) and _ENV.fullmatch(env)):
         raise _bad(backup_id, "env")
@@ -257,6 +311,7 @@ def parse(data: bytes, backup_id: str, digest: str) -> Manifest:
         recovery_keys=rkeys,
         digest=digest,
         signature=signature,
+        chain=body["chain"],
     )
 
 
@@ -264,8 +319,8 @@ def check_signature(m: Manifest, trusted: Mapping[str, Ed25519PublicKey]) -> Non
     """The manifest's signature, under a key in ``trusted`` (the key it names must be one)."""
     if not trusted:
         raise BackupError(
-            "no key to check backup signatures with: this host has no audit key; pass --signer-key HEX"
-            " (the backing-up host's audit public key, obtained out of band)"
+            "no key to check backup signatures with: this host has no backup signing key; pass --signer-key HEX"
+            " (the backing-up host's backup signing key, printed by its 'backup create', obtained out of band)"
         )
     key = trusted.get(m.signer)
     if key is None:
@@ -285,7 +340,9 @@ __all__ = [
     "PartEntry",
     "body_of",
     "check_signature",
+    "new_chain_id",
     "new_id",
+    "own_signer",
     "parse",
     "part_file",
     "sign",

@@ -9,18 +9,30 @@ before the manifest has verified and every selected part has been unsealed into 
 parsed: a part sealed under a key this restorer cannot reach, a tampered or malformed part,
 stops the restore with nothing touched (``BackupError``, ``BackupTampered``).
 
+Nor before every refusal that can be predicted has been ruled out for every selected part
+(``recovery.restorecheck.refusal``: a database that holds other rows, files that differ,
+OpenBao, without ``--replace``; a part with nowhere to go), so a restore is not left half
+applied by a refusal of its second part.
+
 Then each part goes back through ``recovery.restoreparts.restore_part`` (each atomic: a
 file or folder swap, one SQL transaction, a snapshot-force), in a fixed order, with a small
-journal in the home (``restore-journal.json``, written atomically after each part): an
-interrupted restore run again with the same backup and selection skips the parts already
-done and finishes; a journal of another backup or selection is refused until the operator
-finishes or deletes it. After a CA restore, services re-authenticate (``recovery.reissue``).
-A signed record goes into ``evidence/restores/`` with its ``backup-restore`` audit event
-(``records``), result ``ok`` or the error class name.
+journal in the home (``restore-journal.json``, written atomically after each part; each
+done part recorded with the SHA-256 the signed manifest gives its sealed file). An
+interrupted restore run again with the same backup and selection resumes: a part the
+journal says is done, under the manifest's digest, is checked against its target
+(``restorecheck.holds``) and restored again unless the target holds it, so an edited or
+planted journal never makes a part count as restored. A journal of another backup or
+selection is refused until the operator finishes or deletes it. After a CA restore,
+services re-authenticate (``recovery.reissue``); the live CA's later revocations and
+certificates are kept (``recovery.camerge``), and without a live CA the report warns that
+they cannot be known. A signed record goes into ``evidence/restores/`` with its
+``backup-restore`` audit event (``records``), result ``ok`` or the error class name; it
+names the resumed parts and how each was found.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from collections.abc import Callable
@@ -32,14 +44,14 @@ from modelseal.audit.events import AuditSink
 from modelseal.errors import BackupError, BackupTampered, ModelsealError
 from modelseal.keys import keystore
 from modelseal.keys.service import KeyService
-from modelseal.recovery import drillenv, partcodec, records, reissue, sqldump
+from modelseal.recovery import drillenv, partcodec, records, reissue, restorecheck, sqldump
 from modelseal.recovery.locations import Locations
 from modelseal.recovery.parts import PART_NAMES
 from modelseal.util.bounded import json_loads
 from modelseal.util.files import read_limited, write_atomic
 
 JOURNAL = "restore-journal.json"
-JOURNAL_FORMAT = "modelseal-restore-journal/v1"
+JOURNAL_FORMAT = "modelseal-restore-journal/v2"
 _GZIP = b"\x1f\x8b"
 
 
@@ -102,7 +114,13 @@ def _read_journal(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     doc = json_loads(raw, max_depth=4, max_values=4096, error=lambda _why: BackupError(f"{path} is damaged"))
-    if not isinstance(doc, dict) or doc.get("format") != JOURNAL_FORMAT or not isinstance(doc.get("done"), list):
+    done = doc.get("done") if isinstance(doc, dict) else None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != JOURNAL_FORMAT
+        or not isinstance(done, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in done.items())
+    ):
         raise BackupError(f"{path} is not a restore journal: remove it")
     return doc
 
@@ -111,9 +129,12 @@ def _write_journal(path: Path, doc: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n", mode=0o600)
 
 
-def _resume(path: Path, manifest: Any, names: list[str]) -> dict[str, Any]:
+def _resume(path: Path, manifest: Any, entries: list[Any]) -> dict[str, Any]:
+    """The journal to go on with: a fresh one, or the unfinished one of this very restore,
+    keeping as done only the parts it names with the digest the signed manifest gives them."""
+    names = [e.name for e in entries]
     found = _read_journal(path)
-    fresh = {"format": JOURNAL_FORMAT, "backup": manifest.id, "parts": names, "done": [], "reissued": False}
+    fresh: dict[str, Any] = {"format": JOURNAL_FORMAT, "backup": manifest.id, "parts": names, "done": {}}
     if found is None:
         return fresh
     if found.get("backup") != manifest.id or found.get("parts") != names:
@@ -121,7 +142,28 @@ def _resume(path: Path, manifest: Any, names: list[str]) -> dict[str, Any]:
             f"an unfinished restore of backup {str(found.get('backup'))[:80]} ({found.get('parts')}) is recorded in"
             f" {path}: run that restore again to finish it, or delete the journal to abandon it"
         )
-    return {**fresh, "done": [n for n in found["done"] if n in names], "reissued": found.get("reissued") is True}
+    done = {
+        e.name: e.sha256
+        for e in entries
+        if isinstance(found["done"].get(e.name), str) and hmac.compare_digest(found["done"][e.name], e.sha256)
+    }
+    return {**fresh, "done": done}
+
+
+def _ca_warnings(counts: dict[str, Any]) -> list[str]:
+    live = counts.get("live")
+    if live == "absent":
+        return [
+            "no live ca/ was there to merge: certificates revoked after the backup cannot be known and are"
+            " not on the restored denylist, nor are certificates issued after it: revoke them again (cert revoke)"
+        ]
+    if live == "unreadable":
+        which = ", ".join(str(n) for n in counts.get("unreadable", []))
+        return [
+            f"the {which} could not be read: what the live CA recorded after the backup (revocations,"
+            " certificates) cannot be known from it and is not kept: revoke them again (cert revoke)"
+        ]
+    return []
 
 
 def _apply(
@@ -131,28 +173,51 @@ def _apply(
     manifest: Any,
     entries: list[Any],
     parts: dict[str, bytes],
-    journal: dict[str, Any],
+    plan: tuple[dict[str, Any], dict[str, bool]],
     restore: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
+    journal, held = plan
     path = _journal_path(loc)
     counts: dict[str, Any] = {}
+    warnings: list[str] = []
     _write_journal(path, journal)
     for e in entries:
-        if e.name in journal["done"]:
-            counts[e.name] = "done before"
+        data = parts.pop(e.name)
+        if held.get(e.name):
+            counts[e.name] = {"resumed": "verified"}  # done before, and the target holds it
             continue
-        counts[e.name] = restore(e.name, e.kind, parts.pop(e.name), loc, replace=req.replace)
-        journal["done"].append(e.name)
+        got = restore(e.name, e.kind, data, loc, replace=req.replace)
+        counts[e.name] = {**got, "resumed": "restored again"} if e.name in journal["done"] else got
+        journal["done"][e.name] = e.sha256
         _write_journal(path, journal)
         if e.name == "keystore":
             keystore.clear_cache()  # this process must not keep unwrapping with the old table
+        if e.name == "ca":
+            warnings += _ca_warnings(got)
     out: dict[str, Any] = {"parts": counts}
+    if warnings:
+        out["warnings"] = warnings
     if any(e.name == "ca" for e in entries) and req.reissue_dir is not None:
         out["reissue"] = reissue.reissue_and_revoke(svc, req.reissue_dir, manifest.id, home=loc.home)
-        journal["reissued"] = True
-        _write_journal(path, journal)
     path.unlink(missing_ok=True)
     return out
+
+
+def _plan(
+    req: RestoreRequest, loc: Locations, entries: list[Any], parts: dict[str, bytes], journal: dict[str, Any]
+) -> dict[str, bool]:
+    """Every part parsed, the journal's done parts checked against their targets, and every
+    predictable refusal raised, all before the first write; which done parts are held."""
+    for e in entries:
+        precheck(e.name, e.kind, parts[e.name])
+    done = [e for e in entries if e.name in journal["done"]]
+    held = {e.name: restorecheck.holds(e.name, e.kind, parts[e.name], loc) for e in done}
+    for e in entries:
+        if not held.get(e.name):
+            why = restorecheck.refusal(e.name, e.kind, parts[e.name], loc, req.replace)
+            if why is not None:
+                raise BackupError(why)
+    return held
 
 
 def run_restore(
@@ -181,13 +246,11 @@ def run_restore(
         report["selected"] = [e.name for e in entries]
         if any(e.name == "ca" for e in entries) and req.reissue_dir is None:
             raise BackupError("a CA restore re-issues the certificates it had issued: give --reissue-dir DIR")
-        journal = _resume(_journal_path(loc), manifest, report["selected"])
-        report["resumed"] = bool(journal["done"])
-        todo = [e for e in entries if e.name not in journal["done"]]
-        parts, report["keys"] = drillenv.unseal_parts(store, manifest, todo, svc, req.recovery_shares, unlocked)
-        for e in todo:
-            precheck(e.name, e.kind, parts[e.name])
-        report.update(_apply(req, loc, svc, manifest, entries, parts, journal, restore or restore_part))
+        journal = _resume(_journal_path(loc), manifest, entries)
+        report["resumed"] = sorted(journal["done"])
+        parts, report["keys"] = drillenv.unseal_parts(store, manifest, entries, svc, req.recovery_shares, unlocked)
+        held = _plan(req, loc, entries, parts, journal)
+        report.update(_apply(req, loc, svc, manifest, entries, parts, (journal, held), restore or restore_part))
     except BaseException as e:  # an interrupted restore is recorded as such, never as ok
         result = type(e).__name__
         report["error"] = f"{type(e).__name__}: {str(e)[:300]}" if isinstance(e, ModelsealError) else result

@@ -3,7 +3,9 @@ registry's S3 settings (``registry.s3blobs``: endpoint, region and credentials f
 standard AWS environment variables, errors as one line naming the S3 operation and code).
 
 Parts first, ``manifest.json`` last; on any failure every object this run wrote is deleted
-(in a versioned bucket that is a delete marker: nothing lists, the locked versions stay). When
+(in a versioned bucket that is a delete marker: nothing lists, the locked versions stay); a
+key the store did not delete (a ``DeleteObjects`` answer's per-key ``Errors``, or the call
+failing) is reported, never ignored. When
 the bucket has an Object Lock configuration every object is written with retention (mode and
 period from ``Retention``), which is then read back for the very version written: a store that
 accepted the headers but did not keep them is refused. Nothing here trusts what it reads:
@@ -78,11 +80,20 @@ class _S3Writer:
         self._done = True
 
     def abort(self) -> None:
+        """Delete what this run wrote; ``BackupError`` naming what is left if the store refused."""
         if self._done or not self._written:
             return
-        with contextlib.suppress(BackupError, BlobStoreError):
-            self._store.delete_keys(self._written)  # the manifest never landed: nothing lists anyway
-        self._written = []
+        written, self._written = self._written, []
+        try:
+            left = self._store.delete_keys(written)
+        except (BackupError, BlobStoreError) as e:
+            raise BackupError(f"the {len(written)} objects this backup wrote could not be removed ({e})") from None
+        if left:
+            listed = "a manifest.json among them: it may list" if any(k.endswith(MANIFEST_NAME) for k in left) else ""
+            raise BackupError(
+                f"{len(left)} of the objects this backup wrote were not removed (first: {left[0][:120]}"
+                f"{'; ' + listed if listed else ''}): remove them by hand"
+            )
 
 
 class S3Store:
@@ -154,13 +165,17 @@ class S3Store:
             raise BackupError(f"the Object Lock mode is one of {', '.join(MODES)}")
         return _S3Writer(self, check_id(backup_id), retention)
 
-    def delete_keys(self, keys: list[str]) -> None:
+    def delete_keys(self, keys: list[str]) -> list[str]:
+        """Delete ``keys``; returns those the store answered with a per-key error for."""
+        left: list[str] = []
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
             try:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except Exception as exc:
                 raise _fail("DeleteObjects", exc) from None
+            left += [str(e.get("Key", "?")) for e in r.get("Errors") or []]
+        return left
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

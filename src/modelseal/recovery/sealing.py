@@ -161,10 +161,19 @@ def verify_backup(
     signer_keys: Sequence[str] = (),
     home: Path | None = None,
     deep: bool = False,
+    expect_sequence: int | None = None,
+    expect_manifest: str | None = None,
 ) -> tuple[Manifest, dict[str, int]]:
     """``load_verified``; with ``deep`` also every part unsealed here and its plaintext checked.
     Returns the manifest and, when deep, each part's plaintext size (the plaintext is dropped)."""
-    store, m = load_verified(url, backup_id, signer_keys=signer_keys, home=home)
+    store, m = load_verified(
+        url,
+        backup_id,
+        signer_keys=signer_keys,
+        home=home,
+        expect_sequence=expect_sequence,
+        expect_manifest=expect_manifest,
+    )
     opened: dict[str, int] = {}
     try:
         for entry in m.parts if deep else ():

@@ -16,7 +16,10 @@ rows of a table that has an ``env`` column are those of that environment only.
 An import creates the tables with the schema's own classes' ``SCHEMA`` (so a dump of SQLite
 imports into PostgreSQL) and loads every row in ONE transaction: a target holding rows is
 refused unless ``replace``, which empties it in that same transaction (a target already
-holding exactly the dump's rows is left as it is: a finished import run again). The audit log is
+holding exactly the dump's rows is left as it is: a finished import run again). With ``env``
+(an environment's restore) only the rows of that environment are touched, in the tables with an
+``env`` column: they are replaced (every dumped row must be of that environment), the other
+environments' rows and the tables without such a column are left as they are. The audit log is
 append-only: a target that already holds a prefix of the dump gets the rest appended (so a
 finished import run again changes nothing); ``replace`` lifts its triggers only inside the
 transaction. Table and column names from a dump must be the target's own, or it is refused.
@@ -141,6 +144,18 @@ def source_exists(dialect: str, target: str) -> bool:
     return dialect != "sqlite" or Path(target).is_file()
 
 
+def broker_backings(dialect: str, target: str) -> list[tuple[str, str]]:
+    """(env, backing key URI) of every ``gov_broker_keys`` row, destroyed ones too (read-only)."""
+    conn = _Conn(dialect, target, readonly=True)
+    try:
+        with conn.transaction(write=False) as c:
+            if "gov_broker_keys" not in c.existing():
+                return []
+            return [(str(e), str(b)) for e, b in c.execute("SELECT env, backing FROM gov_broker_keys")]
+    finally:
+        conn.close()
+
+
 def dump(schema: str, dialect: str, target: str, *, name: str, env: str | None = None) -> tuple[bytes, dict[str, Any]]:
     """The part ``name`` holding every table of ``schema`` at ``target``, and its meta."""
     conn = _Conn(dialect, target, readonly=True)
@@ -242,7 +257,9 @@ class _Creator(SqlDatabase):
         super().__init__(dialect, target)
 
 
-def load(data: bytes, schema: str, dialect: str, target: str, *, name: str, replace: bool) -> dict[str, Any]:
+def load(
+    data: bytes, schema: str, dialect: str, target: str, *, name: str, replace: bool, env: str | None = None
+) -> dict[str, Any]:
     """Import the dump ``data`` of ``schema`` into ``target`` in one transaction (module docstring)."""
     parsed = parse(data, schema, name)
     if dialect == "sqlite":
@@ -254,6 +271,8 @@ def load(data: bytes, schema: str, dialect: str, target: str, *, name: str, repl
             if schema == "audit":
                 return _load_audit(c, parsed, name, replace)
             physical = tables(schema, dialect)
+            if env is not None:
+                return _load_env(c, parsed, physical, schema, env, replace)
             nonempty = [
                 t
                 for t, p in sorted(physical.items())
@@ -275,20 +294,43 @@ def _counts(parsed: dict[str, tuple[list[str], list[tuple[Any, ...]]]]) -> dict[
     return {"tables": counts, "rows": sum(counts.values())}
 
 
-def _holds_exactly(
-    c: _Conn, parsed: dict[str, tuple[list[str], list[tuple[Any, ...]]]], physical: dict[str, str]
-) -> bool:
-    """Whether every table holds exactly the dump's rows (as multisets), and no others."""
+Parsed = dict[str, tuple[list[str], list[tuple[Any, ...]]]]
+
+
+def _load_env(
+    c: _Conn, parsed: Parsed, physical: dict[str, str], schema: str, env: str, replace: bool
+) -> dict[str, Any]:
+    """``env``'s rows only, in the tables with an ``env`` column (module docstring)."""
+    scoped = {t: p for t, p in physical.items() if "env" in c.columns(p)}
+    mine = {t: parsed.get(t, ([], [])) for t in scoped}
+    for cols, rows in mine.values():
+        if rows and ("env" not in cols or any(r[cols.index("env")] != env for r in rows)):
+            raise BackupTampered(f"the {schema} part holds rows of another environment than {env}")
+    sql = "SELECT 1 FROM {} WHERE env = ? LIMIT 1"
+    held = [t for t, p in sorted(scoped.items()) if c.execute(sql.format(_q(p)), env).fetchone()]
+    if held and not replace:
+        if _holds_exactly(c, mine, scoped, env):
+            return {**_counts(mine), "written": 0, "env": env}
+        raise BackupError(f"the {schema} database holds rows of {env} ({held[0]}): restore with replace")
+    for p in scoped.values():
+        c.execute(f"DELETE FROM {_q(p)} WHERE env = ?", env)  # noqa: S608 (names checked by _q)
+    return {**_insert_all(c, mine, scoped, schema), "env": env, "kept": sorted(set(physical) - set(scoped))}
+
+
+def _holds_exactly(c: _Conn, parsed: Parsed, physical: dict[str, str], env: str | None = None) -> bool:
+    """Whether every table holds exactly the dump's rows (as multisets), and no others (of
+    ``env``'s rows only, when given)."""
+    where, params = ("", ()) if env is None else (" WHERE env = ?", (env,))
     for table, p in physical.items():
         cols, rows = parsed.get(table, ([], []))
         if not rows:
-            if c.execute(f"SELECT 1 FROM {_q(p)} LIMIT 1").fetchone():  # noqa: S608 (names checked by _q)
+            if c.execute(f"SELECT 1 FROM {_q(p)}{where} LIMIT 1", *params).fetchone():  # noqa: S608 (names checked by _q)
                 return False
             continue
         if not set(cols) <= set(c.columns(p)):
             return False
-        sql = f"SELECT {', '.join(_q(x) for x in cols)} FROM {_q(p)}"  # noqa: S608 (names checked by _q)
-        have = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in c.execute(sql)]
+        sql = f"SELECT {', '.join(_q(x) for x in cols)} FROM {_q(p)}{where}"  # noqa: S608 (names checked by _q)
+        have = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in c.execute(sql, *params)]
         if sorted(map(repr, have)) != sorted(map(repr, rows)):
             return False
     return True
@@ -373,4 +415,4 @@ def _audit_triggers_lifted(c: _Conn, ev: str, meta: str) -> Iterator[None]:
         c.execute(f"ALTER TABLE {_q(t)} ENABLE TRIGGER USER")
 
 
-__all__ = ["create_schema", "dump", "load", "parse", "source_exists", "tables"]
+__all__ = ["broker_backings", "create_schema", "dump", "load", "parse", "source_exists", "tables"]

@@ -67,9 +67,15 @@ class FolderStore:
     """Backups in a local folder (another disk, a mounted share)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root.absolute()
+        self.root = Path(os.path.abspath(root))
         self.url = str(self.root)
-        self.state_key = f"file://{os.path.realpath(self.root)}"
+        # The path as given, never resolved: a symlink put in its place later must not get a
+        # fresh (empty) record of what this host saw, and reads refuse a symlinked root anyway.
+        self.state_key = f"file://{self.root}"
+
+    def _no_symlink(self) -> None:
+        if self.root.is_symlink():
+            raise BackupError(f"{self.root} is a symbolic link: give the folder it points to")
 
     def _ensure(self) -> None:
         if not self.root.parent.is_dir():
@@ -80,6 +86,7 @@ class FolderStore:
             raise BackupError(f"{self.root} is not a folder")
 
     def list_ids(self) -> list[str]:
+        self._no_symlink()
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -97,6 +104,7 @@ class FolderStore:
 
     def read(self, backup_id: str, rel: str, limit: int) -> bytes:
         path = self.root / check_id(backup_id) / check_rel(rel)
+        self._no_symlink()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:

@@ -5,7 +5,8 @@ Owns: switching core dumps off for the whole process (``RLIMIT_CORE`` 0 and, on 
 ignores the limit), the loaders' opt-out (``MODELSEAL_ALLOW_CORE_DUMPS=1``), and
 keeping buffers that hold keys or decrypted bytes out of any dump that still happens
 (``madvise(MADV_DONTDUMP)``): ``secret_buffer`` allocates such a buffer, ``dont_dump``
-marks memory someone else allocated.
+marks memory someone else allocated. And a helper process that must not outlive its
+parent (``dies_with_parent``: ``PR_SET_PDEATHSIG``).
 
 Everything here is best effort and never raises: a platform without these calls loses
 the defence in depth, not the ability to load a model. Knows nothing of the format,
@@ -67,6 +68,29 @@ def disable_core_dumps(*, permanent: bool) -> bool:
         except (OSError, AttributeError):
             ok = False
     return ok
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def dies_with_parent() -> Any:
+    """A ``subprocess.Popen`` ``preexec_fn``: the child is sent SIGKILL when the thread that
+    started it dies, even by SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``), and kills itself at
+    once if that thread died before the call. None where there is no such call. Best effort."""
+    if not _LINUX:
+        return None
+    try:
+        prctl = _libc().prctl  # looked up before the fork: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL
+        if os.getppid() != parent:
+            os.kill(os.getpid(), 9)
+
+    return preexec
 
 
 def is_dumpable() -> bool | None:
