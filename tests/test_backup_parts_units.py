@@ -49,6 +49,7 @@ def test_the_units_run_commands_the_cli_takes(unit: str, command: str) -> None:
     assert args.backup_cmd == command
     if command == "drill":
         assert args.source == "/var/backups/modelseal" and args.sample == 20
+        assert (args.rto, args.rpo) == (4 * 3600, 26 * 3600)  # a drill without targets fails
     else:
         assert args.to == "/var/backups/modelseal" and args.bao_token_file == "/run/credentials/x/bao-token"
 

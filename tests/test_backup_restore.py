@@ -1,13 +1,15 @@
 """``modelseal backup restore`` for real (docs/recovery.md, "Restores"): one component back
 and the others untouched; an interrupted restore re-run finishes from its journal; a backup
 whose keys this restorer cannot reach stops before anything is written; a CA restore
-re-issues the live certificates and revokes the old serials; every restore is recorded."""
+re-issues the live certificates and revokes the old serials; an environment's restore keeps
+the other environments' keys and governance rows; every restore is recorded."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +17,19 @@ from typing import Any
 
 import pytest
 
+from modelseal.audit.log import MerkleAuditLog
 from modelseal.cli import main
 from modelseal.errors import BackupError
+from modelseal.governance.store import GovStore
 from modelseal.keys import keystore
 from modelseal.keys.providers import recovery as provider
 from modelseal.keys.service import KeyService
 from modelseal.pki import ca as pki_ca
 from modelseal.pki import denylist, issue
 from modelseal.pki.identity import Identity
-from modelseal.recovery import records
+from modelseal.recovery import reckey, records
+from modelseal.recovery.create import create_backup
+from modelseal.recovery.locations import Locations
 from modelseal.recovery.restore import JOURNAL, RestoreRequest, run_restore
 from modelseal.recovery.restoreparts import restore_part
 from modelseal.recovery.sealing import load_verified
@@ -89,10 +95,10 @@ from modelseal.recovery.locations import Locations
 from modelseal.recovery.restore import RestoreRequest, run_restore
 from modelseal.recovery.restoreparts import restore_part
 
-def killed(name, kind, data, loc, *, replace):
+def killed(name, kind, data, loc, *, replace, env=None):
     if name == "registry":
         os.kill(os.getpid(), signal.SIGKILL)  # a real crash between two parts
-    return restore_part(name, kind, data, loc, replace=replace)
+    return restore_part(name, kind, data, loc, replace=replace, env=env)
 
 home = Path(os.environ["MODELSEAL_HOME"])
 log = MerkleAuditLog(home / "audit.db")
@@ -113,10 +119,10 @@ def test_an_interrupted_restore_run_again_finishes(env: Env) -> None:
     assert journal["done"] == {"config": config_sha} and (env.home / "trust.toml").exists()
     assert not (h.data / "registry.db").exists()
 
-    def interrupted(name: str, kind: str, data: bytes, loc: Any, *, replace: bool) -> dict[str, Any]:
+    def interrupted(name: str, kind: str, data: bytes, loc: Any, *, replace: bool, env: str | None) -> dict[str, Any]:
         if name == "registry":
             raise KeyboardInterrupt  # the operator's Ctrl-C on the second run
-        return restore_part(name, kind, data, loc, replace=replace)
+        return restore_part(name, kind, data, loc, replace=replace, env=env)
 
     req = RestoreRequest(str(h.dest), components=("config", "registry"), replace=True)
     with pytest.raises(KeyboardInterrupt):
@@ -240,3 +246,95 @@ def test_a_ca_restore_over_unreadable_live_records_warns(env: Env) -> None:
     # still known from the readable issued.json, so the re-authentication revokes it again.
     assert denylist.load(env.home / "ca").revoked(stolen.cert.serial_number)
     assert stolen.serial in report["reissue"]["revoked"]
+
+
+ENV_CONFIG = """host_env = "prod"
+[environments.prod]
+keys = ["local:prod-kek", "local:prod-extra"]
+[environments.dev]
+keys = ["local:dev-kek"]
+[backup]
+recovery_keys = ["recovery:offline"]
+"""
+
+
+def _bindings(db: Path) -> list[tuple[str, str, str]]:
+    con = sqlite3.connect(db)
+    try:
+        return sorted(con.execute("SELECT id, env, role FROM gov_bindings").fetchall())
+    finally:
+        con.close()
+
+
+def _bind(db: Path, rows: list[tuple[str, str, str]]) -> None:
+    GovStore.open(db).close()  # the governance tables, as a server makes them
+    con = sqlite3.connect(db)
+    for i, e, role in rows:
+        sql = "INSERT INTO gov_bindings VALUES (?, ?, ?, ?, 2e9, 'binding', 'r', 'admin', 1.0, NULL)"
+        con.execute(sql, (i, f"spiffe://d/{e}/user/{i}", role, e))
+    con.commit()
+    con.close()
+
+
+def test_an_environments_restore_keeps_the_other_environments_keys_and_rows(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``backup restore --env prod`` merges prod's keys into the live keystore and replaces
+    prod's governance rows only: dev's keys and rows, made before or after the backup, stay;
+    the host-wide parts the backup holds (config, audit) are left out unless named."""
+    config = env.home / "config.toml"
+    config.write_text(ENV_CONFIG)
+    config.chmod(0o600)
+    reckey.generate("offline", 3, 2, env.home)
+    log = MerkleAuditLog(env.home / "audit.db")
+    svc = KeyService(sink=log)
+    for k in ("prod-kek", "prod-extra", "dev-kek"):
+        svc.create(f"local:{k}")
+    data = env.work / "registry"
+    db = data / "governance.db"
+    _bind(db, [("p1", "prod", "reader"), ("p2", "prod", "writer"), ("d1", "dev", "reader")])
+    dest = env.work / "backups"
+    m = create_backup(str(dest), Locations.from_args(env.home, registry_data=data), "prod", svc, sink=log)
+    assert {"keystore", "governance", "config", "audit"} <= {p.name for p in m.parts}
+    ks = keystore.keystore_path(env.home)
+    before = keystore.unlock(ks).keys
+    # After the backup: dev moves on (a key, a binding); prod loses a key and a binding changes.
+    svc.create("local:dev-kek-2")
+    _bind(db, [("d2", "dev", "writer")])
+    with keystore.locked_update(ks) as work:
+        del work.keys["prod-extra"]
+    con = sqlite3.connect(db)
+    con.execute("UPDATE gov_bindings SET role = 'admin' WHERE id = 'p2'")
+    con.commit()
+    con.close()
+    config.write_text(ENV_CONFIG + "# changed after the backup\n")
+    keystore.clear_cache()
+    args = ["backup", "restore", "--from", str(dest), "--env", "prod", "--data", str(data)]
+    # Prod's rows differ: refused before the first write (the keystore, merged first, untouched).
+    assert main(args) == BackupError.exit_code
+    assert "holds other rows of prod" in capsys.readouterr().err
+    keystore.clear_cache()
+    assert "prod-extra" not in keystore.unlock(ks).keys and not (env.home / JOURNAL).exists()
+    assert main([*args, "--replace"]) == 0, capsys.readouterr().err
+    keystore.clear_cache()
+    after = keystore.unlock(ks).keys
+    assert after["prod-extra"] == before["prod-extra"] and after["prod-kek"] == before["prod-kek"]
+    assert after["dev-kek"] == before["dev-kek"] and "dev-kek-2" in after  # dev's keys stay
+    assert _bindings(db) == [
+        ("d1", "dev", "reader"),
+        ("d2", "dev", "writer"),  # made after the backup: kept
+        ("p1", "prod", "reader"),
+        ("p2", "prod", "writer"),  # prod's row as the backup had it
+    ]
+    assert config.read_text().endswith("# changed after the backup\n")  # host-wide: left out
+    event = log.events()[-1]
+    body = records.read_record(
+        env.home / event["key"].removeprefix("evidence:"), records.RESTORE, [records.host_key(env.home)]
+    )
+    assert body["env"] == "prod" and body["selected"] == ["keystore", "governance"]
+    assert body["backup"]["signer_key"] == m.signer
+    assert body["parts"]["governance"]["env"] == "prod" and body["parts"]["keystore"]["written"] == 1
+    # A host-wide part comes back only when named, and then whole.
+    req = RestoreRequest(str(dest), env="prod", components=("config",), replace=True)
+    report = run_restore(req, Locations.from_args(env.home, registry_data=data), svc, log)
+    assert report["selected"] == ["config"] and config.read_text() == ENV_CONFIG

@@ -94,7 +94,8 @@ def cmd_restore(args: argparse.Namespace, svc: KeyService) -> int:
         print(json.dumps(report, indent=1, sort_keys=True, default=str))
         return 0
     backup = report.get("backup", {})
-    print(f"restored from backup {escape(backup.get('id'))} ({report.get('keys')}):")
+    scope = f", environment {escape(report['env'])} beside the others" if report.get("env") else ""
+    print(f"restored from backup {escape(backup.get('id'))} ({report.get('keys')}{scope}):")
     for name, counts in report.get("parts", {}).items():
         print(f"  {name}: {escape(counts)}")
     if "reissue" in report:
@@ -123,7 +124,8 @@ def _common(p: Any) -> None:
         action="append",
         default=[],
         metavar="HEX",
-        help="an Ed25519 public key (hex) trusted to sign backup manifests (default: this host's audit keys)",
+        help="a backup signing key (hex, as backup create prints it) trusted to sign manifests"
+        " (default: this host's own, backup-signing.key)",
     )
     p.add_argument("--json", action="store_true")
 
@@ -149,8 +151,18 @@ def add_drill_commands(bsub: Any) -> None:
 
     r = bsub.add_parser("restore", help="restore one environment or some components for real")
     _common(r)
-    r.add_argument("--component", action="append", default=[], choices=PART_NAMES)
-    r.add_argument("--env", help="restore every part of a backup made for this environment")
+    r.add_argument(
+        "--component",
+        action="append",
+        default=[],
+        choices=PART_NAMES,
+        help="a part to restore (with --env: only the parts named, the host-wide ones whole)",
+    )
+    r.add_argument(
+        "--env",
+        help="restore a backup made for this environment beside the others: its keys merged, its governance rows"
+        " only; config, registry and audit only when named with --component",
+    )
     r.add_argument("--replace", action="store_true", help="replace what is there (else a non-empty target refuses)")
     r.add_argument("--reissue-dir", metavar="DIR", help="where the certificates re-issued after a CA restore go")
     r.add_argument("--data", help="the registry's --data (as modelseal serve takes it)")

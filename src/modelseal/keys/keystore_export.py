@@ -92,7 +92,8 @@ def merge_plan(
 ) -> tuple[list[str], list[str]]:
     """What ``merge_export`` would do, read only: the keys it would write, and those of them
     that differ from a live key (which need ``replace``)."""
-    todo, clash = _changes(*reversed(_incoming(path, data, passphrase)))
+    live, incoming = _incoming(path, data, passphrase)
+    todo, clash = _changes(incoming, live)
     return sorted(todo), clash
 
 

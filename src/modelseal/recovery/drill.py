@@ -277,6 +277,7 @@ def _run(
             "env": manifest.env,
             "host": manifest.host,
             "parts": [e.name for e in manifest.parts],
+            "signer_key": manifest.signer,  # the backup signing key that signed the manifest
         }
     try:
         live_log = _live_log(live, sink)

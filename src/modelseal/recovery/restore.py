@@ -1,18 +1,25 @@
 """``modelseal backup restore``: a real restore, one compartment at a time (docs/recovery.md,
 "Restores").
 
-A restore takes either named components (``--component keystore --component ca``: parts
-of ``recovery.parts.PART_NAMES``) or one environment (``--env prod``: every part of a backup
-*made for that environment*, ``backup create --env prod``, which holds no other
-environment's keys; a whole-host backup is not cut up at restore time). Nothing is written
+A restore takes named components (``--component keystore --component ca``: parts of
+``recovery.parts.PART_NAMES``), or one environment (``--env prod``), from a backup *made for
+that environment* (``backup create --env prod``, which holds no other environment's keys; a
+whole-host backup is not cut up at restore time). An environment's restore goes into the
+live host beside the other environments (``restore_part(..., env=manifest.env)``): its keys
+are merged into the live keystore, its governance rows replace that environment's rows only;
+the parts of the whole host the backup also holds (``restoreparts.HOST_WIDE``: config,
+registry, audit) are left out unless named with ``--component``, and those are then restored
+whole, as in a restore by components. With ``--component``, ``--env`` restores the named
+parts only (the environment's merged, the host-wide whole). Nothing is written
 before the manifest has verified and every selected part has been unsealed into memory and
 parsed: a part sealed under a key this restorer cannot reach, a tampered or malformed part,
 stops the restore with nothing touched (``BackupError``, ``BackupTampered``).
 
 Nor before every refusal that can be predicted has been ruled out for every selected part
-(``recovery.restorecheck.refusal``: a database that holds other rows, files that differ,
-OpenBao, without ``--replace``; a part with nowhere to go), so a restore is not left half
-applied by a refusal of its second part.
+(``recovery.restorecheck.refusal``, under the same environment rules: a database that holds
+other rows, files that differ, a keystore key that differs, OpenBao, without ``--replace``; a
+part with nowhere to go), so a restore is not left half applied by a refusal of its second
+part.
 
 Then each part goes back through ``recovery.restoreparts.restore_part`` (each atomic: a
 file or folder swap, one SQL transaction, a snapshot-force), in a fixed order, with a small
@@ -47,6 +54,7 @@ from modelseal.keys.service import KeyService
 from modelseal.recovery import drillenv, partcodec, records, reissue, restorecheck, sqldump
 from modelseal.recovery.locations import Locations
 from modelseal.recovery.parts import PART_NAMES
+from modelseal.recovery.restoreparts import HOST_WIDE
 from modelseal.util.bounded import json_loads
 from modelseal.util.files import read_limited, write_atomic
 
@@ -68,27 +76,35 @@ class RestoreRequest:
 
 
 def _selection(req: RestoreRequest, manifest: Any) -> list[Any]:
-    """The manifest entries to restore, in ``PART_NAMES`` order."""
-    if bool(req.components) == (req.env is not None):
-        raise BackupError("restore either --component NAME ... or one --env ENV")
+    """The manifest entries to restore, in ``PART_NAMES`` order (module docstring)."""
+    if not req.components and req.env is None:
+        raise BackupError("restore --component NAME ..., or one --env ENV")
     held = {e.name: e for e in manifest.parts}
-    if req.env is not None:
-        if manifest.env != req.env:
-            what = f"environment {manifest.env}" if manifest.env else "the whole host"
-            raise BackupError(
-                f"backup {manifest.id} is a backup of {what}, not of environment {req.env}:"
-                f" restore a backup made with --env {req.env}, or name the components"
-            )
-        names = list(held)
-    else:
-        unknown = [c for c in req.components if c not in PART_NAMES]
-        if unknown:
-            raise BackupError(f"no component {unknown[0][:40]!r}: the components are {', '.join(PART_NAMES)}")
-        missing = [c for c in req.components if c not in held]
-        if missing:
-            raise BackupError(f"backup {manifest.id} holds no {missing[0]} part")
-        names = list(dict.fromkeys(req.components))
+    if req.env is not None and manifest.env != req.env:
+        what = f"environment {manifest.env}" if manifest.env else "the whole host"
+        raise BackupError(
+            f"backup {manifest.id} is a backup of {what}, not of environment {req.env}:"
+            f" restore a backup made with --env {req.env}, or name the components"
+        )
+    unknown = [c for c in req.components if c not in PART_NAMES]
+    if unknown:
+        raise BackupError(f"no component {unknown[0][:40]!r}: the components are {', '.join(PART_NAMES)}")
+    missing = [c for c in req.components if c not in held]
+    if missing:
+        raise BackupError(f"backup {manifest.id} holds no {missing[0]} part")
+    names = set(req.components) if req.components else set(held) - set(HOST_WIDE)
+    if not names:
+        raise BackupError(
+            f"backup {manifest.id} holds no part of environment {req.env} alone: name the host's parts"
+            f" ({', '.join(n for n in HOST_WIDE if n in held)}) with --component"
+        )
     return [held[n] for n in PART_NAMES if n in names]
+
+
+def scope(req: RestoreRequest, name: str) -> str | None:
+    """The environment part ``name`` is restored for: the restore's, but None for a part of
+    the whole host (``HOST_WIDE``), which is restored whole when named."""
+    return req.env if name not in HOST_WIDE else None
 
 
 def precheck(name: str, kind: str, data: bytes) -> None:
@@ -186,7 +202,7 @@ def _apply(
         if held.get(e.name):
             counts[e.name] = {"resumed": "verified"}  # done before, and the target holds it
             continue
-        got = restore(e.name, e.kind, data, loc, replace=req.replace)
+        got = restore(e.name, e.kind, data, loc, replace=req.replace, env=scope(req, e.name))
         counts[e.name] = {**got, "resumed": "restored again"} if e.name in journal["done"] else got
         journal["done"][e.name] = e.sha256
         _write_journal(path, journal)
@@ -211,10 +227,10 @@ def _plan(
     for e in entries:
         precheck(e.name, e.kind, parts[e.name])
     done = [e for e in entries if e.name in journal["done"]]
-    held = {e.name: restorecheck.holds(e.name, e.kind, parts[e.name], loc) for e in done}
+    held = {e.name: restorecheck.holds(e.name, e.kind, parts[e.name], loc, scope(req, e.name)) for e in done}
     for e in entries:
         if not held.get(e.name):
-            why = restorecheck.refusal(e.name, e.kind, parts[e.name], loc, req.replace)
+            why = restorecheck.refusal(e.name, e.kind, parts[e.name], loc, req.replace, scope(req, e.name))
             if why is not None:
                 raise BackupError(why)
     return held
@@ -234,14 +250,14 @@ def run_restore(
     from modelseal.recovery.sealing import load_verified
 
     started = now()
-    report: dict[str, Any] = {"source": req.source, "started": started, "replace": req.replace}
+    report: dict[str, Any] = {"source": req.source, "started": started, "replace": req.replace, "env": req.env}
     unlocked: list[str] = []
     result = "ok"
     store = None
     try:
         store, manifest = load_verified(req.source, req.backup_id, signer_keys=req.signer_keys, home=loc.home)
         report["backup"] = {"id": manifest.id, "sequence": manifest.sequence, "created": manifest.created}
-        report["backup"].update(env=manifest.env, host=manifest.host)
+        report["backup"].update(env=manifest.env, host=manifest.host, signer_key=manifest.signer)
         entries = _selection(req, manifest)
         report["selected"] = [e.name for e in entries]
         if any(e.name == "ca" for e in entries) and req.reissue_dir is None:
@@ -272,4 +288,4 @@ def run_restore(
     return report
 
 
-__all__ = ["JOURNAL", "RestoreRequest", "precheck", "run_restore"]
+__all__ = ["JOURNAL", "RestoreRequest", "precheck", "run_restore", "scope"]
