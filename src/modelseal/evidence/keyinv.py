@@ -19,25 +19,9 @@ from typing import Any
 from modelseal.errors import ModelsealError
 from modelseal.evidence.model import Section, Window, event_entry, utc
 from modelseal.keys.providers import KeyInfo, parse_key_uri
-from modelseal.keys.service import KeyService
+from modelseal.keys.service import LIFECYCLE_OPS, KeyService
 
-KEY_OPS = frozenset(
-    {
-        "create",
-        "rotate",
-        "rotate-root",
-        "disable",
-        "enable",
-        "min-version",
-        "destroy",
-        "schedule-destroy",
-        "cancel-destroy",
-        "purge",
-        "recovery-split",
-        "recovery-combine",
-        "recovery-keygen",
-    }
-)
+KEY_OPS = LIFECYCLE_OPS | frozenset({"purge", "recovery-split", "recovery-combine", "recovery-keygen"})
 DAY = 86400.0
 
 

@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,9 +192,9 @@ def server_env(workdir: Path) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(workdir)}
 
 
-@contextmanager
-def raft_cluster(workdir: Path, *, shares: int = 1, threshold: int = 1) -> Iterator[RaftCluster]:
-    """A fresh ``bao server`` on raft storage under ``workdir`` (module docstring)."""
+def _spawn(workdir: Path, preexec: Callable[[], None] | None = None) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """A fresh single-node ``bao server`` on raft storage under ``workdir`` (127.0.0.1, two free
+    ports, no TLS on loopback, the minimal ``server_env``): (process, address, its log)."""
     workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (workdir / "raft").mkdir(mode=0o700, exist_ok=True)
     port, cport = _free_port(), _free_port()
@@ -207,31 +207,38 @@ def raft_cluster(workdir: Path, *, shares: int = 1, threshold: int = 1) -> Itera
         "disable_mlock = true\nui = false\n"
     )
     log = workdir / "bao.log"
-    env = server_env(workdir)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [bao_binary(), "server", f"-config={conf}"],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=env,
+            env=server_env(workdir),
+            preexec_fn=preexec,
         )
-    addr = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _initialise(
+    addr: str, proc: subprocess.Popen[bytes], log: Path, shares: int, threshold: int
+) -> tuple[str, list[str]]:
+    """Init the node just spawned, unseal it and wait until it leads: (root token, unseal keys)."""
+    _wait(addr, proc, {501}, log)  # up, not initialised
+    body = json.dumps({"secret_shares": shares, "secret_threshold": threshold}).encode()
+    init = json.loads(_ok(addr, "PUT", "/v1/sys/init", None, body))
+    keys = [str(k) for k in init["keys"]]
+    unseal(addr, keys[:threshold])
+    _wait(addr, proc, {200}, log)  # the raft leader, active
+    return str(init["root_token"]), keys
+
+
+@contextmanager
+def raft_cluster(workdir: Path, *, shares: int = 1, threshold: int = 1) -> Iterator[RaftCluster]:
+    """A fresh ``bao server`` on raft storage under ``workdir`` (module docstring)."""
+    proc, addr, log = _spawn(workdir)
     try:
-        _wait(addr, proc, {501}, log)  # up, not initialised
-        init = json.loads(
-            _ok(
-                addr,
-                "PUT",
-                "/v1/sys/init",
-                None,
-                json.dumps({"secret_shares": shares, "secret_threshold": threshold}).encode(),
-            )
-        )
-        keys = [str(k) for k in init["keys"]]
-        unseal(addr, keys[:threshold])
-        _wait(addr, proc, {200}, log)  # the raft leader, active
-        yield RaftCluster(addr, str(init["root_token"]), keys, proc.pid)
+        root, keys = _initialise(addr, proc, log, shares, threshold)
+        yield RaftCluster(addr, root, keys, proc.pid)
     finally:
         _stop(proc)
 
@@ -287,37 +294,10 @@ PIDFILE = "bao.pid"  # temporary_bao's server, for the next drill to stop if thi
 def _own_server(workdir: Path) -> Iterator[tuple[str, str]]:
     """``raft_cluster``'s fresh node for ``temporary_bao`` (address, its init root token, held
     in memory only), whose server dies with this thread and whose PID is in ``PIDFILE``."""
-    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (workdir / "raft").mkdir(mode=0o700, exist_ok=True)
-    port, cport = _free_port(), _free_port()
-    conf = workdir / "bao.hcl"
-    conf.write_text(
-        f'storage "raft" {{\n  path = "{workdir / "raft"}"\n  node_id = "node1"\n  performance_multiplier = 1\n}}\n'
-        f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n  cluster_address = "127.0.0.1:{cport}"\n'
-        "  tls_disable = true\n}\n"
-        f'api_addr = "http://127.0.0.1:{port}"\ncluster_addr = "http://127.0.0.1:{cport}"\n'
-        "disable_mlock = true\nui = false\n"
-    )
-    log = workdir / "bao.log"
-    env = server_env(workdir)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [bao_binary(), "server", f"-config={conf}"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-            preexec_fn=dies_with_parent(),  # one thread; prctl looked up before the fork
-        )
-    addr = f"http://127.0.0.1:{port}"
+    proc, addr, log = _spawn(workdir, dies_with_parent())  # one thread; prctl looked up before the fork
     try:
         write_atomic(workdir / PIDFILE, f"{proc.pid}\n".encode(), mode=0o600)
-        _wait(addr, proc, {501}, log)  # up, not initialised
-        body = json.dumps({"secret_shares": 1, "secret_threshold": 1}).encode()
-        init = json.loads(_ok(addr, "PUT", "/v1/sys/init", None, body))
-        unseal(addr, [str(k) for k in init["keys"]])
-        _wait(addr, proc, {200}, log)  # the raft leader, active
-        yield addr, str(init["root_token"])
+        yield addr, _initialise(addr, proc, log, 1, 1)[0]
     finally:
         _stop(proc)
         with contextlib.suppress(FileNotFoundError):
