@@ -255,3 +255,10 @@ class EvidenceTampered(VerificationError):
     or the bundle's signature does not verify under the expected key."""
 
     exit_code = 28
+
+
+class ConsoleError(ModelsealError):
+    """The web console (docs/console.md): a sign-in link that is unknown, used, expired or
+    not this identity's, a session that ended, or ``modelseal console login`` refused."""
+
+    exit_code = 29

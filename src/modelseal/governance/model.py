@@ -31,8 +31,10 @@ ACCESS_ACTIONS = (
 APPROVAL_ACTIONS = ("approval.list", "approval.decide")
 POLICY_ACTIONS = ("policy.read", "policy.propose", "policy.activate")
 AUDIT_ACTIONS = ("audit.read", "evidence.read")
-CA_ACTIONS = ("cert.renew", "cert.revoke")
+CA_ACTIONS = ("cert.renew", "cert.revoke", "cert.list")
 MFA_ACTIONS = ("mfa.enroll",)
+# The web console (issue 16): opening a session; every page is decided by the action it shows.
+CONSOLE_ACTIONS = ("console.login",)
 # Monitoring (issue 14): the scrape, and the holds a detector's response puts in place.
 MONITOR_ACTIONS = ("metrics.read", "hold.list", "hold.release")
 # Encryption standards: resource is an ``Artifact``.
@@ -49,6 +51,7 @@ ACTIONS = (
     + MFA_ACTIONS
     + MONITOR_ACTIONS
     + STANDARD_ACTIONS
+    + CONSOLE_ACTIONS
 )
 
 # Step-up MFA (a fresh TOTP code bound to this request) and the two-person rule.

@@ -1,0 +1,5 @@
+"""``modelseal console``: being built (issue 16)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+"""The web console under ``/ui/`` (docs/console.md): being built (issue 16)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
