@@ -11,13 +11,13 @@ in clear).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from modelseal.errors import BackupError
+from modelseal.util.net import is_loopback
 
 AUDIT_URL_ENV = "MODELSEAL_AUDIT_URL"
 _BAO_ADDR_ENV = ("BAO_ADDR", "VAULT_ADDR")
@@ -51,19 +51,9 @@ def _check_addr(addr: str) -> str:
         raise BackupError("the OpenBao address must be http(s)://HOST:PORT, with no credentials")
     if parts.query or parts.fragment or parts.path not in ("", "/"):
         raise BackupError("the OpenBao address must be http(s)://HOST:PORT, with no path")
-    if parts.scheme == "http" and not _loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise BackupError("the OpenBao address must be https:// unless it is on this host (127.0.0.1, ::1, localhost)")
     return addr.rstrip("/")
-
-
-def _loopback(host: str) -> bool:
-    """Whether ``host`` names this host: the token and the snapshot cross no network then."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ relay). No proxy is used.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import logging
 import secrets
 import ssl
@@ -37,6 +36,7 @@ from modelseal.keys.config import ConfigError
 from modelseal.telemetry.alertsign import load_signing_key, signature_headers
 from modelseal.telemetry.logthrottle import ThrottledLog
 from modelseal.util.home import modelseal_home
+from modelseal.util.net import is_loopback
 
 log = logging.getLogger("modelseal.telemetry")
 
@@ -58,15 +58,6 @@ class WebhookStats:
     failed: int
     dropped: int
     last_error: str
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -91,7 +82,7 @@ def parse_url(url: object, where: str = "monitor.alerts.webhook.url") -> Target:
     host = parts.hostname or ""
     if parts.scheme not in ("https", "http") or not host:
         raise ConfigError(f"config: {where} must be an https:// URL")
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback(host):
         raise ConfigError(f"config: {where}: http:// only to a loopback address; use https://")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"config: {where} must not carry credentials (user:password@)")

@@ -10,7 +10,6 @@ segment rules and the operator's allowed mounts before any request names it.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import os
 import re
 import time
@@ -20,6 +19,7 @@ from urllib.parse import urlparse
 
 from modelseal.errors import DecryptionError, KeyDisabled, KeyNotFound, KeyProviderError, ProviderUnavailable
 from modelseal.format.header import encode_context
+from modelseal.util.net import is_loopback
 
 RETRIES = 4
 
@@ -104,15 +104,6 @@ def bound_fields(how: str, context: tuple[tuple[str, str], ...]) -> dict[str, st
     return {"associated_data": associated_data(context)}
 
 
-def _is_loopback(host: str | None) -> bool:
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
-
-
 def _server_messages(e: Exception) -> str:
     """The server's error messages only. ``str(e)`` also holds the request URL, whose path
     names the operation and the key (".../decrypt/NAME"), and for a batch the whole
@@ -183,7 +174,7 @@ class TransitClient:
         if not addr:
             raise KeyProviderError("transit: set BAO_ADDR (or VAULT_ADDR) to the OpenBao/Vault address")
         url = urlparse(addr)
-        if url.scheme == "http" and not _is_loopback(url.hostname):
+        if url.scheme == "http" and not is_loopback(url.hostname):
             raise KeyProviderError("transit: plain http is allowed only to a loopback address; use https")
         verify: bool | str = _env("BAO_CACERT", "VAULT_CACERT") or True
         client = hvac.Client(url=addr, verify=verify, timeout=10)
