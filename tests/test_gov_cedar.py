@@ -109,6 +109,10 @@ CASES: dict[str, tuple[Case, Case]] = {
         lambda: decide(who(), "mfa.enroll", res("Governance", "mfa")),
         lambda: decide(who(kind="service"), "mfa.enroll", res("Governance", "mfa")),
     ),
+    "self-console-login": (
+        lambda: decide(who(), "console.login", res("Governance", "console")),
+        lambda: decide(who(kind="service"), "console.login", res("Governance", "console")),
+    ),
     "self-break-glass-request": (
         lambda: decide(who(), "access.break-glass", res("Governance", "break-glass"), mfa=True, approved=True),
         lambda: decide(who(kind="service"), "access.break-glass", res("Governance", "break-glass"), approved=True),
@@ -144,6 +148,10 @@ CASES: dict[str, tuple[Case, Case]] = {
     "gov-two-person": (
         lambda: decide(OFFICER, "policy.activate", res("Governance", "policy"), mfa=True),
         lambda: decide(OFFICER, "policy.activate", res("Governance", "policy"), mfa=True, approved=True),
+    ),
+    "gov-two-person-configured": (  # the decider sets two_person where [governance] two_person names the action
+        lambda: decide(KADMIN, "key.rotate", res("Key", "k"), mfa=True, two_person=True),
+        lambda: decide(KADMIN, "key.rotate", res("Key", "k"), mfa=True, two_person=True, approved=True),
     ),
     "std-prod-kms": (
         lambda: decide(who(), "artifact.seal", artifact(schemes=["transit", "local"], has_local=True)),

@@ -20,6 +20,7 @@ from modelseal.cli import (
     artifacts,
     audit,
     backup,
+    console,
     controls,
     evidence,
     incident,
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_backup(sub)
     incident.add_incident(sub)
     evidence.add_evidence(sub)
+    console.add_console(sub)
     return p
 
 

@@ -8,7 +8,8 @@ registry and the governance state (bindings, policy versions, the broker's key c
 that builds the application opens its own database connections. Every decision is audited
 to the server's audit log (``KeyService.sink``), whose ``KeyService`` is also the broker's.
 The anomaly monitor's settings (``[monitor]``) are checked before listening too; every
-worker runs the monitor under its lease (``server.monitor_task``).
+worker runs the monitor under its lease (``server.monitor_task``). ``--console`` (or
+``[console] enabled``) mounts the web console (``server.console``, docs/console.md).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
     from modelseal.telemetry.detectstate import DetectState
 
     monitor = MonitorSetup(monitorconfig.load())  # the anomaly detectors' settings, refused before listening too
+    from modelseal.server.console_sessions import load_settings as console_settings
+
+    enabled, console_conf = console_settings()  # [console]: a bad table is refused before listening
+    console = console_conf if (args.console or enabled) else None
     DetectState.open(target).close()  # its tables, made once before the workers start
 
     def build(auth: Authorizer) -> web.Application:
@@ -78,7 +83,7 @@ def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
         issuer = issue.load_issuer(svc) if args.issue_certificates else None
         gov = app.open_governance(target, auth, svc.sink, svc)
         return app.make_app(
-            auth, registry, float(args.gc_interval), float(args.body_timeout), issuer, gov, metrics, monitor
+            auth, registry, float(args.gc_interval), float(args.body_timeout), issuer, gov, metrics, monitor, console
         )
 
     runner.serve(
@@ -90,6 +95,7 @@ def cmd_serve(args: argparse.Namespace, svc: KeyService) -> int:
         renew=args.renew,
         metrics_listen=metrics_listen,
         data=data,  # the metrics directory's folder (unless $RUNTIME_DIRECTORY)
+        console=console is not None,
     )
     return 0
 
@@ -154,6 +160,12 @@ def add_serve(sub: Any) -> None:
         metavar="HOST:PORT",
         help="also serve GET /metrics over plain HTTP on this loopback address (127.0.0.1:9464; "
         "refused unless loopback: docs/monitoring.md); GET /metrics over mutual TLS needs no flag",
+    )
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="also serve the web console under /ui/ (or [console] enabled = true; docs/console.md): sign in "
+        "with 'modelseal console login'; a connection without a client certificate then reaches /ui/ only",
     )
     p.set_defaults(fn=cmd_serve)
 

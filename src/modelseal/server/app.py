@@ -16,6 +16,7 @@ Without them every decided route answers 503: there is no open mode.
 Always ``GET /metrics`` and the handshake counter (``server.metrics_api``); every audit event
 of the governance pieces also counts (``telemetry.feed.CountingSink``). With ``monitor`` and
 the governance pieces, the anomaly monitor's task and handshake recorder (``server.monitor_task``).
+With ``console`` settings, the web console under ``/ui`` (``server.console``, docs/console.md).
 The listener that runs it is ``server.runner``.
 """
 
@@ -54,6 +55,7 @@ from modelseal.server import (
     policy_api,
 )
 from modelseal.server.auditwriter import AuditWriter
+from modelseal.server.console_sessions import ConsoleSettings
 from modelseal.server.identity import IDENTITY, Authorizer, middleware
 from modelseal.telemetry import feed
 
@@ -179,11 +181,18 @@ def make_app(
     governance: Governance | None = None,
     metrics: metrics_api.MetricsSetup | None = None,
     monitor: monitor_task.MonitorSetup | None = None,
+    console: ConsoleSettings | None = None,
 ) -> web.Application:
     """The application: every request passes ``auth`` first; with ``registry``, the OCI API;
     with ``issuer``, ``POST /modelseal/v1/certificates/renew`` (``server.certs_api``); with
-    ``governance``, the decider and the governance APIs (module docstring)."""
-    app = web.Application(middlewares=[middleware(auth)], client_max_size=MAX_BODY)
+    ``governance``, the decider and the governance APIs (module docstring); with ``console``
+    (and ``governance``, whose database keeps its sessions), the web console under ``/ui``
+    (``server.console``), the one path a connection without a client certificate reaches."""
+    if console is not None and governance is None:
+        raise ValueError("the web console needs the governance pieces")
+    app = web.Application(
+        middlewares=[middleware(auth, "/ui" if console is not None else None)], client_max_size=MAX_BODY
+    )
     app.router.add_get("/v2/", base)
     app.on_response_prepare.append(_add_version_header)
     if governance is not None:
@@ -197,6 +206,10 @@ def make_app(
     metrics_api.install(app, metrics, None if metrics is None else lambda: metrics_api.sources(registry, governance))
     if monitor is not None and governance is not None:  # the anomaly detectors, under a lease (server.monitor_task)
         monitor_task.install(app, monitor, governance, auth.env)
+    if console is not None and governance is not None:
+        from modelseal.server import console as console_mod  # Jinja2 and the pages: only when it is on
+
+        console_mod.install(app, console, auth, governance, registry, issuer)
     return app
 
 

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from modelseal.governance.model import Decision, Resource
 from modelseal.server import authz
+from modelseal.server.console_sessions import Session
 from modelseal.server.identity import IDENTITY
 
 T = TypeVar("T")
@@ -31,22 +32,6 @@ T = TypeVar("T")
 PREFIX = "/ui"
 MAX_FORM = 64 << 10  # a console form is small: ids, a code, a reason, a window
 TEMPLATES = Path(__file__).with_name("console_templates")
-
-
-@dataclass(frozen=True)
-class Session:
-    """One console session: ``id`` is the SHA-256 (hex) of the cookie's secret, never the
-    secret; ``identity`` the SPIFFE id of the certificate that opened it (``serial``, hex);
-    ``via`` is ``link`` (``modelseal console login``) or ``certificate`` (the browser's own);
-    ``csrf`` the token every form carries; times are POSIX seconds."""
-
-    id: str
-    identity: str
-    serial: str
-    via: str
-    csrf: str
-    created: float
-    expires: float
 
 
 @dataclass

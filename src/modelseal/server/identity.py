@@ -181,13 +181,23 @@ def request_peer(request: web.Request) -> PeerLeaf | None:
     return parse_leaf(peer_der(request))
 
 
-def middleware(auth: Authorizer) -> Middleware:
+def middleware(auth: Authorizer, open_prefix: str | None = None) -> Middleware:
     """The aiohttp middleware: set ``request[IDENTITY]`` or answer 401/403/503 with a
-    one-line JSON reason; after a 401 or 403 the connection is closed."""
+    one-line JSON reason; after a 401 or 403 the connection is closed.
+
+    ``open_prefix`` (the web console's ``/ui``, when it is on and the listener asks for a
+    client certificate without requiring one): a request under it on a connection without
+    a certificate goes on with no identity (the console's own middleware then requires a
+    session); a certificate presented there is checked as everywhere else."""
+
+    def is_open(path: str) -> bool:
+        return open_prefix is not None and (path == open_prefix or path.startswith(open_prefix + "/"))
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
         peer = request_peer(request)
+        if peer is None and is_open(request.path):
+            return await handler(request)
         try:
             request[IDENTITY] = auth.check(peer)
         except Refused as r:

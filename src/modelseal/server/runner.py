@@ -97,12 +97,13 @@ class _WorkerSpec:
     ca_folder: Path | None
     limits: Limits
     parent: int
+    console: bool = False
 
     def __call__(self, index: int, ready_fd: int) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent takes SIGINT and sends SIGTERM
         metrics_api.lead(index == 0)  # one worker runs the metrics' background pass
         metrics.worker(index)  # its index's metrics files (a replacement goes on from their totals)
-        live = tls.LiveContext(self.tls_dir)
+        live = tls.LiveContext(self.tls_dir, client_cert_optional=self.console)
         app = self.build(authorizer_for(self.tls_dir, self.env, self.ca_folder))
         asyncio.run(_run_worker(self, index, live, app, ready_fd))
         return 0
@@ -156,6 +157,7 @@ def serve(
     renew: str = "auto",
     metrics_listen: Listen | None = None,
     data: Path | None = None,
+    console: bool = False,
 ) -> None:
     """Run the application ``build(authorizer)`` in ``workers`` processes (default: one per
     core) until SIGTERM/SIGINT; returns after a clean shutdown.
@@ -166,7 +168,9 @@ def serve(
     ``metrics_listen``: a loopback address for plain-HTTP ``GET /metrics`` in this parent
     process (``server.metrics_listen``; anything else is refused at start). ``data``: the
     data folder, whose ``metrics-run`` holds the run's metrics directory unless systemd
-    gives a ``$RUNTIME_DIRECTORY`` (``metrics_listen.metrics_root``)."""
+    gives a ``$RUNTIME_DIRECTORY`` (``metrics_listen.metrics_root``). ``console``: the web
+    console is on (``server.console``), so the listener asks for a client certificate
+    without requiring one (``tls.server_context``); only ``/ui`` answers without one."""
     if renew not in RENEWAL_MODES:
         raise ValueError(f"renew takes one of {', '.join(RENEWAL_MODES)}, got {renew[:40]!r}")
     count = workers if workers is not None else (os.cpu_count() or 1)
@@ -191,7 +195,7 @@ def serve(
             sup.signal_workers(signal.SIGHUP)
         renewer.tick(sup)
 
-    spec = _WorkerSpec(sock, tls_dir, build, env, ca_folder, limits, os.getpid())
+    spec = _WorkerSpec(sock, tls_dir, build, env, ca_folder, limits, os.getpid(), console)
     mpdir = MultiprocDir(data)  # before any fork: every worker counts into it
     scrape: MetricsListener | None = None
     try:
@@ -207,9 +211,11 @@ def serve(
             poll=scrape.poll if scrape is not None else None,
         )
         sup.on_exit = lambda pid: mpdir.process_gone(sup.index_of(pid), pid)
+        renewing = f"through {why}" if renewer_ca else f"watching {tls_dir} ({why})"
         print(
             f"modelseal serve: listening on {listen.host}:{listen.port} (TLS 1.3, mutual; {count} workers; "
-            f"certificate renewal: {'through ' + why if renewer_ca else 'watching ' + str(tls_dir) + ' (' + why + ')'})"
+            + (f"web console on https://{listen.host}:{listen.port}/ui/; " if console else "")
+            + f"certificate renewal: {renewing})"
             + (f"; metrics on http://{scrape.address}/metrics (this host only)" if scrape is not None else ""),
             file=sys.stderr,
         )

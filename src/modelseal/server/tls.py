@@ -63,10 +63,10 @@ def _snapshot(tls_dir: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def _tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
+def _tls13_only(ctx: ssl.SSLContext, required: bool = True) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.set_ecdh_curve(KEX_GROUP)
     return ctx
@@ -101,18 +101,23 @@ def _trust(ctx: ssl.SSLContext, ca: Path, shown: Path) -> None:
         raise CertificateError(f"{shown / CA_FILE} holds no usable CA certificate") from None
 
 
-def server_context(tls_dir: Path) -> ssl.SSLContext:
+def server_context(tls_dir: Path, client_cert_optional: bool = False) -> ssl.SSLContext:
     """The server side: TLS 1.3 only, a client certificate REQUIRED and verified against
     ``TLS_DIR/ca.pem``, the server's own chain and key (ECDSA P-256) from
     ``cert.pem``/``key.pem``, all three read from one snapshot of the folder.
 
     Session tickets are off (``num_tickets = 0``): every connection is a full handshake, so
     the client certificate's validity is checked by OpenSSL on each one, never carried
-    over by resumption."""
+    over by resumption.
+
+    ``client_cert_optional`` (only with the web console, ``modelseal serve --console``): a
+    client certificate is asked for and, when one is presented, verified just the same
+    (``CERT_OPTIONAL``: a bad one fails the handshake), but a browser without one may
+    connect; ``server.identity`` then lets such a request reach ``/ui`` only."""
     with _snapshot(tls_dir) as base:
         ca, cert, key = _files(base)
         _check_leaf_key(cert, tls_dir)
-        ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        ctx = _tls13_only(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), required=not client_cert_optional)
         ctx.num_tickets = 0
         _trust(ctx, ca, tls_dir)
         _load_chain(ctx, cert, key, tls_dir)
@@ -124,13 +129,14 @@ class LiveContext:
     (certificate, key and ``ca.pem``), so a trust anchor removed from ``ca.pem`` is gone for
     every new handshake. A folder that does not load leaves ``current`` as it was."""
 
-    def __init__(self, tls_dir: Path) -> None:
+    def __init__(self, tls_dir: Path, client_cert_optional: bool = False) -> None:
         self.tls_dir = tls_dir
-        self.current = server_context(tls_dir)
+        self.optional = client_cert_optional
+        self.current = server_context(tls_dir, client_cert_optional)
 
     def reload(self) -> None:
         """Raises ``CertificateError`` (and keeps the old context) if the folder is broken."""
-        self.current = server_context(self.tls_dir)
+        self.current = server_context(self.tls_dir, self.optional)
 
 
 def client_context(tls_dir: Path) -> ssl.SSLContext:
