@@ -63,7 +63,7 @@ PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.
 echo "== modelseal serve on 127.0.0.1:$PORT (TLS 1.3, client certificates required, ciphertext only)"
 MPORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 "$MS" serve --listen "127.0.0.1:$PORT" --tls-dir "$OUT/server-tls" --data "$OUT/registry" --workers 1 \
-  --metrics-listen "127.0.0.1:$MPORT" 2>"$OUT/serve.log" &
+  --metrics-listen "127.0.0.1:$MPORT" --console 2>"$OUT/serve.log" &
 SERVE_PID=$!
 trap 'kill "$SERVE_PID" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
@@ -102,6 +102,32 @@ TOML
 chmod 600 "$OUT/trust.toml"
 # shellcheck disable=SC2086
 MODELSEAL_TRUST="$OUT/trust.toml" "$MS" pull "127.0.0.1:$PORT/demo/model:v1" "$OUT/pulled.sealed" --tls-dir "$OUT/client-tls" $PINS
+echo "== the web console (--console): a one-time sign-in link for the officer's certificate, redeemed once"
+# What a browser does with the link: show it, sign in (a Secure, HttpOnly, SameSite=Strict cookie),
+# then read the pages. The link is a secret for 60 s: it goes through the environment, never argv.
+CONSOLE_LINK="$(officer console login --json | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["url"])')" \
+  "$VENV/bin/python" - "$OUT/server-tls/ca.pem" <<'PY'
+import http.client, os, re, ssl, sys
+from urllib.parse import urlencode, urlsplit
+link = urlsplit(os.environ["CONSOLE_LINK"])
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+def ask(method, path, body=None, cookie=""):
+    c = http.client.HTTPSConnection(link.hostname, link.port, context=ctx, timeout=30)
+    h = {"Origin": f"https://{link.netloc}", "Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
+    c.request(method, path, body=body, headers=h)
+    r = c.getresponse()
+    return r.status, r.getheader("Set-Cookie", ""), r.read().decode()
+_, _, shown = ask("GET", f"{link.path}?{link.query}")
+print(" ", re.search(r"signs you in as <code[^>]*>([^<]+)", shown).group(1))
+status, cookie, _ = ask("POST", "/ui/login", urlencode({"t": link.query.split("t=", 1)[1]}))
+jar = cookie.split(";", 1)[0]
+print("  signed in:", status, "; cookie:", "; ".join(a.strip() for a in cookie.split(";")[1:] if "=" not in a or "SameSite" in a))
+for page in ("/ui/", "/ui/keys", "/ui/approvals", "/ui/audit"):
+    status, _, body = ask("GET", page, cookie=jar)
+    print(f"  {page:<14} {status}  {re.search(r'<h1>([^<]+)</h1>', body).group(1)}")
+again, _, _ = ask("POST", "/ui/login", urlencode({"t": link.query.split("t=", 1)[1]}))
+print("  the same link again:", again)
+PY
 echo "== Prometheus figures on the loopback listener (also GET /metrics over mTLS for role metrics)"
 "$VENV/bin/python" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
   "http://127.0.0.1:$MPORT/metrics" | grep -E '^modelseal_(authz_decisions_total|tls_handshakes_total|key_version_age_seconds)' | head -6

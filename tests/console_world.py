@@ -1,6 +1,6 @@
 """The web console's test world: the application ``modelseal serve --console`` builds (the
-real decider, Cedar's shipped policy, the governance APIs, the key broker, a registry and
-the console), on 127.0.0.1 with its real TLS 1.3 context (client certificate optional), in a
+real decider, Cedar's shipped policy, the governance APIs, the key broker, a registry, the
+real Merkle audit log at ``$MODELSEAL_HOME/audit.db`` and the console), on 127.0.0.1 with its real TLS 1.3 context (client certificate optional), in a
 thread of this process; identities with real certificates of a real CA; ``modelseal``
 commands run as them (``World.run``); TOTP codes from secrets enrolled through the API; and
 ``Browser``, a small HTTP client that holds a console session's cookie the way a browser
@@ -29,6 +29,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 from aiohttp import web
 
+from modelseal.audit.log import MerkleAuditLog
 from modelseal.cli import access, console
 from modelseal.governance import mfa as mfa_mod
 from modelseal.governance.store import open_target
@@ -145,6 +146,13 @@ class World(CliWorld):
         assert b.get("/ui/").status == 200  # and the CSRF token of the first page
         return b
 
+    def audit_events(self, operation: str | None = None) -> list[dict[str, Any]]:
+        """The server's audit log's verified events (``operation``'s only), once the queued
+        decisions are written."""
+        assert self.gov.audit.flush()
+        events = MerkleAuditLog(self.env.home / "audit.db").events()
+        return [e for e in events if operation is None or e.get("operation") == operation]
+
     def bind(self, who: str, role: str, env: str = "prod", by: str = "officer1") -> None:
         """Bind ``USER/who`` to ``role`` (``by`` needs MFA enrolled)."""
         rc, _, err = self.with_otp(
@@ -175,7 +183,8 @@ def console_server(env: Env, p: Pki, data: Path, clock: Clock) -> Iterator[tuple
 
     async def start() -> None:
         auth = Authorizer.for_server(TD, "prod")
-        gov = app_mod.open_governance(open_target(data, None), auth, env.sink, env.svc)
+        audit = MerkleAuditLog(env.home / "audit.db")  # the server's real, signed audit log (the CLI's default)
+        gov = app_mod.open_governance(open_target(data, None), auth, audit, env.svc)
         registry = open_registry(data, None, None, "sealed-only")
         settings = ConsoleSettings(clock=clock.time)
         application = app_mod.make_app(auth, registry, governance=gov, console=settings)

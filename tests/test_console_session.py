@@ -18,6 +18,8 @@ from modelseal.server.console_sessions import ConsoleSessions, digest
 from tests.conftest import Env
 from tests.console_world import Browser, World, console_world
 
+USER = "spiffe://example.org/prod/user"
+
 
 @pytest.fixture
 def world(env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[World]:
@@ -50,6 +52,9 @@ def test_a_link_signs_in_once_and_sets_a_strict_cookie(world: World) -> None:
     # only digests are stored: neither the link's token nor the cookie's secret
     rows = world.gov.store.run(lambda q: q("SELECT id FROM console_sessions").fetchall(), write=False)
     assert b.cookie is not None and [r[0] for r in rows] == [digest(b.cookie)]
+    logins = world.audit_events("console-login")
+    assert [(e.get("actor"), e.get("result")) for e in logins] == [(f"{USER}/officer1", "ok:link")]
+    assert _token(url) not in (world.env.home / "audit.db").read_bytes().decode("latin-1")  # no secret in the log
 
 
 def test_a_link_expires_after_60_seconds(world: World) -> None:
@@ -118,7 +123,9 @@ def test_revoking_the_certificate_ends_its_sessions(world: World) -> None:
     r = b.get("/ui/")
     assert r.status == 303 and r.header("Location") == "/ui/login"
     rows = ConsoleSessions.open(world.gov.target).live()
-    assert all(s.identity != "spiffe://example.org/prod/user/officer3" for s in rows)
+    assert all(s.identity != f"{USER}/officer3" for s in rows)
+    ended = world.audit_events("console-session-expired")
+    assert [(e.get("actor"), e.get("result")) for e in ended] == [(f"{USER}/officer3", "revoked")]
 
 
 def _serial(folder: object) -> int:

@@ -77,7 +77,7 @@ HEADERS = {
     "Strict-Transport-Security": "max-age=63072000; includeSubDomains",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # not no-referrer: Chromium would then send Origin: null on our own POSTs
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
@@ -182,6 +182,7 @@ def install(
         audit=getattr(governance.audit, "sink", governance.audit),
         ca=auth.revoked.folder,
         issuer=issuer,
+        target=governance.target,
     )
     app[POOL] = ThreadPoolExecutor(max_workers=4, thread_name_prefix="console")
     app.middlewares.append(console_middleware)

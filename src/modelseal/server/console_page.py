@@ -38,7 +38,8 @@ TEMPLATES = Path(__file__).with_name("console_templates")
 class ConsoleDeps:
     """The pieces of one worker a page reads. ``None``: this server has no such piece and
     the page says so. ``audit``: the audit log the governance pieces write to (what
-    ``server.alerts_api`` reads); ``ca``: the CA folder; ``home``: ``$MODELSEAL_HOME``."""
+    ``server.alerts_api`` reads); ``ca``: the CA folder; ``home``: ``$MODELSEAL_HOME``;
+    ``target``: the governance database (``governance.store.open_target``)."""
 
     home: Path
     registry: Any = None  # registry.service.Registry
@@ -50,6 +51,7 @@ class ConsoleDeps:
     audit: Any = None  # the audit log (audit.log / its sink)
     ca: Path | None = None
     issuer: Any = None  # pki.backend.Issuer
+    target: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
