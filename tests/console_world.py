@@ -185,6 +185,7 @@ def console_server(env: Env, p: Pki, data: Path, clock: Clock) -> Iterator[tuple
         auth = Authorizer.for_server(TD, "prod")
         audit = MerkleAuditLog(env.home / "audit.db")  # the server's real, signed audit log (the CLI's default)
         gov = app_mod.open_governance(open_target(data, None), auth, audit, env.svc)
+        gov.authz.cache_seconds = 0.0  # a binding a test just made counts at once (the server caches 2 s)
         registry = open_registry(data, None, None, "sealed-only")
         settings = ConsoleSettings(clock=clock.time)
         application = app_mod.make_app(auth, registry, governance=gov, console=settings)

@@ -174,3 +174,46 @@ def test_tls_below_1_3_is_refused_on_the_console_too(world: World) -> None:
         conn.request("GET", "/ui/login")
         conn.getresponse()
     conn.close()
+
+
+def test_modelseal_serve_console_in_worker_processes(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``modelseal serve --console`` as a process with two workers: the link one worker made
+    signs in on whichever worker takes the browser (the sessions are in the governance
+    database); without ``--console`` a connection without a client certificate fails at the
+    handshake, with it only ``/ui`` answers."""
+    import http.client
+
+    from modelseal import cli as cli_mod
+    from tests.console_world import parser
+    from tests.push_pull_helpers import make_pki, modelseal_serve
+
+    p = make_pki(env)
+    data = env.work / "serve-data"
+    monkeypatch.setattr(cli_mod, "build_parser", parser)
+    w = World(env, p, 0, None, data, monkeypatch, capsys)  # type: ignore[arg-type]
+    rc, _, err = w.run("officer1", "access", "bootstrap", "--data", str(data), f"--officer={USER}/officer1")
+    assert rc == 0, err
+    ca = p.server_dir / "ca.pem"
+    with modelseal_serve(env.work, p.server_dir, p.client_dir, "--data", str(data), "--workers", "2") as port:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)))
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # CERT_REQUIRED: no certificate, no handshake
+            conn.request("GET", "/ui/login")
+            conn.getresponse().read()
+        conn.close()
+    args = ("--data", str(data), "--workers", "2", "--console")
+    with modelseal_serve(env.work, p.server_dir, p.client_dir, *args) as port:
+        w.port = port
+        monkeypatch.setenv("MODELSEAL_BROKER", f"127.0.0.1:{port}")
+        monkeypatch.setenv("MODELSEAL_REGISTRY_PINS", ",".join(p.pins()))
+        for _ in range(3):  # three sign-ins: each link made and redeemed on any of the two workers
+            url = w.login_url("officer1")
+            b = Browser(port, ca)
+            done = b.request("POST", "/ui/login", {"t": _token(url)})
+            assert done.status == 303 and b.cookie, done.body[:200]
+            for _ in range(4):
+                page = b.get("/ui/")
+                assert page.status == 200 and "officer1" in page.body
+        assert Browser(port, ca).get("/v2/").status == 401
+        assert Browser(port, ca).get("/ui/login").status == 200
