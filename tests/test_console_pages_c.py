@@ -316,7 +316,7 @@ class _Allow:
     def __init__(self, pull: set[str], audit: bool) -> None:
         self.pull, self.audit, self.asked = pull, audit, []  # type: ignore[var-annotated]
 
-    def decide(self, ident: Any, action: str, res: Any, ctx: Any = None, source: Any = None) -> Any:
+    def decide(self, ident: Any, action: str, res: Any, ctx: Any = None, source: Any = None, **_: Any) -> Any:
         from modelseal.governance.model import Decision
 
         self.asked.append((action, res.type, res.id))

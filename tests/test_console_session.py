@@ -217,3 +217,17 @@ def test_modelseal_serve_console_in_worker_processes(
                 assert page.status == 200 and "officer1" in page.body
         assert Browser(port, ca).get("/v2/").status == 401
         assert Browser(port, ca).get("/ui/login").status == 200
+
+
+def test_what_a_page_hides_is_audited_as_a_view_not_as_an_attempt(world: World) -> None:
+    """A reader on the Overview: each widget it may not see is a denied decision, recorded as
+    ``console-view`` (the detectors count ``authorize`` denials: browsing is no attack)."""
+    world.enrol("officer1")
+    world.bind("rita", "reader")
+    b = world.sign_in("rita")
+    for _ in range(3):
+        assert b.get("/ui/").status == 200
+    mine = [e for e in world.audit_events() if e.get("actor") == f"{USER}/rita"]
+    views = [e for e in mine if e.get("operation") == "console-view"]
+    assert views and any(str(e.get("result", "")).startswith("deny") for e in views)
+    assert not [e for e in mine if e.get("operation") == "authorize" and str(e.get("result", "")).startswith("deny")]

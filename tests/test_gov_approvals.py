@@ -134,7 +134,7 @@ def test_a_failed_run_is_recorded_and_never_claimed_again(dbs: Callable[[], Appr
 @pytest.mark.parametrize(
     ("call", "why"),
     [
-        (lambda db: db.request("key.rotate", KEY, {}, ALICE), "not a two-person operation"),
+        (lambda db: db.request("key.create", KEY, {}, ALICE), "not a two-person operation"),
         (lambda db: db.request("key.destroy", KEY, {}, ALICE, needs=0), "1 to 10"),
         (lambda db: db.request("key.destroy", KEY, {}, ALICE, ttl=8 * 86400), "within 7 days"),
         (lambda db: db.request("key.destroy", KEY, {"x": float("inf")}, ALICE), "plain JSON"),

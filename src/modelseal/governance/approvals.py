@@ -18,6 +18,7 @@ Also the ``[governance]`` settings of config.toml (``settings``)::
     approvals = 2                       # k of the k-of-n rule
     approval_ttl = "24h"                # a request expires unapproved after this
     break_glass_for = "4h"              # the longest break-glass window
+    two_person = ["key.rotate"]         # also wait for approval (model.TWO_PERSON_CONFIGURABLE)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from modelseal.errors import GovernanceError
 from modelseal.governance import model
 from modelseal.governance.model import Resource
 from modelseal.governance.store import dialect_of
-from modelseal.keys.config import config_table
+from modelseal.keys.config import ConfigError, config_table
 from modelseal.util import bounded
 from modelseal.util.sqldb import Q, SqlDatabase
 
@@ -58,7 +59,9 @@ _ID = re.compile(r"[0-9a-f]{16}")
 # The two-person actions, and the security-officer bindings, grants and removals that
 # server.gov_api queues for approval (docs/access.md): one officer never reshapes the pool;
 # nor holds another officer (``hold.release``: a hand-placed hold, server.holds_api).
-APPROVABLE = (*model.TWO_PERSON, "access.bind", "access.grant", "access.unbind", "hold.release")
+# And the key lifecycle changes of model.TWO_PERSON_CONFIGURABLE, where config.toml says so.
+_OFFICER_POOL = ("access.bind", "access.grant", "access.unbind", "hold.release")
+APPROVABLE = (*model.TWO_PERSON, *model.TWO_PERSON_CONFIGURABLE, *_OFFICER_POOL)
 MAX_PARAMS = 16 << 10
 
 
@@ -69,6 +72,10 @@ class Conflict(GovernanceError):
 
 class UnknownApproval(GovernanceError):
     """No approval request has this id."""
+
+
+class SettingsError(ConfigError, GovernanceError):
+    """``[governance]`` of config.toml is invalid (the server refuses to start)."""
 
 
 def _canonical(obj: Any) -> str:
@@ -350,26 +357,40 @@ def parse_duration(text: str, what: str = "a duration") -> float:
 @dataclass(frozen=True)
 class Settings:
     """``[governance]`` of config.toml: the MFA secrets' KEK, approvals needed, their expiry,
-    the longest break-glass window."""
+    the longest break-glass window, and the actions this server adds to the two-person rule."""
 
     key: str = "local:modelseal-governance"
     approvals: int = 2
     approval_ttl: float = 86400.0
     break_glass_for: float = 4 * 3600.0
+    two_person: tuple[str, ...] = ()
+
+
+def _two_person(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise SettingsError("config: governance.two_person must be a list of actions")
+    for a in raw:
+        if a not in model.TWO_PERSON_CONFIGURABLE + model.TWO_PERSON:
+            known = "an unknown action" if a not in model.ACTIONS else "an action that cannot wait for approval"
+            allowed = ", ".join(model.TWO_PERSON_CONFIGURABLE)
+            raise SettingsError(f"config: governance.two_person: {a[:60]!r} is {known} (one of {allowed})")
+    return tuple(dict.fromkeys(a for a in raw if a not in model.TWO_PERSON))  # those always wait
 
 
 def parse_settings(table: Any) -> Settings:
+    """``[governance]`` of config.toml as ``Settings``; ``SettingsError`` (a ``ConfigError``
+    and a ``GovernanceError``) for anything invalid in it."""
     if table is None:
         return Settings()
     if not isinstance(table, dict):
-        raise GovernanceError("config: [governance] must be a table")
+        raise SettingsError("config: [governance] must be a table")
     d = Settings()
     key = table.get("key", d.key)
     n = table.get("approvals", d.approvals)
     if not isinstance(key, str) or ":" not in key:
-        raise GovernanceError("config: governance.key must be a key URI such as local:modelseal-governance")
+        raise SettingsError("config: governance.key must be a key URI such as local:modelseal-governance")
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
-        raise GovernanceError("config: governance.approvals must be a number from 1 to 10")
+        raise SettingsError("config: governance.approvals must be a number from 1 to 10")
 
     def dur(name: str, default: float, limit: float) -> float:
         raw = table.get(name)
@@ -378,13 +399,14 @@ def parse_settings(table: Any) -> Settings:
         try:
             value = parse_duration(str(raw), f"config: governance.{name}") if isinstance(raw, str) else float(raw)
         except ValueError as e:
-            raise GovernanceError(str(e)) from None
+            raise SettingsError(str(e)) from None
         if not 60 <= value <= limit:
-            raise GovernanceError(f"config: governance.{name} must be from 1m to {int(limit // 86400)}d")
+            raise SettingsError(f"config: governance.{name} must be from 1m to {int(limit // 86400)}d")
         return value
 
     ttl = dur("approval_ttl", d.approval_ttl, model.MAX_GRANT)
-    return Settings(key, n, ttl, dur("break_glass_for", d.break_glass_for, model.MAX_GRANT))
+    glass = dur("break_glass_for", d.break_glass_for, model.MAX_GRANT)
+    return Settings(key, n, ttl, glass, _two_person(table.get("two_person", [])))
 
 
 def settings(home: Path | None = None) -> Settings:
@@ -392,16 +414,5 @@ def settings(home: Path | None = None) -> Settings:
     return parse_settings(config_table("governance", home))
 
 
-__all__ = [
-    "APPROVABLE",
-    "Approval",
-    "Approvals",
-    "Conflict",
-    "Settings",
-    "UnknownApproval",
-    "approval_digest",
-    "check_id",
-    "parse_duration",
-    "parse_settings",
-    "settings",
-]
+__all__ = ["APPROVABLE", "Approval", "Approvals", "Conflict", "Settings", "SettingsError", "UnknownApproval"]
+__all__ += ["approval_digest", "check_id", "parse_duration", "parse_settings", "settings"]

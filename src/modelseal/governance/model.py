@@ -68,6 +68,11 @@ MFA_REQUIRED = (
     "hold.release",
 )
 TWO_PERSON = ("key.destroy", "cert.revoke", "policy.activate", "access.break-glass")
+# What ``[governance] two_person`` of config.toml may add to the two-person rule on one
+# server (``governance.approvals.Settings``): the key lifecycle changes the broker runs
+# once approved (``server.keys_api``'s executors). Cedar sees it as ``context.two_person``,
+# a fact the decider sets (``server.authz``), and ``gov-two-person-configured`` forbids it.
+TWO_PERSON_CONFIGURABLE = ("key.rotate", "key.disable", "key.enable")
 
 # -- roles -----------------------------------------------------------------------------
 ROLES = ("reader", "publisher", "key-admin", "security-officer", "auditor", "break-glass", "metrics")
@@ -151,7 +156,8 @@ class Resource:
 class Request:
     """One authorization question. ``context`` carries: ``now`` (int epoch s), ``mfa``
     (bool: a valid code bound to this request), ``mfa_age`` (int s, -1 when none),
-    ``approved`` (bool: the two-person rule met), ``approvals`` (int), ``tls_version``
+    ``approved`` (bool: the two-person rule met), ``approvals`` (int), ``two_person`` (bool:
+    this server's ``[governance] two_person`` names the action), ``tls_version``
     (str), ``anomaly`` (int, 0 until the monitoring issue), and per action extras such as
     ``artifact_env`` for a wrap."""
 
@@ -187,6 +193,7 @@ __all__ = [
     "RESOURCE_TYPES",
     "ROLES",
     "TWO_PERSON",
+    "TWO_PERSON_CONFIGURABLE",
     "Binding",
     "Decision",
     "Principal",

@@ -4,8 +4,10 @@ here, once, by Cedar (``governance.cedar``), default deny.
 ``Authz.authorize`` builds ``model.Principal`` from the verified identity the middleware
 put in ``request[IDENTITY]`` (``server.identity``) and its active bindings
 (``governance.store``), the ``model.Request`` with the server's own facts in its context
-(``now``, the connection's ``tls_version``; ``mfa``/``approved`` only from the handler, which
-verified them; ``anomaly`` 0), asks ``Engine.decide`` and audits the decision: actor = the
+(``now``, the connection's ``tls_version``, ``two_person`` when ``[governance] two_person``
+names the action (``Authz.two_person``, set by ``server.gov_api``; the forbid
+``gov-two-person-configured``); ``mfa``/``approved`` only from the handler, which verified
+them; ``anomaly`` 0), asks ``Engine.decide`` and audits the decision: actor = the
 identity, operation ``authorize``, key ``ACTION TYPE:ID``, result ``allow:IDS``, ``deny:IDS``
 or ``allow-exception:ID`` (the ids of the policies that decided; ``deny:default`` for the
 default deny). A break-glass binding that contributed a role is a warning in the log and a
@@ -37,7 +39,7 @@ import math
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -63,6 +65,7 @@ DENIAL_BURST = 20  # denials an identity may collect at once ...
 DENIAL_WINDOW = 10.0  # ... refilled over this many seconds
 MAX_TRACKED = 100_000  # identities with a bucket or a cache entry, per process
 TAMPERED = "the active policy fails its digest"
+TWO_PERSON_CONFIGURED = "gov-two-person-configured"  # the forbid of context.two_person
 
 
 class PolicySource(Protocol):
@@ -180,6 +183,7 @@ class Authz:
         limiter: DenialLimiter | None = None,
         threads: int = 4,
         holds: HoldIndex | None = None,
+        two_person: Collection[str] = (),
     ) -> None:
         if policies is None:
             policies = cedar.default_policy()
@@ -188,6 +192,7 @@ class Authz:
         self.now, self.cache_seconds = now, cache_seconds
         self.limiter = limiter or DenialLimiter()
         self.holds = holds
+        self.two_person = frozenset(two_person)  # the actions [governance] two_person adds
         self._lock = threading.Lock()
         self._bindings: dict[str, tuple[float, tuple[Binding, ...]]] = {}
         self._engine: cedar.Engine | None = None
@@ -260,6 +265,8 @@ class Authz:
         resource: Resource,
         context: Mapping[str, object] | None = None,
         source: str | None = None,
+        *,
+        operation: str = "authorize",
     ) -> Decision:
         """Decide and audit one request of ``ident`` (synchronous; I/O only when a cache is
         stale, and the audit event). ``context``: the handler's facts (``mfa``, ``mfa_age``,
@@ -267,7 +274,9 @@ class Authz:
         ``GovernanceError`` when no decision can be made (the policy or the bindings
         unavailable); that, too, is audited as a deny. ``source``: the caller's address,
         recorded on the events (the detectors' network paths). A hold (``governance.holds``)
-        denies ahead of Cedar: result ``deny:hold:ID``."""
+        denies ahead of Cedar: result ``deny:hold:ID``. ``operation``: the decision's event
+        (``console-view``: the web console asking what to show, which the detectors, keyed on
+        ``authorize``, do not count as an attempt)."""
         t = self.now()
         key = resource_key(action, resource)
         try:
@@ -280,6 +289,7 @@ class Authz:
         ctx: dict[str, object] = {"mfa": False, "mfa_age": -1, "approved": False, "approvals": 0, "tls_version": ""}
         ctx.update(context or {})
         ctx["now"], ctx["anomaly"] = int(t), 0  # the server's own facts, never a handler's
+        ctx["two_person"] = action in self.two_person
         if held is not None:
             d = held
         elif ident.trust_domain != self.trust_domain:  # the middleware refused it already: never reached
@@ -288,7 +298,7 @@ class Authz:
             d = engine.decide(Request(principal, action, resource, ctx))
         if not d.allowed and isinstance(ctx.get("mfa_error"), str) and ctx["mfa_error"]:
             d = Decision(False, d.policies, f"{d.reason} ({ctx['mfa_error']})", d.exception, d.expired, d.break_glass)
-        self.sink.emit(AuditEvent("authorize", key, audit_result(d), actor=ident.uri, time=t, source=source))
+        self.sink.emit(AuditEvent(operation, key, audit_result(d), actor=ident.uri, time=t, source=source))
         for exc in d.expired:
             log.warning("exception %s has expired: %s by %s is no longer excepted", exc, key, ident.uri)
             expired = AuditEvent("exception-expired", key, f"expired:{exc}", actor=ident.uri, time=t, source=source)
@@ -378,6 +388,7 @@ __all__ = [
     "DENIAL_BURST",
     "DENIAL_WINDOW",
     "TAMPERED",
+    "TWO_PERSON_CONFIGURED",
     "Authz",
     "DenialLimiter",
     "FixedPolicy",

@@ -16,6 +16,7 @@ import hmac
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -111,19 +112,26 @@ async def require(
     return await authz.authorize(request, action, res, context)
 
 
-async def allowed(request: web.Request, action: str, res: Resource) -> bool:
-    """Whether the session's identity may ``action`` ``res``: the same decision, audited,
-    for showing or hiding a part of a page; a denial here does not count towards the
-    identity's denial limit (a page asks several)."""
+VIEW_OPERATION = "console-view"  # the audit event of a page's allowed() (authz.Authz.decide)
+
+
+async def allowed(request: web.Request, action: str, res: Resource, *, step_up: bool = False) -> bool:
+    """Whether the session's identity may ``action`` ``res``: the same Cedar decision, for
+    showing or hiding a part of a page. It is audited as ``console-view``, not
+    ``authorize``: a hidden button is not an attempt, so it counts neither towards the
+    identity's denial limit nor for the anomaly detectors (a page asks many). ``step_up``:
+    as if the POST brought a fresh TOTP code (the form asks for one; the POST is decided
+    again, with the code checked). No decision: not allowed (fail closed)."""
     az = request.app.get(authz.AUTHZ)
     if az is None:
         return False
-    ctx = {"tls_version": authz.tls_version(request)}
+    ctx: dict[str, object] = {"tls_version": authz.tls_version(request)}
+    if step_up:
+        ctx.update(mfa=True, mfa_age=0)
+    src = authz.request_source(request)
     try:
-        d = await asyncio.get_running_loop().run_in_executor(
-            request.app[POOL], az.decide, request[IDENTITY], action, res, ctx, authz.request_source(request)
-        )
-    except Exception:  # no decision: not allowed (fail closed)
+        d = await run(request, partial(az.decide, operation=VIEW_OPERATION), request[IDENTITY], action, res, ctx, src)
+    except Exception:
         return False
     return d.allowed
 
@@ -166,6 +174,7 @@ __all__ = [
     "PREFIX",
     "SESSION",
     "TEMPLATES",
+    "VIEW_OPERATION",
     "ConsoleDeps",
     "FormRefused",
     "Session",

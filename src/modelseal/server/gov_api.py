@@ -1,26 +1,19 @@
 """``/modelseal/v1/access``, ``/approvals`` and ``/mfa``: bindings, grants, break-glass,
 two-person approvals, step-up MFA and the access review (docs/access.md).
 
-Every route is decided once by ``server.authz`` (Cedar). Step-up MFA: the TOTP code comes in
-the JSON body (``"otp"``) of the request it authorizes and is verified bound to that
-request's digest (``step_up``; ``governance.mfa``); the result is context for the decision,
-never a decision of its own; a code presented again is audited (``mfa-replay``, ``server.refusals``).
-A two-person action (``model.TWO_PERSON``) is not run when asked
-for: ``queue_approval`` decides it as it stands (allowed, or denied by the two-person forbid
-alone) and records an approval request (202); officers approve it, each with a fresh code
-bound to the request's digest, and the approval that completes it runs the action's
-registered executor exactly once (``register_executor``), after deciding it again for the
-requester with ``approved`` set, from the source it asked from (recorded in the params,
-``SOURCE``): a requester who lost the role or is held meanwhile is refused then. A
-``security-officer`` binding, grant or removal waits for approval too (``approvals.APPROVABLE``);
-nobody binds a pattern matching their own identity (``store.check_not_self``). Changes are
-audited with the caller as actor (``approval-request``, ``approval-run``, ``access-bind``, ...);
-the decisions themselves are audited by ``server.authz``.
+Every route is decided once by ``server.authz`` (Cedar). Step-up MFA and the two-person
+rule are ``server.gov_decide``'s (shared with the web console): a two-person action is
+queued (``queue_approval``, 202) and runs once approved (``decide_approval``, the route
+``approvals/ID/approve|deny``). A ``security-officer`` binding, grant or removal waits for
+approval too (``approvals.APPROVABLE``); nobody binds a pattern matching their own identity
+(``store.check_not_self``). Changes are audited with the caller as actor
+(``approval-request``, ``approval-run``, ``access-bind``, ...); the decisions themselves are
+audited by ``server.authz``. ``add_routes`` hands ``[governance] two_person`` to the decider
+(``Authz.two_person``), so Cedar's ``gov-two-person-configured`` sees it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -30,153 +23,46 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from modelseal.audit.events import AuditEvent
 from modelseal.errors import AccessDenied, GovernanceError, IdentityError, ModelsealError
-from modelseal.governance import cedar, model, review
-from modelseal.governance.approvals import APPROVABLE, Approval, Approvals, Conflict, Settings, check_id
+from modelseal.governance import model, review
+from modelseal.governance.approvals import Approvals, Conflict, Settings
 from modelseal.governance.approvals import settings as gov_settings
-from modelseal.governance.mfa import Mfa, request_digest
-from modelseal.governance.model import Binding, Decision, Resource
+from modelseal.governance.mfa import Mfa
+from modelseal.governance.model import Binding, Resource
 from modelseal.governance.store import OFFICER, GovStore, binding_json
 from modelseal.keys.service import KeyService
-from modelseal.pki.identity import Identity, parse
-from modelseal.server import authz, refusals
+from modelseal.server import authz
+from modelseal.server import gov_decide as gd
 from modelseal.server import jsonbody as jb
+from modelseal.server.gov_decide import (  # re-exported: the names the other routes and tests use
+    APPROVALS,
+    MFA,
+    POOL,
+    REVIEWS,
+    SETTINGS,
+    SOURCE,
+    STORE,
+    Executor,
+    NotFound,
+    queue_approval,
+    register_executor,
+    step_up,
+)
 from modelseal.server.identity import IDENTITY, peer_der
 
 log = logging.getLogger("modelseal.server")
 T = TypeVar("T")
 
 PREFIX = "/modelseal/v1"
-Executor = Callable[[web.Application, dict[str, Any], str], Awaitable[dict[str, Any]]]
-_EXECUTORS: dict[str, Executor] = {}
-Ctx = Mapping[str, object]
-SOURCE = "requester_source"  # an approval's params: where the requester asked from (holds are re-checked on it)
-
-STORE: web.AppKey[GovStore] = web.AppKey("gov_store", GovStore)
-MFA: web.AppKey[Mfa] = web.AppKey("gov_mfa", Mfa)
-APPROVALS: web.AppKey[Approvals] = web.AppKey("gov_approvals", Approvals)
-REVIEWS: web.AppKey[review.Reviews] = web.AppKey("gov_reviews", review.Reviews)
-SETTINGS: web.AppKey[Settings] = web.AppKey("gov_settings", Settings)
-POOL: web.AppKey[ThreadPoolExecutor] = web.AppKey("gov_pool", ThreadPoolExecutor)
-STEP_UP: web.RequestKey[dict[str, object]] = web.RequestKey("gov_step_up", dict)
-
-
-class NotFound(GovernanceError):
-    """No such binding or approval (404)."""
-
-
-def register_executor(action: str, fn: Executor) -> None:
-    """Run ``fn(app, params, requester)`` when a request of ``action`` is approved."""
-    if action not in APPROVABLE:
-        raise ValueError(f"{action!r} is not an action that waits for approval")
-    _EXECUTORS[action] = fn
+_run, _audit, _decide = gd.run, gd.audit, gd.decide_as
 
 
 def _answer(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"errors": [{"code": code, "message": " ".join(message.split())[:300]}]}, status=status)
 
 
-async def _run(app: web.Application, fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(app[POOL], fn, *args)
-
-
-def _audit(request: web.Request, op: str, key: str, result: str, actor: str | None = None) -> None:
-    ev = AuditEvent(op, key, result, actor=actor or request[IDENTITY].uri, source=authz.request_source(request))
-    request.app[authz.AUTHZ].sink.emit(ev)
-
-
 def _gov(request: web.Request, rid: str, **attrs: object) -> Resource:
     return Resource("Governance", rid, {"env": request[IDENTITY].env, **attrs})
-
-
-# -- step-up MFA and the two-person rule ---------------------------------------------------
-async def step_up(
-    request: web.Request, action: str, resource_id: str, params: Mapping[str, Any], otp: str | None
-) -> dict[str, object]:
-    """The MFA facts of this request for its decision: ``mfa`` (a valid code of the caller,
-    bound to ``request_digest(action, resource_id, params)``, used up now), ``mfa_age`` and,
-    when a code was given and refused, ``mfa_error`` (one line)."""
-    ctx: dict[str, object] = {"mfa": False, "mfa_age": -1}
-    if otp is not None:
-        try:
-            digest = request_digest(action, resource_id, params)
-            age = await _run(request.app, request.app[MFA].verify, request[IDENTITY].uri, otp, digest)
-            ctx = {"mfa": True, "mfa_age": age}
-        except GovernanceError as e:
-            ctx["mfa_error"] = str(e)
-            refusals.mfa_refused(request, action, e)  # a replayed code is audited (mfa-replay)
-        except ModelsealError as e:  # the KEK of the secrets, the database
-            log.error("MFA of %s cannot be checked: %s", request[IDENTITY].uri, e)
-            ctx["mfa_error"] = "MFA cannot be checked now; retry later"
-    request[STEP_UP] = ctx
-    return dict(ctx)
-
-
-async def _decide(
-    request: web.Request, who: Identity, action: str, res: Resource, ctx: Ctx, limit: bool = True, *, src: str | None
-) -> Decision:
-    az = request.app.get(authz.AUTHZ)
-    if az is None:
-        raise authz.Refusal(503, "UNAVAILABLE", "this server has no authorization configured")
-    wait = az.limiter.retry_after(who.uri, time.monotonic()) if limit else 0
-    if wait:
-        raise authz.Refusal(429, "TOOMANYREQUESTS", f"too many denied requests: retry after {wait} s")
-    ctx = {"tls_version": authz.tls_version(request), **ctx}
-    try:
-        return await _run(request.app, az.decide, who, action, res, ctx, src)  # src: a hold on it denies
-    except ModelsealError as e:
-        log.error("no decision for %s on %s: %s", who.uri, authz.resource_key(action, res), e)
-        raise authz.Refusal(503, "UNAVAILABLE", "authorization is unavailable; retry later") from None
-
-
-async def queue_approval(
-    request: web.Request, action: str, resource: Resource, params: Mapping[str, Any], context: Ctx | None = None
-) -> web.Response:
-    """Decide ``action`` as asked (the step-up context of this request: ``context``, or
-    what ``step_up`` found) and, when only the two-person rule stands in its way, record an
-    approval request: 202 ``{"approval", "digest", "needs", "expires"}``. Any other denial
-    is a 403, as ``authz.authorize`` answers. The handler must not run the action itself."""
-    ident = request[IDENTITY]
-    if action not in _EXECUTORS:
-        return _answer(501, "UNSUPPORTED", f"{action} cannot be approved on this server (no executor)")
-    ctx = dict(context if context is not None else request.get(STEP_UP) or {})
-    ctx |= {"approved": False, "approvals": 0}
-    src = authz.request_source(request)
-    d = await _decide(request, ident, action, resource, ctx, src=src)
-    if not d.allowed and set(d.policies) != {cedar.TWO_PERSON_ID}:
-        request.app[authz.AUTHZ].limiter.denied(ident.uri, time.monotonic())
-        raise authz.Refusal(403, "DENIED", d.reason or f"{action} is not allowed")
-    s, params = request.app[SETTINGS], {**params, SOURCE: src}
-    a = await _run(
-        request.app, request.app[APPROVALS].request, action, resource, params, ident.uri, s.approvals, s.approval_ttl
-    )
-    _audit(request, "approval-request", authz.resource_key(action, resource), f"queued:{a.id}")
-    body = {"approval": a.id, "digest": a.digest, "needs": a.needs, "expires": a.expires, "action": action}
-    return web.json_response(body, status=202)
-
-
-async def _execute(request: web.Request, a: Approval) -> Approval:
-    """Run the claimed approval ``a`` (exactly once: only its claimer gets here)."""
-    key = authz.resource_key(a.action, a.resource)
-    try:
-        fn = _EXECUTORS.get(a.action)
-        if fn is None:
-            raise GovernanceError(f"{a.action} has no executor on this server")
-        ctx: dict[str, object] = {"mfa": True, "mfa_age": int(max(0.0, time.time() - a.created))}
-        ctx |= {"approved": True, "approvals": len(a.approvers)}
-        src = a.params.get(SOURCE)  # where the requester asked from: held since, the run is refused
-        d = await _decide(request, parse(a.requester), a.action, a.resource, ctx, False, src=str(src) if src else None)
-        if not d.allowed:
-            raise AccessDenied(f"the requester may no longer do this: {d.reason}")
-        result = await fn(request.app, {k: v for k, v in a.params.items() if k != SOURCE}, a.requester)
-        done = await _run(request.app, request.app[APPROVALS].finish, a.id, result, None)
-    except Exception as e:  # the claim is finished whatever happened: never left to run again
-        why = getattr(e, "reason_line", None) or (str(e) if isinstance(e, ModelsealError) else type(e).__name__)
-        log.error("approved %s (%s) failed: %s", a.action, a.id, why)
-        done = await _run(request.app, request.app[APPROVALS].finish, a.id, None, why)
-    _audit(request, "approval-run", key, f"{done.state}:{a.id}", actor=a.requester)
-    return done
 
 
 # -- parsing -------------------------------------------------------------------------------
@@ -294,15 +180,6 @@ async def execute_unbind(app: web.Application, params: dict[str, Any], requester
 
 
 # -- approvals -------------------------------------------------------------------------------
-async def _approval(request: web.Request, action: str) -> Approval:
-    aid = request.match_info["id"]
-    try:
-        return await _run(request.app, request.app[APPROVALS].get, check_id(aid))
-    except GovernanceError:  # a malformed id too: UnknownApproval
-        await authz.authorize(request, action, Resource("Approval", aid[:40], {"env": request[IDENTITY].env}))
-        raise NotFound(f"no approval request {aid[:40]!r}") from None
-
-
 async def list_approvals(request: web.Request) -> web.Response:
     await authz.authorize(request, "approval.list", _gov(request, "approvals"))
     store = request.app[APPROVALS]
@@ -313,24 +190,9 @@ async def list_approvals(request: web.Request) -> web.Response:
 
 async def decide(request: web.Request) -> web.Response:
     """Approve or deny (``.../approve``, ``.../deny``) with a fresh code bound to the request."""
-    verdict = request.match_info["verdict"]
     doc = await jb.read_object(request)
-    a = await _approval(request, "approval.decide")
-    ident, store, reason = request[IDENTITY], request.app[APPROVALS], jb.string(doc, "reason", default="")
-    params = {"decision": verdict, "digest": a.digest, **({"reason": reason} if verdict == "deny" else {})}
-    ctx = await step_up(request, "approval.decide", a.id, params, jb.otp(doc))
-    env = str(a.resource.attrs.get("env", ""))  # the request's environment, never the approver's
-    res = Resource("Approval", a.id, {"env": env, "action": a.action, "requester": a.requester})
-    await authz.authorize(request, "approval.decide", res, ctx)
-    claimed = False
-    if verdict == "deny":
-        a = await _run(request.app, store.deny, a.id, ident.uri, reason)
-    else:
-        a, claimed = await _run(request.app, store.approve, a.id, ident.uri)
-    shown = f"denied:{a.id}" if verdict == "deny" else f"ok:{len(a.approvers)}/{a.needs}:{a.id}"
-    _audit(request, f"approval-{verdict}", authz.resource_key(a.action, a.resource), shown)
-    if claimed:  # this approval completed the request: it runs here, once, whatever the client does
-        a = await asyncio.shield(_execute(request, a))
+    verdict, reason = request.match_info["verdict"], jb.string(doc, "reason", default="")
+    a = await gd.decide_approval(request, request.match_info["id"], verdict, jb.otp(doc), reason)
     return web.json_response(a.to_json(time.time()))
 
 
@@ -350,14 +212,20 @@ async def mfa_confirm(request: web.Request) -> web.Response:
     return web.json_response({"state": "active"})
 
 
-async def access_review(request: web.Request) -> web.Response:
-    await authz.authorize(request, "access.review", _gov(request, "review"))
+async def produce_review(request: web.Request) -> dict[str, Any]:
+    """A fresh access review (``review.build``), kept so that it can be attested (the caller
+    decided ``access.review``; the console's Access review page shows the same)."""
     rows = await _run(request.app, request.app[STORE].bindings, True)
     index = request.app[authz.AUTHZ].holds  # identities suspended by a hold are flagged (governance.holds)
     held = None if index is None else await _run(request.app, index.stored)  # this environment's
     rv = review.build(rows, holds=held)
     await _run(request.app, request.app[REVIEWS].keep, rv, request[IDENTITY].uri)
-    return web.json_response(rv)
+    return rv
+
+
+async def access_review(request: web.Request) -> web.Response:
+    await authz.authorize(request, "access.review", _gov(request, "review"))
+    return web.json_response(await produce_review(request))
 
 
 async def attest(request: web.Request) -> web.Response:
@@ -379,6 +247,10 @@ def add_routes(
     the MFA, approval and review tables open on ``store``'s database; ``svc`` seals the MFA
     secrets (default: this process's ``KeyService``), ``settings`` default to ``[governance]``."""
     cfg = settings or gov_settings()
+    if cfg.two_person:  # Cedar sees them through the decider: without one they could not be enforced
+        if authz.AUTHZ not in app:
+            raise GovernanceError("config: governance.two_person needs the decider installed first")
+        app[authz.AUTHZ].two_person |= frozenset(cfg.two_person)
     app[STORE], app[SETTINGS] = store, cfg
     app[MFA] = Mfa.open(store.target, svc or KeyService(), cfg.key)
     app[APPROVALS] = Approvals.open(store.target)
@@ -408,5 +280,5 @@ def add_routes(
     register_executor("access.unbind", execute_unbind)
 
 
-__all__ = ["APPROVALS", "MFA", "PREFIX", "STORE", "Executor", "add_routes", "queue_approval"]
-__all__ += ["register_executor", "step_up"]
+__all__ = ["APPROVALS", "MFA", "POOL", "PREFIX", "REVIEWS", "SETTINGS", "SOURCE", "STORE", "Executor", "NotFound"]
+__all__ += ["add_routes", "produce_review", "queue_approval", "register_executor", "step_up"]

@@ -8,7 +8,9 @@ broker key up in the catalog (``governance.brokerkeys``), asks ``server.authz`` 
 distinct key and environment, and calls ``keys.service.KeyService`` in a worker thread
 with the caller as the audit event's actor. Lifecycle operations need step-up MFA
 (``gov_api.step_up``); ``destroy`` needs two officers (``gov_api.queue_approval``; the
-registered ``key.destroy`` executor runs it once approved).
+registered ``key.destroy`` executor runs it once approved), and so do ``rotate``, ``disable``
+and ``enable`` where ``[governance] two_person`` names them (``gov_decide.waits``; their
+executors: ``change_executor``).
 
 The artifact never chooses a key: a recipient's broker NAME is looked up here, and its
 inner (backing) recipient must name exactly that entry's backing key
@@ -50,7 +52,7 @@ from modelseal.governance import brokerops as ops
 from modelseal.governance.model import Resource
 from modelseal.keys.providers import KeyInfo, canonical_key, parse_key_uri
 from modelseal.keys.service import KeyService
-from modelseal.server import authz, gov_api
+from modelseal.server import authz, gov_api, gov_decide
 from modelseal.server.identity import IDENTITY
 from modelseal.server.jsonbody import BadRequest, otp, read_object
 
@@ -333,8 +335,10 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     params: dict[str, object] = {"name": name, "version": version}
     action = f"key.{op}"
     mfa = await _step_up(request, action, name, params, otp(doc))
-    if op == "destroy":  # two-person: queue_approval decides it, execute_destroy runs it once approved
+    if op == "destroy" or gov_decide.waits(request.app, action):  # two-person: run by its executor once approved
         entry = await _entry(request, name, "key.list", {})
+        if op in ("disable", "enable") and version is None:  # refused now, not once approved (destroy: every version)
+            raise GovernanceError(f"{op} takes the version to {op}")
         res = Resource("Key", name, {"env": entry.env, "provider": parse_key_uri(entry.backing).scheme})
         return await gov_api.queue_approval(request, action, res, params, mfa)
     entry = await _entry(request, name, action, mfa)
@@ -353,6 +357,32 @@ async def execute_destroy(app: web.Application, params: dict[str, Any], requeste
     )
     log.info("broker key %s: destroyed %s, requested by %s", name, out["destroyed"], requester)
     return out
+
+
+def change_executor(op: str) -> gov_api.Executor:
+    """The executor of an approved ``key.OP`` (rotate, disable, enable) that ``[governance]
+    two_person`` made wait: the change, by the requester; its result names the key's newest
+    version (``version``) and the version states after it."""
+
+    async def execute(app: web.Application, params: dict[str, Any], requester: str) -> dict[str, Any]:
+        name, version = bk.check_name(params.get("name")), params.get("version")
+        version = None if version is None else _version(version)
+
+        def work() -> dict[str, Any]:
+            entry = app[CATALOG].get(name)
+            try:
+                ops.change(app[SVC], entry, op, version, requester)
+                info = app[SVC].info(entry.backing)
+            except ModelsealError as e:  # recorded on the approval: never the backing key's name
+                raise hidden(e, entry) from None
+            states = {str(v.version): v.state for v in info.versions}
+            return {"key": name, "op": op, "version": max(v.version for v in info.versions), "states": states}
+
+        out: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(app[POOL], work)
+        log.info("broker key %s: %s (approved) requested by %s, newest version %s", name, op, requester, out["version"])
+        return out
+
+    return execute
 
 
 def add_routes(
@@ -380,6 +410,8 @@ def add_routes(
     r.add_get(PREFIX + "/{name}", _guarded(show_key))
     r.add_post(PREFIX + "/{name}/{op:rotate|disable|enable|destroy}", _guarded(lifecycle))
     gov_api.register_executor("key.destroy", execute_destroy)
+    for op in ("rotate", "disable", "enable"):  # run only where [governance] two_person queued them
+        gov_api.register_executor(f"key.{op}", change_executor(op))
 
 
 __all__ = ["CATALOG", "MAX_ITEMS", "PREFIX", "SVC", "add_routes", "code_of"]
