@@ -78,8 +78,15 @@ class Browser:
         return ctx
 
     def request(
-        self, method: str, path: str, fields: dict[str, str] | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        fields: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        origin: bool = True,
     ) -> Reply:
+        """One request; a form (``fields``) is posted with this server's ``Origin`` as a
+        browser posts it (``origin=False``: none, as a program would)."""
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self._ctx(), timeout=60)
         try:
             h = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
@@ -89,7 +96,8 @@ class Browser:
             if fields is not None:
                 body = urlencode(fields).encode()
                 h["Content-Type"] = "application/x-www-form-urlencoded"
-                h.setdefault("Origin", f"https://127.0.0.1:{self.port}")
+                if origin:
+                    h.setdefault("Origin", f"https://127.0.0.1:{self.port}")
             conn.request(method, path, body=body, headers=h)
             r = conn.getresponse()
             text = r.read().decode("utf-8", "replace")

@@ -202,8 +202,8 @@ def _approve(tab: Tab, world: World, who: str, approval: str) -> str:
     assert row.count() == 1, tab.page.inner_text("main")[:500]
     assert "key.rotate" in row.inner_text()  # what exactly will run
     row.locator('input[name="otp"]').first.fill(world.otp.code(f"{USER}/{who}"))
-    row.locator('button:has-text("Approve")').first.click()
-    tab.page.wait_for_load_state()
+    with tab.page.expect_navigation():
+        row.locator('button:has-text("Approve")').first.click()
     text: str = tab.page.inner_text("main")
     return text
 
@@ -222,6 +222,7 @@ def test_two_officers_approve_a_key_rotation_with_totp_and_it_runs(world: World)
         _sign_in(second, world, "officer2")
         said = _approve(second, world, "officer2", approval)
         assert second.page.locator(".refusal").count() == 0, said[:400]
+        assert "key.rotate ran" in said and f"version {before + 1}" in said, said[:400]
         _shot(second, "approvals-done")
         assert first.csp_violations() == [] and second.csp_violations() == []
     with world.api("kadmin") as api:
@@ -241,14 +242,14 @@ def test_an_auditor_sees_approvals_but_cannot_approve(world: World) -> None:
         assert row.count() == 1 and row.locator('button:has-text("Approve")').count() == 0
         # the form the page does not show, posted anyway with this session's own CSRF token
         csrf = tab.page.get_attribute('header .logout input[name="csrf"]', "value")
-        tab.page.evaluate(
-            """([action, csrf, otp]) => { const f = document.createElement('form'); f.method = 'post';
-            f.action = action; for (const [k, v] of [['csrf', csrf], ['otp', otp], ['verdict', 'approve']]) {
-            const i = document.createElement('input'); i.name = k; i.value = v; f.appendChild(i); }
-            document.body.appendChild(f); f.submit(); }""",
-            [f"/ui/approvals/{approval}", csrf, world.otp.code(USER + "/audra")],
-        )
-        tab.page.wait_for_load_state()
+        with tab.page.expect_navigation():
+            tab.page.evaluate(
+                """([action, csrf, otp]) => { const f = document.createElement('form'); f.method = 'post';
+                f.action = action; for (const [k, v] of [['csrf', csrf], ['otp', otp], ['verdict', 'approve']]) {
+                const i = document.createElement('input'); i.name = k; i.value = v; f.appendChild(i); }
+                document.body.appendChild(f); f.submit(); }""",
+                [f"/ui/approvals/{approval}", csrf, world.otp.code(USER + "/audra")],
+            )
         assert "Not allowed" in tab.page.inner_text("h1")
     with world.api("kadmin") as api:
         assert max(int(v["version"]) for v in api.call("GET", "keys/auditor-visible")["versions"]) == before

@@ -141,7 +141,8 @@ def test_without_a_client_certificate_only_the_console_answers(world: World) -> 
     b = world.browser()
     r = b.get("/v2/")
     assert r.status == 401 and "client certificate is required" in r.body
-    assert b.request("POST", "/modelseal/v1/console/login", {}).status == 401
+    assert b.request("POST", "/modelseal/v1/console/login", {}, origin=False).status == 401
+    assert b.request("POST", "/modelseal/v1/console/login", {}).status == 403  # a web page's: refused first
     assert b.get("/ui/login").status == 200
 
 
@@ -231,3 +232,17 @@ def test_what_a_page_hides_is_audited_as_a_view_not_as_an_attempt(world: World) 
     views = [e for e in mine if e.get("operation") == "console-view"]
     assert views and any(str(e.get("result", "")).startswith("deny") for e in views)
     assert not [e for e in mine if e.get("operation") == "authorize" and str(e.get("result", "")).startswith("deny")]
+
+
+def test_the_api_refuses_what_a_web_page_asks_with_a_browser_certificate(world: World) -> None:
+    """A browser holding a client certificate presents it to any site's requests: the API
+    refuses every request a page made (``Origin``, ``Sec-Fetch-Site``), the CLI's go on."""
+    b = world.browser(cert_dir=world.folder("officer1"))
+    forged = b.request(
+        "POST", "/modelseal/v1/mfa/confirm", {"otp": "000000"}, headers={"Origin": "https://evil.example"}
+    )
+    assert forged.status == 403 and "made by a web page" in forged.body
+    assert b.request("GET", "/v2/", headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+    assert b.request("GET", "/v2/", headers={"Sec-Fetch-Site": "same-origin"}).status == 403
+    assert b.request("GET", "/v2/", headers={"Sec-Fetch-Site": "none"}).status != 403  # typed in the address bar
+    assert world.login_url("officer1").startswith("https://")  # the CLI sends neither header

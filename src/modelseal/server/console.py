@@ -127,7 +127,8 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = next((code for cls, code in _STATUS if isinstance(e, cls)), 400)
         return error_page(request, status, str(e))
     except Exception as e:  # never a trace in a page
-        log.error("console %s %s failed: %s", request.method, request.path[:100], type(e).__name__)
+        where = request.path[:100].encode("unicode_escape").decode("ascii")  # one line, whatever the path
+        log.error("console %s %s failed: %s", request.method[:10], where, type(e).__name__)
         return error_page(request, 500, "the console failed on this request; the server log says more")
 
 

@@ -170,6 +170,20 @@ class AuditView:
                 out.append((row, {**doc, "entry": seq}))
         return out
 
+    def after(self, entry: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The verified events of the entries after ``entry``, oldest first, reading at most
+        ``limit`` entries, and the last entry read (``entry`` if none)."""
+        with self._lock:
+            size = self._refresh().size
+            top = min(size, entry + max(0, limit))
+            out: list[dict[str, Any]] = []
+            cursor = entry
+            while cursor < top:
+                got = self._verified_rows(cursor, min(BATCH, top - cursor))
+                out.extend(e for _row, e in got)
+                cursor = min(top, cursor + BATCH)
+            return out, max(entry, top)
+
     def page(self, filters: Filters, before: int | None, n: int = PAGE_ROWS, scan: int = SCAN_ROWS) -> Page:
         """Up to ``n`` matching entries before entry ``before`` (None: the newest), newest
         first, reading at most ``scan`` entries."""

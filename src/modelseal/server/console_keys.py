@@ -20,9 +20,11 @@ standard), *past its cryptoperiod* beyond it.
 
 Use: the verified entries of the server's audit log (``console_audit.AuditView``, shared with
 the Audit log page: only entries that verify are counted) of the last ``days`` days (UTC
-days, at most ``MAX_DAYS``), newest first, reading at most ``SCAN_ROWS`` entries; a key
-operation counts for a broker key when its event names one of the spellings of the key's
-backing key, and the page says when the entries read did not reach back to the window's start.
+days, at most ``MAX_DAYS``), counted once per entry by the worker's
+``console_usage.UsageIndex`` (a view reads only the entries appended since the last one); a
+key operation counts for a broker key when its event names one of the spellings of the key's
+backing key, and the page says when the entries counted do not reach back to the window's
+start.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from modelseal.errors import KeyNotFound, ModelsealError
 from modelseal.governance import brokerkeys as bk
 from modelseal.keys.config import ConfigError
 from modelseal.keys.providers import canonical_key, parse_key_uri
-from modelseal.keys.service import LIFECYCLE_OPS, KeyService, printable
+from modelseal.keys.service import KeyService, printable
 from modelseal.server import authz, console_svg, keys_api
 from modelseal.server.console_audit import VIEW, AuditView, Filters, Page
 from modelseal.server.console_page import CONSOLE, PREFIX, allowed, deps, nav, render, require, resource, run
+from modelseal.server.console_usage import INDEX, SERIES, UsageIndex
 from modelseal.telemetry import scankeys
 from modelseal.telemetry.scan import scan_table
 
@@ -52,8 +55,6 @@ MAX_DAYS = 90
 NEAR_DAYS = 30
 MAX_KEYS = 200
 SCAN_ROWS = 20_000
-SERIES = ("wrap", "unwrap", "rewrap", "rotate", "lifecycle", "failed")
-USES = frozenset({"wrap", "unwrap", "rewrap", "generate"}) | LIFECYCLE_OPS
 OK, DUE, NEAR, PAST, NONE, GONE, UNKNOWN = (
     "ok",
     "rotation due",
@@ -205,36 +206,26 @@ class Usage:
         return sum(sum(v) for v in self.counts.get(name, {}).values())
 
 
-def _series_of(e: dict[str, Any]) -> str | None:
-    op = e.get("operation")
-    if op not in USES:
-        return None
-    if e.get("result") != "ok":
-        return "failed"
-    if op in ("wrap", "unwrap", "rewrap", "rotate"):
-        return str(op)
-    return "lifecycle" if op in LIFECYCLE_OPS else "wrap"  # generate makes and wraps a data key
-
-
-def usage(view: AuditView | None, entries: list[bk.BrokerKey], days: int, now: float, scan: int = SCAN_ROWS) -> Usage:
-    """The use of ``entries`` per day over the last ``days`` days from ``view``'s verified
-    entries, reading at most ``scan`` of them (newest first)."""
+def usage(
+    source: AuditView | UsageIndex | None, entries: list[bk.BrokerKey], days: int, now: float, scan: int = SCAN_ROWS
+) -> Usage:
+    """The use of ``entries`` per day over the last ``days`` days from the verified entries
+    of ``source``: the page's ``UsageIndex`` (``server.console_usage``, brought up to date
+    here: only new entries are read), or an ``AuditView`` read once (at most ``scan`` of its
+    newest entries)."""
     today = now - now % DAY
     start = today - (days - 1) * DAY
     labels = [datetime.fromtimestamp(start + i * DAY, UTC).strftime("%m-%d") for i in range(days)]
     counts = {e.name: {s: [0] * days for s in SERIES} for e in entries}
-    if view is None:
+    if source is None:
         return Usage(labels, start, counts, (0, 0), False, False)
+    index = source if isinstance(source, UsageIndex) else UsageIndex(source, per_view=scan)
+    index.update()
     owner = {spelled: e.name for e in entries for spelled in spellings(e)}
-    page = view.page(Filters(since=start), None, n=scan, scan=scan)
-    for e in page.rows:
-        name, series, t = owner.get(str(e.get("key", ""))), _series_of(e), e.get("time")
-        if name is None or series is None or not isinstance(t, int | float):
-            continue
-        i = int((t - start) // DAY)
-        if 0 <= i < days:
-            counts[name][series][i] += 1
-    return Usage(labels, start, counts, page.scanned, reached(view, page, start))
+    for name, rows in index.per_day(owner.get, start, days).items():
+        counts[name] = rows
+    read = (index.floor + 1, index.upto) if index.upto > index.floor else (0, 0)
+    return Usage(labels, start, counts, read, index.reaches(start))
 
 
 def reached(view: AuditView, page: Page, start: float) -> bool:
@@ -256,8 +247,8 @@ def _days(request: web.Request) -> int:
     return int(text)
 
 
-def _view(request: web.Request) -> AuditView | None:
-    return request.app.get(VIEW)
+def _view(request: web.Request) -> UsageIndex | None:
+    return request.app.get(INDEX)
 
 
 async def listed(request: web.Request) -> tuple[list[bk.BrokerKey], bool]:
@@ -363,6 +354,8 @@ def add_routes(app: web.Application) -> None:
     log = None if console is None else console.audit
     if VIEW not in app and log is not None and AuditView.readable(log):
         app[VIEW] = AuditView(log)  # the Audit log page installs the same view (one per worker)
+    if VIEW in app and INDEX not in app:
+        app[INDEX] = UsageIndex(app[VIEW])  # the counts per key and day, kept up to date per view
     app.router.add_get(f"{PREFIX}/keys", keys_page)
     app.router.add_get(f"{PREFIX}/keys/key", key_page)
 

@@ -19,6 +19,7 @@ is an audit event on ``Governance:console``.
 
 from __future__ import annotations
 
+import hmac
 import re
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from modelseal.pki import denylist
 from modelseal.pki.identity import Identity, parse
 from modelseal.server import authz, console_page
 from modelseal.server.console_page import PREFIX, Session
-from modelseal.server.console_sessions import ConsoleSessions, ConsoleSettings
+from modelseal.server.console_sessions import LINK_TTL, ConsoleSessions, ConsoleSettings
 from modelseal.server.identity import IDENTITY, Authorizer, PeerLeaf, request_peer
 
 COOKIE = "__Host-modelseal-console"
@@ -79,9 +80,10 @@ def _now(request: web.Request) -> float:
 
 
 def origin_ok(request: web.Request) -> bool:
-    """A POST's ``Origin``, when the browser sent one, is this server's."""
-    origin = request.headers.get("Origin")
-    return origin is None or origin == f"https://{request.host}"
+    """A POST's ``Origin`` is this server's. Browsers send it on every form post (the
+    console's ``Referrer-Policy`` keeps it from being ``null``); a post without one is
+    refused, so sign-in, which has no CSRF token yet, cannot be forged (login CSRF)."""
+    return hmac.compare_digest(request.headers.get("Origin", ""), f"https://{request.host}")
 
 
 def see_other(location: str) -> web.Response:
@@ -151,7 +153,11 @@ async def api_login(request: web.Request) -> web.Response:
     now = _now(request)
     state = request.app[STATE]
     serial = denylist.serial_hex(peer.serial)
-    token = await console_page.run(request, state.sessions.make_link, ident.uri, serial, peer.not_after, now)
+    try:
+        token = await console_page.run(request, state.sessions.make_link, ident.uri, serial, peer.not_after, now)
+    except ConsoleError as e:
+        body = {"errors": [{"code": "TOOMANYREQUESTS", "message": str(e)}]}
+        return web.json_response(body, status=429, headers={"Retry-After": str(int(LINK_TTL))})
     _audit(request, "console-login-link", ident.uri)
     url = f"https://{host}{PREFIX}/login?t={token}"
     return web.json_response({"url": url, "identity": ident.uri, "expires": now + 60.0})
@@ -178,7 +184,7 @@ def _signed_in(request: web.Request, s: Session, secret: str) -> web.StreamRespo
 
 async def login_link(request: web.Request) -> web.StreamResponse:
     """``POST /ui/login``: consume the link of the form and open its session."""
-    data = await request.post()
+    data = await console_page.post_fields(request)
     token = data.get("t")
     if not isinstance(token, str) or not token or len(token) > 100:
         return error_page(request, 400, "the sign-in form carries no link")

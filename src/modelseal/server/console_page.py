@@ -136,18 +136,34 @@ async def allowed(request: web.Request, action: str, res: Resource, *, step_up: 
     return d.allowed
 
 
+async def post_fields(request: web.Request) -> dict[str, str]:
+    """The text fields of a POSTed form (the first value of each), bounded (``MAX_FORM``),
+    urlencoded only; a body that does not parse is a one-line 400, never a 500."""
+    if request.content_length is not None and request.content_length > MAX_FORM:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_FORM, actual_size=request.content_length)
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise web.HTTPBadRequest(text="a console form is posted as application/x-www-form-urlencoded")
+    try:
+        data = await request.post()
+    except (ValueError, LookupError):  # a bad charset, bad UTF-8, a malformed body
+        raise web.HTTPBadRequest(text="the form's body does not parse") from None
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        if isinstance(v, str) and k not in out:
+            out[k] = v
+    return out
+
+
 async def form(request: web.Request) -> dict[str, str]:
     """The fields of a POSTed form, once its ``csrf`` field matched the session's token
     (constant-time); ``FormRefused`` otherwise. Only the first value of each field."""
-    if request.content_length is not None and request.content_length > MAX_FORM:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_FORM, actual_size=request.content_length)
-    data = await request.post()
-    fields = {k: v for k, v in data.items() if isinstance(v, str)}
+    data = await post_fields(request)
+    fields = dict(data)
     token = fields.get("csrf", "")
     expected = session(request).csrf
     if not token or not hmac.compare_digest(token.encode(), expected.encode()):
         raise FormRefused()
-    return {k: fields[k] for k in dict.fromkeys(data.keys()) if k in fields}
+    return fields
 
 
 def render(request: web.Request, template: str, *, title: str, status: int = 200, **values: Any) -> web.Response:
@@ -182,6 +198,7 @@ __all__ = [
     "deps",
     "form",
     "nav",
+    "post_fields",
     "render",
     "require",
     "resource",

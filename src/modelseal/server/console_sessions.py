@@ -9,6 +9,9 @@ was made and is consumed by ``redeem``, which makes the session in the same tran
 (single use under concurrency). A session ends at ``expires`` (at most ``MAX_SESSION``
 after it began, and never after its certificate's ``not_after``), after ``idle`` seconds
 without a request, on ``end`` (sign-out) and with ``end_serial`` (its certificate revoked).
+Bounded: at most ``MAX_LINKS`` unused links per identity, at most ``MAX_SESSIONS`` sessions
+per identity (a new one ends the oldest), and ended rows are swept by every new link and
+session.
 What the store knows nothing of: HTTP, cookies and Cedar (``server.console``).
 ``load_settings`` reads ``[console]`` of config.toml (on or off, session length, idle time).
 """
@@ -50,6 +53,8 @@ class Session:
 LINK_TTL = 60.0
 MAX_SESSION = 8 * 3600.0
 DEFAULT_IDLE = 30 * 60.0
+MAX_LINKS = 5  # live, unused links per identity: more is refused until one expires
+MAX_SESSIONS = 16  # per identity: a new one ends the oldest beyond it
 SEEN_EVERY = 15.0  # a request refreshes ``seen`` at most this often (one write, not one per request)
 
 _SCHEMA = """
@@ -133,6 +138,9 @@ class ConsoleSessions(SqlDatabase):
 
         def tx(q: Q) -> None:
             q("DELETE FROM console_links WHERE expires <= ?", t)
+            live = q("SELECT COUNT(*) FROM console_links WHERE identity = ?", identity).fetchone()[0]
+            if int(live) >= MAX_LINKS:
+                raise ConsoleError(f"{MAX_LINKS} sign-in links of this identity are unused: wait a minute")
             q(
                 "INSERT INTO console_links (id, identity, serial, not_after, created, expires)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -184,6 +192,7 @@ class ConsoleSessions(SqlDatabase):
         if expires <= t:
             raise ConsoleError("the certificate has expired: renew it and sign in again")
         s = Session(digest(secret), identity, serial, via, secrets.token_urlsafe(32), t, expires)
+        q("DELETE FROM console_sessions WHERE expires <= ? OR seen <= ?", t, t - self.idle)  # the ended ones
         q(
             "INSERT INTO console_sessions (id, identity, serial, via, csrf, created, expires, seen)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -195,6 +204,13 @@ class ConsoleSessions(SqlDatabase):
             s.created,
             s.expires,
             t,
+        )
+        q(
+            "DELETE FROM console_sessions WHERE identity = ? AND id NOT IN"
+            " (SELECT id FROM console_sessions WHERE identity = ? ORDER BY created DESC, id LIMIT ?)",
+            identity,
+            identity,
+            MAX_SESSIONS,
         )
         return s, secret
 
@@ -244,7 +260,9 @@ class ConsoleSessions(SqlDatabase):
 __all__ = [
     "DEFAULT_IDLE",
     "LINK_TTL",
+    "MAX_LINKS",
     "MAX_SESSION",
+    "MAX_SESSIONS",
     "ConsoleSessions",
     "ConsoleSettings",
     "Session",

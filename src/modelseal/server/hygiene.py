@@ -28,6 +28,9 @@ line or header: aiohttp's parser error) gets a one-line OCI-style 400 and the co
 closed, before any identity check; the log gets one short rate-limited line, never a
 traceback. Idle keep-alive, header line, field and count limits are aiohttp's own
 (``handler_kwargs``). Body timeouts and upload limits belong to the routes (``server.app``).
+With the web console on, a connection may complete its handshake without a client
+certificate; such connections have their own bound (``max_anonymous``, and per source
+address), beyond which one is closed as soon as its handshake completes.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ class Limits:
     max_connections: int = 512  # per worker, established and in their handshake together
     max_handshakes: int = 128  # per worker, in their handshake at once: 384 of 512 stay for established ones
     max_handshakes_per_source: int = 32  # per worker and source address (IPv6: per /64)
+    # Established without a client certificate (only with the web console on, which then
+    # asks for one without requiring it): browsers signing in or holding a session. Their
+    # own bound, so that anonymous connections cannot take the authenticated ones' share.
+    max_anonymous: int = 64  # per worker
+    max_anonymous_per_source: int = 16  # per worker and source address
     shutdown_grace: float = 10.0  # SIGTERM: in-flight requests get this long (aiohttp: twice, bounded)
 
     def handler_kwargs(self) -> dict[str, Any]:
@@ -131,8 +139,9 @@ class GuardedHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.peer = connection_peer(transport)  # parsed once: the middleware reads it per request
         super().connection_made(transport)
-        if self._slot is not None:
-            self._slot.established()  # asyncio calls this once the TLS handshake is complete
+        if self._slot is not None and not self._slot.established(self.peer is None):
+            transport.close()  # asyncio calls this once the TLS handshake is complete
+            return  # no certificate, and the anonymous connections are at their bound
         self._arm()  # a client that connects must send a request, not just hold the slot
         if self.peer is not None and self.peer.not_after < float("inf"):
             self._expiry = self._loop.call_later(max(0.0, self.peer.not_after - time.time()), self._cert_expired)
@@ -219,13 +228,17 @@ def _peer(transport: asyncio.BaseTransport | None) -> str:
 class _Slot:
     """One accepted connection in the listener's counts: in its handshake, open, or gone."""
 
-    __slots__ = ("listener", "source", "state")
+    __slots__ = ("anonymous", "listener", "source", "state")
 
     def __init__(self, listener: Listener, source: str) -> None:
         self.listener, self.source, self.state = listener, source, "handshake"
+        self.anonymous = False
 
-    def established(self) -> None:
+    def established(self, anonymous: bool = False) -> bool:
+        """The handshake completed (``anonymous``: without a client certificate); False:
+        close it, the anonymous connections are at their bound."""
         self.listener.moved(self, "open")
+        return not anonymous or self.listener.admit_anonymous(self)
 
     def release(self) -> None:
         self.listener.moved(self, "gone")
@@ -265,10 +278,13 @@ class Listener:
         self.handshakes = 0
         self.established = 0
         self._per_source: dict[str, int] = {}
+        self.anonymous = 0
+        self._anon_per_source: dict[str, int] = {}
         self._room = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._opening: set[asyncio.Task[None]] = set()
         self._dropped = Throttled("new connections closed at once (handshakes at their bound)")
+        self._dropped_anonymous = Throttled("connections without a client certificate closed (at their bound)")
         self._accept_failed = Throttled("accept failed")
         self.accepted = 0
 
@@ -287,11 +303,29 @@ class Listener:
                 self._per_source[slot.source] = left
         else:
             self.established -= 1
+            if slot.anonymous:
+                slot.anonymous = False
+                self.anonymous -= 1
+                left = self._anon_per_source.pop(slot.source, 1) - 1
+                if left > 0:
+                    self._anon_per_source[slot.source] = left
         if to == "open":
             self.established += 1
         slot.state = to
         if self.handshakes + self.established < self._limits.max_connections:
             self._room.set()
+
+    def admit_anonymous(self, slot: _Slot) -> bool:
+        """Count ``slot`` as established without a certificate, or refuse it (False) at the
+        bound per worker or per source address (one rate-limited line)."""
+        lim, mine = self._limits, self._anon_per_source.get(slot.source, 0)
+        if self.anonymous >= lim.max_anonymous or mine >= lim.max_anonymous_per_source:
+            self._dropped_anonymous.note(f"{slot.source}, {self.anonymous} without a certificate, {mine} of its own")
+            return False
+        slot.anonymous = True
+        self.anonymous += 1
+        self._anon_per_source[slot.source] = mine + 1
+        return True
 
     def _over(self, source: str) -> str | None:
         lim = self._limits

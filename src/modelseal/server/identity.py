@@ -181,6 +181,16 @@ def request_peer(request: web.Request) -> PeerLeaf | None:
     return parse_leaf(peer_der(request))
 
 
+def from_a_page(request: web.Request) -> bool:
+    """Whether a browser sent ``request`` on a web page's behalf: it carries ``Origin`` (a
+    script's or a form's request) or a ``Sec-Fetch-Site`` other than ``none`` (anything
+    but the user typing the address). A browser that holds a client certificate presents it
+    on such requests too, so the API, whose clients are programs, refuses them: no site an
+    officer visits can call it with the officer's certificate (the console's own forms post
+    to ``/ui``, under their CSRF token)."""
+    return "Origin" in request.headers or request.headers.get("Sec-Fetch-Site", "none") != "none"
+
+
 def middleware(auth: Authorizer, open_prefix: str | None = None) -> Middleware:
     """The aiohttp middleware: set ``request[IDENTITY]`` or answer 401/403/503 with a
     one-line JSON reason; after a 401 or 403 the connection is closed.
@@ -188,7 +198,8 @@ def middleware(auth: Authorizer, open_prefix: str | None = None) -> Middleware:
     ``open_prefix`` (the web console's ``/ui``, when it is on and the listener asks for a
     client certificate without requiring one): a request under it on a connection without
     a certificate goes on with no identity (the console's own middleware then requires a
-    session); a certificate presented there is checked as everywhere else."""
+    session); a certificate presented there is checked as everywhere else. Everywhere else,
+    a request a web page made (``from_a_page``) is refused, 403, before anything else."""
 
     def is_open(path: str) -> bool:
         return open_prefix is not None and (path == open_prefix or path.startswith(open_prefix + "/"))
@@ -196,8 +207,13 @@ def middleware(auth: Authorizer, open_prefix: str | None = None) -> Middleware:
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
         peer = request_peer(request)
-        if peer is None and is_open(request.path):
-            return await handler(request)
+        if is_open(request.path):
+            if peer is None:
+                return await handler(request)
+        elif from_a_page(request):
+            return web.json_response(
+                {"errors": [{"code": "DENIED", "message": "the API answers no request made by a web page"}]}, status=403
+            )
         try:
             request[IDENTITY] = auth.check(peer)
         except Refused as r:
@@ -223,6 +239,7 @@ __all__ = [
     "PeerLeaf",
     "Refused",
     "connection_peer",
+    "from_a_page",
     "middleware",
     "parse_leaf",
     "peer_der",
