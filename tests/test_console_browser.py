@@ -45,6 +45,7 @@ FLAGS = [
     "--disable-sync",
 ]
 USER = "spiffe://example.org/prod/user"
+TRAINER = "spiffe://example.org/prod/service/trainer"
 TWO_PERSON_ROTATE = '[governance]\ntwo_person = ["key.rotate"]\n'
 
 # Skipped only off CI, where chromium may be missing; under CI (scripts/test.sh installs it) a missing browser fails.
@@ -136,6 +137,7 @@ def test_sign_in_and_walk_every_page(world: World) -> None:
     """An auditor (every read of the shipped policy, no change) walks every page."""
     assert len(NAV) == 9, NAV  # Overview, Artifacts, Keys, Certificates, Audit, Approvals, Access, Policies, Evidence
     approval, _ = _pending_rotation(world, "team-weights")  # something on the pages: a key, its use, a request
+    _use(world, "team-weights")
     world.bind("audra", "auditor")
     with chromium(world) as browser:
         tab = _tab(browser, world)
@@ -149,6 +151,7 @@ def test_sign_in_and_walk_every_page(world: World) -> None:
             _shot(tab, path.strip("/").replace("/", "-") or "ui")
         tab.page.click('header nav a[href="/ui/keys"]')
         assert "team-weights" in tab.page.inner_text("main")
+        assert "wrap (6)" in tab.page.inner_text("main") and "unwrap (4)" in tab.page.inner_text("main")
         assert tab.page.locator("main svg").count() >= 1  # the usage chart, drawn by the server
         tab.page.click('header nav a[href="/ui/approvals"]')
         assert tab.page.locator(f'[data-approval="{approval}"]').count() == 1
@@ -194,6 +197,18 @@ def _pending_rotation(world: World, key: str) -> tuple[str, int]:
     with world.api("kadmin") as api:
         assert max(int(v["version"]) for v in api.call("GET", f"keys/{key}")["versions"]) == before  # not yet
     return approval, before
+
+
+def _use(world: World, key: str) -> None:
+    """A trainer's wraps and unwraps of ``key`` through the server's broker service (each an
+    audit event of the server's log), so the Keys page has use to chart."""
+    from modelseal.format.header import normalize_context
+    from modelseal.governance import brokerops as ops
+
+    assert world.gov.svc is not None and world.gov.catalog is not None
+    entry, ctx, who = world.gov.catalog.get(key), normalize_context({"env": "prod"}), TRAINER
+    wrapped = [ops.wrap_one(world.gov.svc, entry, os.urandom(32), ctx, who) for _ in range(6)]
+    ops.unwrap_items(world.gov.svc, entry, [(w.key_version, w.wrapped, ctx) for w in wrapped[:4]], who)
 
 
 def _approve(tab: Tab, world: World, who: str, approval: str) -> str:

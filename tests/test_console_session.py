@@ -246,3 +246,22 @@ def test_the_api_refuses_what_a_web_page_asks_with_a_browser_certificate(world: 
     assert b.request("GET", "/v2/", headers={"Sec-Fetch-Site": "same-origin"}).status == 403
     assert b.request("GET", "/v2/", headers={"Sec-Fetch-Site": "none"}).status != 403  # typed in the address bar
     assert world.login_url("officer1").startswith("https://")  # the CLI sends neither header
+
+
+def test_a_bad_governance_table_is_refused_before_listening(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    """``[governance] two_person`` naming an action that cannot wait: ``modelseal serve``
+    refuses at start (``check_governance``), one line, before any worker."""
+    from modelseal import cli as cli_mod
+
+    cfg = env.home / "config.toml"
+    cfg.write_text('[governance]\ntwo_person = ["pull"]\n')
+    cfg.chmod(0o600)
+    from tests.push_pull_helpers import make_pki
+
+    p = make_pki(env)
+    capsys.readouterr()
+    rc = cli_mod.main(
+        ["serve", "--listen", "127.0.0.1:1", "--tls-dir", str(p.server_dir), "--data", str(env.work / "d")]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0 and "cannot wait for approval" in err and err.count("\n") == 1, err

@@ -73,3 +73,19 @@ def test_a_changed_row_is_not_counted(tmp_path: Path) -> None:
     rows = index.per_day(lambda k: "kek" if k == KEY else None, start, 7).get("kek", {})
     assert not index.view.status().ok and sum(rows.get("rewrap", [0])) == 0
     assert _total(index, start) == 0  # the batch that holds the changed row is never shown, nor counted
+
+
+def test_alerts_are_kept_for_their_window_and_read_once(tmp_path: Path) -> None:
+    from modelseal.server.console_usage import Alerts
+
+    now = time.time()
+    log = _log(tmp_path, 4, now)
+    log.emit(AuditEvent("anomaly", "detector:burst", "alert:high", actor="monitor", time=now - 2 * DAY))
+    log.emit(AuditEvent("anomaly", "detector:burst", "alert:high", actor="monitor", time=now - 60))
+    tail = Alerts(AuditView(log, cache_seconds=0.0), keep=3)
+    assert tail.update() and [e["entry"] for e in tail.since(now - DAY)] == [6]
+    for i in range(5):
+        log.emit(AuditEvent("anomaly", "detector:burst", "alert:low", actor="monitor", time=now + i))
+    assert tail.update() and tail.upto == 11
+    assert [e["entry"] for e in tail.since(now - DAY)] == [11, 10, 9]  # newest first, at most keep
+    assert tail.reaches(now - 10 * DAY)  # read from the log's first entry

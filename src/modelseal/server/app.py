@@ -33,6 +33,7 @@ from aiohttp import web
 
 from modelseal.audit.batch import BatchLog, GroupCommit
 from modelseal.audit.events import AuditSink
+from modelseal.governance.approvals import settings as approval_settings
 from modelseal.governance.brokerkeys import BrokerKeys
 from modelseal.governance.brokerkeys import load_config as broker_config
 from modelseal.governance.holds import HoldIndex, HoldStore, backing_resolver
@@ -144,10 +145,11 @@ def open_governance(target: str, auth: Authorizer, sink: AuditSink, svc: KeyServ
 
 def check_governance(target: str, broker: bool = True) -> None:
     """Refuse, before listening, a governance database that cannot be opened or a
-    ``[broker]`` table that does not parse."""
+    ``[governance]`` or ``[broker]`` table that does not parse."""
     GovStore.open(target).close()
     PolicyStore.open(target).close()
     HoldStore.open(target).close()
+    approval_settings()  # [governance]: its two_person list, approvals, expiry
     if broker:
         broker_config()
 

@@ -224,8 +224,7 @@ def usage(
     owner = {spelled: e.name for e in entries for spelled in spellings(e)}
     for name, rows in index.per_day(owner.get, start, days).items():
         counts[name] = rows
-    read = (index.floor + 1, index.upto) if index.upto > index.floor else (0, 0)
-    return Usage(labels, start, counts, read, index.reaches(start))
+    return Usage(labels, start, counts, index.read(), index.reaches(start))
 
 
 def reached(view: AuditView, page: Page, start: float) -> bool:

@@ -4,8 +4,8 @@ you" naming the action:
 
 - *open alerts*: the anomaly alerts of the last ``alerts_api.MAX_WINDOW`` seconds, as
   ``GET /modelseal/v1/alerts`` lists them (``audit.read`` on ``Audit:alerts``), from the
-  verified entries of the audit log (``console_audit.AuditView``, reading at most
-  ``SCAN_ROWS`` entries, newest first);
+  verified entries of the audit log (``console_audit.AuditView``), each read once by the
+  worker's ``console_usage.Alerts`` (a view reads only what was appended since the last);
 - *certificates expiring soonest* (``cert.list`` on ``Certificate:*``, ``console_certs``);
 - *keys past or near their cryptoperiod*, or due for rotation, or with no active version
   (``key.list``: on ``Key:*`` of the caller's environment for the widget, then per
@@ -43,8 +43,9 @@ from modelseal.evidence.records import record_format, signature_state
 from modelseal.governance.model import Resource
 from modelseal.keys.service import printable
 from modelseal.server import alerts_api, console_certs, console_keys, console_svg
-from modelseal.server.console_audit import VIEW, AuditView, Filters
+from modelseal.server.console_audit import VIEW, AuditView
 from modelseal.server.console_page import CONSOLE, PREFIX, allowed, deps, nav, render, resource, run
+from modelseal.server.console_usage import ALERTS, Alerts
 from modelseal.telemetry import collect, metrics
 from modelseal.telemetry.statepass import ARTIFACT_STATES
 from modelseal.util.bounded import json_loads
@@ -76,12 +77,15 @@ class Widget:
 # -- alerts ------------------------------------------------------------------------------------
 
 
-def open_alerts(view: AuditView, now: float, scan: int = SCAN_ROWS) -> dict[str, Any]:
-    """The alerts of the last ``alerts_api.MAX_WINDOW`` seconds among the newest ``scan``
-    verified entries: the newest ``SHOWN``, the count by severity, and whether the log verified."""
-    status, start = view.status(), now - alerts_api.MAX_WINDOW
-    page = view.page(Filters(operation="anomaly", since=start), None, n=alerts_api.MAX_ALERTS, scan=scan)
-    alerts = [a for a in map(alert_of_row, page.rows) if a is not None]
+def open_alerts(source: AuditView | Alerts, now: float, scan: int = SCAN_ROWS) -> dict[str, Any]:
+    """The alerts of the last ``alerts_api.MAX_WINDOW`` seconds: the newest ``SHOWN``, the
+    count by severity, and whether the log verified. ``source``: the page's ``Alerts``
+    (``server.console_usage``, brought up to date here: only new entries are read), or an
+    ``AuditView`` read once (its newest ``scan`` entries)."""
+    tail = source if isinstance(source, Alerts) else Alerts(source, per_view=scan, keep=alerts_api.MAX_ALERTS)
+    tail.update()
+    status, start = tail.view.status(), now - alerts_api.MAX_WINDOW
+    alerts = [a for a in map(alert_of_row, tail.since(start)) if a is not None][: alerts_api.MAX_ALERTS]
     severities: dict[str, int] = {}
     for a in alerts:
         severities[str(a["severity"])] = severities.get(str(a["severity"]), 0) + 1
@@ -90,8 +94,8 @@ def open_alerts(view: AuditView, now: float, scan: int = SCAN_ROWS) -> dict[str,
         "newest": alerts[:SHOWN],
         "severities": sorted(severities.items()),
         "verified": status.ok,
-        "complete": len(alerts) >= alerts_api.MAX_ALERTS or console_keys.reached(view, page, start),
-        "read": page.scanned,
+        "complete": len(alerts) >= alerts_api.MAX_ALERTS or tail.reaches(start),
+        "read": tail.read(),
     }
 
 
@@ -280,11 +284,11 @@ class _Decisions:
 
 async def _alerts(request: web.Request, ask: _Decisions, now: float) -> Widget:
     w = Widget("audit.read", await ask.ask("audit.read", resource(request, "Audit", "alerts")))
-    view = request.app.get(VIEW)
+    tail = request.app.get(ALERTS)
     if w.allowed:
-        w.available = view is not None
-        if view is not None:
-            w.data = await run(request, open_alerts, view, now)
+        w.available = tail is not None
+        if tail is not None:
+            w.data = await run(request, open_alerts, tail, now)
     return w
 
 
@@ -345,6 +349,8 @@ def add_routes(app: web.Application) -> None:
     log = None if console is None else console.audit
     if VIEW not in app and log is not None and AuditView.readable(log):
         app[VIEW] = AuditView(log)  # the Audit log page installs the same view (one per worker)
+    if VIEW in app and ALERTS not in app:
+        app[ALERTS] = Alerts(app[VIEW], keep=alerts_api.MAX_ALERTS)  # the recent alerts, read once per entry
     app.router.add_get(f"{PREFIX}/", overview_page)
 
 

@@ -1,13 +1,14 @@
-"""Key use per UTC day from the verified audit log, counted once per entry (the Keys page's
-chart, ``server.console_keys``).
+"""What the console's pages keep of the verified audit log, read once per entry: key use per
+UTC day (the Keys page's chart, ``server.console_keys``) and the recent alerts (the
+Overview's, ``server.console_overview``).
 
-``UsageIndex`` keeps, per worker, the number of key operations per (key as the event names
-it, series, UTC day) of the entries of a ``console_audit.AuditView`` it has read, and the
-last entry it counted. Each page view reads only the entries appended since (at most
-``per_view``, oldest first, so what it counted has no hole), instead of every entry of the
-window again: the first view of a log starts ``per_view`` entries before its end, and the
-index says whether what it has counted reaches back to a given time. Only entries that
-verify are counted (the view's check). Days older than ``KEEP_DAYS`` are dropped.
+``Tail`` reads a ``console_audit.AuditView`` incrementally: each page view reads only the
+entries appended since the last one (at most ``per_view``, oldest first, so what was read
+has no hole); the first view of a log starts ``per_view`` entries before its end, and
+``reaches`` says whether what was read goes back to a given time. ``UsageIndex`` counts
+key operations per (key as the event names it, series, UTC day), dropping days older than
+``KEEP_DAYS``; ``Alerts`` keeps the anomaly alerts of the last day. Only entries that
+verify are read (the view's check).
 """
 
 from __future__ import annotations
@@ -41,39 +42,71 @@ def series_of(e: dict[str, Any]) -> str | None:
     return "lifecycle" if op in LIFECYCLE_OPS else "wrap"  # generate makes and wraps a data key
 
 
-class UsageIndex:
-    """The counts of one audit view (module docstring); thread-safe."""
+class Tail:
+    """The incremental reader (module docstring); ``take`` is called once per new verified
+    event, under the lock; thread-safe."""
 
     def __init__(self, view: AuditView, per_view: int = PER_VIEW) -> None:
         self.view, self.per_view = view, per_view
-        self.upto = 0  # the last entry counted
-        self.floor = -1  # entries up to this one are not counted (-1: not started)
+        self.upto = 0  # the last entry read
+        self.floor = -1  # entries up to this one are not read (-1: not started)
         self.floor_time = -math.inf  # the time of entry ``floor`` (-inf: the log's start)
-        self.counts: dict[tuple[str, str, int], int] = {}
         self._lock = threading.Lock()
 
+    def take(self, e: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """Drop what was kept (the log was replaced)."""
+
     def update(self) -> bool:
-        """Count the entries appended since the last update (at most ``per_view``); whether
-        every entry of the log is counted now."""
+        """Read the entries appended since the last update (at most ``per_view``); whether
+        every entry of the log is read now."""
         with self._lock:
             size = self.view.status().size
-            if size < self.upto:  # another log than the one counted: start again
-                self.upto, self.floor, self.counts = 0, -1, {}
+            if size < self.upto:  # another log than the one read: start again
+                self.upto, self.floor = 0, -1
+                self.forget()
             if self.floor < 0:
                 self.floor = self.upto = max(0, size - self.per_view)
                 self.floor_time = -math.inf if self.floor == 0 else self._time_of(self.floor)
             if size > self.upto:
                 events, last = self.view.after(self.upto, min(size - self.upto, self.per_view))
                 for e in events:
-                    self._count(e)
+                    self.take(e)
                 self.upto = max(self.upto, last)
-                self._prune()
             return self.upto >= size
 
     def _time_of(self, entry: int) -> float:
         events, _ = self.view.after(entry - 1, 1)
         t = events[0].get("time") if events else None
         return float(t) if isinstance(t, int | float) else math.inf
+
+    def reaches(self, start: float) -> bool:
+        """Whether the entries read cover every entry since ``start``."""
+        return self.floor_time < start
+
+    def read(self) -> tuple[int, int]:
+        """The first and last entry read ((0, 0): none)."""
+        return (self.floor + 1, self.upto) if self.upto > self.floor >= 0 else (0, 0)
+
+
+class UsageIndex(Tail):
+    """Key operations per (key as the event names it, series, UTC day)."""
+
+    def __init__(self, view: AuditView, per_view: int = PER_VIEW) -> None:
+        super().__init__(view, per_view)
+        self.counts: dict[tuple[str, str, int], int] = {}
+        self._prune_at = 50_000
+
+    def forget(self) -> None:
+        self.counts = {}
+
+    def take(self, e: dict[str, Any]) -> None:
+        self._count(e)
+        if len(self.counts) > self._prune_at:  # old days dropped; amortised, never per entry
+            self._prune()
+            self._prune_at = max(50_000, 2 * len(self.counts))
 
     def _count(self, e: dict[str, Any]) -> None:
         series, t, key = series_of(e), e.get("time"), e.get("key")
@@ -86,12 +119,7 @@ class UsageIndex:
         if not self.counts:
             return
         newest = max(day for _, _, day in self.counts)
-        if len(self.counts) > 50_000 or min(day for _, _, day in self.counts) < newest - KEEP_DAYS:
-            self.counts = {k: n for k, n in self.counts.items() if k[2] >= newest - KEEP_DAYS}
-
-    def reaches(self, start: float) -> bool:
-        """Whether the counted entries cover every entry since ``start``."""
-        return self.floor_time < start
+        self.counts = {k: n for k, n in self.counts.items() if k[2] >= newest - KEEP_DAYS}
 
     def per_day(self, owner: Callable[[str], str | None], start: float, days: int) -> dict[str, dict[str, list[int]]]:
         """Counts per owner (``owner``: the name a key spelling belongs to, or None), series and
@@ -110,6 +138,33 @@ class UsageIndex:
         return out
 
 
-INDEX: web.AppKey[UsageIndex] = web.AppKey("console_usage", UsageIndex)
+class Alerts(Tail):
+    """The anomaly alerts (``operation == "anomaly"``) of the last ``window`` seconds, at most
+    ``keep``, oldest first."""
 
-__all__ = ["INDEX", "PER_VIEW", "SERIES", "USES", "UsageIndex", "series_of"]
+    def __init__(self, view: AuditView, per_view: int = PER_VIEW, window: float = DAY, keep: int = 1000) -> None:
+        super().__init__(view, per_view)
+        self.window, self.keep = window, keep
+        self.events: list[dict[str, Any]] = []
+
+    def forget(self) -> None:
+        self.events = []
+
+    def take(self, e: dict[str, Any]) -> None:
+        if e.get("operation") != "anomaly" or not isinstance(e.get("time"), int | float):
+            return
+        self.events.append(e)
+        if len(self.events) > 2 * self.keep:
+            self.events = self.events[-self.keep :]
+
+    def since(self, start: float) -> list[dict[str, Any]]:
+        """The kept alerts at or after ``start``, newest first (at most ``keep``)."""
+        with self._lock:
+            self.events = [e for e in self.events if float(e["time"]) >= start - self.window][-self.keep :]
+            return [e for e in reversed(self.events) if float(e["time"]) >= start][: self.keep]
+
+
+INDEX: web.AppKey[UsageIndex] = web.AppKey("console_usage", UsageIndex)
+ALERTS: web.AppKey[Alerts] = web.AppKey("console_alerts", Alerts)
+
+__all__ = ["ALERTS", "INDEX", "PER_VIEW", "SERIES", "USES", "Alerts", "Tail", "UsageIndex", "series_of"]
