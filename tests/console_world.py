@@ -14,11 +14,9 @@ bootstrapped security officers; ``World.sign_in(name)`` runs ``modelseal console
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import re
 import ssl
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from modelseal.server.console_login import COOKIE
 from modelseal.server.console_sessions import ConsoleSettings
 from modelseal.server.identity import Authorizer
 from tests.conftest import Env
-from tests.push_pull_helpers import TD, Pki, make_pki
+from tests.push_pull_helpers import TD, Pki, app_in_thread, make_pki
 from tests.services import free_port
 from tests.test_access_cli import USER, Clock, Otp
 from tests.test_access_cli import World as CliWorld
@@ -187,9 +185,9 @@ def parser() -> Any:
 @contextmanager
 def console_server(env: Env, p: Pki, data: Path, clock: Clock) -> Iterator[tuple[int, app_mod.Governance]]:
     """The console-enabled application on 127.0.0.1 in a thread (its own event loop)."""
-    port, loop, ready, box = free_port(), asyncio.new_event_loop(), threading.Event(), {}
+    port = free_port()
 
-    async def start() -> None:
+    async def start() -> tuple[web.AppRunner, app_mod.Governance]:
         auth = Authorizer.for_server(TD, "prod")
         audit = MerkleAuditLog(env.home / "audit.db")  # the server's real, signed audit log (the CLI's default)
         gov = app_mod.open_governance(open_target(data, None), auth, audit, env.svc)
@@ -201,28 +199,13 @@ def console_server(env: Env, p: Pki, data: Path, clock: Clock) -> Iterator[tuple
         await runner.setup()
         ctx = tls.server_context(p.server_dir, client_cert_optional=True)
         await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
-        box.update(runner=runner, gov=gov)
+        return runner, gov
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
+    with app_in_thread(start) as gov:
         try:
-            loop.run_until_complete(start())
-        except BaseException as e:
-            box["error"] = e
-        ready.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(30) and "error" not in box, box.get("error")
-    try:
-        yield port, box["gov"]
-    finally:
-        if "runner" in box:
-            asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        box["gov"].close()
+            yield port, gov
+        finally:
+            gov.close()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ service identity of the environment, through the real ``GovStore``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -17,10 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from aiohttp import web
 
 from modelseal.cli.serve import default_data
 from modelseal.governance.cedar import default_policy
@@ -236,3 +240,30 @@ class CuttingRelay:
 
     def close(self) -> None:
         self._srv.close()
+
+
+@contextmanager
+def app_in_thread(start: Callable[[], Awaitable[tuple[web.AppRunner, Any]]]) -> Iterator[Any]:
+    """An aiohttp application served from a thread of this process, on its own event loop:
+    ``start`` sets it up and starts its site, and returns the runner and what the test gets
+    (the test can reach the server's objects directly). Cleaned up on exit."""
+    loop, ready, box = asyncio.new_event_loop(), threading.Event(), {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            box["runner"], box["value"] = loop.run_until_complete(start())
+        except BaseException as e:
+            box["error"] = e
+        ready.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(30) and "error" not in box, box.get("error")
+    try:
+        yield box["value"]
+    finally:
+        asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)

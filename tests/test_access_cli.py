@@ -10,7 +10,6 @@ approved operation exactly once."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import re
@@ -43,7 +42,7 @@ from modelseal.server import app as app_mod
 from modelseal.server import gov_api, tls
 from modelseal.server.identity import Authorizer
 from tests.conftest import Env
-from tests.push_pull_helpers import TD, Pki, issue_dir, make_pki
+from tests.push_pull_helpers import TD, Pki, app_in_thread, issue_dir, make_pki
 from tests.services import free_port
 
 USER = f"spiffe://{TD}/prod/user"
@@ -147,9 +146,9 @@ class World:
 def gov_server(env: Env, p: Pki, data: Path, settings: Settings) -> Iterator[tuple[int, app_mod.Governance]]:
     """The application ``modelseal serve`` builds, on 127.0.0.1 with its TLS context, in a
     thread of this process (so that the test can also ask its decider directly)."""
-    port, loop, ready, box = free_port(), asyncio.new_event_loop(), threading.Event(), {}
+    port = free_port()
 
-    async def start() -> None:
+    async def start() -> tuple[web.AppRunner, app_mod.Governance]:
         auth = Authorizer.for_server(TD, "prod")
         gov = app_mod.open_governance(open_target(data, None), auth, env.sink, env.svc)
         application = app_mod.make_app(auth, governance=gov)
@@ -158,27 +157,13 @@ def gov_server(env: Env, p: Pki, data: Path, settings: Settings) -> Iterator[tup
         runner = web.AppRunner(application, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls.server_context(p.server_dir)).start()
-        box.update(runner=runner, gov=gov)
+        return runner, gov
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
+    with app_in_thread(start) as gov:
         try:
-            loop.run_until_complete(start())
-        except BaseException as e:
-            box["error"] = e
-        ready.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(30) and "error" not in box, box.get("error")
-    try:
-        yield port, box["gov"]
-    finally:
-        asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        box["gov"].close()
+            yield port, gov
+        finally:
+            gov.close()
 
 
 @pytest.fixture

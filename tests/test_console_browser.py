@@ -30,20 +30,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from modelseal.errors import ApprovalRequired
 from modelseal.server.console_page import NAV
+from tests.chromium import CHROMIUM, FLAGS
 from tests.conftest import Env
 from tests.console_world import World, console_world
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 USER = "spiffe://example.org/prod/user"
 TRAINER = "spiffe://example.org/prod/service/trainer"
 TWO_PERSON_ROTATE = '[governance]\ntwo_person = ["key.rotate"]\n'

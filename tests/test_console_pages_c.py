@@ -18,20 +18,10 @@ from modelseal.registry import layout
 from modelseal.server import console_artifacts
 from modelseal.server.console_audit import AuditView, Filters
 from modelseal.server.console_page import _ENV
+from tests.chromium import CHROMIUM, FLAGS
 from tests.conftest import Env
 
 STATIC = Path(console_artifacts.__file__).with_name("console_static")
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import time
 from html.parser import HTMLParser
@@ -20,9 +19,9 @@ from modelseal.evidence.bundle import Sources, export
 from modelseal.evidence.model import SECTIONS, Window, canonical
 from modelseal.keys.service import KeyService
 from modelseal.telemetry.scanmodel import TLS_WEAK_PROTOCOL, Finding, ScanReport
+from tests.chromium import CHROMIUM, FLAGS
 from tests.conftest import Env
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
     reason="chromium is not installed (Debian package chromium; scripts/test.sh installs it)",
@@ -33,14 +32,7 @@ HOSTILE = '<script>alert(1)</script><img src="http://203.0.113.9/x.png">'
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     cmd = [
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *FLAGS,
         f"--user-data-dir={tmp / 'profile'}",
         *args,
     ]

@@ -82,7 +82,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-class _Refused(Exception):
+class RecordRefused(Exception):
     """A file or folder of the evidence folders that is not read: the one-line reason."""
 
 
@@ -153,7 +153,7 @@ def _record_time(summary: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _open_dir(name: str | Path, dir_fd: int | None = None) -> int | None:
+def open_record_dir(name: str | Path, dir_fd: int | None = None) -> int | None:
     """A folder as a descriptor, never through a link; None when there is none."""
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
@@ -161,31 +161,33 @@ def _open_dir(name: str | Path, dir_fd: int | None = None) -> int | None:
         return None
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise _Refused("a symbolic link or not a folder: not read") from None
-        raise _Refused(f"cannot be opened: {e.strerror}") from None
+            raise RecordRefused("a symbolic link or not a folder: not read") from None
+        raise RecordRefused(f"cannot be opened: {e.strerror}") from None
 
 
-def _read(dir_fd: int, name: str) -> bytes:
+def read_record(dir_fd: int, name: str) -> bytes:
     """Record ``name`` of the folder ``dir_fd``: a regular file of one link, never followed."""
     try:
         fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as e:
-        raise _Refused("a symbolic link: not read" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}") from None
+        raise RecordRefused(
+            "a symbolic link: not read" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}"
+        ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _Refused("not a regular file: not read")
+            raise RecordRefused("not a regular file: not read")
         if st.st_nlink != 1:
-            raise _Refused(f"a file with {st.st_nlink} hard links (another file's contents): not read")
+            raise RecordRefused(f"a file with {st.st_nlink} hard links (another file's contents): not read")
         chunks, total = [], 0
         while chunk := os.read(fd, 1 << 20):
             total += len(chunk)
             if total > MAX_RECORD:
-                raise _Refused(f"larger than {MAX_RECORD} bytes: not read")
+                raise RecordRefused(f"larger than {MAX_RECORD} bytes: not read")
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as e:
-        raise _Refused(f"unreadable: {e.strerror}") from None
+        raise RecordRefused(f"unreadable: {e.strerror}") from None
     finally:
         os.close(fd)
 
@@ -206,8 +208,8 @@ def _one(fd: int, kind: str, name: str, event: Mapping[str, Any] | None, mtime: 
     s = g.section
     item, path = KINDS[kind], f"evidence/{kind}/{name}"
     try:
-        data = _read(fd, name)
-    except _Refused as e:
+        data = read_record(fd, name)
+    except RecordRefused as e:
         s.gaps.append(f"record {path}: {e}")
         if event is not None:  # its event is cited: the record it vouches for is not here
             gone = {"path": path, "file": None, "sha256": None, "size": None, "format": None}
@@ -256,8 +258,8 @@ def _kind(top: int, kind: str, vouching: Mapping[str, Mapping[str, Any]], g: _Ga
     s = g.section
     where = f"evidence/{kind}"
     try:
-        fd = _open_dir(kind, top)
-    except _Refused as e:
+        fd = open_record_dir(kind, top)
+    except RecordRefused as e:
         s.gaps.append(f"{where}: {e}")
         return
     if fd is None:
@@ -310,8 +312,8 @@ def gather(
     }
     g = _Gathering(window, trusted, s, copies)
     try:
-        top = _open_dir(home / "evidence")
-    except _Refused as e:
+        top = open_record_dir(home / "evidence")
+    except RecordRefused as e:
         s.gaps.append(f"evidence/: {e}")
         top = None
     if top is not None:
@@ -365,8 +367,11 @@ __all__ = [
     "DOMAINS",
     "FORMATS",
     "KINDS",
+    "RecordRefused",
     "gather",
+    "open_record_dir",
     "parse_tls_report",
+    "read_record",
     "read_tls_report",
     "record_format",
     "signature_state",

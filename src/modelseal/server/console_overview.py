@@ -23,15 +23,14 @@ you" naming the action:
 
 A record is found by its name (``KIND-YYYYMMDDTHHMMSSZ-HEX.json``: the newest name is the
 newest record), opened relative to its folder without following a link, a regular file of
-one link and at most ``MAX_RECORD`` bytes; only a few known fields of it are shown, each cut.
+one link and at most ``evidence.records.MAX_RECORD`` bytes (``evidence.records.read_record``);
+only a few known fields of it are shown, each cut.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
-from modelseal.evidence.records import record_format, signature_state
+from modelseal.evidence.records import RecordRefused, open_record_dir, read_record, record_format, signature_state
 from modelseal.governance.model import Resource
 from modelseal.keys.service import printable
 from modelseal.server import alerts_api, console_certs, console_keys, console_svg
@@ -52,11 +51,8 @@ from modelseal.util.bounded import json_loads
 
 SCAN_ROWS = 20_000
 SHOWN = 5
-MAX_RECORD = 4 << 20
 RECORD_NAME = re.compile(r"(backup|drill)-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}\.json")
 ATTENTION = (console_keys.PAST, console_keys.NEAR, console_keys.NONE, console_keys.DUE)
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def cut(value: object, n: int = 200) -> str:
@@ -146,42 +142,6 @@ def read_coverage() -> dict[str, Any] | None:
 # -- backup and drill records --------------------------------------------------------------
 
 
-class _Unreadable(Exception):
-    """A record that is not read: why, one line."""
-
-
-def _open_dir(name: str | Path, dir_fd: int | None = None) -> int | None:
-    try:
-        return os.open(name, _DIR, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise _Unreadable("a symbolic link or not a folder: not read") from None
-        raise _Unreadable(f"cannot be opened: {e.strerror}") from None
-
-
-def _read(dir_fd: int, name: str) -> bytes:
-    try:
-        fd = os.open(name, _FILE, dir_fd=dir_fd)
-    except OSError as e:
-        raise _Unreadable(
-            "a symbolic link: not read" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > MAX_RECORD:
-            raise _Unreadable("not a regular file of one link and at most 4 MiB: not read")
-        data = os.read(fd, MAX_RECORD + 1)
-        if len(data) > MAX_RECORD:
-            raise _Unreadable("larger than 4 MiB: not read")
-        return data
-    except OSError as e:
-        raise _Unreadable(f"unreadable: {e.strerror}") from None
-    finally:
-        os.close(fd)
-
-
 def _bad(why: str) -> ValueError:
     return ValueError(why)
 
@@ -219,11 +179,11 @@ def last_record(home: Path, kind: str, trusted: dict[str, Any]) -> dict[str, Any
     """The newest record of ``kind`` (``backups`` or ``drills``) under ``home/evidence``:
     its shown fields, its signature state and how many records there are; None: none."""
     try:
-        top = _open_dir(home / "evidence")
+        top = open_record_dir(home / "evidence")
         if top is None:
             return None
         try:
-            fd = _open_dir(kind, top)
+            fd = open_record_dir(kind, top)
         finally:
             os.close(top)
         if fd is None:
@@ -232,10 +192,10 @@ def last_record(home: Path, kind: str, trusted: dict[str, Any]) -> dict[str, Any
             names = sorted(n for n in os.listdir(fd) if RECORD_NAME.fullmatch(n))
             if not names:
                 return None
-            data = _read(fd, names[-1])
+            data = read_record(fd, names[-1])
         finally:
             os.close(fd)
-    except _Unreadable as e:
+    except RecordRefused as e:
         return {"problem": f"evidence/{kind}: {e}", "count": 0, "name": "", "signature": "", "fields": {}}
     except OSError as e:
         return {
