@@ -122,9 +122,10 @@ print(" ", re.search(r"signs you in as <code[^>]*>([^<]+)", shown).group(1))
 status, cookie, _ = ask("POST", "/ui/login", urlencode({"t": link.query.split("t=", 1)[1]}))
 jar = cookie.split(";", 1)[0]
 print("  signed in:", status, "; cookie:", "; ".join(a.strip() for a in cookie.split(";")[1:] if "=" not in a or "SameSite" in a))
-for page in ("/ui/", "/ui/keys", "/ui/approvals", "/ui/audit"):
+for page in ("/ui/", "/ui/approvals", "/ui/certificates", "/ui/audit"):
     status, _, body = ask("GET", page, cookie=jar)
-    print(f"  {page:<14} {status}  {re.search(r'<h1>([^<]+)</h1>', body).group(1)}")
+    print(f"  {page:<17} {status}  {re.search(r'<h1>([^<]+)</h1>', body).group(1)}")
+print("  (the same Cedar decisions as the API: reading the audit log is the auditor's role, not the officer's)")
 again, _, _ = ask("POST", "/ui/login", urlencode({"t": link.query.split("t=", 1)[1]}))
 print("  the same link again:", again)
 PY
