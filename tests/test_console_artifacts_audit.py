@@ -1,4 +1,4 @@
-"""The console's Artifacts and Audit log pages (issue 16, helper C): the verified view of the
+"""The console's Artifacts and Audit log pages: the verified view of the
 audit log (filters, paging, the inclusion proof checked by the server), the repository walk,
 and proof.js in real Chromium: a proof verifies in the browser, a tampered one shows FAILED."""
 
