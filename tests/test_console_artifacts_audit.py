@@ -15,7 +15,7 @@ from modelseal.audit import merkle
 from modelseal.audit.events import AuditEvent
 from modelseal.audit.log import MerkleAuditLog
 from modelseal.registry import layout
-from modelseal.server import console_artifacts
+from modelseal.server import console_artifacts, console_usage
 from modelseal.server.console_audit import AuditView, Filters
 from modelseal.server.console_page import _ENV
 from tests.chromium import CHROMIUM, FLAGS
@@ -362,6 +362,7 @@ def test_the_routes_decide_by_pull_and_audit_read(log: MerkleAuditLog, tmp_path:
         app[CONSOLE] = ConsoleDeps(home=tmp_path, registry=reg, audit=log)
         app[POOL] = ThreadPoolExecutor(2)
         app[authz.AUTHZ] = decider  # type: ignore[assignment]
+        console_usage.install(app, log)  # the worker's one view of the log, as server.console installs it
         console_artifacts.add_routes(app)
         console_audit.add_routes(app)
         out = {}

@@ -89,3 +89,21 @@ def test_alerts_are_kept_for_their_window_and_read_once(tmp_path: Path) -> None:
     assert tail.update() and tail.upto == 11
     assert [e["entry"] for e in tail.since(now - DAY)] == [11, 10, 9]  # newest first, at most keep
     assert tail.reaches(now - 10 * DAY)  # read from the log's first entry
+
+
+def test_one_view_per_worker_shared_by_every_reader(tmp_path: Path) -> None:
+    """The Audit log page, the key use and the alerts read one verified view: the log is
+    verified once per worker, not once per page."""
+    from aiohttp import web
+
+    from modelseal.server import console_usage
+    from modelseal.server.console_audit import VIEW
+
+    log, app = _log(tmp_path, 3, time.time()), web.Application()
+    console_usage.install(app, log)
+    view = app[VIEW]
+    console_usage.install(app, log)  # again: nothing replaced
+    assert app[VIEW] is view and app[console_usage.INDEX].view is view and app[console_usage.ALERTS].view is view
+    bare = web.Application()
+    console_usage.install(bare, object())  # not a Merkle log: no view, and the pages say so
+    assert VIEW not in bare

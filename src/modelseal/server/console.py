@@ -47,9 +47,9 @@ from modelseal.server import (
     console_keys,
     console_login,
     console_overview,
-    console_page,
     console_policies,
     console_review,
+    console_usage,
 )
 from modelseal.server.console_login import API_LOGIN, STATE, ConsoleState, error_page, is_console
 from modelseal.server.console_page import CONSOLE, POOL, PREFIX, SESSION, ConsoleDeps, FormRefused
@@ -147,10 +147,6 @@ async def static(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=ctype)
 
 
-async def placeholder(request: web.Request) -> web.Response:
-    return console_page.render(request, "error.html", title="Overview", status=200, reason="no page here yet")
-
-
 def _static_files() -> dict[str, tuple[bytes, str]]:
     out: dict[str, tuple[bytes, str]] = {}
     if STATIC.is_dir():
@@ -186,6 +182,7 @@ def install(
         target=governance.target,
     )
     app[POOL] = ThreadPoolExecutor(max_workers=4, thread_name_prefix="console")
+    console_usage.install(app, app[CONSOLE].audit)  # one verified view of the audit log, for every page
     app.middlewares.append(console_middleware)
     app.on_response_prepare.append(_headers)
     r = app.router
@@ -198,8 +195,6 @@ def install(
     r.add_get(PREFIX, _redirect_home)
     for page in PAGES:
         page.add_routes(app)
-    if not any(getattr(res, "canonical", "") == f"{PREFIX}/" for res in r.resources()):
-        r.add_get(f"{PREFIX}/", placeholder)  # until the Overview page registers its own
 
     async def close(app: web.Application) -> None:
         app[POOL].shutdown(wait=True)

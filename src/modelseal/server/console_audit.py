@@ -50,7 +50,7 @@ from modelseal.audit.store import Row
 from modelseal.evidence.auditproof import ProofTree, event_time, parse_event
 from modelseal.keys.service import printable
 from modelseal.server import authz
-from modelseal.server.console_page import CONSOLE, PREFIX, nav, render, require, resource, run
+from modelseal.server.console_page import PREFIX, nav, render, require, resource, run
 
 CACHE_SECONDS = 2.0
 PAGE_ROWS = 50
@@ -383,10 +383,6 @@ def view_event(body: str) -> dict[str, str]:
 def add_routes(app: web.Application) -> None:
     """Register ``{PREFIX}/audit`` and its place in the navigation."""
     nav(f"{PREFIX}/audit", "Audit log")
-    console = app.get(CONSOLE)
-    log = None if console is None else console.audit
-    if log is not None and AuditView.readable(log):
-        app[VIEW] = AuditView(log)  # one verified view per worker (server.console_auditview)
     app.router.add_get(f"{PREFIX}/audit", audit_page)
     app.router.add_get(f"{PREFIX}/audit/proof", proof_page)
 

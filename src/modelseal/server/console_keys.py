@@ -43,8 +43,8 @@ from modelseal.keys.config import ConfigError
 from modelseal.keys.providers import canonical_key, parse_key_uri
 from modelseal.keys.service import KeyService, printable
 from modelseal.server import authz, console_svg, keys_api
-from modelseal.server.console_audit import VIEW, AuditView, Filters, Page
-from modelseal.server.console_page import CONSOLE, PREFIX, allowed, deps, nav, render, require, resource, run
+from modelseal.server.console_audit import AuditView, Filters, Page
+from modelseal.server.console_page import PREFIX, allowed, deps, nav, render, require, resource, run
 from modelseal.server.console_usage import INDEX, SERIES, UsageIndex
 from modelseal.telemetry import scankeys
 from modelseal.telemetry.scan import scan_table
@@ -349,12 +349,6 @@ async def key_page(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register ``{PREFIX}/keys`` and its place in the navigation."""
     nav(f"{PREFIX}/keys", "Keys")
-    console = app.get(CONSOLE)
-    log = None if console is None else console.audit
-    if VIEW not in app and log is not None and AuditView.readable(log):
-        app[VIEW] = AuditView(log)  # the Audit log page installs the same view (one per worker)
-    if VIEW in app and INDEX not in app:
-        app[INDEX] = UsageIndex(app[VIEW])  # the counts per key and day, kept up to date per view
     app.router.add_get(f"{PREFIX}/keys", keys_page)
     app.router.add_get(f"{PREFIX}/keys/key", key_page)
 

@@ -42,8 +42,8 @@ from modelseal.evidence.records import RecordRefused, open_record_dir, read_reco
 from modelseal.governance.model import Resource
 from modelseal.keys.service import printable
 from modelseal.server import alerts_api, console_certs, console_keys, console_svg
-from modelseal.server.console_audit import VIEW, AuditView
-from modelseal.server.console_page import CONSOLE, PREFIX, allowed, deps, nav, render, resource, run
+from modelseal.server.console_audit import AuditView
+from modelseal.server.console_page import PREFIX, allowed, deps, nav, render, resource, run
 from modelseal.server.console_usage import ALERTS, Alerts
 from modelseal.telemetry import collect, metrics
 from modelseal.telemetry.statepass import ARTIFACT_STATES
@@ -305,12 +305,6 @@ async def overview_page(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register ``{PREFIX}/`` (exactly) and its place in the navigation."""
     nav(f"{PREFIX}/", "Overview")
-    console = app.get(CONSOLE)
-    log = None if console is None else console.audit
-    if VIEW not in app and log is not None and AuditView.readable(log):
-        app[VIEW] = AuditView(log)  # the Audit log page installs the same view (one per worker)
-    if VIEW in app and ALERTS not in app:
-        app[ALERTS] = Alerts(app[VIEW], keep=alerts_api.MAX_ALERTS)  # the recent alerts, read once per entry
     app.router.add_get(f"{PREFIX}/", overview_page)
 
 

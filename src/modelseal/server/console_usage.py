@@ -21,7 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from modelseal.keys.service import LIFECYCLE_OPS
-from modelseal.server.console_audit import AuditView
+from modelseal.server.alerts_api import MAX_ALERTS
+from modelseal.server.console_audit import VIEW, AuditView
 
 DAY = 86400.0
 KEEP_DAYS = 120  # more than the page's longest window (console_keys.MAX_DAYS)
@@ -167,4 +168,15 @@ class Alerts(Tail):
 INDEX: web.AppKey[UsageIndex] = web.AppKey("console_usage", UsageIndex)
 ALERTS: web.AppKey[Alerts] = web.AppKey("console_alerts", Alerts)
 
-__all__ = ["ALERTS", "INDEX", "PER_VIEW", "SERIES", "USES", "Alerts", "Tail", "UsageIndex", "series_of"]
+
+def install(app: web.Application, log: object) -> None:
+    """The worker's one verified view of the audit log ``log`` (``console_audit.VIEW``, the
+    Audit log page's) and the readers over it (``INDEX``, ``ALERTS``), once; nothing when
+    ``log`` is not a Merkle log (the pages then say the log is not available)."""
+    if VIEW in app or log is None or not AuditView.readable(log):
+        return
+    view = AuditView(log)
+    app[VIEW], app[INDEX], app[ALERTS] = view, UsageIndex(view), Alerts(view, keep=MAX_ALERTS)
+
+
+__all__ = ["ALERTS", "INDEX", "PER_VIEW", "SERIES", "USES", "Alerts", "Tail", "UsageIndex", "install", "series_of"]
