@@ -265,3 +265,12 @@ def test_a_bad_governance_table_is_refused_before_listening(env: Env, capsys: py
     )
     err = capsys.readouterr().err
     assert rc != 0 and "cannot wait for approval" in err and err.count("\n") == 1, err
+
+
+def test_a_link_whose_certificate_was_revoked_since_signs_no_one_in(world: World) -> None:
+    url = world.login_url("officer2")
+    issue.revoke(world.env.svc, _serial(world.folder("officer2")), "left", ca=world.pki.ca)
+    b = world.browser()
+    r = b.request("POST", "/ui/login", {"t": _token(url)})
+    assert r.status == 403 and "cannot sign in here any more" in r.body and b.cookie is None
+    assert all(s.identity != f"{USER}/officer2" for s in ConsoleSessions.open(world.gov.target).live())

@@ -97,6 +97,21 @@ def _set_cookie(resp: web.StreamResponse, secret: str, max_age: float) -> None:
     )
 
 
+def _standing(state: ConsoleState, s: Session) -> str:
+    """Why session ``s`` may not go on here ("": it may): its identity is of another trust
+    domain or environment than this server's (``wrong-environment``), its certificate is on
+    the CA's denylist (``revoked``), or it does not parse (``invalid``)."""
+    try:
+        ident = parse(s.identity)
+        if ident.trust_domain != state.auth.trust_domain or ident.env != state.auth.env:
+            return "wrong-environment"
+        if state.auth.revoked.current().revoked(int(s.serial, 16)):
+            return "revoked"
+    except (ValueError, ModelsealError):
+        return "invalid"
+    return ""
+
+
 async def session_of(request: web.Request, peer: PeerLeaf | None) -> Session | None:
     """The request's live session, or None; a session whose certificate was revoked, whose
     identity this server no longer serves or that another certificate carries ends here."""
@@ -109,15 +124,7 @@ async def session_of(request: web.Request, peer: PeerLeaf | None) -> Session | N
         if ended:
             _audit(request, "console-session-expired", "unknown", "expired")
         return None
-    why = ""
-    try:
-        ident = parse(s.identity)
-        if ident.trust_domain != state.auth.trust_domain or ident.env != state.auth.env:
-            why = "wrong-environment"
-        elif state.auth.revoked.current().revoked(int(s.serial, 16)):
-            why = "revoked"
-    except (ValueError, ModelsealError):
-        why = "invalid"
+    why = _standing(state, s)
     other = peer is not None and denylist.serial_hex(peer.serial) != s.serial
     if not why and (other or (s.via == "certificate" and peer is None)):
         why = "other-certificate"
@@ -196,11 +203,7 @@ async def login_link(request: web.Request) -> web.StreamResponse:
         if who != got[0].uri:
             return error_page(request, 403, f"this link signs in as {who}, not as this browser's {got[0].uri}")
     s, secret = await console_page.run(request, state.sessions.redeem, token, now)
-    try:
-        ident = parse(s.identity)
-        if ident.env != state.auth.env or state.auth.revoked.current().revoked(int(s.serial, 16)):
-            raise ConsoleError("this identity's certificate cannot sign in here any more")
-    except (ValueError, ModelsealError):
+    if _standing(state, s):  # revoked, or of another environment, since the link was made
         await console_page.run(request, state.sessions.end, s.id)
         return error_page(request, 403, "this identity's certificate cannot sign in here any more")
     return _signed_in(request, s, secret)
