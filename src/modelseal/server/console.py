@@ -173,7 +173,6 @@ def install(
         registry=registry,
         store=governance.store,
         policies=governance.policies,
-        holds=governance.holds,
         svc=governance.svc,
         catalog=governance.catalog,
         audit=getattr(governance.audit, "sink", governance.audit),

@@ -15,7 +15,7 @@ import asyncio
 import hmac
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,14 +46,12 @@ class ConsoleDeps:
     registry: Any = None  # registry.service.Registry
     store: Any = None  # governance.store.GovStore
     policies: Any = None  # governance.versions.PolicyStore
-    holds: Any = None  # governance.holds.HoldStore
     svc: Any = None  # keys.service.KeyService
     catalog: Any = None  # governance.brokerkeys.BrokerKeys
     audit: Any = None  # the audit log (audit.log / its sink)
     ca: Path | None = None
     issuer: Any = None  # pki.backend.Issuer
     target: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 CONSOLE: web.AppKey[ConsoleDeps] = web.AppKey("console_deps", ConsoleDeps)
