@@ -366,3 +366,23 @@ def test_a_server_without_a_key_service_shows_no_form() -> None:
     )
     assert 'data-testid="evidence-not-configured"' in page and 'data-testid="evidence-form"' not in page
     assert page.count('data-testid="evidence-file"') == len(ce.contents())
+
+
+def test_a_build_nobody_waits_for_leaves_no_spool(tmp_path: Path) -> None:
+    """A request cancelled while its bundle is built (a shutdown): the build's spool goes as
+    soon as the build is done, not at a later export."""
+    import asyncio
+
+    spool = tmp_path / "console-exports" / "evidence-x"
+    spool.mkdir(parents=True)
+    (spool / "evidence.tar.gz").write_bytes(b"archive")
+
+    async def go() -> None:
+        fut: asyncio.Future[ce.Built] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(ce._discard)
+        built = ce.Built(spool, spool / "evidence.tar.gz", "evidence.tar.gz", "", "", 7, None)  # type: ignore[arg-type]
+        fut.set_result(built)
+        await asyncio.sleep(0)  # the callback runs
+
+    asyncio.run(go())
+    assert not spool.exists()

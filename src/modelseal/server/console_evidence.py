@@ -59,7 +59,19 @@ from modelseal.evidence.model import (
 )
 from modelseal.keys.service import KeyService, printable
 from modelseal.server import authz
-from modelseal.server.console_page import PREFIX, ConsoleDeps, deps, form, nav, render, require, resource, run, session
+from modelseal.server.console_page import (
+    POOL,
+    PREFIX,
+    ConsoleDeps,
+    deps,
+    form,
+    nav,
+    render,
+    require,
+    resource,
+    run,
+    session,
+)
 
 log = logging.getLogger("modelseal.server")
 
@@ -208,7 +220,7 @@ def build(src: Sources, svc: KeyService, window: Window, now: float | None = Non
     try:
         folder = spool / "bundle"
         done = export(folder, window, src, svc, now=t)
-        checked = verify.check(folder, verify.trusted_keys([], src.audit), window)
+        checked = verify.check(folder, verify.trusted_keys([], src.audit), window)  # the CLI's keys, as a verifier's
         if checked.problems:
             raise EvidenceError(f"the bundle just written does not verify: {checked.problems[0][:200]}")
         name = file_name(window)
@@ -311,7 +323,8 @@ def _remember(request: web.Request, built: Built, window: Window, who: str) -> N
     )
     decider = request.app.get(authz.AUTHZ)
     if decider is not None:
-        event = AuditEvent("evidence-export", "Audit:evidence", "ok", artifact=built.sha256, actor=who)
+        src = authz.request_source(request)
+        event = AuditEvent("evidence-export", "Audit:evidence", "ok", artifact=built.sha256, actor=who, source=src)
         decider.sink.emit(event)
     log.info(
         "evidence bundle %s exported by %s: sha256 %s, manifest sha256 %s, %d files, audit %s",
@@ -335,13 +348,25 @@ async def export_post(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if state.lock.locked():
         raise authz.Refusal(429, "TOO_MANY", "an evidence export is already running on this worker: retry shortly")
-    async with state.lock:
-        built = await run(request, build, sources(d), d.svc, window)
+    async with state.lock:  # one build at a time; the download itself holds no lock
+        fut = asyncio.get_running_loop().run_in_executor(request.app[POOL], build, sources(d), d.svc, window)
         try:
-            _remember(request, built, window, session(request).identity)
-            return await _stream(request, built)
-        finally:
-            await run(request, shutil.rmtree, built.spool, True)
+            built = await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the request was cancelled (shutdown): the thread still finishes
+            fut.add_done_callback(_discard)
+            raise
+    try:
+        resp = await _stream(request, built)
+        _remember(request, built, window, session(request).identity)  # once the whole archive was sent
+        return resp
+    finally:
+        shutil.rmtree(built.spool, ignore_errors=True)
+
+
+def _discard(fut: asyncio.Future[Built]) -> None:
+    """A build nobody waits for any more: its spool goes as soon as it is done."""
+    if not fut.cancelled() and fut.exception() is None:
+        shutil.rmtree(fut.result().spool, ignore_errors=True)
 
 
 def add_routes(app: web.Application) -> None:
