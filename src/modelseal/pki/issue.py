@@ -239,11 +239,12 @@ def _record(folder: Path, cert: x509.Certificate, identity: Identity, t: float, 
     if parent is not None:
         row[denylist.PARENT] = denylist.serial_hex(parent)
     with denylist.locked(folder):  # several server workers renew at once
-        rows = [r for r in _rows(folder) if not_after_of(r) + denylist.GRACE > t]
+        rows = [r for r in issued_rows(folder) if not_after_of(r) + denylist.GRACE > t]
         store.write(folder, ISSUED_FILE, store.dump_json({"issued": [*rows, row][-MAX_ISSUED:]}))
 
 
-def _rows(folder: Path) -> list[dict[str, object]]:
+def issued_rows(folder: Path) -> list[dict[str, object]]:
+    """The records of the CA folder's ``issued.json`` (``CertificateError``: malformed)."""
     doc = store.read_json(folder, ISSUED_FILE) or {"issued": []}
     rows = doc.get("issued") if isinstance(doc, dict) else None
     if not isinstance(rows, list):
@@ -254,7 +255,7 @@ def _rows(folder: Path) -> list[dict[str, object]]:
 def check_lineage(folder: Path, serial: int) -> None:
     """Refuse (``CertificateRevoked``) a renewal of ``serial`` if it, or any certificate it
     was renewed from (by the records of the CA at ``folder``), is revoked."""
-    denylist.check_lineage(_rows(folder), serial, folder)
+    denylist.check_lineage(issued_rows(folder), serial, folder)
 
 
 def _recheck(folder: Path, cert: x509.Certificate, parent: int) -> None:
@@ -273,7 +274,7 @@ def not_after_of(row: dict[str, object]) -> float:
 
 
 def list_issued(ca: CA | Issuer | None = None) -> list[dict[str, object]]:
-    return _rows(store.ca_dir() if ca is None else ca.folder)
+    return issued_rows(store.ca_dir() if ca is None else ca.folder)
 
 
 def write_dir(
@@ -385,7 +386,7 @@ def revoke_all(
     issuer = _issuer(svc, ca)
     hexed = denylist.serial_hex(serial)
     try:
-        listed = denylist.deny_lineage(serial, reason, lambda: _rows(issuer.folder), issuer.folder)
+        listed = denylist.deny_lineage(serial, reason, lambda: issued_rows(issuer.folder), issuer.folder)
         for s in listed:
             issuer.revoke_upstream(s)
     except ModelsealError as e:
@@ -406,6 +407,7 @@ __all__ = [
     "LocalIssuer",
     "check_lineage",
     "issue",
+    "issued_rows",
     "list_issued",
     "load_issuer",
     "read_chain",

@@ -25,9 +25,8 @@ from aiohttp import web
 
 from modelseal.errors import GovernanceError
 from modelseal.governance.approvals import Approval, Approvals, check_id
-from modelseal.keys.service import printable
 from modelseal.server import authz, gov_decide
-from modelseal.server.console_page import PREFIX, allowed, form, nav, render, require, resource, run
+from modelseal.server.console_page import PREFIX, allowed, cut, form, nav, render, require, resource, run
 from modelseal.server.identity import IDENTITY
 
 PAGE_PENDING = 50  # pending requests shown (oldest first)
@@ -35,11 +34,6 @@ RECENT = 20  # finished requests shown (newest first)
 SCAN = 200  # requests read to find them
 MAX_PARAMS_SHOWN = 4000  # characters of a request's parameters (pretty JSON)
 _TEXT = 200
-
-
-def cut(value: object, n: int = _TEXT) -> str:
-    """One printable line of at most ``n`` characters."""
-    return printable(str(value))[:n]
 
 
 def when(t: float | None) -> str:

@@ -35,13 +35,12 @@ from modelseal.errors import ModelsealError, RegistryError, RegistryRefused
 from modelseal.format.envelope import artifact_id, parse_slots
 from modelseal.format.file import read_raw
 from modelseal.format.header import KIND_MANIFEST
-from modelseal.keys.service import printable
 from modelseal.recipes.context import trust_policy
 from modelseal.registry import layout, names
 from modelseal.registry.meta import BlobRow
 from modelseal.registry.service import Registry
 from modelseal.server import authz
-from modelseal.server.console_page import PREFIX, allowed, deps, nav, render, require, resource, run
+from modelseal.server.console_page import PREFIX, allowed, cut, deps, nav, render, require, resource, run
 from modelseal.signing.trust import TrustPolicy
 from modelseal.telemetry.scansig import SIGNED, TrustCheck
 
@@ -52,11 +51,6 @@ MAX_SIGS = 4
 MAX_SIG_READ = 1 << 20  # a signature file is a few KiB; a bigger one is not read here
 _NEXT_REPO = "~"  # sorts after "sha256:..." and "sha512:...": the next repository's first manifest
 _TEXT = 200
-
-
-def cut(value: object, n: int = _TEXT) -> str:
-    """One printable line of at most ``n`` characters (registry and header text is untrusted)."""
-    return printable(str(value))[:n]
 
 
 def repository_names(reg: Registry, after: str | None, n: int) -> tuple[list[str], bool]:

@@ -19,30 +19,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
 
-from modelseal.errors import CertificateError
 from modelseal.governance.model import Resource
-from modelseal.keys.service import printable
-from modelseal.pki import denylist, issue, store
-from modelseal.server.console_page import PREFIX, deps, nav, render, require, resource, run
+from modelseal.pki import denylist, issue
+from modelseal.server.console_page import PREFIX, cut, deps, nav, render, require, resource, run, utc
 
 PAGE_ROWS = 100
 SOON_DAYS = 2.0  # leaves live hours to days (pki.backend.MAX_TTL is 7 days): "soon" is within 2
 DAY = 86400.0
-
-
-def cut(value: object, n: int = 200) -> str:
-    return printable(str(value))[:n]
-
-
-def utc(t: float | None) -> str:
-    if t is None or not 0 < t < 1e11:
-        return ""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _left(seconds: float) -> str:
@@ -87,16 +74,6 @@ class Inventory:
     counts: dict[str, int] = field(default_factory=dict)  # issued, valid, expiring, expired, revoked
 
 
-def issued_rows(folder: Path) -> list[dict[str, object]]:
-    """The records of ``issued.json`` in ``folder`` (none: no file); ``CertificateError``
-    when it is malformed, as ``pki.issue`` reads it."""
-    doc = store.read_json(folder, issue.ISSUED_FILE) or {"issued": []}
-    rows = doc.get("issued") if isinstance(doc, dict) else None
-    if not isinstance(rows, list):
-        raise CertificateError(f"the CA file {issue.ISSUED_FILE} is malformed")
-    return [r for r in rows if isinstance(r, dict)]
-
-
 def _serial(text: object) -> int | None:
     try:
         return denylist.parse_serial(str(text))
@@ -111,7 +88,7 @@ def _time(value: object) -> float | None:
 def inventory(folder: Path, now: float, limit: int = PAGE_ROWS) -> Inventory:
     """The certificates of the CA at ``folder``: valid ones (expiring soonest first), expired
     ones and revoked serials, at most ``limit`` of each, with the counts of all."""
-    rows = issued_rows(folder)
+    rows = issue.issued_rows(folder)
     listed = denylist.load(folder)
     who: dict[int, str] = {}
     valid: list[tuple[float, Cert]] = []
@@ -213,5 +190,4 @@ __all__ = [
     "cert_resource",
     "expiring_soonest",
     "inventory",
-    "issued_rows",
 ]

@@ -41,10 +41,10 @@ from modelseal.errors import KeyNotFound, ModelsealError
 from modelseal.governance import brokerkeys as bk
 from modelseal.keys.config import ConfigError
 from modelseal.keys.providers import canonical_key, parse_key_uri
-from modelseal.keys.service import KeyService, printable
+from modelseal.keys.service import KeyService
 from modelseal.server import authz, console_svg, keys_api
 from modelseal.server.console_audit import AuditView, Filters, Page
-from modelseal.server.console_page import PREFIX, allowed, deps, nav, render, require, resource, run
+from modelseal.server.console_page import PREFIX, allowed, cut, deps, nav, render, require, resource, run, utc
 from modelseal.server.console_usage import INDEX, SERIES, UsageIndex
 from modelseal.telemetry import scankeys
 from modelseal.telemetry.scan import scan_table
@@ -64,16 +64,6 @@ OK, DUE, NEAR, PAST, NONE, GONE, UNKNOWN = (
     "destroyed",
     "unknown",
 )
-
-
-def cut(value: object, n: int = 200) -> str:
-    return printable(str(value))[:n]
-
-
-def utc(t: object) -> str:
-    if isinstance(t, int | float) and not isinstance(t, bool) and 0 < t < 1e11:
-        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
-    return ""
 
 
 @dataclass

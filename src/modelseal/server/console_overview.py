@@ -40,10 +40,9 @@ from aiohttp import web
 
 from modelseal.evidence.records import RecordRefused, open_record_dir, read_record, record_format, signature_state
 from modelseal.governance.model import Resource
-from modelseal.keys.service import printable
 from modelseal.server import alerts_api, console_certs, console_keys, console_svg
 from modelseal.server.console_audit import AuditView
-from modelseal.server.console_page import PREFIX, allowed, deps, nav, render, resource, run
+from modelseal.server.console_page import PREFIX, allowed, cut, deps, nav, render, resource, run, utc
 from modelseal.server.console_usage import ALERTS, Alerts
 from modelseal.telemetry import collect, metrics
 from modelseal.telemetry.statepass import ARTIFACT_STATES
@@ -53,10 +52,6 @@ SCAN_ROWS = 20_000
 SHOWN = 5
 RECORD_NAME = re.compile(r"(backup|drill)-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}\.json")
 ATTENTION = (console_keys.PAST, console_keys.NEAR, console_keys.NONE, console_keys.DUE)
-
-
-def cut(value: object, n: int = 200) -> str:
-    return printable(str(value))[:n]
 
 
 @dataclass
@@ -101,7 +96,7 @@ def alert_of_row(e: dict[str, Any]) -> dict[str, str] | None:
     if a is None:
         return None
     out = {k: "" if v is None else cut(v) for k, v in a.items()}
-    out["time"] = console_keys.utc(a["time"])
+    out["time"] = utc(a["time"])
     return out
 
 
@@ -130,7 +125,7 @@ def coverage(families: list[collect.Family]) -> dict[str, Any] | None:
         "counts": list(counts.items()),
         "total": total,
         "signed": signed,
-        "when": console_keys.utc(when),
+        "when": utc(when),
         "meter": console_svg.meter("Artifacts sealed and signed", signed, total),
     }
 
@@ -150,7 +145,7 @@ def _fields(kind: str, body: dict[str, Any]) -> dict[str, str]:
     if kind == "backups":
         parts = body.get("parts")
         return {
-            "when": console_keys.utc(body.get("created")),
+            "when": utc(body.get("created")),
             "id": cut(body.get("id", ""), 80),
             "env": cut(body.get("env") or "(all)", 64),
             "sequence": cut(body.get("sequence", ""), 20),
@@ -162,7 +157,7 @@ def _fields(kind: str, body: dict[str, Any]) -> dict[str, str]:
     backup = backup if isinstance(backup, dict) else {}
     failures = body.get("failures")
     return {
-        "when": console_keys.utc(body.get("started")),
+        "when": utc(body.get("started")),
         "id": cut(backup.get("id", ""), 80),
         "result": cut(body.get("result", ""), 60),
         "rto": cut(rto.get("seconds", ""), 20),

@@ -16,6 +16,7 @@ import hmac
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ import jinja2
 from aiohttp import web
 
 from modelseal.governance.model import Decision, Resource
+from modelseal.keys.service import printable
 from modelseal.server import authz
 from modelseal.server.console_sessions import Session
 from modelseal.server.identity import IDENTITY
@@ -68,6 +70,19 @@ class FormRefused(web.HTTPForbidden):
     def __init__(self, reason: str = "the form's CSRF token is missing or wrong: reload the page") -> None:
         super().__init__(text=reason)
         self.reason_line = reason
+
+
+def cut(value: object, n: int = 200) -> str:
+    """One printable line of at most ``n`` characters: what a page shows of untrusted text
+    (registry names, certificate fields, audit entries, policy text); the template escapes it."""
+    return printable(str(value))[:n]
+
+
+def utc(t: object) -> str:
+    """POSIX seconds as ``YYYY-MM-DD HH:MM`` UTC; "" for none or an unrepresentable time."""
+    if isinstance(t, int | float) and not isinstance(t, bool) and 0 < t < 1e11:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
+    return ""
 
 
 def nav(path: str, label: str) -> None:
@@ -193,6 +208,7 @@ __all__ = [
     "FormRefused",
     "Session",
     "allowed",
+    "cut",
     "deps",
     "form",
     "nav",
@@ -202,4 +218,5 @@ __all__ = [
     "resource",
     "run",
     "session",
+    "utc",
 ]

@@ -27,20 +27,14 @@ from modelseal.errors import GovernanceError
 from modelseal.governance.cedar import PolicySet, default_policy
 from modelseal.governance.exceptions import utc_text
 from modelseal.governance.versions import DEFAULT, Activation, PolicyStore, check_digest
-from modelseal.keys.service import printable
 from modelseal.server import authz
-from modelseal.server.console_page import PREFIX, deps, nav, render, require, resource, run
+from modelseal.server.console_page import PREFIX, cut, deps, nav, render, require, resource, run
 
 SOON_DAYS = 7  # an exception expiring sooner than this is flagged
 DAY = 86400.0
 MAX_DIFF_LINES = 4000
 MAX_LINE = 400  # characters of one shown policy or diff line
 _TEXT = 200
-
-
-def cut(value: object, n: int = _TEXT) -> str:
-    """One printable line of at most ``n`` characters."""
-    return printable(str(value))[:n]
 
 
 def when(ts: float | None) -> str:

@@ -25,19 +25,13 @@ from typing import Any
 from aiohttp import web
 
 from modelseal.governance import review
-from modelseal.keys.service import printable
 from modelseal.server import gov_api, gov_decide
-from modelseal.server.console_page import PREFIX, allowed, nav, render, require, resource, run
+from modelseal.server.console_page import PREFIX, allowed, cut, nav, render, require, resource, run
 
 MAX_ROWS = 500  # entries shown; the CLI and the API give the whole review
 ATTESTATIONS = 10  # the latest attestations shown
 FLAGS = ("expired", "unused", "sod-conflict", "held")
 _TEXT = 200
-
-
-def cut(value: object, n: int = _TEXT) -> str:
-    """One printable line of at most ``n`` characters."""
-    return printable(str(value))[:n]
 
 
 def when(t: object) -> str:
