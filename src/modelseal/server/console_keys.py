@@ -39,11 +39,11 @@ from aiohttp import web
 
 from modelseal.errors import KeyNotFound, ModelsealError
 from modelseal.governance import brokerkeys as bk
-from modelseal.keys.config import ConfigError
+from modelseal.keys.config import DEFAULT_ROTATE_DAYS, ConfigError
 from modelseal.keys.providers import canonical_key, parse_key_uri
 from modelseal.keys.service import KeyService
 from modelseal.server import authz, console_svg, keys_api
-from modelseal.server.console_audit import AuditView, Filters, Page
+from modelseal.server.console_audit import AuditView
 from modelseal.server.console_page import PREFIX, allowed, cut, deps, nav, render, require, resource, run, utc
 from modelseal.server.console_usage import INDEX, SERIES, UsageIndex
 from modelseal.telemetry import scankeys
@@ -156,8 +156,8 @@ def describe_rows(svc: KeyService, entries: list[bk.BrokerKey], p: Periods, now:
     for e in entries:
         try:
             rotate_after = svc.config.rotation_days(e.env)
-        except ModelsealError:
-            rotate_after = scankeys.CRYPTOPERIOD_DAYS
+        except ModelsealError:  # config.toml unreadable: the rotation policy's default, not the cryptoperiod
+            rotate_after = DEFAULT_ROTATE_DAYS
         out.append(judge(keys_api.describe(svc, e), rotate_after, p, now))
     return out
 
@@ -215,16 +215,6 @@ def usage(
     for name, rows in index.per_day(owner.get, start, days).items():
         counts[name] = rows
     return Usage(labels, start, counts, index.read(), index.reaches(start))
-
-
-def reached(view: AuditView, page: Page, start: float) -> bool:
-    """Whether the entries ``page`` read cover every entry since ``start``: it read back to
-    the log's first entry, or the newest entry it did not read is older than ``start``."""
-    if page.before is None:
-        return True
-    older = view.page(Filters(), page.scanned[0], n=1, scan=1).rows
-    t = older[0].get("time") if older else None
-    return isinstance(t, int | float) and t < start
 
 
 def _days(request: web.Request) -> int:
@@ -358,7 +348,6 @@ __all__ = [
     "judge",
     "listed",
     "periods",
-    "reached",
     "spellings",
     "usage",
 ]

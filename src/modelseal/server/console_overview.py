@@ -191,15 +191,9 @@ def last_record(home: Path, kind: str, trusted: dict[str, Any]) -> dict[str, Any
         finally:
             os.close(fd)
     except RecordRefused as e:
-        return {"problem": f"evidence/{kind}: {e}", "count": 0, "name": "", "signature": "", "fields": {}}
+        return _problem(f"evidence/{kind}: {e}")
     except OSError as e:
-        return {
-            "problem": f"evidence/{kind}: cannot be listed: {e.strerror}",
-            "count": 0,
-            "name": "",
-            "signature": "",
-            "fields": {},
-        }
+        return _problem(f"evidence/{kind}: cannot be listed: {e.strerror}")
     out: dict[str, Any] = {"count": len(names), "name": names[-1], "problem": "", "fields": {}}
     try:
         doc = json_loads(data, max_depth=16, max_values=1_000_000, error=_bad)

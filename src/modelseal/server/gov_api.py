@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -51,10 +51,9 @@ from modelseal.server.gov_decide import (  # re-exported: the names the other ro
 from modelseal.server.identity import IDENTITY, peer_der
 
 log = logging.getLogger("modelseal.server")
-T = TypeVar("T")
 
 PREFIX = "/modelseal/v1"
-_run, _audit, _decide = gd.run, gd.audit, gd.decide_as
+_run, _audit = gd.run, gd.audit
 
 
 def _answer(status: int, code: str, message: str) -> web.Response:
