@@ -89,6 +89,10 @@ def _tampered(digest: str) -> GovernanceError:
     return GovernanceError(f"the stored policy {digest} fails its pinned digest (tampered): refusing it")
 
 
+class UnknownVersion(GovernanceError):
+    """No policy version has this digest."""
+
+
 class PolicyStore(SqlDatabase):
     """The policy versions of one server (see the module docstring)."""
 
@@ -157,7 +161,7 @@ class PolicyStore(SqlDatabase):
             write=False,
         )
         if row is None:
-            raise GovernanceError(f"no policy version {digest}")
+            raise UnknownVersion(f"no policy version {digest}")
         if not hmac.compare_digest(digest_of(row[0]), digest):
             raise _tampered(digest)
         return PolicyVersion(digest, row[1], float(row[2]), row[3], row[0])
@@ -188,9 +192,7 @@ class PolicyStore(SqlDatabase):
             return default_policy()
         try:
             text = self._load(a.digest).text
-        except GovernanceError as e:
-            if "tampered" in str(e):
-                raise
+        except UnknownVersion:
             raise _tampered(a.digest) from None  # the pinned version is gone
         with self._lock:
             hit = self._parsed.get(a.digest)
@@ -237,4 +239,4 @@ class PolicyStore(SqlDatabase):
         return [Activation(int(r[0]), r[1], r[2], tuple(json.loads(r[3])), float(r[4])) for r in rows]
 
 
-__all__ = ["DEFAULT", "Activation", "PolicyStore", "PolicyVersion", "check_digest", "digest_of"]
+__all__ = ["DEFAULT", "Activation", "PolicyStore", "PolicyVersion", "UnknownVersion", "check_digest", "digest_of"]

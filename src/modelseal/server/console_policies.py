@@ -26,7 +26,7 @@ from aiohttp import web
 from modelseal.errors import GovernanceError
 from modelseal.governance.cedar import PolicySet, default_policy
 from modelseal.governance.exceptions import utc_text
-from modelseal.governance.versions import DEFAULT, Activation, PolicyStore, check_digest
+from modelseal.governance.versions import DEFAULT, Activation, PolicyStore, UnknownVersion, check_digest
 from modelseal.server import authz
 from modelseal.server.console_page import PREFIX, cut, deps, nav, render, require, resource, run
 
@@ -151,7 +151,8 @@ def overview(store: PolicyStore, now: float) -> Overview:
         ps = store.active()
     except GovernanceError as e:
         raise _tampered(e) from None
-    a = store.activation()
+    acts = store.activations()  # read once; the one in force is the newest naming the active set's digest
+    a = next((x for x in reversed(acts) if x.digest == ps.digest), None)
     versions = [
         VersionRow(cut(v.digest, 80), cut(v.proposer), when(v.proposed), cut(v.note, 400), v.active)
         for v in store.versions()
@@ -171,7 +172,7 @@ def overview(store: PolicyStore, now: float) -> Overview:
     return Overview(
         active,
         list(reversed(versions)),  # newest first
-        [_activation(x) for x in reversed(store.activations())],
+        [_activation(x) for x in reversed(acts)],
         exception_rows(ps, now),
     )
 
@@ -194,9 +195,9 @@ def version_text(store: PolicyStore, name: str) -> tuple[str, str]:
         raise authz.Refusal(400, "INVALID", str(e)) from None
     try:
         return digest, store.get(digest).text
+    except UnknownVersion as e:
+        raise authz.Refusal(404, "NOT_FOUND", cut(e, 300)) from None
     except GovernanceError as e:
-        if str(e).startswith("no policy version"):
-            raise authz.Refusal(404, "NOT_FOUND", cut(e, 300)) from None
         raise _tampered(e) from None
 
 

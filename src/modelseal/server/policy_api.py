@@ -24,7 +24,7 @@ from modelseal.audit.events import AuditEvent
 from modelseal.errors import GovernanceError, ModelsealError
 from modelseal.governance.cedar import PolicySet
 from modelseal.governance.model import Resource
-from modelseal.governance.versions import DEFAULT, PolicyStore, check_digest, digest_of
+from modelseal.governance.versions import DEFAULT, PolicyStore, UnknownVersion, check_digest, digest_of
 from modelseal.server import authz, gov_api
 from modelseal.server import jsonbody as jb
 from modelseal.server.identity import IDENTITY
@@ -65,10 +65,8 @@ def _summary(ps: PolicySet) -> dict[str, object]:
 async def _version(store: PolicyStore, digest: str) -> Any:
     try:
         return await _run(store.get, check_digest(digest))
-    except GovernanceError as e:
-        if str(e).startswith("no policy version"):
-            raise NotFound(str(e)) from None
-        raise
+    except UnknownVersion as e:
+        raise NotFound(str(e)) from None
 
 
 def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
