@@ -27,7 +27,6 @@ record names this session's registry: a record of another registry is never appl
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,6 @@ from modelseal.signing.sigfile import SignatureFile
 
 MAX_MANIFESTS = 1_000_000
 PAGE = 1000
-_FALLBACK_TAG = re.compile(r"sha256-[0-9a-f]{64}")
 
 
 def check_db_url(db: str) -> None:
@@ -189,22 +187,11 @@ def _signed(repo: Repository, digest: str) -> bool:
     return False
 
 
-def _is_fallback(tag: str, body: bytes) -> bool:
-    """A tag-scheme referrers index (``layout.fallback_tag``), not an artifact's tag."""
-    if not _FALLBACK_TAG.fullmatch(tag):
-        return False
-    try:
-        layout.parse_index(body)
-    except RegistryError:
-        return False
-    return True
-
-
 def _tagged(repo: Repository) -> dict[str, tuple[bytes, list[str]]]:
     by_digest: dict[str, tuple[bytes, list[str]]] = {}
     for tag in repo.tags():
         got = repo.get_manifest(tag)
-        if got is not None and not _is_fallback(tag, got[0]):
+        if got is not None and not layout.is_fallback_index(tag, got[0]):
             by_digest.setdefault(got[1], (got[0], []))[1].append(tag)
     return by_digest
 

@@ -166,6 +166,21 @@ def referrers_index(referrers: list[Descriptor]) -> bytes:
     )
 
 
+_FALLBACK_TAG = re.compile(r"sha256-[0-9a-f]{64}")
+
+
+def is_fallback_index(tag: str, body: bytes) -> bool:
+    """Whether ``tag`` with manifest ``body`` is a tag-scheme referrers index (``fallback_tag``'s
+    form, and an image index), not an artifact's tag."""
+    if not _FALLBACK_TAG.fullmatch(tag):
+        return False
+    try:
+        parse_index(body)
+    except RegistryError:
+        return False
+    return True
+
+
 def fallback_tag(manifest_digest: str) -> str:
     """The tag under which referrers of ``manifest_digest`` are listed without a referrers API."""
     if not _SHA256.fullmatch(manifest_digest):
@@ -285,6 +300,7 @@ __all__ = [
     "artifact_manifest",
     "check_sizes",
     "fallback_tag",
+    "is_fallback_index",
     "layer_for",
     "newest_signatures",
     "parse_artifact",

@@ -162,7 +162,7 @@ def describe(reg: Registry, repo: str, tag: str, trust: TrustCheck) -> Tagged:
     try:
         layers = layout.parse_artifact(body)
     except RegistryError:
-        t.kind = "referrers index" if tag == _fallback(tag) else "not a modelseal artifact"
+        t.kind = "referrers index" if layout.is_fallback_index(tag, body) else "not a modelseal artifact"
         return t
     primary = layers[0]
     t.kind = "folder" if primary.path == layout.MANIFEST_PATH else "file"
@@ -192,13 +192,6 @@ def describe(reg: Registry, repo: str, tag: str, trust: TrustCheck) -> Tagged:
         verdict = trust.judge(raw, primary.path, data)
         t.signatures.append(Signature(ref.digest, created, verdict.status, cut(verdict.detail, 240)))
     return t
-
-
-def _fallback(tag: str) -> str:
-    """``tag`` when it has the form of a tag-scheme referrers index (``sha256-<hex>``), else ""."""
-    hexpart = tag.removeprefix("sha256-")
-    ok = tag.startswith("sha256-") and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
-    return tag if ok else ""
 
 
 def describe_page(reg: Registry, repo: str, tags: list[str], policy: TrustPolicy | None) -> list[Tagged]:
