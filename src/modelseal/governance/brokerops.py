@@ -271,14 +271,20 @@ def create_key(svc: KeyService, keys: BrokerKeys, name: str, env: str, actor: st
     return keys.add(name, env, backing, actor)
 
 
+def check_change(op: str, version: int | None) -> None:
+    """Refuse a lifecycle change that cannot run: disable and enable name a version
+    (rotate makes one; destroy without one destroys every version)."""
+    if op in ("disable", "enable") and version is None:
+        raise GovernanceError(f"{op} takes the version to {op}")
+
+
 def change(svc: KeyService, entry: BrokerKey, op: str, version: int | None, actor: str) -> None:
     if entry.destroyed is not None:
         raise KeyDisabled(f"broker key {entry.name} is destroyed")
+    check_change(op, version)
     if op == "rotate":
         svc.rotate(entry.backing, actor=actor)
-    elif version is None:
-        raise GovernanceError(f"{op} takes the version to {op}")
-    else:
+    elif version is not None:  # check_change refused disable and enable without one
         svc.set_state(entry.backing, version, "disabled" if op == "disable" else "active", actor=actor)
 
 
@@ -295,6 +301,7 @@ def destroy_now(svc: KeyService, keys: BrokerKeys, name: str, version: int | Non
 __all__ = [
     "ENCODING",
     "change",
+    "check_change",
     "check_context",
     "check_inner",
     "create_key",

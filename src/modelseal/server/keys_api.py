@@ -337,8 +337,7 @@ async def lifecycle(request: web.Request) -> web.StreamResponse:
     mfa = await _step_up(request, action, name, params, otp(doc))
     if op == "destroy" or gov_decide.waits(request.app, action):  # two-person: run by its executor once approved
         entry = await _entry(request, name, "key.list", {})
-        if op in ("disable", "enable") and version is None:  # refused now, not once approved (destroy: every version)
-            raise GovernanceError(f"{op} takes the version to {op}")
+        ops.check_change(op, version)  # refused now, not once approved
         res = Resource("Key", name, {"env": entry.env, "provider": parse_key_uri(entry.backing).scheme})
         return await gov_api.queue_approval(request, action, res, params, mfa)
     entry = await _entry(request, name, action, mfa)
