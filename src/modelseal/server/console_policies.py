@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from modelseal.errors import GovernanceError
+from modelseal.evidence.model import utc as when  # YYYY-MM-DDTHH:MM:SSZ, "" for none
 from modelseal.governance.cedar import PolicySet, default_policy
-from modelseal.governance.exceptions import utc_text
 from modelseal.governance.versions import DEFAULT, Activation, PolicyStore, UnknownVersion, check_digest
 from modelseal.server import authz
 from modelseal.server.console_page import PREFIX, cut, deps, nav, render, require, resource, run
@@ -35,16 +35,6 @@ DAY = 86400.0
 MAX_DIFF_LINES = 4000
 MAX_LINE = 400  # characters of one shown policy or diff line
 _TEXT = 200
-
-
-def when(ts: float | None) -> str:
-    """A POSIX time as ``YYYY-MM-DDTHH:MM:SSZ`` ("" for none or an unrepresentable one)."""
-    if ts is None:
-        return ""
-    try:
-        return utc_text(ts)
-    except (OverflowError, OSError, ValueError):
-        return ""
 
 
 @dataclass(frozen=True)
